@@ -1,0 +1,19 @@
+"""packed_kernels: fused CUDA C++ and Triton kernels for Packed-Ensembles in PyTorch."""
+
+from ._backend import BACKENDS, BackendUnavailableError, available_backends
+from .ops.batch_norm import batch_norm
+from .ops.conv import grouped_conv2d
+from .ops.ensemble import EnsembleScores, ensemble_mean, ensemble_scores
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "EnsembleScores",
+    "available_backends",
+    "batch_norm",
+    "ensemble_mean",
+    "ensemble_scores",
+    "grouped_conv2d",
+]

@@ -1,0 +1,43 @@
+"""Input validation shared by every op: runs in Python, before any kernel is launched."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float_tensor(op: str, name: str, value, *, min_dim: int = 1) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor "
+                        f"(float32, float16, bfloat16 or float64), got {value.dtype}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{op}: {name} must have at least {min_dim} dimensions, got shape "
+                         f"{tuple(value.shape)}")
+    if value.numel() == 0:
+        raise ValueError(f"{op}: {name} is empty (shape {tuple(value.shape)})")
+
+
+def check_same_device_dtype(op: str, reference_name: str, reference: torch.Tensor, **others) -> None:
+    """Every tensor in `others` (None entries are skipped) matches `reference`'s device and dtype."""
+    for name, value in others.items():
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(value).__name__}")
+        if value.device != reference.device:
+            raise ValueError(f"{op}: {name} is on {value.device} but {reference_name} is on "
+                             f"{reference.device}; move them to one device")
+        if value.dtype != reference.dtype:
+            raise TypeError(f"{op}: {name} has dtype {value.dtype} but {reference_name} has "
+                            f"{reference.dtype}; mixed dtypes are not supported")
+
+
+def check_positive_int(op: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{op}: {name} must be >= 1, got {value}")
+    return value

@@ -1,0 +1,92 @@
+"""Builds packed_kernels with its compiled extensions.
+
+  packed_kernels._C     csrc/cuda/*.cu + *.cpp through nvcc: the CUDA backend
+  packed_kernels._simt  csrc/simt/*.cpp through the host C++ compiler: the same kernels on the
+                        SIMT emulator (the "simt" backend, for machines without a GPU)
+
+Switches (environment variables):
+  PACKED_KERNELS_NO_CUDA=1      skip packed_kernels._C
+  PACKED_KERNELS_NO_SIMT=1      skip packed_kernels._simt
+  PACKED_KERNELS_CUDA_ARCHS     e.g. "80;86;89;90" (default); PTX is embedded for the newest
+  MAX_JOBS                      parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "80;86;89;90"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def _sources(folder: str, patterns):
+    found = []
+    for pattern in patterns:
+        found += sorted(glob.glob(os.path.join("csrc", folder, pattern)))
+    return found
+
+
+def _nvcc_available() -> bool:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return True
+    return shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
+
+
+def cuda_arch_flags():
+    archs = [a.strip() for a in os.environ.get("PACKED_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS).split(";") if a.strip()]
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    newest = max(archs, key=int)
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags
+
+
+def extensions():
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:  # metadata-only invocations (e.g. sdist) need no extensions
+        return [], {}
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "kernels"),
+                    os.path.join(ROOT, "csrc")]
+    cxx_flags = ["-O3", "-std=c++17"]
+    modules = []
+
+    cuda_sources = _sources("cuda", ["*.cu", "*.cpp"])
+    if _flag("PACKED_KERNELS_NO_CUDA"):
+        print("packed_kernels: PACKED_KERNELS_NO_CUDA=1, building without the CUDA backend")
+    elif not cuda_sources:
+        pass
+    elif not _nvcc_available():
+        print("packed_kernels: nvcc not found (set CUDA_HOME=/usr/local/cuda); building without "
+              "the CUDA backend: the torch and Triton backends still work", file=sys.stderr)
+    else:
+        os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "")  # we pass -gencode ourselves
+        modules.append(cpp_extension.CUDAExtension(
+            "packed_kernels._C", cuda_sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags,
+                                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                                         "-lineinfo"] + cuda_arch_flags()}))
+
+    simt_sources = _sources("simt", ["*.cpp"])
+    if _flag("PACKED_KERNELS_NO_SIMT"):
+        print("packed_kernels: PACKED_KERNELS_NO_SIMT=1, building without the simt backend")
+    elif simt_sources:
+        modules.append(cpp_extension.CppExtension(
+            "packed_kernels._simt", simt_sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags + ["-DPK_SIMT=1"]}))
+
+    if not modules:
+        return [], {}
+    return modules, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,67 @@
+"""Test harness: picks the backends this machine can run.
+
+Without a GPU, Triton kernels run under Triton's interpreter (TRITON_INTERPRET must be set
+before triton is imported, hence here). PACKED_KERNELS_REQUIRE="simt,cuda" turns a missing
+backend from a skip into a failure (CI uses it so a broken build cannot hide as skips)."""
+
+import os
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from packed_kernels import _alloc, _backend  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+KERNEL_BACKENDS = ("triton", "cuda", "simt")
+REQUIRED = {b.strip() for b in os.environ.get("PACKED_KERNELS_REQUIRE", "").split(",") if b.strip()}
+
+
+def backend_device(backend: str) -> torch.device:
+    """The device a backend's kernels run on here: simt always runs on the CPU."""
+    return torch.device("cpu") if backend in ("simt", "torch") and not HAS_GPU or backend == "simt" else DEVICE
+
+
+def require_backend(backend: str, dtype: torch.dtype = torch.float32) -> torch.device:
+    device = backend_device(backend)
+    reason = _backend.unavailable_reason(backend, device, dtype)
+    if reason is not None:
+        if backend in REQUIRED:
+            pytest.fail(f"backend {backend!r} is required here but unavailable: {reason}")
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    return device
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request):
+    """Each kernel backend, with the device its tensors must live on."""
+    return request.param, require_backend(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    with _alloc.poisoned_outputs():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,37 @@
+"""Accuracy judgement shared by the tests.
+
+Reference: the torch op in float64 on the CPU. A low-precision result passes when its error
+is at most twice torch's own error at that precision on the same inputs, plus a small floor
+(for results so accurate that torch's error is at rounding level)."""
+
+from __future__ import annotations
+
+import torch
+
+# Relative-error floors: a few units of rounding in each dtype (float32 eps 1.2e-7,
+# float16 9.8e-4, bfloat16 7.8e-3), for sums of up to thousands of terms.
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all() == torch.isfinite(ref).all(), "non-finite values differ"
+    scale = ref.norm()
+    return float((out - ref).norm() / scale) if scale > 0 else float((out - ref).norm())
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, dtype: torch.dtype,
+                 what: str = "") -> None:
+    """`out` (ours) and `torch_out` (torch at `dtype`) against the float64 `ref`."""
+    ours = relative_error(out, ref)
+    theirs = relative_error(torch_out, ref)
+    bound = 2 * theirs + FLOOR[dtype]
+    assert ours <= bound, f"{what}: relative error {ours:.3e} > 2 x torch's {theirs:.3e} + floor"
+
+
+def assert_all_finite(*tensors: torch.Tensor) -> None:
+    """Outputs are poisoned with NaN before launch: a NaN left means an unwritten element."""
+    for t in tensors:
+        assert torch.isfinite(t).all(), "output has NaN/inf: some element was not written"
