@@ -4,6 +4,7 @@ from ._backend import BACKENDS, BackendUnavailableError, available_backends
 from .ops.batch_norm import batch_norm
 from .ops.conv import grouped_conv2d
 from .ops.ensemble import EnsembleScores, ensemble_mean, ensemble_scores
+from .nn.convert import convert
 
 __version__ = "0.1.0"
 
@@ -13,6 +14,7 @@ __all__ = [
     "EnsembleScores",
     "available_backends",
     "batch_norm",
+    "convert",
     "ensemble_mean",
     "ensemble_scores",
     "grouped_conv2d",

@@ -1,0 +1,330 @@
+"""Packed-Ensembles layers, drop-in for torch-uncertainty 0.13's PackedConv1d/2d and PackedLinear.
+
+Same constructor arguments and defaults, same channel and group rules, same state_dict keys
+and shapes (a torch-uncertainty checkpoint of the layer loads with strict=True), same outputs.
+The convolutions run through packed_kernels.grouped_conv2d, so they use the fastest backend
+that has landed for the call.
+
+Channel and group rules (PE-(alpha, M, gamma)):
+  in  = int(in_channels * alpha)   (in_channels when `first`: the input is shared)
+  out = int(out_channels * alpha)  (out_channels * M when `last`: one head per estimator)
+  groups = gamma * groups * M      (1 when `first`); while `in` does not split into groups
+  of at least `minimum_channels_per_group` channels, gamma falls back by one (never below 1).
+A `last` layer returns estimator-major outputs: "b (m c) ... -> (m b) c ...".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.conv import grouped_conv2d
+
+_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def check_packed_parameters(layer: str, alpha, gamma, num_estimators) -> None:
+    """torch-uncertainty's validation of (alpha, gamma, num_estimators), same exception types."""
+    if alpha is None:
+        raise ValueError(f"{layer}: you must specify `alpha`")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"{layer}: `alpha` must be a number, got {type(alpha).__name__}")
+    if alpha <= 0:
+        raise ValueError(f"{layer}: `alpha` must be > 0, got {alpha}")
+    if isinstance(gamma, bool) or not isinstance(gamma, int):
+        raise TypeError(f"{layer}: `gamma` must be an int, got {type(gamma).__name__}")
+    if gamma <= 0:
+        raise ValueError(f"{layer}: `gamma` must be >= 1, got {gamma}")
+    if num_estimators is None:
+        raise ValueError(f"{layer}: you must specify `num_estimators`")
+    if isinstance(num_estimators, bool) or not isinstance(num_estimators, int):
+        raise TypeError(f"{layer}: `num_estimators` must be an int, got {type(num_estimators).__name__}")
+    if num_estimators <= 0:
+        raise ValueError(f"{layer}: `num_estimators` must be >= 1, got {num_estimators}")
+
+
+def packed_conv_geometry(layer: str, in_channels: int, out_channels: int, alpha: float,
+                         num_estimators: int, gamma: int, groups: int,
+                         minimum_channels_per_group: int, first: bool,
+                         last: bool) -> Tuple[int, int, int]:
+    """(extended in channels, extended out channels, groups of the underlying conv)."""
+    check_packed_parameters(layer, alpha, gamma, num_estimators)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{layer}: `groups` must be an int >= 1, got {groups!r}")
+    ext_in = int(in_channels * (1 if first else alpha))
+    ext_out = int(out_channels * (num_estimators if last else alpha))
+    per_estimator = groups * num_estimators
+    conv_groups = 1 if first else gamma * per_estimator
+    # gamma fallback: thinner groups than the minimum (or a split that does not divide) cost
+    # speed and capacity, so drop gamma until the split works or gamma reaches 1.
+    while ((ext_in % conv_groups or ext_in // conv_groups < minimum_channels_per_group)
+           and conv_groups // per_estimator > 1):
+        gamma -= 1
+        conv_groups = gamma * per_estimator
+    if ext_in < 1 or ext_out < 1:
+        raise ValueError(f"{layer}: in_channels={in_channels}, out_channels={out_channels} with "
+                         f"alpha={alpha} give an empty layer ({ext_in} -> {ext_out} channels)")
+    if ext_in % conv_groups:
+        raise ValueError(f"{layer}: `in_channels` ({in_channels}, {ext_in} after alpha) is not "
+                         f"divisible by the {conv_groups} groups; make it divisible by "
+                         f"gamma * groups * num_estimators ({gamma * per_estimator})")
+    if ext_out % (gamma * per_estimator):
+        raise ValueError(f"{layer}: `out_channels` ({out_channels}, {ext_out} after "
+                         f"{'num_estimators' if last else 'alpha'}) is not divisible by "
+                         f"gamma * groups * num_estimators ({gamma * per_estimator})")
+    return ext_in, ext_out, conv_groups
+
+
+def estimator_major(out: Tensor, num_estimators: int) -> Tensor:
+    """Channels-grouped outputs to the estimator-major batch: "b (m c) ... -> (m b) c ..."."""
+    b, channels = out.shape[0], out.shape[1]
+    per_estimator = channels // num_estimators
+    split = out.reshape(b, num_estimators, per_estimator, *out.shape[2:])
+    return split.transpose(0, 1).reshape(num_estimators * b, per_estimator, *out.shape[2:])
+
+
+def autocast_operands(*tensors: Optional[Tensor]):
+    """Under autocast, run the custom op at the autocast dtype (as nn.Conv2d would): the op is
+    not on autocast's lists, so without this it would see mixed dtypes."""
+    first = next(t for t in tensors if t is not None)
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+
+
+class _PackedConvNd(nn.Module):
+    """Shared body of PackedConv1d/2d: the geometry, an inner nn.ConvNd named `conv` (so the
+    state_dict keys are torch-uncertainty's conv.weight / conv.bias) and the `last` rearrange."""
+
+    _conv_cls = nn.Conv2d
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, alpha: float,
+                 num_estimators: int, gamma: int = 1, stride=1, padding=0, dilation=1,
+                 groups: int = 1, minimum_channels_per_group: int = 64, bias: bool = True,
+                 padding_mode: str = "zeros", first: bool = False, last: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        layer = type(self).__name__
+        if padding_mode not in _MODES:
+            raise ValueError(f"{layer}: padding_mode must be one of {_MODES}, got {padding_mode!r}")
+        ext_in, ext_out, conv_groups = packed_conv_geometry(
+            layer, in_channels, out_channels, alpha, num_estimators, gamma, groups,
+            minimum_channels_per_group, first, last)
+        self.first = first
+        self.last = last
+        self.num_estimators = num_estimators
+        self.conv = self._conv_cls(ext_in, ext_out, kernel_size, stride=stride, padding=padding,
+                                   dilation=dilation, groups=conv_groups, bias=bias,
+                                   padding_mode=padding_mode, device=device, dtype=dtype)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, num_estimators: int, first: bool = False,
+                  last: bool = False):
+        """Wrap an existing inner convolution (weights shared, not copied): used by convert()."""
+        if type(conv) is not cls._conv_cls:
+            raise TypeError(f"{cls.__name__}.from_conv needs an nn.{cls._conv_cls.__name__}, "
+                            f"got {type(conv).__name__}")
+        if (isinstance(num_estimators, bool) or not isinstance(num_estimators, int)
+                or num_estimators < 1 or (last and conv.out_channels % num_estimators)):
+            raise ValueError(f"{cls.__name__}.from_conv: num_estimators={num_estimators!r} does "
+                             f"not fit a conv with {conv.out_channels} output channels")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.first, layer.last, layer.num_estimators = first, last, num_estimators
+        layer.conv = conv
+        return layer
+
+    @property
+    def weight(self) -> Tensor:
+        return self.conv.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.conv.bias
+
+    def _padded(self, x: Tensor) -> Tensor:
+        if self.conv.padding_mode == "zeros":
+            return x
+        return F.pad(x, self.conv._reversed_padding_repeated_twice, mode=self.conv.padding_mode)
+
+    def _padding(self):
+        return 0 if self.conv.padding_mode != "zeros" else self.conv.padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self._conv_forward(x)
+        return estimator_major(out, self.num_estimators) if self.last else out
+
+    def extra_repr(self) -> str:
+        return f"num_estimators={self.num_estimators}, first={self.first}, last={self.last}"
+
+
+class PackedConv2d(_PackedConvNd):
+    """Packed-Ensembles Conv2d: torch-uncertainty's arguments, defaults and state_dict."""
+
+    _conv_cls = nn.Conv2d
+
+    def _conv_forward(self, x: Tensor) -> Tensor:
+        x, weight, bias = autocast_operands(self._padded(x), self.conv.weight, self.conv.bias)
+        return grouped_conv2d(x, weight, bias, self.conv.stride, self._padding(),
+                              self.conv.dilation, self.conv.groups)
+
+
+class PackedConv1d(_PackedConvNd):
+    """Packed-Ensembles Conv1d, run as a 2-D grouped convolution of height 1."""
+
+    _conv_cls = nn.Conv1d
+
+    def _conv_forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (2, 3):
+            raise ValueError(f"PackedConv1d: input must be (N, C, L) or (C, L), got {tuple(x.shape)}")
+        unbatched = x.dim() == 2
+        x = x.unsqueeze(0) if unbatched else x
+        x, weight, bias = autocast_operands(self._padded(x), self.conv.weight, self.conv.bias)
+        padding = self._padding()
+        if not isinstance(padding, str):
+            padding = (0, padding if isinstance(padding, int) else padding[0])
+        out = grouped_conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, (1, self.conv.stride[0]),
+                             padding, (1, self.conv.dilation[0]), self.conv.groups).squeeze(2)
+        return out.squeeze(0) if unbatched else out
+
+
+class PackedLinear(nn.Module):
+    """Packed-Ensembles Linear with torch-uncertainty's 3-D weight (groups, out/groups, in/groups).
+
+    Input (B, *, in) ; output (B, *, out) or, when `last`, estimator-major (M*B, *, out_features).
+    `implementation` is accepted for compatibility: "einsum", "full" and "conv1d" compute the
+    same function from the same parameters (here one batched matmul); "sparse" stores a
+    different parameter layout and is not supported."""
+
+    IMPLEMENTATIONS = ("einsum", "full", "conv1d")
+
+    def __init__(self, in_features: int, out_features: int, alpha: float, num_estimators: int,
+                 gamma: int = 1, bias: bool = True, first: bool = False, last: bool = False,
+                 implementation: str = "einsum", device=None, dtype=None) -> None:
+        check_packed_parameters("PackedLinear", alpha, gamma, num_estimators)
+        if implementation == "sparse":
+            raise ValueError("PackedLinear: implementation='sparse' (a sparse block-diagonal "
+                             "weight) is not supported; use 'einsum', 'full' or 'conv1d', which "
+                             "share one parameter layout")
+        if implementation not in self.IMPLEMENTATIONS:
+            raise ValueError(f"PackedLinear: unknown implementation {implementation!r}; "
+                             f"available: {self.IMPLEMENTATIONS}")
+        super().__init__()
+        ext_in = int(in_features * (1 if first else alpha))
+        ext_out = int(out_features * (num_estimators if last else alpha))
+        groups = 1 if first else num_estimators * gamma
+        if ext_in < 1 or ext_out < 1:
+            raise ValueError(f"PackedLinear: in_features={in_features}, out_features="
+                             f"{out_features} with alpha={alpha} give an empty layer")
+        if ext_in % groups:
+            raise ValueError(f"PackedLinear: `in_features` ({in_features}, {ext_in} after alpha) "
+                             f"is not divisible by num_estimators * gamma ({groups})")
+        if ext_out % (num_estimators * gamma):
+            raise ValueError(f"PackedLinear: `out_features` ({out_features}, {ext_out} after "
+                             f"{'num_estimators' if last else 'alpha'}) is not divisible by "
+                             f"num_estimators * gamma ({num_estimators * gamma})")
+        self.first = first
+        self.last = last
+        self.num_estimators = num_estimators
+        self.implementation = implementation
+        self.groups = groups
+        self.in_features = ext_in // groups  # per group, as torch-uncertainty reports them
+        self.out_features = ext_out // groups
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(groups, self.out_features, self.in_features, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(ext_out, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    @classmethod
+    def from_parameters(cls, weight: nn.Parameter, bias: Optional[nn.Parameter], num_estimators: int,
+                        first: bool = False, last: bool = False,
+                        implementation: str = "einsum") -> "PackedLinear":
+        """Wrap existing (groups, out/groups, in/groups) weight and flat bias parameters (shared,
+        not copied): used by convert() on torch-uncertainty's PackedLinear."""
+        if weight.dim() != 3:
+            raise ValueError(f"PackedLinear.from_parameters: weight must be 3-D, got {tuple(weight.shape)}")
+        groups, og, ig = weight.shape
+        if bias is not None and tuple(bias.shape) != (groups * og,):
+            raise ValueError(f"PackedLinear.from_parameters: bias must have shape ({groups * og},)")
+        if last and (groups * og) % num_estimators:
+            raise ValueError("PackedLinear.from_parameters: num_estimators does not divide the outputs")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.first, layer.last, layer.num_estimators = first, last, num_estimators
+        layer.implementation = implementation
+        layer.groups, layer.in_features, layer.out_features = groups, ig, og
+        layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        if bias is None:
+            layer.register_parameter("bias", None)
+        else:
+            layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        return layer
+
+    def reset_parameters(self) -> None:
+        # Each group is initialised like an nn.Linear of its own size.
+        for g in range(self.groups):
+            nn.init.kaiming_uniform_(self.weight[g], a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups, og, ig = self.weight.shape
+        if x.dim() < 1 or x.shape[-1] != groups * ig:
+            raise ValueError(f"PackedLinear: expected input (..., {groups * ig}), got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, groups, ig).transpose(0, 1)  # (G, N, in/G)
+        bias = None if self.bias is None else self.bias.view(groups, 1, og)
+        if bias is None:
+            out = torch.bmm(rows, self.weight.transpose(1, 2))
+        else:
+            out = torch.baddbmm(bias, rows, self.weight.transpose(1, 2))  # (G, N, out/G)
+        if not self.last:
+            return out.transpose(0, 1).reshape(*lead, groups * og)
+        m = self.num_estimators
+        if groups % m == 0:  # (m gamma) n o -> m n (gamma o): a view when gamma == 1
+            per = out.reshape(m, groups // m, -1, og).transpose(1, 2).reshape(m, -1, groups // m * og)
+        else:  # first and last: one dense group holding all estimators' features
+            per = out[0].reshape(-1, m, groups * og // m).transpose(0, 1)
+        if len(lead) == 0:
+            return per.reshape(m, -1)
+        return per.reshape(m * lead[0], *lead[1:], per.shape[-1])
+
+    def extra_repr(self) -> str:
+        return (f"groups={self.groups}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, num_estimators={self.num_estimators}, "
+                f"first={self.first}, last={self.last}, bias={self.bias is not None}")
+
+
+class GroupedConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state_dict) whose forward runs packed_kernels.grouped_conv2d;
+    convert() puts it in place of grouped nn.Conv2d layers."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        x, weight, bias = autocast_operands(x, self.weight, self.bias)
+        return grouped_conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d) -> "GroupedConv2d":
+        """Same hyper-parameters, sharing `conv`'s parameter tensors (nothing is copied)."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                  device="meta", dtype=conv.weight.dtype)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        return new
