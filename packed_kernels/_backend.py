@@ -52,6 +52,8 @@ def extension(name: str):
     return importlib.import_module(module)
 
 
+# Evaluated once at trace time under torch.compile: availability is a property of the machine.
+@torch.compiler.assume_constant_result
 def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """None when `backend` can run on tensors of this device and dtype, else why not."""
     if backend == "torch":

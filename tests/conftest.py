@@ -23,7 +23,7 @@ REQUIRED = {b.strip() for b in os.environ.get("PACKED_KERNELS_REQUIRE", "").spli
 
 def backend_device(backend: str) -> torch.device:
     """The device a backend's kernels run on here: simt always runs on the CPU."""
-    return torch.device("cpu") if backend in ("simt", "torch") and not HAS_GPU or backend == "simt" else DEVICE
+    return torch.device("cpu") if backend == "simt" else DEVICE
 
 
 def require_backend(backend: str, dtype: torch.dtype = torch.float32) -> torch.device:

@@ -6,6 +6,8 @@ is at most twice torch's own error at that precision on the same inputs, plus a 
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 # Relative-error floors: a few units of rounding in each dtype (float32 eps 1.2e-7,
@@ -35,3 +37,33 @@ def assert_all_finite(*tensors: torch.Tensor) -> None:
     """Outputs are poisoned with NaN before launch: a NaN left means an unwritten element."""
     for t in tensors:
         assert torch.isfinite(t).all(), "output has NaN/inf: some element was not written"
+
+
+TARGET_ARCHS = (80, 86, 89, 90)
+
+_FUNCTION = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
+_USAGE = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_verbose(text: str) -> list:
+    """Resource usage per kernel from `ptxas -v` (also nvcc -Xptxas -v) output:
+    dicts with name, arch, registers, stack, spill_stores, spill_loads, smem."""
+    kernels = []
+    for line in text.splitlines():
+        found = _FUNCTION.search(line)
+        if found:
+            kernels.append({"name": found.group(1), "arch": found.group(2), "registers": 0,
+                            "stack": 0, "spill_stores": 0, "spill_loads": 0, "smem": 0})
+            continue
+        if not kernels:
+            continue
+        current = kernels[-1]
+        if (found := _SPILLS.search(line)):
+            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, found.groups())
+        if (found := _USAGE.search(line)):
+            current["registers"] = int(found.group(1))
+        if (found := _SMEM.search(line)):
+            current["smem"] = int(found.group(1))
+    return kernels

@@ -106,9 +106,8 @@ def _(input, weight, bias, stride, padding, dilation, groups, backend):
     kh, kw = weight.shape[2:]
     out_h = (input.shape[2] + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     out_w = (input.shape[3] + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    fmt = (torch.channels_last if input.is_contiguous(memory_format=torch.channels_last)
-           and not input.is_contiguous() else torch.contiguous_format)
-    return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w), memory_format=fmt)
+    return torch.empty((input.shape[0], weight.shape[0], out_h, out_w), dtype=input.dtype,
+                       device=input.device, memory_format=_format_of(input))
 
 
 @torch.library.custom_op("packed_kernels::grouped_conv2d_backward", mutates_args=())

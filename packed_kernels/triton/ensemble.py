@@ -15,6 +15,7 @@ from .. import _alloc
 
 FORWARD_TILE = 4096  # elements of the [BLOCK_M, BLOCK_C] tile in the forward kernels
 BACKWARD_TILE = 2048  # the backward kernels keep more tiles alive at once
+NUM_WARPS = 8  # 4096-element tiles with 4 warps spill at BLOCK_M=64 (compile-for-target check)
 
 
 @triton.jit
@@ -54,7 +55,7 @@ def _mean_forward_kernel(x_ptr, out_ptr, M, C, S, stride_m, inv_m,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
     row_base = (row // S).to(tl.int64) * C * S + row % S
-    lse, _ = _row_statistics(x_ptr, row_base, stride_m, S, M, C, BLOCK_M, BLOCK_C)
+    lse, _entropy = _row_statistics(x_ptr, row_base, stride_m, S, M, C, BLOCK_M, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         x, mask, _ = _load_tile(x_ptr, row_base, c0, stride_m, S, M, C, BLOCK_M, BLOCK_C)
         p = tl.where(mask, tl.exp(x - lse[:, None]), 0.0)
@@ -69,7 +70,7 @@ def _mean_backward_kernel(g_ptr, x_ptr, gx_ptr, M, C, S, stride_m, inv_m,
     # d/dx_mj of mean_m softmax(x_m) . g  =  p_mj (g_j - sum_c g_c p_mc) / M
     row = tl.program_id(0)
     row_base = (row // S).to(tl.int64) * C * S + row % S
-    lse, _ = _row_statistics(x_ptr, row_base, stride_m, S, M, C, BLOCK_M, BLOCK_C)
+    lse, _entropy = _row_statistics(x_ptr, row_base, stride_m, S, M, C, BLOCK_M, BLOCK_C)
     dot = tl.zeros([BLOCK_M], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         x, mask, _ = _load_tile(x_ptr, row_base, c0, stride_m, S, M, C, BLOCK_M, BLOCK_C)
@@ -194,8 +195,11 @@ def _scores_backward_kernel(g_probs_ptr, g_msp_ptr, g_max_logit_ptr, g_entropy_p
 # launchers
 # ---------------------------------------------------------------------------------------------
 
+ESTIMATOR_BLOCKS = (4, 16, 64)  # few tile shapes: padded estimator rows cost no memory traffic
+
+
 def _blocks(num_estimators: int, num_classes: int, tile: int):
-    block_m = triton.next_power_of_2(num_estimators)
+    block_m = next(b for b in ESTIMATOR_BLOCKS if b >= num_estimators)
     block_c = min(triton.next_power_of_2(num_classes), max(16, tile // block_m))
     return block_m, block_c
 
@@ -213,7 +217,7 @@ def mean_forward(logits: torch.Tensor, num_estimators: int) -> torch.Tensor:
     block_m, block_c = _blocks(num_estimators, classes, FORWARD_TILE)
     _mean_forward_kernel[(batch * spatial,)](
         logits, out, num_estimators, classes, spatial, batch * classes * spatial,
-        1.0 / num_estimators, BLOCK_M=block_m, BLOCK_C=block_c)
+        1.0 / num_estimators, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return out
 
 
@@ -223,7 +227,7 @@ def mean_backward(grad: torch.Tensor, logits: torch.Tensor, num_estimators: int)
     block_m, block_c = _blocks(num_estimators, classes, BACKWARD_TILE)
     _mean_backward_kernel[(batch * spatial,)](
         grad, logits, grad_logits, num_estimators, classes, spatial, batch * classes * spatial,
-        1.0 / num_estimators, BLOCK_M=block_m, BLOCK_C=block_c)
+        1.0 / num_estimators, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return grad_logits
 
 
@@ -234,7 +238,7 @@ def scores_forward(logits: torch.Tensor, num_estimators: int):
     block_m, block_c = _blocks(num_estimators, classes, FORWARD_TILE)
     _scores_forward_kernel[(batch,)](
         logits, probs, *scalars, num_estimators, classes, batch * classes, 1.0 / num_estimators,
-        BLOCK_M=block_m, BLOCK_C=block_c)
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return (probs, *scalars)
 
 
@@ -244,45 +248,37 @@ def scores_backward(grads, logits: torch.Tensor, num_estimators: int) -> torch.T
     block_m, block_c = _blocks(num_estimators, classes, BACKWARD_TILE)
     _scores_backward_kernel[(batch,)](
         *grads, logits, grad_logits, num_estimators, classes, batch * classes,
-        1.0 / num_estimators, BLOCK_M=block_m, BLOCK_C=block_c)
+        1.0 / num_estimators, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return grad_logits
 
 
+_KERNELS = {
+    "mean_forward": (_mean_forward_kernel, FORWARD_TILE),
+    "mean_backward": (_mean_backward_kernel, BACKWARD_TILE),
+    "scores_forward": (_scores_forward_kernel, FORWARD_TILE),
+    "scores_backward": (_scores_backward_kernel, BACKWARD_TILE),
+}
+_SCALAR_TYPES = {"inv_m": "fp32", "stride_m": "i64"}  # the other scalars are i32 sizes
+
+
 def compile_cases():
-    """(kernel, signature, constexprs) for every config the launchers can pick, for the
-    compile-for-target check. Pointer dtypes cover each supported input dtype."""
+    """Every configuration the launchers can pick (the largest BLOCK_C for each BLOCK_M: the
+    register-heaviest), for each supported dtype, for the compile-for-target check."""
+    from .compile_case import CompileCase
+
     cases = []
     for dtype in ("fp32", "fp16", "bf16"):
-        ptr = f"*{dtype}"
-        for block_m in (1, 2, 4, 8, 16, 32, 64):
-            for tile, kernels in ((FORWARD_TILE, ("mean_forward", "scores_forward")),
-                                  (BACKWARD_TILE, ("mean_backward", "scores_backward"))):
-                block_c = max(16, tile // block_m)
-                for name in kernels:
-                    cases.append((name, dtype, block_m, block_c, _signature(name, ptr)))
+        for name, (kernel, tile) in _KERNELS.items():
+            for block_m in ESTIMATOR_BLOCKS:
+                signature = {}
+                for arg in kernel.arg_names:
+                    if arg.endswith("_ptr"):
+                        signature[arg] = f"*{dtype}"
+                    elif arg in ("BLOCK_M", "BLOCK_C"):
+                        signature[arg] = "constexpr"
+                    else:
+                        signature[arg] = _SCALAR_TYPES.get(arg, "i32")
+                constexprs = {"BLOCK_M": block_m, "BLOCK_C": max(16, tile // block_m)}
+                cases.append(CompileCase(f"ensemble.{name}[{dtype},BLOCK_M={block_m}]", kernel,
+                                         signature, constexprs, num_warps=NUM_WARPS))
     return cases
-
-
-_KERNELS = {
-    "mean_forward": _mean_forward_kernel,
-    "mean_backward": _mean_backward_kernel,
-    "scores_forward": _scores_forward_kernel,
-    "scores_backward": _scores_backward_kernel,
-}
-
-
-def _signature(name: str, ptr: str):
-    kernel = _KERNELS[name]
-    types = {}
-    for arg in kernel.arg_names:
-        if arg.endswith("_ptr"):
-            types[arg] = ptr
-        elif arg == "inv_m":
-            types[arg] = "fp32"
-        elif arg == "stride_m":
-            types[arg] = "i64"
-        elif arg in ("BLOCK_M", "BLOCK_C"):
-            types[arg] = "constexpr"
-        else:
-            types[arg] = "i32"
-    return kernel, types
