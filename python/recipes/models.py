@@ -1,0 +1,149 @@
+"""Model choice for the recipes: a name and an ensembling method -> a model of the zoo.
+
+Every model maps inputs (B, ...) to estimator-major logits (M*B, K). The recipes build them
+only through build_model(), from a plain-dict spec that checkpoints store, so evaluate.py can
+rebuild what train.py trained.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .errors import RecipeError
+
+METHODS = ("single", "packed", "deep", "mimo", "batch")
+
+
+# ---------------------------------------------------------------------------------------------
+# small models built from packed_kernels.nn layers (CPU-sized demos)
+# ---------------------------------------------------------------------------------------------
+
+class PackedSmallCNN(nn.Module):
+    """A small packed CNN for tiny images (scikit-learn's 8x8 digits): three packed 3x3 convs
+    (BN, ReLU; one 2x2 max-pool), global average pooling, a packed linear head.
+
+    PE-(alpha, M, gamma): each estimator has alpha*width/M channels per layer. PE-(1, 1, 1) is
+    the single model; PE-(M, M, 1) is exactly M independent networks of full width (every
+    layer block-diagonal, the first one equal to M separate first layers), i.e. a Deep Ensemble
+    whose members see the same mini-batches."""
+
+    def __init__(self, in_channels: int, num_classes: int, num_estimators: int = 1,
+                 alpha: float = 1, gamma: int = 1, width: int = 16) -> None:
+        super().__init__()
+        from packed_kernels.nn import PackedConv2d, PackedLinear
+        m = num_estimators
+        # minimum_channels_per_group=1: these layers are narrow by design; torch-uncertainty's
+        # default of 64 would silently drop gamma to 1.
+        common = dict(alpha=alpha, num_estimators=m, minimum_channels_per_group=1, bias=False)
+        self.num_estimators = m
+        self.conv1 = PackedConv2d(in_channels, width, 3, gamma=1, padding=1, first=True, **common)
+        self.bn1 = nn.BatchNorm2d(self.conv1.conv.out_channels)
+        self.conv2 = PackedConv2d(width, 2 * width, 3, gamma=gamma, padding=1, **common)
+        self.bn2 = nn.BatchNorm2d(self.conv2.conv.out_channels)
+        self.conv3 = PackedConv2d(2 * width, 2 * width, 3, gamma=gamma, padding=1, **common)
+        self.bn3 = nn.BatchNorm2d(self.conv3.conv.out_channels)
+        self.head = PackedLinear(2 * width, num_classes, alpha, m, gamma=1, last=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = nn.functional.max_pool2d(x, 2)
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class PackedGaussianMLP(nn.Module):
+    """PackedLinear MLP with a heteroscedastic Gaussian head (the paper's appendix N):
+    (B, features) -> mean (M*B,) and variance (M*B,) per estimator (softplus, floored)."""
+
+    def __init__(self, in_features: int, num_estimators: int = 1, alpha: float = 1,
+                 gamma: int = 1, hidden: int = 48, depth: int = 2, min_variance: float = 1e-6):
+        super().__init__()
+        from packed_kernels.nn import PackedLinear
+        self.num_estimators = num_estimators
+        self.min_variance = min_variance
+        layers = []
+        width_in, first = in_features, True
+        for _ in range(depth):
+            layers += [PackedLinear(width_in, hidden, alpha, num_estimators,
+                                    gamma=1 if first else gamma, first=first), nn.ReLU()]
+            width_in, first = hidden, False
+        self.body = nn.Sequential(*layers)
+        self.head = PackedLinear(hidden, 2, alpha, num_estimators, gamma=1, last=True)
+
+    def forward(self, x: torch.Tensor):
+        out = self.head(self.body(x))
+        mean, raw_variance = out[:, 0], out[:, 1]
+        return mean, nn.functional.softplus(raw_variance) + self.min_variance
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------------
+
+def _check_ensemble_args(method: str, num_estimators, alpha, gamma) -> None:
+    if method not in METHODS:
+        raise RecipeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(num_estimators, bool) or not isinstance(num_estimators, int) or num_estimators < 1:
+        raise RecipeError(f"the number of estimators M must be an integer >= 1, got {num_estimators!r}")
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise RecipeError(f"alpha must be a positive number, got {alpha!r}")
+    if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+        raise RecipeError(f"gamma must be an integer >= 1, got {gamma!r}")
+
+
+def effective_estimators(spec: Dict) -> int:
+    return 1 if spec["method"] == "single" else spec["num_estimators"]
+
+
+def _small_cnn(spec: Dict) -> nn.Module:
+    method, m = spec["method"], spec["num_estimators"]
+    if method == "single":
+        alpha, m, gamma = 1, 1, 1
+    elif method == "packed":
+        alpha, gamma = spec["alpha"], spec["gamma"]
+    elif method == "deep":
+        alpha, gamma = m, 1  # M independent full-width networks (see PackedSmallCNN)
+    else:
+        raise RecipeError(f"model 'small_cnn' supports the methods single, packed and deep, "
+                          f"not {method!r}")
+    return PackedSmallCNN(spec["in_channels"], spec["num_classes"], m, alpha, gamma,
+                          width=spec.get("width") or 16)
+
+
+_BUILDERS = {"small_cnn": _small_cnn}
+
+
+def model_names():
+    return sorted(_BUILDERS)
+
+
+def make_spec(model: str, method: str, *, in_channels: int, num_classes: int,
+              num_estimators: int = 4, alpha: float = 2, gamma: int = 1,
+              style: str = "cifar", width: Optional[int] = None) -> Dict:
+    if model not in _BUILDERS:
+        raise RecipeError(f"unknown model {model!r}; available: {', '.join(model_names())}")
+    _check_ensemble_args(method, num_estimators, alpha, gamma)
+    if isinstance(alpha, float) and alpha.is_integer():
+        alpha = int(alpha)
+    return {"model": model, "method": method, "num_estimators": num_estimators, "alpha": alpha,
+            "gamma": gamma, "in_channels": in_channels, "num_classes": num_classes,
+            "style": style, "width": width}
+
+
+def build_model(spec: Dict) -> nn.Module:
+    """The model a spec describes; configuration errors of the zoo become RecipeError."""
+    builder = _BUILDERS.get(spec["model"])
+    if builder is None:
+        raise RecipeError(f"unknown model {spec['model']!r}; available: {', '.join(model_names())}")
+    _check_ensemble_args(spec["method"], spec["num_estimators"], spec["alpha"], spec["gamma"])
+    try:
+        return builder(spec)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"invalid configuration for {spec['model']} ({spec['method']}, "
+                          f"alpha={spec['alpha']}, M={spec['num_estimators']}, "
+                          f"gamma={spec['gamma']}): {exc}") from None
