@@ -1,8 +1,10 @@
 """Builds packed_kernels with its compiled extensions.
 
-  packed_kernels._C     csrc/cuda/*.cu + *.cpp through nvcc: the CUDA backend
-  packed_kernels._simt  csrc/simt/*.cpp through the host C++ compiler: the same kernels on the
-                        SIMT emulator (the "simt" backend, for machines without a GPU)
+  packed_kernels._C     csrc/cuda/*.cu through nvcc (no torch headers) + csrc/bindings.cpp through
+                        the host compiler: the CUDA backend
+  packed_kernels._simt  csrc/simt/*.cpp + the same csrc/bindings.cpp through the host C++ compiler
+                        with -DPK_SIMT=1: the same kernels on the SIMT emulator (the "simt"
+                        backend, for machines without a GPU)
 
 Switches (environment variables):
   PACKED_KERNELS_NO_CUDA=1      skip packed_kernels._C
@@ -55,9 +57,10 @@ def extensions():
         return [], {}
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "kernels"),
                     os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]  # torch >= 2.14 headers need C++20
     modules = []
 
+    bindings = [os.path.join("csrc", "bindings.cpp")]
     cuda_sources = _sources("cuda", ["*.cu", "*.cpp"])
     if _flag("PACKED_KERNELS_NO_CUDA"):
         print("packed_kernels: PACKED_KERNELS_NO_CUDA=1, building without the CUDA backend")
@@ -70,7 +73,7 @@ def extensions():
         os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "")  # we pass -gencode ourselves
         modules.append(cpp_extension.CUDAExtension(
-            "packed_kernels._C", cuda_sources, include_dirs=include_dirs,
+            "packed_kernels._C", cuda_sources + bindings, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags,
                                 "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
                                          "-lineinfo"] + cuda_arch_flags()}))
@@ -80,12 +83,29 @@ def extensions():
         print("packed_kernels: PACKED_KERNELS_NO_SIMT=1, building without the simt backend")
     elif simt_sources:
         modules.append(cpp_extension.CppExtension(
-            "packed_kernels._simt", simt_sources, include_dirs=include_dirs,
+            "packed_kernels._simt", simt_sources + bindings, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DPK_SIMT=1"]}))
 
     if not modules:
         return [], {}
-    return modules, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return modules, {"build_ext": _build_ext_class(cpp_extension)}
+
+
+def _build_ext_class(cpp_extension):
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtension(base):
+        """One object folder per extension: both compile csrc/bindings.cpp, with different flags."""
+
+        def build_extension(self, ext):
+            shared_temp = self.build_temp
+            self.build_temp = os.path.join(shared_temp, ext.name.rsplit(".", 1)[-1])
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = shared_temp
+
+    return BuildExtension
 
 
 ext_modules, cmdclass = extensions()

@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# A broken simt build must fail the run, not turn its tests into skips.
+export PACKED_KERNELS_REQUIRE="${PACKED_KERNELS_REQUIRE:-simt}"
 exec "${PYTHON:-python3}" -m pytest -q -ra "$@"

@@ -133,7 +133,7 @@ def test_fifty_thousand_classes(backend):
     (lambda d: ([[1.0, 2.0]], 1), TypeError, "torch.Tensor"),
 ])
 @pytest.mark.parametrize("fn", [pk.ensemble_mean, pk.ensemble_scores])
-@pytest.mark.parametrize("backend", [None, "torch", "triton"])
+@pytest.mark.parametrize("backend", [None, "torch", "triton", "simt"])
 def test_bad_input_raises_before_launch(fn, backend, make_bad, error, match, device):
     args = make_bad(device)
     with pytest.raises(error, match=match):

@@ -12,7 +12,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _alloc, _backend
 from .._checks import check_float_tensor, check_positive_int
 
 
@@ -117,10 +117,33 @@ def _triton_engine() -> _Engine:
 
 
 def _extension_engine(name: str) -> Callable[[], _Engine]:
+    """The csrc kernels in packed_kernels.<name>; outputs are allocated here (poisonable)."""
     def load() -> _Engine:
         ext = _backend.extension(name)
-        return _Engine(ext.ensemble_mean_forward, ext.ensemble_mean_backward,
-                       ext.ensemble_scores_forward, ext.ensemble_scores_backward)
+
+        def mean_forward(logits, m):
+            out = _alloc.empty((logits.shape[0] // m, *logits.shape[1:]), logits)
+            ext.ensemble_mean_forward(logits, m, out)
+            return out
+
+        def mean_backward(grad, logits, m):
+            grad_logits = _alloc.empty(logits.shape, logits)
+            ext.ensemble_mean_backward(grad, logits, m, grad_logits)
+            return grad_logits
+
+        def scores_forward(logits, m):
+            batch = logits.shape[0] // m
+            outs = [_alloc.empty((batch, logits.shape[1]), logits)] + \
+                [_alloc.empty((batch,), logits) for _ in range(5)]
+            ext.ensemble_scores_forward(logits, m, outs)
+            return tuple(outs)
+
+        def scores_backward(grads, logits, m):
+            grad_logits = _alloc.empty(logits.shape, logits)
+            ext.ensemble_scores_backward(list(grads), logits, m, grad_logits)
+            return grad_logits
+
+        return _Engine(mean_forward, mean_backward, scores_forward, scores_backward)
     return load
 
 

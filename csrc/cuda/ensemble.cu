@@ -1,0 +1,2 @@
+// The CUDA build of the ensemble kernels (no torch headers).
+#include "ensemble.cuh"

@@ -1,0 +1,69 @@
+// The SIMT emulator's runtime: runs a CUDA grid on one CPU thread (PK_SIMT builds only).
+//
+// Blocks run one after another. Every thread of a block is a cooperative fiber (ucontext) that
+// runs until it reaches __syncthreads(), a warp-collective op or its end. __syncthreads()
+// releases the block when every thread has arrived; after each release the threads resume in a
+// different order (forward, reverse, shuffled), so a missing barrier reads stale or poisoned data
+// and gives a wrong answer. Shared memory is allocated per block, filled with 0xFF bytes (NaN
+// for floating types) and sized exactly, so AddressSanitizer sees an out-of-bounds index.
+// Misuse a GPU would hang on or leave undefined (a barrier some threads never reach, a lane
+// missing from a warp op, diverging warp ops) stops the launch with a std::runtime_error.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+struct uint3 {
+  unsigned int x, y, z;
+};
+
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+namespace pk {
+namespace simt {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxExchangeBytes = 64;  // the largest value one warp shuffle moves
+
+// What the running fiber sees as threadIdx, blockIdx, blockDim and gridDim.
+struct ThreadCoords {
+  uint3 thread_idx;
+  uint3 block_idx;
+  uint3 block_dim;
+  uint3 grid_dim;
+};
+const ThreadCoords& coords();
+
+// Runs `body(arg)` as every thread of every block of the grid; throws std::runtime_error when a
+// block misuses barriers or warp ops (the message names the block and the fault).
+void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*body)(void*), void* arg);
+
+// Block-wide barrier (__syncthreads) and the warp-level one (__syncwarp).
+void sync_threads();
+void sync_warp(unsigned int mask);
+
+// The warp collective behind shuffles and votes: this lane contributes `value` (size bytes) and
+// `predicate`, and receives the value of lane `source_lane` (its own when that lane is outside
+// the warp or the mask). Returns the ballot of the participating lanes' predicates.
+enum class WarpOp : int { kShuffle = 1, kVote = 2, kSync = 3 };
+unsigned int warp_exchange(WarpOp op, unsigned int mask, const void* value, void* result,
+                           std::size_t size, int source_lane, bool predicate);
+int lane_id();
+
+// Per-block shared memory: the first call from a block for `site` allocates `bytes` (poisoned),
+// every later call from the same block returns the same storage.
+void* shared_storage(const void* site, std::size_t bytes);
+void* dynamic_shared_storage();
+
+// Records a fault found by checks inside device helpers (e.g. a misaligned tile load); the caller
+// skips the faulty access, and the launch stops and throws when this thread next yields or ends.
+void report_fault(const char* message);
+
+// Settings for tests: the seed of the shuffled resume orders.
+void set_seed(std::uint64_t seed);
+
+}  // namespace simt
+}  // namespace pk

@@ -1,0 +1,2 @@
+// The emulator build of the ensemble kernels (-DPK_SIMT=1; no torch headers).
+#include "ensemble.cuh"

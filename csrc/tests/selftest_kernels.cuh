@@ -1,0 +1,124 @@
+// Kernels that exercise the SIMT portability layer: the emulator's self-test runs them on the
+// CPU (csrc/tests/simt_selftest.cpp) and tests/test_csrc_compile.py compiles them with nvcc.
+// Some are wrong on purpose (a missing barrier, out-of-bounds writes, barrier misuse): the
+// emulator and the sanitizers must catch them.
+#pragma once
+
+#include "pk/reduce.h"
+#include "pk/simt.h"
+#include "pk/tile.h"
+#include "pk/types.h"
+
+namespace selftest {
+
+constexpr int kSumThreads = 128;
+
+// A shared-memory tree reduction, one partial sum per block. kBarrierInLoop=false drops the
+// barrier between the tree levels: a real bug that the emulator must expose.
+template <bool kBarrierInLoop>
+__global__ void block_sum_kernel(const float* x, float* block_sums, int n) {
+  PK_SHARED(float, partial, kSumThreads);
+  float v = 0.0f;
+  for (int i = blockIdx.x * kSumThreads + threadIdx.x; i < n; i += kSumThreads * gridDim.x) v += x[i];
+  partial[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = kSumThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    if (kBarrierInLoop) __syncthreads();
+  }
+  if (threadIdx.x == 0) block_sums[blockIdx.x] = partial[0];
+}
+
+// Warp collectives, one warp per block; each lane writes what it received.
+__global__ void warp_ops_kernel(const float* x, float* down_sum, float* butterfly_max, float* from_lane5,
+                                float* from_below, unsigned int* ballot, int* any_all) {
+  const int i = blockIdx.x * 32 + threadIdx.x;
+  const float v = x[i];
+  float s = v;
+  for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_down_sync(0xffffffffu, s, offset);
+  down_sum[i] = s;  // the warp's sum on lane 0
+  butterfly_max[i] = pk::warp_allreduce(v, pk::Max());
+  from_lane5[i] = __shfl_sync(0xffffffffu, v, 5);
+  from_below[i] = __shfl_up_sync(0xffffffffu, v, 1);
+  ballot[i] = __ballot_sync(0xffffffffu, v > 0.0f);
+  any_all[2 * i] = __any_sync(0xffffffffu, v > 2.0f);
+  any_all[2 * i + 1] = __all_sync(0xffffffffu, v > -3.0f);
+}
+
+// Block-wide reduction of a struct through pk::block_allreduce.
+struct SumMax {
+  float sum;
+  float max;
+};
+struct MergeSumMax {
+  PK_DEVICE SumMax operator()(const SumMax& a, const SumMax& b) const {
+    return SumMax{a.sum + b.sum, a.max > b.max ? a.max : b.max};
+  }
+};
+__global__ void block_allreduce_kernel(const float* x, float* out) {
+  PK_SHARED(SumMax, scratch, pk::kMaxWarps);
+  const float v = x[blockIdx.x * blockDim.x + threadIdx.x];
+  const SumMax r = pk::block_allreduce(SumMax{v, v}, MergeSumMax(), scratch);
+  out[2 * (blockIdx.x * blockDim.x + threadIdx.x)] = r.sum;  // every thread must agree
+  out[2 * (blockIdx.x * blockDim.x + threadIdx.x) + 1] = r.max;
+}
+
+// Histogram through atomics on dynamic shared memory, then on global memory.
+__global__ void histogram_kernel(const int* values, int n, int bins, int* histogram) {
+  PK_DYNAMIC_SHARED(int, local);
+  for (int b = threadIdx.x; b < bins; b += blockDim.x) local[b] = 0;
+  __syncthreads();
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)
+    atomicAdd(&local[values[i]], 1);
+  __syncthreads();
+  for (int b = threadIdx.x; b < bins; b += blockDim.x) atomicAdd(&histogram[b], local[b]);
+}
+
+// C (M x N, float) = A (M x K, row-major) * B (K x N, LayoutB), one warp per 16x16 tile of C.
+template <typename T, typename LayoutB>
+__global__ void tile_matmul_kernel(const T* a, const T* b, float* c, int M, int N, int K) {
+  using namespace pk::tile;
+  const int tile_m = blockIdx.x, tile_n = blockIdx.y;
+  FragmentA<T, RowMajor> fa;
+  FragmentB<T, LayoutB> fb;
+  Accumulator acc;
+  fill(acc, 0.0f);
+  for (int k0 = 0; k0 < K; k0 += kK) {
+    load(fa, a + tile_m * kM * K + k0, K);
+    if (LayoutB::row_major)
+      load(fb, b + k0 * N + tile_n * kN, N);
+    else
+      load(fb, b + tile_n * kN * K + k0, K);
+    mma(acc, fa, fb);
+  }
+  store(c + tile_m * kM * N + tile_n * kN, acc, N);
+}
+
+// Deliberate out-of-bounds writes: one past a shared array, one past a global buffer.
+__global__ void oob_shared_write_kernel(float* out) {
+  PK_SHARED(float, buffer, 64);
+  buffer[threadIdx.x + 1] = 1.0f;  // thread 63 writes buffer[64]
+  __syncthreads();
+  out[threadIdx.x] = buffer[threadIdx.x];
+}
+__global__ void oob_global_write_kernel(float* out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i <= n) out[i] = 1.0f;  // off by one
+}
+
+// Barrier misuse a GPU would hang on or leave undefined.
+__global__ void early_exit_kernel(float* out) {
+  if (threadIdx.x == 3) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+__global__ void divergent_warp_op_kernel(float* out) {
+  float v = threadIdx.x;
+  if (threadIdx.x < 16)
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  else
+    v = static_cast<float>(__ballot_sync(0xffffffffu, v > 20.0f));
+  out[threadIdx.x] = v;
+}
+
+}  // namespace selftest

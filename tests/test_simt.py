@@ -1,0 +1,150 @@
+"""The SIMT emulator (csrc/simt, csrc/include/pk): barriers, shared memory, warp collectives,
+atomics, tensor-core tiles and half/bfloat16, checked by running kernels on the CPU.
+
+The kernels live in csrc/tests/selftest_kernels.cuh (tests/test_csrc_compile.py compiles them
+with nvcc too); csrc/tests/simt_selftest.cpp runs one case per invocation and prints key=value
+results. The binary is built here with -fsanitize=address,undefined, so deliberate
+out-of-bounds writes must be reported by AddressSanitizer, and the real ensemble kernels run
+under both sanitizers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import packed_kernels as pk
+from conftest import REQUIRED, require_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory) -> Path:
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        message = "no C++ compiler (g++) to build the emulator self-test"
+        if "simt" in REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+    binary = tmp_path_factory.mktemp("simt") / "simt_selftest"
+    command = [compiler, "-std=c++17", "-O1", "-g", "-DPK_SIMT=1", *SANITIZE,
+               f"-I{CSRC / 'include'}", f"-I{CSRC / 'kernels'}", f"-I{CSRC / 'tests'}",
+               str(CSRC / "tests" / "simt_selftest.cpp"), str(CSRC / "simt" / "runtime.cpp"),
+               "-o", str(binary)]
+    built = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, f"building the sanitized self-test failed:\n{built.stderr[-4000:]}"
+    return binary
+
+
+def run(binary: Path, case: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
+    return subprocess.run([str(binary), case], capture_output=True, text=True, timeout=600, env=env)
+
+
+def results(binary: Path, case: str) -> dict:
+    """Runs a case that must finish cleanly (no sanitizer report) and parses its key=value lines."""
+    done = run(binary, case)
+    assert done.returncode == 0, f"{case} failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
+    assert "runtime error" not in done.stderr, done.stderr[-4000:]  # UBSan
+    values = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition("=")
+        values[key] = value
+    return values
+
+
+def test_shared_memory_reduction_with_barriers_is_right(selftest):
+    out = results(selftest, "block_sum")
+    assert int(out["wrong_launches"]) == 0
+    assert float(out["max_rel_error"]) < 1e-6
+
+
+def test_missing_barrier_gives_a_wrong_answer(selftest):
+    # The same tree reduction without the barrier between levels: the emulator resumes threads
+    # in a different order after every barrier (and per block), so every launch goes wrong.
+    out = results(selftest, "missing_barrier")
+    assert int(out["wrong_launches"]) == 6, out
+    assert not float(out["max_rel_error"]) < 1e-3, out
+
+
+def test_warp_shuffles_and_votes(selftest):
+    out = results(selftest, "warp_ops")
+    assert int(out["mismatches"]) == 0  # xor butterfly, indexed shuffle, shuffle up, ballot, any, all
+    assert float(out["shuffle_sum_rel_error"]) < 1e-6  # shfl_down reduction vs the float64 sum
+
+
+def test_block_allreduce_agrees_on_every_thread(selftest):
+    out = results(selftest, "block_allreduce")
+    assert int(out["mismatches"]) == 0
+    assert float(out["sum_rel_error"]) < 1e-6
+
+
+def test_atomics_on_dynamic_shared_and_global_memory(selftest):
+    assert int(results(selftest, "histogram")["mismatches"]) == 0
+
+
+def test_tile_mma_matches_the_reference(selftest):
+    out = results(selftest, "tile_mma")
+    # Products of half/bfloat16 inputs are exact in float; the float accumulation of K = 64 terms
+    # errs by at most K * 2^-24 relative to sum |a b|.
+    bound = 64 * 2.0 ** -24
+    for key in ("half_row_b", "half_col_b", "bfloat16_row_b", "bfloat16_col_b"):
+        assert float(out[key]) <= bound, (key, out[key])
+
+
+def test_half_and_bfloat16_conversions_round_to_nearest_even(selftest):
+    assert int(results(selftest, "half_conversions")["mismatches"]) == 0
+
+
+@pytest.mark.parametrize("case, message", [
+    ("early_exit", "__syncthreads() reached by 63 of 64 threads"),
+    ("divergent_warp_op", "different warp ops"),
+    ("tile_misaligned", "pk::tile::load(A): pointer not 32-byte aligned"),
+])
+def test_misuse_stops_the_launch_with_a_message(selftest, case, message):
+    assert message in results(selftest, case)["fault"]
+
+
+@pytest.mark.parametrize("case, kernel", [("oob_shared", "oob_shared_write_kernel"),
+                                          ("oob_global", "oob_global_write_kernel")])
+def test_out_of_bounds_write_is_caught_by_address_sanitizer(selftest, case, kernel):
+    done = run(selftest, case)
+    assert done.returncode != 0, "the out-of-bounds write went unnoticed"
+    assert "fault=none" not in done.stdout
+    assert "AddressSanitizer: heap-buffer-overflow" in done.stderr
+    assert "WRITE of size 4" in done.stderr and kernel in done.stderr
+
+
+def test_ensemble_kernels_run_clean_under_sanitizers(selftest):
+    out = results(selftest, "ensemble")
+    assert int(out["non_finite"]) == 0
+    assert float(out["worst_sum_error_over_tolerance"]) <= 1.0
+
+
+# --- the extension's own checks ------------------------------------------------------------------
+
+def test_extension_rejects_bad_outputs_before_launch():
+    require_backend("simt")
+    from packed_kernels import _simt
+    x = torch.randn(8, 5)
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        _simt.ensemble_mean_forward(x, 4, torch.empty(3, 5))
+    with pytest.raises(RuntimeError, match="has dtype"):
+        _simt.ensemble_mean_forward(x, 4, torch.empty(2, 5, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="num_estimators must be in"):
+        _simt.ensemble_mean_forward(torch.randn(130, 5), 65, torch.empty(2, 5))
+    with pytest.raises(RuntimeError, match="expects 6 outputs"):
+        _simt.ensemble_scores_forward(x, 4, [torch.empty(2, 5)])
+
+
+def test_more_estimators_than_the_kernels_hold_says_why():
+    require_backend("simt")
+    with pytest.raises(pk.BackendUnavailableError, match="num_estimators <= 64"):
+        pk.ensemble_mean(torch.randn(65 * 2, 5), 65, backend="simt")
