@@ -1,0 +1,207 @@
+"""`python -m bench <command>`: the one entry point of the benchmark suite.
+
+  table     the paper's speed table (training s/epoch, inference images/s, peak memory)
+  conv      per-layer grouped-conv sweep: ours vs cuDNN grouped vs dense conv of equal FLOPs
+  ensemble  the ensemble-op benchmark (GB/s vs the card's copy bandwidth)
+  report    records -> markdown table + PNG plots
+
+On a machine without a GPU every command runs a reduced real measurement on the CPU (unless
+given explicit sizes) and says its numbers are CPU numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from . import records
+from .env import default_device, device_label
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the JSON record (default: bench/results/<date>-<gpu>/ on a "
+                        "GPU, the git-ignored bench/results/tmp/ on the CPU)")
+    p.add_argument("--record", action="store_true",
+                   help="write CPU results under bench/results/ too (kept in git)")
+    p.add_argument("--no-save", action="store_true", help="print only, write no record")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--report", action="store_true",
+                   help="also write report.md and PNG plots of the records in the record's folder")
+
+
+def _device(args) -> torch.device:
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def _save(args, record) -> Optional[Path]:
+    if args.no_save:
+        return None
+    directory = args.out or records.run_dir(_device(args), record=True if args.record else None)
+    path = records.write_record(record, directory)
+    print(f"record: {path}")
+    if args.report:
+        from . import report
+        written = report.write_report(records.load_records([directory]), directory)
+        print(f"report: {written[0]} (+ {len(written) - 1} plots)")
+    return path
+
+
+def cmd_table(args) -> int:
+    from . import models, table
+    device = _device(args)
+    cpu = device.type != "cuda"
+    cfg = table.TableConfig()
+    if cpu:  # reduced real run: tiny batch, few iterations, fp32, no compile rows
+        cfg.batch, cfg.warmup, cfg.reps, cfg.max_seconds = 4, 1, 3, 5.0
+        cfg.precisions = ("fp32",)
+        cfg.loader_workers = 0
+    for name in ("batch", "infer_batch", "warmup", "reps", "arch", "image_size", "epoch_images",
+                 "loader_workers"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.max_seconds is not None:
+        cfg.max_seconds = args.max_seconds or None
+    if args.precision:
+        cfg.precisions = tuple(args.precision.split(","))
+        bad = set(cfg.precisions) - set(table.PRECISIONS)
+        if bad:
+            raise SystemExit(f"bench table: unknown precision {sorted(bad)}; use {table.PRECISIONS}")
+    cfg.layout = args.layout
+    cfg.dataloader = args.dataloader
+    rows = models.parse_rows(args.rows) if args.rows else [
+        models.parse_row(k) for k in (models.CPU_ROWS if cpu else models.DEFAULT_ROWS)]
+    source = models.model_source()
+    print(f"bench table on {device_label(device)}: {len(rows)} rows x {len(cfg.precisions)} "
+          f"precisions, batch {cfg.batch}, models from {source}"
+          + (" — CPU reduced run (tiny batch, few iterations, fp32, no compile rows): CPU numbers"
+             if cpu else ""), flush=True)
+    results = table.run_table(rows, cfg, device, progress=not args.quiet)
+    print(table.format_table(results, cfg.as_dict(), source))
+    record = records.make_record("table", device, cfg.as_dict(), results,
+                                 {"model_source": source, "targets": table.target_checks(results)})
+    _save(args, record)
+    return 1 if all("error" in r for r in results) else 0
+
+
+def cmd_ensemble(args) -> int:
+    from . import ensemble_ops
+    device = _device(args)
+    cfg = ensemble_ops.EnsembleConfig.for_device(device)
+    for name in ("num_estimators", "batch", "classes", "dtype", "warmup", "reps"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.backends:
+        cfg.backends = tuple(args.backends.split(","))
+    result = ensemble_ops.run(cfg, device, progress=not args.quiet)
+    print(ensemble_ops.format_result(result))
+    _save(args, records.make_record("ensemble", device, cfg.as_dict(), result["rows"],
+                                    {"copy_bandwidth": result["copy_bandwidth"]}))
+    return 0
+
+
+def cmd_conv(args) -> int:
+    from . import conv_sweep
+    device = _device(args)
+    cfg = conv_sweep.SweepConfig.for_device(device)
+    for name in ("batch", "warmup", "reps", "limit"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.dtype:
+        cfg.dtypes = tuple(args.dtype.split(","))
+    if args.layout:
+        cfg.layouts = tuple(args.layout.split(","))
+    if args.backend:
+        cfg.backend = args.backend
+    result = conv_sweep.run(cfg, device, progress=not args.quiet)
+    print(conv_sweep.format_result(result))
+    _save(args, records.make_record("conv", device, cfg.as_dict(), result["rows"],
+                                    {"roofline": result["roofline"]}))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import report
+    paths = args.paths or [records.RESULTS_DIR]
+    recs = records.load_records(paths)
+    if not recs:
+        raise SystemExit(f"bench report: no records under {', '.join(map(str, paths))}")
+    out = args.out or Path(paths[0] if Path(paths[0]).is_dir() else Path(paths[0]).parent)
+    written = report.write_report(recs, out)
+    for path in written:
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("table", help="the paper's speed table")
+    _common(t)
+    t.add_argument("--rows", help="comma list of <model>[-<impl>][-compile]; models: single, "
+                   "pe241, pe242, de, mimo, be; impl: stock, packed_kernels")
+    t.add_argument("--precision", help="comma list of fp32,fp16 (default both; fp32 on the CPU)")
+    t.add_argument("--layout", choices=("nchw", "channels_last"), default="nchw")
+    t.add_argument("--batch", type=int)
+    t.add_argument("--infer-batch", type=int)
+    t.add_argument("--arch", type=int, help="ResNet depth (default 50)")
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--epoch-images", type=int)
+    t.add_argument("--warmup", type=int)
+    t.add_argument("--reps", type=int)
+    t.add_argument("--max-seconds", type=float, help="cap per timed phase (0: none)")
+    t.add_argument("--dataloader", action="store_true",
+                   help="feed training from a real DataLoader (host augmentation, pinned copies) "
+                        "instead of batches made on the device")
+    t.add_argument("--loader-workers", type=int)
+    t.set_defaults(func=cmd_table)
+
+    e = sub.add_parser("ensemble", help="ensemble_mean / ensemble_scores bandwidth")
+    _common(e)
+    e.add_argument("--num-estimators", type=int)
+    e.add_argument("--batch", type=int)
+    e.add_argument("--classes", type=int)
+    e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 (fp32 on the CPU)")
+    e.add_argument("--backends", help="comma list (default: torch and every kernel backend usable here)")
+    e.add_argument("--warmup", type=int)
+    e.add_argument("--reps", type=int)
+    e.set_defaults(func=cmd_ensemble)
+
+    c = sub.add_parser("conv", help="per-layer grouped conv sweep vs cuDNN")
+    _common(c)
+    c.add_argument("--batch", type=int)
+    c.add_argument("--dtype", help="comma list of fp32,fp16,bf16")
+    c.add_argument("--layout", help="comma list of nchw,channels_last")
+    c.add_argument("--backend", help="packed_kernels backend for 'ours' (default auto)")
+    c.add_argument("--limit", type=int, help="only the first N layers")
+    c.add_argument("--warmup", type=int)
+    c.add_argument("--reps", type=int)
+    c.set_defaults(func=cmd_conv)
+
+    r = sub.add_parser("report", help="records -> report.md + PNG plots")
+    r.add_argument("paths", nargs="*", type=Path, help="record files or folders (default bench/results)")
+    r.add_argument("--out", type=Path, help="output folder (default: the first path's folder)")
+    r.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
