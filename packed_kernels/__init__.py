@@ -2,7 +2,7 @@
 
 from ._backend import BACKENDS, BackendUnavailableError, available_backends
 from .ops.batch_norm import batch_norm
-from .ops.conv import grouped_conv2d
+from .ops.conv import fused_conv2d, grouped_conv2d
 from .ops.ensemble import EnsembleScores, ensemble_mean, ensemble_scores
 from .nn.convert import convert
 
@@ -17,5 +17,6 @@ __all__ = [
     "convert",
     "ensemble_mean",
     "ensemble_scores",
+    "fused_conv2d",
     "grouped_conv2d",
 ]

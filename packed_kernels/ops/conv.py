@@ -13,7 +13,7 @@ from .._checks import check_float_tensor, check_positive_int, check_same_device_
 from ._autograd import unaliased
 
 IntPair = Union[int, Sequence[int]]
-IMPLEMENTED = ("torch",)  # the Triton and CUDA kernels register here as they land
+IMPLEMENTED = ("torch", "triton")  # the CUDA kernels register here as they land
 
 
 def _pair(op: str, name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
@@ -79,7 +79,8 @@ def reference_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stri
 
 def reference_conv2d_backward(grad: Tensor, input: Tensor, weight: Tensor, has_bias: bool,
                               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                              groups: int):
+                              groups: int, output_mask: Sequence[bool] = (True, True)):
+    """(grad_input, grad_weight, grad_bias) in closed form; entries not in output_mask are None."""
     top, bottom, left, right = padding
     padded = input
     if top != bottom or left != right:
@@ -89,23 +90,126 @@ def reference_conv2d_backward(grad: Tensor, input: Tensor, weight: Tensor, has_b
         pad_hw = (top, left)
     grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         grad, padded, weight, [weight.shape[0]] if has_bias else None, list(stride), list(pad_hw),
-        list(dilation), False, [0, 0], groups, [True, True, has_bias])
-    if padded is not input:
-        grad_input = grad_input[:, :, top:top + input.shape[2], left:left + input.shape[3]]
-    return grad_input.contiguous(memory_format=_format_of(input)), grad_weight, grad_bias
+        list(dilation), False, [0, 0], groups, [output_mask[0], output_mask[1], has_bias])
+    if grad_input is not None:
+        if padded is not input:
+            grad_input = grad_input[:, :, top:top + input.shape[2], left:left + input.shape[3]]
+        grad_input = grad_input.contiguous(memory_format=_format_of(input))
+    return grad_input, grad_weight, grad_bias
 
+
+def _format_of(t: Tensor):
+    """The memory format an output derived from `t` keeps: channels_last iff `t` is."""
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _output_hw(input_hw, weight: Tensor, stride, padding, dilation):
+    kh, kw = weight.shape[2:]
+    out_h = (input_hw[0] + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (input_hw[1] + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return out_h, out_w
+
+
+# ---------------------------------------------------------------------------------------------
+# fusion hooks: prologue act(x * in_scale + in_shift) per input channel, epilogue
+# act(y * out_scale + out_shift + residual) per output channel (torch reference semantics)
+# ---------------------------------------------------------------------------------------------
+
+ACTIVATIONS = (None, "relu")
+
+
+def _per_channel(v: Tensor) -> Tensor:
+    return v.reshape(1, -1, 1, 1)
+
+
+def _activate(x: Tensor, activation: Optional[str]) -> Tensor:
+    return torch.relu(x) if activation == "relu" else x
+
+
+def reference_prologue(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                       activation: Optional[str]) -> Tensor:
+    """x_hat = act(x * scale + shift); the conv then zero-pads x_hat (padding stays zero)."""
+    if scale is not None:
+        x = x * _per_channel(scale)
+    if shift is not None:
+        x = x + _per_channel(shift)
+    return _activate(x, activation)
+
+
+def reference_epilogue(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                       residual: Optional[Tensor], activation: Optional[str]) -> Tensor:
+    if scale is not None:
+        y = y * _per_channel(scale)
+    if shift is not None:
+        y = y + _per_channel(shift)
+    if residual is not None:
+        y = y + residual
+    return _activate(y, activation)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference_channel_stats(y: Tensor) -> Tuple[Tensor, Tensor]:
+    y = y.to(_stats_dtype(y.dtype))
+    return y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# the three convolution primitives, per backend (the ops below are written on these)
+# ---------------------------------------------------------------------------------------------
+
+def _conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
+                  prologue=(None, None, None), epilogue=(None, None, None, None), channel_stats=False):
+    """(out, sum, sum of squares) of act(conv(prologue(x)) + bias) ...; stats None if not asked."""
+    fmt = _format_of(input)
+    if backend == "triton":
+        from ..triton import conv as tc
+        return tc.conv_forward(input, weight, bias, stride, padding, dilation, groups, fmt,
+                               tc.Prologue(*prologue), tc.Epilogue(*epilogue), channel_stats)
+    y = reference_conv2d(reference_prologue(input, *prologue), weight, bias, stride, padding,
+                         dilation, groups)
+    sums = reference_channel_stats(y) if channel_stats else (None, None)
+    out = reference_epilogue(y, *epilogue).contiguous(memory_format=fmt)
+    return (out, *sums)
+
+
+def _conv_grads(backend, grad, input, weight, stride, padding, dilation, groups,
+                prologue=(None, None, None), need_input=True, need_weight=True):
+    """(d/d x_hat, d/d weight) of conv(x_hat, weight), x_hat = prologue(input); None if not needed."""
+    if backend == "triton":
+        from ..triton import conv as tc
+        grad_x_hat = grad_weight = None
+        if need_input:
+            grad_x_hat = tc.conv_input_grad(grad, weight, input.shape, stride, padding, dilation,
+                                            groups, _format_of(input))
+        if need_weight:
+            grad_weight = tc.conv_weight_grad(grad, input, weight.shape, stride, padding, dilation,
+                                              groups, tc.Prologue(*prologue))
+        return grad_x_hat, grad_weight
+    x_hat = reference_prologue(input, *prologue)
+    grad_x_hat, grad_weight, _ = reference_conv2d_backward(
+        grad, x_hat, weight, False, stride, padding, dilation, groups, (need_input, need_weight))
+    return grad_x_hat, grad_weight
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped_conv2d: custom op + fake + autograd
+# ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("packed_kernels::grouped_conv2d", mutates_args=())
 def _grouped_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
                        padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str) -> Tensor:
-    return reference_conv2d(input, weight, bias, stride, padding, dilation, groups)
+    out, _, _ = _conv_forward(backend, input, weight, bias, stride, padding, dilation, groups)
+    return out
 
 
 @_grouped_conv2d_op.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups, backend):
-    kh, kw = weight.shape[2:]
-    out_h = (input.shape[2] + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (input.shape[3] + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out_h, out_w = _output_hw(input.shape[2:], weight, stride, padding, dilation)
     return torch.empty((input.shape[0], weight.shape[0], out_h, out_w), dtype=input.dtype,
                        device=input.device, memory_format=_format_of(input))
 
@@ -114,21 +218,20 @@ def _(input, weight, bias, stride, padding, dilation, groups, backend):
 def _grouped_conv2d_backward_op(grad: Tensor, input: Tensor, weight: Tensor, has_bias: bool,
                                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                                 groups: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    grad_input, grad_weight, grad_bias = reference_conv2d_backward(
-        grad, input, weight, has_bias, stride, padding, dilation, groups)
-    return unaliased((grad_input, grad_weight, grad_bias), (grad, input, weight), input)
+    if backend == "torch":
+        grads = reference_conv2d_backward(grad, input, weight, has_bias, stride, padding, dilation,
+                                          groups)
+    else:
+        grad_input, grad_weight = _conv_grads(backend, grad, input, weight, stride, padding,
+                                              dilation, groups)
+        grads = (grad_input, grad_weight, grad.sum((0, 2, 3)) if has_bias else None)
+    return unaliased(grads, (grad, input, weight), input)
 
 
 @_grouped_conv2d_backward_op.register_fake
 def _(grad, input, weight, has_bias, stride, padding, dilation, groups, backend):
-    return (torch.empty_like(input), torch.empty_like(weight),
+    return (torch.empty_like(input, memory_format=_format_of(input)), torch.empty_like(weight),
             weight.new_empty(weight.shape[0] if has_bias else 0))
-
-
-def _format_of(t: Tensor):
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _setup_context(ctx, inputs, output):
@@ -148,12 +251,236 @@ def _backward(ctx, grad):
 _grouped_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------------------------------------
+# fused_conv2d: custom op + fake + autograd
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("packed_kernels::fused_conv2d", mutates_args=())
+def _fused_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+                     in_shift: Optional[Tensor], out_scale: Optional[Tensor],
+                     out_shift: Optional[Tensor], residual: Optional[Tensor], stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int], groups: int,
+                     in_activation: Optional[str], activation: Optional[str], channel_stats: bool,
+                     backend: str) -> tuple[Tensor, Tensor]:
+    """(out, stats): stats is (2, C_out) [sum; sum of squares], or (0, C_out) when not asked
+    (a custom op returns a fixed structure)."""
+    out, total, total_sq = _conv_forward(
+        backend, input, weight, bias, stride, padding, dilation, groups,
+        (in_scale, in_shift, in_activation), (out_scale, out_shift, residual, activation), channel_stats)
+    if channel_stats:
+        stats = torch.stack((total, total_sq))
+    else:
+        stats = input.new_empty((0, weight.shape[0]), dtype=_stats_dtype(input.dtype))
+    return unaliased((out, stats), (input, weight, bias, in_scale, in_shift, out_scale,
+                                    out_shift, residual), input)
+
+
+@_fused_conv2d_op.register_fake
+def _(input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, stride, padding,
+      dilation, groups, in_activation, activation, channel_stats, backend):
+    out_h, out_w = _output_hw(input.shape[2:], weight, stride, padding, dilation)
+    out = torch.empty((input.shape[0], weight.shape[0], out_h, out_w), dtype=input.dtype,
+                       device=input.device, memory_format=_format_of(input))
+    stats = input.new_empty((2 if channel_stats else 0, weight.shape[0]), dtype=_stats_dtype(input.dtype))
+    return out, stats
+
+
+def _has_epilogue(out_scale, out_shift, residual, activation) -> bool:
+    return not (out_scale is None and out_shift is None and residual is None and activation is None)
+
+
+@torch.library.custom_op("packed_kernels::fused_conv2d_backward", mutates_args=())
+def _fused_conv2d_backward_op(
+        grad_out: Tensor, grad_stats: Tensor, out: Tensor, input: Tensor,
+        weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+        out_scale: Optional[Tensor], out_shift: Optional[Tensor], residual: Optional[Tensor],
+        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+        in_activation: Optional[str], activation: Optional[str], channel_stats: bool, backend: str,
+        need_input: bool, need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (out, sum y, sum y^2) for y = conv(x_hat) + bias, x_hat = act(x s + b),
+    out = act(y s' + b' + r). The convolutions run on `backend`; the per-channel glue is torch.
+    Returns (input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual) grads,
+    empty where that argument was None."""
+    compute = _stats_dtype(input.dtype)  # fp32 glue for 16-bit types
+    reduce = (0, 2, 3)
+    epilogue = _has_epilogue(out_scale, out_shift, residual, activation)
+    grad_z = grad_out.to(compute)
+    if activation == "relu":
+        grad_z = grad_z * (out > 0)  # relu(z) > 0 iff z > 0
+    y = None
+    if out_scale is not None or channel_stats:
+        if epilogue:  # recompute the pre-epilogue output rather than keep it alive
+            y, _, _ = _conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
+                                    (in_scale, in_shift, in_activation))
+        else:
+            y = out
+        y = y.to(compute)
+    grad_y = grad_z if out_scale is None else grad_z * _per_channel(out_scale.to(compute))
+    if channel_stats:
+        grad_sum, grad_sum_sq = grad_stats.to(compute)
+        grad_y = grad_y + _per_channel(grad_sum) + 2 * y * _per_channel(grad_sum_sq)
+    grad_y_conv = grad_y.to(input.dtype)
+    prologue = (in_scale, in_shift, in_activation)
+    grad_x_hat, grad_weight = _conv_grads(backend, grad_y_conv, input, weight, stride, padding,
+                                          dilation, groups, prologue, need_input, need_weight)
+
+    grad_input = grad_in_scale = grad_in_shift = None
+    if grad_x_hat is not None:
+        grad_u = grad_x_hat
+        if in_activation == "relu" or in_scale is not None or in_shift is not None:
+            grad_u = grad_x_hat.to(compute)
+        if in_activation == "relu":  # recompute u = x s + b rather than store it
+            u = reference_prologue(input.to(compute), *(None if t is None else t.to(compute)
+                                                        for t in (in_scale, in_shift)), None)
+            grad_u = grad_u * (u > 0)
+        grad_input = grad_u if in_scale is None else grad_u * _per_channel(in_scale.to(compute))
+        grad_input = grad_input.to(input.dtype).contiguous(memory_format=_format_of(input))
+        if in_scale is not None:
+            grad_in_scale = (grad_u * input.to(compute)).sum(reduce).to(in_scale.dtype)
+        if in_shift is not None:
+            grad_in_shift = grad_u.sum(reduce).to(in_shift.dtype)
+    grads = (
+        grad_input, grad_weight,
+        None if bias is None else grad_y.sum(reduce).to(bias.dtype),
+        grad_in_scale, grad_in_shift,
+        None if out_scale is None else (grad_z * y).sum(reduce).to(out_scale.dtype),
+        None if out_shift is None else grad_z.sum(reduce).to(out_shift.dtype),
+        None if residual is None else grad_z.to(residual.dtype).contiguous(memory_format=_format_of(residual)),
+    )
+    return unaliased(grads, (grad_out, grad_stats, out, input, weight, bias, in_scale,
+                             in_shift, out_scale, out_shift, residual), input)
+
+
+@_fused_conv2d_backward_op.register_fake
+def _(grad_out, grad_stats, out, input, weight, bias, in_scale, in_shift, out_scale,
+      out_shift, residual, stride, padding, dilation, groups, in_activation, activation,
+      channel_stats, backend, need_input, need_weight):
+    def like(t, needed=True, fmt=torch.preserve_format):
+        return torch.empty_like(t, memory_format=fmt) if t is not None and needed else input.new_empty(0)
+    return (like(input, need_input, _format_of(input)), like(weight, need_weight), like(bias),
+            like(in_scale, need_input), like(in_shift, need_input), like(out_scale), like(out_shift),
+            like(residual, True, _format_of(residual) if residual is not None else None))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    (input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, stride, padding,
+     dilation, groups, in_activation, activation, channel_stats, backend) = inputs
+    ctx.save_for_backward(output[0], input, weight, bias, in_scale, in_shift, out_scale, out_shift,
+                          residual)
+    ctx.args = (stride, padding, dilation, groups, in_activation, activation, channel_stats, backend)
+
+
+def _fused_backward(ctx, grad_out, grad_stats):
+    out, input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual = ctx.saved_tensors
+    channels = weight.shape[0]
+    stats_dtype = _stats_dtype(input.dtype)
+    channel_stats = ctx.args[6]
+    # Autograd passes None for outputs that got no gradient: they contribute zero.
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_stats is None or not channel_stats:
+        grad_stats = out.new_zeros((2 if channel_stats else 0, channels), dtype=stats_dtype)
+    grads = _fused_conv2d_backward_op(
+        grad_out, grad_stats, out, input, weight, bias, in_scale, in_shift, out_scale,
+        out_shift, residual, *ctx.args, need_input=bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
+                                                      or ctx.needs_input_grad[4]),
+        need_weight=bool(ctx.needs_input_grad[1]))
+    present = (input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual)
+    result = [g if t is not None and g.numel() > 0 else None for g, t in zip(grads, present)]
+    return (*result, None, None, None, None, None, None, None, None)
+
+
+_fused_conv2d_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend choice and public functions
+# ---------------------------------------------------------------------------------------------
+
+# Shape classes where the Triton kernels beat cuDNN, from bench/ runs on each GPU: until the
+# benchmark has measured one, backend=None/"auto" keeps cuDNN (the torch backend) everywhere.
+# A class is (GPU name, dtype, layout, kernel (kh, kw), stride, channels per group in, out).
+TRITON_FASTER_SHAPE_CLASSES: frozenset = frozenset()
+
+
+def shape_class(input: Tensor, weight: Tensor, stride, groups: int) -> tuple:
+    gpu = torch.cuda.get_device_name(input.device) if input.device.type == "cuda" else input.device.type
+    layout = "channels_last" if _format_of(input) == torch.channels_last else "nchw"
+    return (gpu, str(input.dtype).replace("torch.", ""), layout, tuple(weight.shape[2:]),
+            tuple(stride), input.shape[1] // groups, weight.shape[0] // groups)
+
+
+def _choose(op: str, backend: Optional[str], input: Tensor, weight: Tensor, stride, groups: int) -> str:
+    """backend=None/"auto": Triton only for the shape classes the benchmark measured faster than
+    cuDNN on this GPU, else cuDNN through the torch backend; explicit backends as asked."""
+    if backend is None or backend == "auto":
+        if (input.device.type == "cuda" and "triton" in IMPLEMENTED
+                and _backend.unavailable_reason("triton", input.device, input.dtype) is None
+                and shape_class(input, weight, stride, groups) in TRITON_FASTER_SHAPE_CLASSES):
+            return "triton"
+        return "torch"
+    return _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)
+
+
 def grouped_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
                    padding: Union[IntPair, str] = 0, dilation: IntPair = 1, groups: int = 1, *,
                    backend: Optional[str] = None) -> Tensor:
     """torch.nn.functional.conv2d semantics, block-diagonal over `groups`."""
     op = "grouped_conv2d"
     stride, padding4, dilation = conv_geometry(op, input, weight, bias, stride, padding, dilation, groups)
-    chosen = _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)
+    chosen = _choose(op, backend, input, weight, stride, groups)
     return _grouped_conv2d_op(input, weight, bias, list(stride), list(padding4), list(dilation),
                               groups, chosen)
+
+
+def _check_channel_vector(op: str, name: str, value, channels: int, input: Tensor) -> None:
+    if value is None:
+        return
+    check_float_tensor(op, name, value)
+    check_same_device_dtype(op, "input", input, **{name: value})
+    if tuple(value.shape) != (channels,):
+        raise ValueError(f"{op}: {name} must have shape ({channels},), got {tuple(value.shape)}")
+
+
+def _check_activation(op: str, name: str, value) -> None:
+    if value not in ACTIVATIONS:
+        raise ValueError(f"{op}: {name} must be one of {ACTIVATIONS}, got {value!r}")
+
+
+def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
+                 padding: Union[IntPair, str] = 0, dilation: IntPair = 1, groups: int = 1, *,
+                 in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None,
+                 in_activation: Optional[str] = None, out_scale: Optional[Tensor] = None,
+                 out_shift: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                 activation: Optional[str] = None, channel_stats: bool = False,
+                 backend: Optional[str] = None):
+    """out = act(y * out_scale + out_shift + residual), y = conv2d(x_hat, weight, bias, ...),
+    x_hat = in_act(input * in_scale + in_shift) (per channel; the conv zero-pads x_hat, so
+    this is conv(relu(bn(x))) with BN folded into in_scale/in_shift).
+
+    Returns `out`, or with channel_stats=True `(out, sum, sum_sq)`: per output channel, the sum
+    and sum of squares of y over (N, H, W) in fp32 (fp64 for fp64 input) — BatchNorm batch
+    statistics of y without reading it again. Differentiable in every tensor argument."""
+    op = "fused_conv2d"
+    stride, padding4, dilation = conv_geometry(op, input, weight, bias, stride, padding, dilation, groups)
+    for name, value in (("in_scale", in_scale), ("in_shift", in_shift)):
+        _check_channel_vector(op, name, value, input.shape[1], input)
+    for name, value in (("out_scale", out_scale), ("out_shift", out_shift)):
+        _check_channel_vector(op, name, value, weight.shape[0], input)
+    _check_activation(op, "in_activation", in_activation)
+    _check_activation(op, "activation", activation)
+    if not isinstance(channel_stats, bool):
+        raise TypeError(f"{op}: channel_stats must be a bool, got {type(channel_stats).__name__}")
+    out_hw = _output_hw(input.shape[2:], weight, stride, padding4, dilation)
+    if residual is not None:
+        check_float_tensor(op, "residual", residual)
+        check_same_device_dtype(op, "input", input, residual=residual)
+        expected = (input.shape[0], weight.shape[0], *out_hw)
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"{op}: residual must have the output's shape {expected}, got "
+                             f"{tuple(residual.shape)}")
+    chosen = _choose(op, backend, input, weight, stride, groups)
+    out, stats = _fused_conv2d_op(
+        input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, list(stride),
+        list(padding4), list(dilation), groups, in_activation, activation, channel_stats, chosen)
+    return (out, stats[0], stats[1]) if channel_stats else out

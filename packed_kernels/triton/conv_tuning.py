@@ -1,0 +1,182 @@
+"""Tile configs for the grouped-conv kernels: a heuristic default, and autotuning per
+(kernel, shape class, dtype, layout, GPU) with an on-disk cache.
+
+Every config the heuristic or the autotuner can pick comes from `candidates()`, which is also
+what the compile-for-target check compiles, so nothing reaches a GPU uncompiled-checked.
+
+Switches:
+  PACKED_KERNELS_AUTOTUNE=0     never benchmark configs, use the heuristic (tests set this);
+                                autotuning only ever runs on CUDA tensors, never under the
+                                interpreter, whatever this says
+  PACKED_KERNELS_CACHE_DIR=dir  where conv_tuning.json lives (default ~/.cache/packed_kernels)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Tuple
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+SHARED_MEMORY_BUDGET = 96 * 1024  # bytes: under sm_86/sm_89's 99 KiB per block, so one list fits all
+
+
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Forward and input-grad GEMMs: rows = pixels (many), cols = channels of a group, K = channels
+# of a group per tap. Input-grad uses the same list with the roles of C_in and C_out swapped.
+_PIXEL_ROW_CONFIGS = (
+    TileConfig(64, 16, 16, 4, 3),
+    TileConfig(64, 32, 32, 4, 3),
+    TileConfig(128, 64, 32, 4, 3),
+    TileConfig(128, 64, 64, 4, 3),
+    TileConfig(128, 128, 32, 8, 3),
+    TileConfig(128, 128, 64, 8, 3),
+)
+# Weight-grad GEMM: rows = C_out of a group, cols = C_in of a group, K = output pixels (many,
+# so the K tile is as wide as shared memory allows: 64 for 16-bit types, 32 for fp32).
+_CHANNEL_TILES = (16, 32, 64, 128)
+_WEIGHT_GRAD_TILES = ((16, 16), (32, 32), (64, 64), (64, 128), (128, 64), (128, 128))
+
+KERNELS = ("forward", "input_grad", "weight_grad")
+
+
+def _shared_memory(config: TileConfig, dtype: torch.dtype) -> int:
+    return config.num_stages * (config.block_m + config.block_n) * config.block_k * dtype.itemsize
+
+
+def candidates(kernel: str, dtype: torch.dtype) -> List[TileConfig]:
+    """Every config the launchers may use for this kernel and dtype (kept short: each one is
+    compiled for four targets by the compile-for-target check)."""
+    if kernel == "weight_grad":
+        bk = 64 if dtype.itemsize == 2 else 32
+        pool = [TileConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3)
+                for bm, bn in _WEIGHT_GRAD_TILES]
+    else:
+        pool = _PIXEL_ROW_CONFIGS
+    return [c for c in pool if _shared_memory(c, dtype) <= SHARED_MEMORY_BUDGET]
+
+
+def _fit(size: int, tiles) -> int:
+    """Smallest tile covering `size`, else the largest tile."""
+    for tile in tiles:
+        if size <= tile:
+            return tile
+    return tiles[-1]
+
+
+def heuristic(kernel: str, dtype: torch.dtype, rows: int, cols: int, depth: int) -> TileConfig:
+    """A sound default without timing: the column tile covers the group's channels (no wasted
+    MMA columns for narrow groups, up to 128), the K tile the channels per tap, wider K for
+    16-bit types (same bytes per stage), and the largest row tile that keeps the GPU busy."""
+    pool = candidates(kernel, dtype)
+    wide_k = 64 if dtype.itemsize == 2 else 32
+    if kernel == "weight_grad":  # rows/cols are channel counts, depth = pixels
+        def padded_work(c):  # MMA work including the tile padding; ties go to larger tiles
+            return (triton.cdiv(rows, c.block_m) * c.block_m * triton.cdiv(cols, c.block_n)
+                    * c.block_n, -c.block_m * c.block_n)
+        return min(pool, key=padded_work)
+    bn = _fit(cols, _CHANNEL_TILES)
+    bk = 16 if depth <= 16 else (32 if depth <= 32 else wide_k)
+    # Nearest listed tile: columns first (wasted MMA columns cost the most), then K.
+    return min(pool, key=lambda c: (c.block_n < min(cols, 128), abs(c.block_n - bn),
+                                    c.block_k > max(bk, 16), abs(c.block_k - bk)))
+
+
+def multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: few programs keep it fast
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("PACKED_KERNELS_AUTOTUNE", "1") not in ("", "0")
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("PACKED_KERNELS_CACHE_DIR") or Path.home() / ".cache" / "packed_kernels"
+    return Path(root) / "conv_tuning.json"
+
+
+_lock = threading.Lock()
+_memory: Dict[str, Tuple[int, ...]] = {}
+_loaded_from: List[Path] = []
+
+
+def _load() -> None:
+    path = _cache_path()
+    if path in _loaded_from:
+        return
+    _loaded_from.append(path)
+    try:
+        _memory.update({k: tuple(v) for k, v in json.loads(path.read_text()).items()})
+    except (OSError, ValueError):
+        pass  # no cache yet, or a corrupt one: tune again
+
+
+def _store(key: str, config: TileConfig) -> None:
+    _memory[key] = tuple(config)
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_memory, indent=1, sort_keys=True))
+        os.replace(tmp, path)  # atomic: concurrent processes never see half a file
+    except OSError:
+        pass  # read-only home: keep the result for this process only
+
+
+def shape_class(kernel: str, dtype: torch.dtype, layout: str, device: torch.device,
+                rows: int, cols: int, depth: int) -> str:
+    """Cache key. Channel counts are exact (few distinct values in a network); pixel counts
+    are bucketed to powers of two so batch and map size share a tuning."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    if kernel == "weight_grad":
+        rows_key, depth_key = rows, triton.next_power_of_2(depth)
+    else:
+        rows_key, depth_key = triton.next_power_of_2(rows), depth
+    return (f"{kernel}|{gpu}|{str(dtype).replace('torch.', '')}|{layout}|rows={rows_key}|"
+            f"cols={cols}|depth={depth_key}|triton={triton.__version__}")
+
+
+def layout_of(t: torch.Tensor) -> str:
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return "nhwc"
+    return "nchw" if t.is_contiguous() else "strided"
+
+
+def pick(kernel: str, activation: torch.Tensor, rows: int, cols: int, depth: int,
+         launch: Callable[[TileConfig], object]) -> TileConfig:
+    """The tile config for one launch: cached or freshly tuned on a GPU, else the heuristic.
+    `launch(config)` runs the kernel once with that config (its outputs get overwritten)."""
+    default = heuristic(kernel, activation.dtype, rows, cols, depth)
+    if activation.device.type != "cuda" or not autotune_enabled():
+        return default
+    key = shape_class(kernel, activation.dtype, layout_of(activation), activation.device,
+                      rows, cols, depth)
+    with _lock:
+        _load()
+        if key in _memory:
+            return TileConfig(*_memory[key])
+    best, best_ms = default, float("inf")
+    for config in candidates(kernel, activation.dtype):
+        try:
+            ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
+        except OutOfResources:  # a config this GPU cannot run (shared memory): skip it
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    with _lock:
+        _store(key, best)
+    return best

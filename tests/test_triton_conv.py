@@ -1,0 +1,375 @@
+"""Triton grouped convolution (packed_kernels.triton.conv) and fused_conv2d.
+
+Every result is judged against torch in float64 on the CPU (F.conv2d with the user's own
+arguments, so our geometry code is checked too), low precision against torch's own error at
+that precision (tests/helpers.py). Without a GPU the kernels run under Triton's interpreter:
+shapes are tiny, but odd, and chosen so every code path (several K chunks, several column
+tiles, split weight-grad, masked taps) runs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import packed_kernels as pk
+from packed_kernels.ops import conv as conv_ops
+from packed_kernels.triton import conv as tc
+from packed_kernels.triton import conv_tuning
+
+from conftest import require_backend
+from helpers import assert_all_finite, assert_close
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    monkeypatch.setenv("PACKED_KERNELS_AUTOTUNE", "0")
+
+
+# name: (batch, c_in, c_out, (h, w), kernel, stride, padding, dilation, groups)
+CASES = {
+    "pe_3x3_3ch_per_group": (2, 12, 12, (7, 7), 3, 1, 1, 1, 4),
+    "pe_1x1_split_wgrad": (2, 16, 32, (16, 16), 1, 1, 0, 1, 4),
+    "downsample_1x1_s2_odd": (1, 8, 16, (7, 5), 1, 2, 0, 1, 2),
+    "3x3_s2_odd_batch1": (1, 8, 8, (7, 7), 3, 2, 1, 1, 2),
+    "stem_7x7_s2": (1, 3, 8, (9, 9), 7, 2, 3, 1, 1),
+    "same_even_kernel_dilated": (2, 6, 4, (6, 7), (4, 2), 1, "same", 2, 2),
+    "depthwise_dilated": (1, 6, 6, (7, 7), 3, 1, 2, 2, 6),
+    "dense_multi_chunk_multi_tile": (1, 40, 136, (3, 3), 1, 1, 0, 1, 1),
+    "asymmetric_everything": (2, 4, 6, (8, 6), (3, 2), (2, 1), (2, 0), (1, 2), 2),
+}
+
+
+def _make(case, dtype, device, layout):
+    n, c_in, c_out, hw, k, stride, padding, dilation, groups = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, c_in, *hw, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other column of a wider map: no dense layout
+        x = torch.randn(n, c_in, hw[0], 2 * hw[1], dtype=dtype)[..., ::2]
+    w = torch.randn(c_out, c_in // groups, kh, kw, dtype=dtype) / (c_in // groups * kh * kw) ** 0.5
+    b = torch.randn(c_out, dtype=dtype)
+    return x.to(device), w.to(device), b.to(device), dict(stride=stride, padding=padding,
+                                                         dilation=dilation, groups=groups)
+
+
+def _grads(fn, tensors, grad_seed):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad_seed.to(out.dtype).to(out.device))
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+# Both layouts in fp32; the 16-bit types one layout each (the kernels read the layout through
+# strides, independent of the dtype), to stay inside the interpreter's CI budget.
+DTYPE_LAYOUTS = [(torch.float32, "nchw"), (torch.float32, "channels_last"),
+                 (torch.float16, "channels_last"), (torch.bfloat16, "nchw")]
+
+
+@pytest.mark.parametrize("dtype, layout", DTYPE_LAYOUTS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("name", list(CASES))
+def test_grouped_conv2d_matches_fp64(name, dtype, layout):
+    device = require_backend("triton", dtype)
+    x, w, b, args = _make(CASES[name], dtype, device, layout)
+    grad_seed = torch.randn(F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape)
+
+    ours, ours_grads = _grads(lambda *t: pk.grouped_conv2d(*t, **args, backend="triton"),
+                              (x, w, b), grad_seed)
+    ref, ref_grads = _grads(lambda *t: F.conv2d(*t, **args), (x.cpu().double(), w.cpu().double(),
+                                                             b.cpu().double()), grad_seed)
+    lowp, lowp_grads = _grads(lambda *t: F.conv2d(*t, **args), (x.cpu(), w.cpu(), b.cpu()), grad_seed)
+
+    assert ours.dtype == dtype
+    assert ours.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert_all_finite(ours, *ours_grads)
+    assert_close(ours, ref, lowp, dtype, f"{name} forward")
+    for what, g, r, t in zip(("input", "weight", "bias"), ours_grads, ref_grads, lowp_grads):
+        assert_close(g, r, t, dtype, f"{name} grad {what}")
+    assert ours_grads[0].is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_non_contiguous_input_and_grad(dtype):
+    device = require_backend("triton", dtype)
+    x, w, b, args = _make(CASES["3x3_s2_odd_batch1"], dtype, device, "strided")
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    ours = pk.grouped_conv2d(x, w, b, **args, backend="triton")
+    ref = F.conv2d(x.cpu().double(), w.cpu().double(), b.cpu().double(), **args)
+    assert_close(ours, ref, F.conv2d(x.cpu(), w.cpu(), b.cpu(), **args), dtype, "strided forward")
+    # a non-contiguous upstream gradient (a transposed view) through the launchers directly
+    grad = torch.randn(ref.shape[0], ref.shape[1], ref.shape[3], ref.shape[2], dtype=dtype).transpose(2, 3)
+    geometry = ((2, 2), (1, 1, 1, 1), (1, 1), args["groups"])
+    grad_x = tc.conv_input_grad(grad.to(device), w, x.shape, *geometry)
+    grad_w = tc.conv_weight_grad(grad.to(device), x, w.shape, *geometry)
+    ref_x, ref_w, _ = torch.ops.aten.convolution_backward(
+        grad.double(), x.cpu().double(), w.cpu().double(), None, [2, 2], [1, 1], [1, 1], False,
+        [0, 0], args["groups"], [True, True, False])
+    low_x, low_w, _ = torch.ops.aten.convolution_backward(
+        grad, x.cpu(), w.cpu(), None, [2, 2], [1, 1], [1, 1], False, [0, 0], args["groups"],
+        [True, True, False])
+    assert_close(grad_x, ref_x, low_x, dtype, "strided input grad")
+    assert_close(grad_w, ref_w, low_w, dtype, "strided weight grad")
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_conv2d
+# ---------------------------------------------------------------------------------------------
+
+OPTION_SETS = {
+    "prologue": dict(in_scale=True, in_shift=True, in_activation="relu"),
+    "prologue_scale_only": dict(in_scale=True),
+    "epilogue": dict(out_scale=True, out_shift=True, residual=True, activation="relu"),
+    "epilogue_shift_relu": dict(out_shift=True, activation="relu"),
+    "stats": dict(channel_stats=True),
+    "everything": dict(in_scale=True, in_shift=True, in_activation="relu", out_scale=True,
+                       out_shift=True, residual=True, activation="relu", channel_stats=True),
+}
+
+
+def _fused_reference(x, w, b, in_scale, in_shift, out_scale, out_shift, residual, args, options):
+    """The fused op spelled out in plain torch ops (autograd gives the reference gradients)."""
+    def channel(v):
+        return v.reshape(1, -1, 1, 1)
+    u = x
+    if in_scale is not None:
+        u = u * channel(in_scale)
+    if in_shift is not None:
+        u = u + channel(in_shift)
+    if options.get("in_activation") == "relu":
+        u = torch.relu(u)
+    y = F.conv2d(u, w, b, **args)  # zero-pads the transformed activation
+    z = y
+    if out_scale is not None:
+        z = z * channel(out_scale)
+    if out_shift is not None:
+        z = z + channel(out_shift)
+    if residual is not None:
+        z = z + residual
+    if options.get("activation") == "relu":
+        z = torch.relu(z)
+    if options.get("channel_stats"):
+        y32 = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
+        return z, y32.sum((0, 2, 3)), (y32 * y32).sum((0, 2, 3))
+    return (z,)
+
+
+def _fused_inputs(dtype, device, layout, options, case="pe_3x3_3ch_per_group"):
+    x, w, b, args = _make(CASES[case], dtype, device, layout)
+    c_in, c_out = x.shape[1], w.shape[0]
+    out_shape = F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape
+
+    def vec(n, offset):  # scales around 1 (some negative), shifts of both signs
+        return (torch.randn(n) * 0.5 + offset).to(dtype).to(device)
+    tensors = dict(
+        in_scale=vec(c_in, 1.0) if options.get("in_scale") else None,
+        in_shift=vec(c_in, 0.3) if options.get("in_shift") else None,
+        out_scale=vec(c_out, 1.0) if options.get("out_scale") else None,
+        out_shift=vec(c_out, 0.0) if options.get("out_shift") else None,
+        residual=torch.randn(out_shape, dtype=dtype).to(device) if options.get("residual") else None,
+    )
+    if layout == "channels_last" and tensors["residual"] is not None:
+        tensors["residual"] = tensors["residual"].to(memory_format=torch.channels_last)
+    return x, w, b, tensors, args
+
+
+def _fused_run(fn, x, w, b, tensors, seeds):
+    names = [k for k, v in tensors.items() if v is not None]
+    leaves = [t.detach().clone().requires_grad_() for t in [x, w, b] + [tensors[k] for k in names]]
+    outs = fn(*leaves, names)
+    loss = sum((o.double() * s.to(o.device)).sum() for o, s in zip(outs, seeds))
+    loss.backward()
+    return [o.detach() for o in outs], [leaf.grad for leaf in leaves]
+
+
+# Every option set in fp32, and everything at once in each 16-bit type (CI budget).
+FUSED_CASES = [(name, torch.float32) for name in OPTION_SETS] + \
+    [("everything", torch.float16), ("everything", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("options, dtype", FUSED_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_fused_conv2d_matches_fp64(options, dtype):
+    device = require_backend("triton", dtype)
+    opts = OPTION_SETS[options]
+    layout = "nchw" if dtype == torch.bfloat16 else "channels_last"
+    x, w, b, tensors, args = _fused_inputs(dtype, device, layout, opts)
+    flags = {k: opts[k] for k in ("in_activation", "activation", "channel_stats") if k in opts}
+
+    def ours(x, w, b, *rest, names):
+        kw = dict(zip(names, rest))
+        out = pk.fused_conv2d(x, w, b, **args, **kw, **flags, backend="triton")
+        return out if isinstance(out, tuple) else (out,)
+
+    def reference(x, w, b, *rest, names):
+        kw = {k: None for k in tensors}
+        kw.update(zip(names, rest))
+        return _fused_reference(x, w, b, kw["in_scale"], kw["in_shift"], kw["out_scale"],
+                                kw["out_shift"], kw["residual"], args, opts)
+
+    outputs = 3 if opts.get("channel_stats") else 1
+    out_shape = F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape
+    seeds = [torch.randn(out_shape, dtype=torch.float64)] + [torch.randn(w.shape[0], dtype=torch.float64)
+                                                            for _ in range(outputs - 1)]
+    cpu = {k: None if v is None else v.cpu() for k, v in tensors.items()}
+    ours_out, ours_grads = _fused_run(lambda *t: ours(*t[:-1], names=t[-1]), x, w, b, tensors, seeds)
+    ref_out, ref_grads = _fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu().double(),
+                                    w.cpu().double(), b.cpu().double(),
+                                    {k: None if v is None else v.double() for k, v in cpu.items()}, seeds)
+    low_out, low_grads = _fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu(), w.cpu(),
+                                    b.cpu(), cpu, seeds)
+    assert len(ours_out) == outputs
+    assert_all_finite(*ours_out, *ours_grads)
+    for i, (o, r, t) in enumerate(zip(ours_out, ref_out, low_out)):
+        assert_close(o, r, t, dtype, f"{options} output {i}")
+    names = ["input", "weight", "bias"] + [k for k, v in tensors.items() if v is not None]
+    for name, g, r, t in zip(names, ours_grads, ref_grads, low_grads):
+        assert_close(g, r, t, dtype, f"{options} grad {name}")
+
+
+def test_fused_conv2d_stats_grad_only():
+    """Gradient flowing only through the channel statistics (what BatchNorm training does)."""
+    device = require_backend("triton")
+    x, w, b, _, args = _fused_inputs(torch.float32, device, "nchw", {}, "3x3_s2_odd_batch1")
+    xs = [t.clone().requires_grad_() for t in (x, w)]
+    _, total, total_sq = pk.fused_conv2d(*xs, None, **args, channel_stats=True, backend="triton")
+    (total.sum() + 0.5 * total_sq.sum()).backward()
+    refs = [t.cpu().double().requires_grad_() for t in (x, w)]
+    y = F.conv2d(*refs, None, **args)
+    (y.sum() + 0.5 * (y * y).sum()).backward()
+    for ours, ref in zip(xs, refs):
+        assert_close(ours.grad, ref.grad, ours.grad, torch.float32, "stats-only grad")
+
+
+def test_fused_conv2d_gradcheck_torch_reference():
+    """The closed-form fused backward (shared by every backend) against finite differences."""
+    torch.manual_seed(1)
+    opts = OPTION_SETS["everything"]
+    x, w, b, tensors, args = _fused_inputs(torch.float64, torch.device("cpu"), "nchw", opts,
+                                           "3x3_s2_odd_batch1")
+    x = x[:, :4, :5, :5].contiguous()
+    w = w[:4, :2].contiguous()
+    b = b[:4].contiguous()
+    out_shape = F.conv2d(x, w, None, **args).shape
+    tensors = dict(in_scale=tensors["in_scale"][:4], in_shift=tensors["in_shift"][:4],
+                   out_scale=tensors["out_scale"][:4], out_shift=tensors["out_shift"][:4],
+                   residual=torch.randn(out_shape, dtype=torch.float64))
+    names = list(tensors)
+
+    def fn(x, w, b, *rest):
+        return pk.fused_conv2d(x, w, b, **args, **dict(zip(names, rest)), in_activation="relu",
+                               activation="relu", channel_stats=True, backend="torch")
+    inputs = [t.clone().requires_grad_() for t in [x, w, b, *tensors.values()]]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_padding_is_applied_after_the_prologue():
+    """conv(relu(x*s+b)) zero-pads the transformed map: with shift > 0 a wrong order shows."""
+    device = require_backend("triton")
+    x = torch.randn(1, 2, 5, 5).to(device)
+    w = torch.ones(2, 2, 3, 3).to(device)
+    shift = torch.full((2,), 3.0).to(device)
+    ours = pk.fused_conv2d(x, w, padding=1, in_shift=shift, in_activation="relu", backend="triton")
+    ref = F.conv2d(torch.relu(x.cpu().double() + 3.0), w.cpu().double(), padding=1)
+    assert_close(ours, ref, ours, torch.float32, "padding after prologue")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input, backend choice, ops registration
+# ---------------------------------------------------------------------------------------------
+
+def _good():
+    return torch.randn(1, 4, 5, 5), torch.randn(6, 2, 3, 3)
+
+
+@pytest.mark.parametrize("fn", [pk.grouped_conv2d, pk.fused_conv2d], ids=["grouped", "fused"])
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda x, w: (x, w.to("meta"), {}), ValueError, "device"),
+    (lambda x, w: (x, w.half(), {}), TypeError, "mixed dtypes"),
+    (lambda x, w: (x, w, {"groups": 3}), ValueError, "divisible by groups"),
+    (lambda x, w: (x, w[:, :1], {}), ValueError, "expects"),
+    (lambda x, w: (x.int(), w.int(), {}), TypeError, "floating-point"),
+    (lambda x, w: (x[0], w, {}), ValueError, "4 dimensions"),
+    (lambda x, w: (x, w, {"padding": "same", "stride": 2}), ValueError, "same"),
+    (lambda x, w: (x, w, {"bias": torch.randn(5)}), ValueError, "bias"),
+])
+def test_bad_input_raises_before_launch(fn, bad, error, match):
+    x, w = _good()
+    x, w, kwargs = bad(x, w)
+    kwargs.setdefault("groups", 2)
+    with pytest.raises(error, match=match):
+        fn(x, w, **kwargs, backend="triton")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(in_scale=torch.randn(3)), ValueError, "in_scale"),
+    (dict(out_shift=torch.randn(4)), ValueError, "out_shift"),
+    (dict(in_shift=torch.randn(4).half()), TypeError, "mixed dtypes"),
+    (dict(residual=torch.randn(1, 6, 5, 5)), ValueError, "residual"),
+    (dict(activation="gelu"), ValueError, "activation"),
+    (dict(in_activation="tanh"), ValueError, "in_activation"),
+    (dict(channel_stats=1), TypeError, "channel_stats"),
+])
+def test_fused_bad_options_raise(kwargs, error, match):
+    x, w = _good()
+    with pytest.raises(error, match=match):
+        pk.fused_conv2d(x, w, groups=2, **kwargs, backend="triton")
+
+
+def test_backend_choice():
+    x, w = _good()
+    assert conv_ops._choose("grouped_conv2d", None, x, w, (1, 1), 2) == "torch"  # CPU: reference
+    with pytest.raises(pk.BackendUnavailableError, match="cuda"):
+        pk.grouped_conv2d(x, w, groups=2, backend="cuda")
+    with pytest.raises(pk.BackendUnavailableError, match="float64"):
+        pk.grouped_conv2d(x.double(), w.double(), groups=2, backend="triton")
+
+
+def test_opcheck():
+    device = require_backend("triton")
+    x = torch.randn(1, 4, 4, 5, device=device)
+    w = torch.randn(4, 2, 3, 3, device=device)
+    vec = torch.rand(4, device=device) + 0.5
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 2)
+    for backend in ("torch", "triton"):
+        torch.library.opcheck(conv_ops._grouped_conv2d_op, (x, w, vec, *geometry, backend))
+        args = (x.requires_grad_(), w, vec, vec, vec, vec, vec, torch.randn(1, 4, 4, 5, device=device),
+                *geometry, "relu", "relu", True, backend)
+        torch.library.opcheck(conv_ops._fused_conv2d_op, args)
+        x = x.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# tile configs and autotuning
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_heuristic_picks_only_compiled_configs(dtype):
+    compiled = {(c.name.split("-")[0], c.dtype, c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"],
+                 c.constexprs["BLOCK_K"], c.num_warps, c.num_stages) for c in tc.compile_cases()}
+    short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    for kernel in conv_tuning.KERNELS:
+        for candidate in conv_tuning.candidates(kernel, dtype):
+            assert (kernel, short, *candidate) in compiled
+        for cols in (1, 3, 16, 17, 32, 48, 64, 100, 128, 512, 1024):
+            for depth in (1, 3, 16, 24, 32, 64, 256, 100_000):
+                config = conv_tuning.heuristic(kernel, dtype, 100_000, cols, depth)
+                assert config in conv_tuning.candidates(kernel, dtype)
+                if kernel != "weight_grad":  # the column tile covers a narrow group exactly
+                    assert config.block_n >= min(cols, 128) and config.block_n <= max(16, 2 * cols)
+
+
+def test_tuning_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("PACKED_KERNELS_CACHE_DIR", str(tmp_path))
+    config = conv_tuning.candidates("forward", torch.float16)[-1]
+    key = conv_tuning.shape_class("forward", torch.float16, "nhwc", torch.device("cpu"), 5000, 64, 64)
+    conv_tuning._store(key, config)
+    conv_tuning._memory.clear()
+    conv_tuning._loaded_from.clear()
+    conv_tuning._load()
+    assert conv_tuning.TileConfig(*conv_tuning._memory[key]) == config
+    assert (tmp_path / "conv_tuning.json").exists()
+    # the CPU never autotunes, whatever the switch says: the heuristic answers
+    monkeypatch.setenv("PACKED_KERNELS_AUTOTUNE", "1")
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float16)
+    assert conv_tuning.pick("forward", x, 9, 64, 64, lambda c: 1 / 0) == \
+        conv_tuning.heuristic("forward", torch.float16, 9, 64, 64)
