@@ -1,0 +1,13 @@
+"""The model zoo: Packed-Ensembles ResNets / Wide-ResNet (torch-uncertainty compatible) and
+the baselines of the speed table. Every model returns estimator-major logits (M*B, classes)."""
+
+from .baselines import (BatchConv2d, BatchedResNet, BatchLinear, MIMOResNet, batched_resnet,
+                        deep_ensemble_resnet, mimo_resnet, resnet)
+from .resnet import PackedResNet, packed_resnet
+from .wideresnet import PackedWideResNet, packed_wideresnet28x10
+
+__all__ = [
+    "BatchConv2d", "BatchLinear", "BatchedResNet", "MIMOResNet", "PackedResNet", "PackedWideResNet",
+    "batched_resnet", "deep_ensemble_resnet", "mimo_resnet", "packed_resnet",
+    "packed_wideresnet28x10", "resnet",
+]

@@ -1,0 +1,38 @@
+"""Pieces shared by the model zoo: architecture tables, styles and the default norm layer."""
+
+from __future__ import annotations
+
+from typing import List, Type
+
+from torch import nn
+
+# Blocks per stage, as torch-uncertainty 0.13 (and the ResNet papers) define them.
+RESNET_BLOCKS = {
+    18: [2, 2, 2, 2], 20: [3, 3, 3], 34: [3, 4, 6, 3], 44: [7, 7, 7], 50: [3, 4, 6, 3],
+    56: [9, 9, 9], 101: [3, 4, 23, 3], 110: [18, 18, 18], 152: [3, 8, 36, 3],
+}
+BASIC_BLOCK_ARCHS = (18, 20, 34, 44, 56, 110)  # others use bottlenecks
+NARROW_ARCHS = (20, 44, 56, 110)  # the CIFAR family: 16 planes, 3 stages
+STYLES = ("imagenet", "cifar")
+
+
+def resnet_blocks(arch: int) -> List[int]:
+    if arch not in RESNET_BLOCKS:
+        raise ValueError(f"unknown ResNet architecture {arch!r}; choose one of {sorted(RESNET_BLOCKS)}")
+    return RESNET_BLOCKS[arch]
+
+
+def check_style(style) -> str:
+    style = getattr(style, "value", style)  # accept torch-uncertainty's ResNetStyle enum too
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    return style
+
+
+def default_norm() -> Type[nn.Module]:
+    """packed_kernels.nn.BatchNorm2d once it has landed (a drop-in nn.BatchNorm2d), else torch's."""
+    try:
+        from ..nn import BatchNorm2d  # type: ignore[attr-defined]
+    except ImportError:
+        return nn.BatchNorm2d
+    return BatchNorm2d if issubclass(BatchNorm2d, nn.BatchNorm2d) else nn.BatchNorm2d
