@@ -1,0 +1,21 @@
+// Instantiates every self-test kernel for nvcc, so tests/test_csrc_compile.py can check that the
+// portability layer (shuffles, votes, atomics, shared memory, tensor-core tiles) compiles for the
+// real targets. Not part of the extension.
+#include "selftest_kernels.cuh"
+
+extern void* const selftest_kernels[];
+void* const selftest_kernels[] = {
+    reinterpret_cast<void*>(selftest::block_sum_kernel<true>),
+    reinterpret_cast<void*>(selftest::block_sum_kernel<false>),
+    reinterpret_cast<void*>(selftest::warp_ops_kernel),
+    reinterpret_cast<void*>(selftest::block_allreduce_kernel),
+    reinterpret_cast<void*>(selftest::histogram_kernel),
+    reinterpret_cast<void*>(selftest::tile_matmul_kernel<pk::half, pk::tile::RowMajor>),
+    reinterpret_cast<void*>(selftest::tile_matmul_kernel<pk::half, pk::tile::ColMajor>),
+    reinterpret_cast<void*>(selftest::tile_matmul_kernel<pk::bfloat16, pk::tile::RowMajor>),
+    reinterpret_cast<void*>(selftest::tile_matmul_kernel<pk::bfloat16, pk::tile::ColMajor>),
+    reinterpret_cast<void*>(selftest::oob_shared_write_kernel),
+    reinterpret_cast<void*>(selftest::oob_global_write_kernel),
+    reinterpret_cast<void*>(selftest::early_exit_kernel),
+    reinterpret_cast<void*>(selftest::divergent_warp_op_kernel),
+};

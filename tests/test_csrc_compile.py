@@ -1,0 +1,99 @@
+"""Compile-for-target check of the csrc CUDA kernels, without a GPU.
+
+nvcc compiles every csrc/cuda/*.cu (every kernel instantiation the extension ships) and the
+emulator's self-test kernels for sm_80/86/89/90 with -Xptxas -v; registers, spills and shared
+memory are read from ptxas. A spill fails, and the tensor-core tile interface must produce mma
+instructions."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REQUIRED
+from helpers import TARGET_ARCHS, parse_ptxas_verbose
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+KERNEL_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
+SELFTEST_SOURCE = CSRC / "tests" / "selftest_kernels.cu"
+# As setup.py compiles them (torch's extension build adds the __CUDA_NO_HALF* defines).
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
+              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+              "-D__CUDA_NO_HALF2_OPERATORS__", f"-I{CSRC / 'include'}", f"-I{CSRC / 'kernels'}",
+              f"-I{CSRC / 'tests'}"]
+MAX_THREADS = 512  # the ensemble kernels' __launch_bounds__
+REGISTERS_PER_SM = 65536
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidate = Path(home) / "bin" / "nvcc"
+    found = str(candidate) if candidate.exists() else shutil.which("nvcc")
+    if found is None:
+        if "cuda" in REQUIRED:
+            pytest.fail("nvcc is required here but not found (set CUDA_HOME)")
+        pytest.skip("nvcc not found (set CUDA_HOME=/usr/local/cuda)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """ptxas reports for every source, all architectures in one nvcc run per source (in parallel),
+    plus the PTX of the self-test kernels."""
+    nvcc = _nvcc()
+    out = tmp_path_factory.mktemp("nvcc")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in TARGET_ARCHS]
+    jobs = {}
+    for source in [*KERNEL_SOURCES, SELFTEST_SOURCE]:
+        command = [nvcc, *NVCC_FLAGS, *gencode, "-Xptxas", "-v", "-c", str(source),
+                   "-o", str(out / f"{source.stem}.o")]
+        jobs[source.name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ptx = out / "selftest.ptx"
+    jobs["ptx"] = subprocess.Popen([nvcc, *NVCC_FLAGS, "-arch=sm_80", "-ptx", str(SELFTEST_SOURCE), "-o", str(ptx)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reports = {}
+    for name, job in jobs.items():
+        text, _ = job.communicate(timeout=1200)
+        assert job.returncode == 0, f"nvcc failed on {name}:\n{text[-4000:]}"
+        reports[name] = text
+    reports["ptx"] = ptx.read_text()
+    return reports
+
+
+def test_kernel_sources_exist():
+    assert [s.name for s in KERNEL_SOURCES] == ["ensemble.cu"], "update the expectations below"
+
+
+@pytest.mark.parametrize("source", [s.name for s in KERNEL_SOURCES] + [SELFTEST_SOURCE.name])
+def test_every_kernel_compiles_for_every_target_without_spills(compiled, source):
+    kernels = parse_ptxas_verbose(compiled[source])
+    assert kernels, f"ptxas reported no kernels for {source}"
+    names = {k["name"] for k in kernels}
+    for arch in TARGET_ARCHS:
+        assert {k["name"] for k in kernels if k["arch"] == f"sm_{arch}"} == names, f"sm_{arch} misses kernels"
+    for k in kernels:
+        where = f"{k['name']} on {k['arch']}"
+        assert k["spill_stores"] == 0 and k["spill_loads"] == 0, f"{where} spills: {k}"
+        assert k["smem"] <= 48 * 1024, f"{where} needs more static shared memory than a launch gets: {k}"
+
+
+def test_ensemble_kernels_fit_their_launch_bounds(compiled):
+    kernels = parse_ptxas_verbose(compiled["ensemble.cu"])
+    # 4 ops x 3 dtypes x (vectorised, scalar) x 4 archs
+    assert len(kernels) == 4 * 3 * 2 * len(TARGET_ARCHS)
+    for k in kernels:
+        assert k["registers"] * MAX_THREADS <= REGISTERS_PER_SM, k
+
+
+def test_tile_interface_uses_tensor_cores(compiled):
+    ptx = compiled["ptx"]
+    # One mma per layout of B for half inputs (PTX names only the f32 accumulator types) and for
+    # bfloat16 inputs.
+    for layout in ("row.row", "row.col"):
+        assert f"wmma.mma.sync.aligned.{layout}.m16n16k16.f32.f32" in ptx, layout
+        assert f"wmma.mma.sync.aligned.{layout}.m16n16k16.f32.bf16.bf16.f32" in ptx, layout
