@@ -78,13 +78,14 @@ def cmd_table(args) -> int:
             raise SystemExit(f"bench table: unknown precision {sorted(bad)}; use {table.PRECISIONS}")
     cfg.layout = args.layout
     cfg.dataloader = args.dataloader
+    cfg.ours_backend = args.ours_backend
     rows = models.parse_rows(args.rows) if args.rows else [
         models.parse_row(k) for k in (models.CPU_ROWS if cpu else models.DEFAULT_ROWS)]
     source = models.model_source()
     print(f"bench table on {device_label(device)}: {len(rows)} rows x {len(cfg.precisions)} "
           f"precisions, batch {cfg.batch}, models from {source}"
-          + (" — CPU reduced run (tiny batch, few iterations, fp32, no compile rows): CPU numbers"
-             if cpu else ""), flush=True)
+          + (" — CPU reduced run (tiny batch, few iterations; fp32 and no compile rows unless "
+             "asked): CPU numbers" if cpu else ""), flush=True)
     results = table.run_table(rows, cfg, device, progress=not args.quiet)
     print(table.format_table(results, cfg.as_dict(), source))
     record = records.make_record("table", device, cfg.as_dict(), results,
@@ -122,12 +123,13 @@ def cmd_conv(args) -> int:
         cfg.dtypes = tuple(args.dtype.split(","))
     if args.layout:
         cfg.layouts = tuple(args.layout.split(","))
-    if args.backend:
-        cfg.backend = args.backend
+    if args.backends:
+        cfg.backends = tuple(args.backends.split(","))
     result = conv_sweep.run(cfg, device, progress=not args.quiet)
     print(conv_sweep.format_result(result))
     _save(args, records.make_record("conv", device, cfg.as_dict(), result["rows"],
-                                    {"roofline": result["roofline"]}))
+                                    {"roofline": result["roofline"],
+                                     "triton_faster_shape_classes": result["triton_faster_shape_classes"]}))
     return 0
 
 
@@ -155,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "pe241, pe242, de, mimo, be; impl: stock, packed_kernels")
     t.add_argument("--precision", help="comma list of fp32,fp16 (default both; fp32 on the CPU)")
     t.add_argument("--layout", choices=("nchw", "channels_last"), default="nchw")
+    t.add_argument("--ours-backend", default="auto",
+                   help="backend the packed_kernels rows' convs run on: auto (the library's own "
+                        "choice, what users get) or a kernel backend (triton, cuda) forced for "
+                        "every conv of those rows")
     t.add_argument("--batch", type=int)
     t.add_argument("--infer-batch", type=int)
     t.add_argument("--arch", type=int, help="ResNet depth (default 50)")
@@ -185,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int)
     c.add_argument("--dtype", help="comma list of fp32,fp16,bf16")
     c.add_argument("--layout", help="comma list of nchw,channels_last")
-    c.add_argument("--backend", help="packed_kernels backend for 'ours' (default auto)")
+    c.add_argument("--backends", help="comma list of packed_kernels backends for 'ours' (default: "
+                   "every kernel backend usable here; auto, torch, triton, cuda)")
     c.add_argument("--limit", type=int, help="only the first N layers")
     c.add_argument("--warmup", type=int)
     c.add_argument("--reps", type=int)

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import packed_kernels as pk
 from packed_kernels import _backend
+from packed_kernels.ops import conv as conv_ops
 from packed_kernels.ops.conv import IMPLEMENTED as CONV_BACKENDS, conv_geometry
 
 from . import models as zoo_rows
@@ -109,7 +110,8 @@ class SweepConfig:
     rows: Tuple[str, ...] = ("pe241-stock", "pe242-stock")
     dtypes: Tuple[str, ...] = ("fp16", "bf16", "fp32")
     layouts: Tuple[str, ...] = ("channels_last", "nchw")
-    backend: Optional[str] = None  # packed_kernels backend for "ours"; None = auto
+    backends: Tuple[str, ...] = ()  # packed_kernels backends for "ours"; () = every kernel
+                                    # backend usable here (the torch path where there is none)
     arch: int = 50
     limit: Optional[int] = None
     warmup: int = 5
@@ -125,7 +127,7 @@ class SweepConfig:
 
     def as_dict(self) -> Dict[str, object]:
         d = dict(self.__dict__)
-        for k in ("rows", "dtypes", "layouts"):
+        for k in ("rows", "dtypes", "layouts", "backends"):
             d[k] = list(d[k])
         return d
 
@@ -169,12 +171,26 @@ def _cudnn_passes(case: ConvCase, sets) -> Dict[str, callable]:
             "weight_grad": backward([False, True, False]), "backward": backward([True, True, False])}
 
 
-def _ours_passes(case: ConvCase, sets, backend: Optional[str]) -> Dict[str, callable]:
+def ours_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
+    """The conv kernel backends that can run here (the interpreter and emulator are not for
+    timing); the torch path through the custom op where none can."""
+    found = [b for b in CONV_BACKENDS if b in ("triton", "cuda")
+             and _backend.unavailable_reason(b, device, dtype) is None and device.type == "cuda"]
+    return found or ["torch"]
+
+
+def _ours_passes(case: ConvCase, sets, backend: Optional[str]) -> Tuple[Dict[str, callable], str]:
+    """packed_kernels' forward, backward (both grads, as autograd runs it) and - where the op
+    module exposes its primitives - input-grad and weight-grad alone."""
     n = len(sets)
     x0, w0, _ = sets[0]
     stride, padding4, dilation = conv_geometry("grouped_conv2d", x0, w0, None, case.stride,
                                                case.padding, case.dilation, case.groups)
-    chosen = _backend.resolve("grouped_conv2d", backend, x0.device, x0.dtype, CONV_BACKENDS)
+    if backend in (None, "auto") and hasattr(conv_ops, "_choose"):  # the op's own auto policy
+        chosen = conv_ops._choose("grouped_conv2d", backend, x0, w0, stride, case.groups)
+    else:
+        chosen = _backend.resolve("grouped_conv2d", backend, x0.device, x0.dtype, CONV_BACKENDS)
+    geometry = (list(stride), list(padding4), list(dilation), case.groups)
 
     def forward(i):
         x, w, _ = sets[i % n]
@@ -183,9 +199,47 @@ def _ours_passes(case: ConvCase, sets, backend: Optional[str]) -> Dict[str, call
 
     def backward(i):
         x, w, g = sets[i % n]
-        return torch.ops.packed_kernels.grouped_conv2d_backward(
-            g, x, w, False, list(stride), list(padding4), list(dilation), case.groups, chosen)
-    return {"forward": forward, "backward": backward}, chosen
+        return torch.ops.packed_kernels.grouped_conv2d_backward(g, x, w, False, *geometry, chosen)
+
+    passes = {"forward": forward, "backward": backward}
+    grads = getattr(conv_ops, "_conv_grads", None)
+    if grads is not None:
+        def one_grad(need_input: bool):
+            def run(i):
+                x, w, g = sets[i % n]
+                return grads(chosen, g, x, w, *geometry, need_input=need_input,
+                             need_weight=not need_input)
+            return run
+        passes.update(input_grad=one_grad(True), weight_grad=one_grad(False))
+    return passes, chosen
+
+
+def triton_faster_shape_classes(rows: List[Dict[str, object]], device) -> List[list]:
+    """Shape classes (packed_kernels.ops.conv.shape_class) where the Triton kernels' forward +
+    backward beat cuDNN grouped in this sweep: the input to the op's backend="auto" policy."""
+    if not hasattr(conv_ops, "shape_class") or torch.device(device).type != "cuda":
+        return []
+    total: Dict[tuple, Dict[str, float]] = {}
+    shapes = {}
+    for r in rows:
+        if "error" in r or r.get("pass") not in ("forward", "backward"):
+            continue
+        if r["impl"] == "packed_kernels" and r["engine"] != "triton":
+            continue
+        key = (r["layer"], r["dtype"], r["layout"])
+        who = "triton" if r["impl"] == "packed_kernels" else r["impl"]
+        total.setdefault(key, {}).setdefault(who, 0.0)
+        total[key][who] += r["time"]["median"]
+        shapes[key] = r["shape"]
+    out = []
+    for key, t in total.items():
+        if "triton" in t and "cudnn_grouped" in t and t["triton"] < t["cudnn_grouped"]:
+            c = ConvCase(**shapes[key])
+            x, w, _ = _tensors(c, 1, DTYPES[key[1]], key[2], device, 1)[0]  # batch 1: just the class
+            cls = list(conv_ops.shape_class(x, w, c.stride, c.groups))
+            if cls not in out:
+                out.append(cls)
+    return out
 
 
 def run(cfg: SweepConfig, device, progress: bool = True) -> Dict[str, object]:
@@ -219,8 +273,16 @@ def run(cfg: SweepConfig, device, progress: bool = True) -> Dict[str, object]:
                                    _tensors(case, 1, dtype, layout, "cpu", 1)[0]) * cfg.batch, device)
             grouped_sets = _tensors(case, cfg.batch, dtype, layout, device, n)
             impls["cudnn_grouped"] = (case, _cudnn_passes(case, grouped_sets), torch_engine)
-            ours, chosen = _ours_passes(case, grouped_sets, cfg.backend)
-            impls["packed_kernels"] = (case, ours, chosen)
+            for backend in cfg.backends or ours_backends(device, dtype):
+                try:
+                    ours, chosen = _ours_passes(case, grouped_sets, backend)
+                except Exception as exc:  # this backend cannot run the layer; the others still do
+                    rows.append({"layer": case.name, "impl": "packed_kernels", "engine": backend,
+                                 "dtype": dname, "layout": layout, "batch": cfg.batch,
+                                 "device": device_label(device),
+                                 "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]})
+                    continue
+                impls[f"packed_kernels:{chosen}"] = (case, ours, chosen)
             dense = case.dense_equivalent()
             dense_sets = _tensors(dense, cfg.batch, dtype, layout, device, n)
             impls["dense_equal_flops"] = (dense, _cudnn_passes(dense, dense_sets), torch_engine)
@@ -229,7 +291,8 @@ def run(cfg: SweepConfig, device, progress: bool = True) -> Dict[str, object]:
                          "device": device_label(device),
                          "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]})
             continue
-        for impl, (shape, passes, engine) in impls.items():
+        for impl_key, (shape, passes, engine) in impls.items():
+            impl = impl_key.split(":")[0]
             for pass_name, fn in passes.items():
                 row = {"layer": case.name, "count": case.count, "impl": impl, "engine": engine,
                        "pass": pass_name, "dtype": dname, "layout": layout, "batch": cfg.batch,
@@ -249,27 +312,39 @@ def run(cfg: SweepConfig, device, progress: bool = True) -> Dict[str, object]:
                             "intensity": flops / nbytes, "roofline_fraction": bound / stats.median})
                 rows.append(row)
         del grouped_sets, impls
-    return {"rows": rows, "roofline": roofline}
+    return {"rows": rows, "roofline": roofline,
+            "triton_faster_shape_classes": triton_faster_shape_classes(rows, device)}
 
 
-def speedups(rows: List[Dict[str, object]], baseline: str = "cudnn_grouped",
-             impl: str = "packed_kernels") -> List[Dict[str, object]]:
-    """Per (layer, dtype, layout, pass): baseline time / impl time."""
-    index = {(r["layer"], r["dtype"], r["layout"], r["pass"], r["impl"]): r for r in rows
-             if "error" not in r and "impl" in r}
+def speedups(rows: List[Dict[str, object]], baseline: str = "cudnn_grouped"
+             ) -> List[Dict[str, object]]:
+    """Per (layer, dtype, layout, pass, our backend): baseline time / our time, and the dense
+    equal-FLOPs conv's time / our time."""
+    def key(r):
+        return (r["layer"], r["dtype"], r["layout"], r["pass"])
+    ok = [r for r in rows if "error" not in r and "impl" in r]
+    base = {key(r): r for r in ok if r["impl"] == baseline}
+    dense = {key(r): r for r in ok if r["impl"] == "dense_equal_flops"}
     out = []
-    for (layer, dtype, layout, pass_name, name), r in index.items():
-        if name != impl:
+    for r in ok:
+        if r["impl"] != "packed_kernels" or key(r) not in base:
             continue
-        base = index.get((layer, dtype, layout, pass_name, baseline))
-        if base is None:
-            continue
-        dense = index.get((layer, dtype, layout, pass_name, "dense_equal_flops"))
-        out.append({"layer": layer, "dtype": dtype, "layout": layout, "pass": pass_name,
-                    "speedup": base["time"]["median"] / r["time"]["median"],
-                    "vs_dense": dense["time"]["median"] / r["time"]["median"] if dense else None,
-                    "device": r["device"]})
+        d = dense.get(key(r))
+        out.append({"layer": r["layer"], "dtype": r["dtype"], "layout": r["layout"],
+                    "pass": r["pass"], "backend": r["engine"],
+                    "speedup": base[key(r)]["time"]["median"] / r["time"]["median"],
+                    "vs_dense": d["time"]["median"] / r["time"]["median"] if d else None,
+                    "ours": r, "baseline": base[key(r)], "dense": d, "device": r["device"]})
     return out
+
+
+def geomean_speedups(sp: List[Dict[str, object]]):
+    """[((backend, dtype, layout, pass), geometric-mean speed-up, layers)]."""
+    groups: Dict[tuple, List[float]] = {}
+    for s in sp:
+        groups.setdefault((s["backend"], s["dtype"], s["layout"], s["pass"]), []).append(s["speedup"])
+    return [(k, math.exp(sum(math.log(v) for v in vals) / len(vals)), len(vals))
+            for k, vals in groups.items()]
 
 
 def format_result(result: Dict[str, object]) -> str:
@@ -296,10 +371,12 @@ def format_result(result: Dict[str, object]) -> str:
     if sp:
         lines.append("")
         lines.append("packed_kernels speed-up over cuDNN grouped (geometric mean per dtype/layout/pass):")
-        groups: Dict[tuple, List[float]] = {}
-        for s in sp:
-            groups.setdefault((s["dtype"], s["layout"], s["pass"]), []).append(s["speedup"])
-        for (dtype, layout, pass_name), vals in groups.items():
-            gm = math.exp(sum(math.log(v) for v in vals) / len(vals))
-            lines.append(f"  {dtype:5} {layout:13} {pass_name:11} {gm:.2f}× over {len(vals)} layers  {device}")
+        for (backend, dtype, layout, pass_name), gm, n in geomean_speedups(sp):
+            lines.append(f"  {backend:7} {dtype:5} {layout:13} {pass_name:11} {gm:.2f}× over {n} layers  {device}")
+    classes = result.get("triton_faster_shape_classes")
+    if classes:
+        lines.append("")
+        lines.append("shape classes where Triton fwd+bwd beat cuDNN grouped (for "
+                     "packed_kernels.ops.conv.TRITON_FASTER_SHAPE_CLASSES):")
+        lines.extend(f"  {tuple(c)}  {device}" for c in classes)
     return "\n".join(lines)

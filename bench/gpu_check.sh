@@ -54,8 +54,9 @@ step() {  # step <name> <command...>: run it, log to $OUT/<name>.log, record its
 
 SANITIZER="$CUDA_HOME/bin/compute-sanitizer"
 command -v compute-sanitizer >/dev/null 2>&1 && [[ ! -x "$SANITIZER" ]] && SANITIZER="$(command -v compute-sanitizer)"
-# The CUDA tests: the cuda backend's kernels (the simt-named tests share their kernel sources).
-CUDA_TESTS=(-m pytest -q -x tests -k "cuda or simt" -p no:cacheprovider)
+# The CUDA tests: the cuda backend's kernels (the simt-named tests share their kernel sources;
+# the ASan/UBSan self-tests of the CPU build are not CUDA code and run in the tests step).
+CUDA_TESTS=(-m pytest -q -x tests -k "(cuda or simt) and not sanitiz" -p no:cacheprovider)
 # Without torch's caching allocator every tensor is its own allocation, so memcheck sees
 # out-of-bounds accesses that would otherwise land inside a cached block.
 SAN_ENV=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 PACKED_KERNELS_REQUIRE=cuda)

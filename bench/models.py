@@ -7,10 +7,12 @@ Every model returns estimator-major logits (M*B, classes).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from packed_kernels.nn import convert
@@ -120,3 +122,31 @@ def build_model(row: Row, *, arch: int = 50, in_channels: int = 3, num_classes: 
 def _build_from_zoo(models, spec: ModelSpec, impl: str, arch: int, in_channels: int,
                     num_classes: int) -> nn.Module:
     raise NotImplementedError("wire packed_kernels.models in here once it lands")
+
+
+@contextlib.contextmanager
+def forced_backend(backend: str):
+    """Within the block, convs that would pick their backend automatically (backend=None or
+    "auto", as the modules call them) run on `backend` instead. "auto" changes nothing.
+
+    The library has no public switch for this yet, so the op module's chooser is wrapped;
+    explicit backend arguments are left alone."""
+    if backend in (None, "auto"):
+        yield
+        return
+    from packed_kernels.ops import conv as conv_ops
+    choose = getattr(conv_ops, "_choose", None)
+    if choose is None:
+        raise RuntimeError("forced_backend: packed_kernels.ops.conv has no _choose() to wrap; "
+                           "run with --ours-backend auto")
+    # validate the name (and that it can run here) before any model is built
+    conv_ops._backend.resolve("grouped_conv2d", backend, torch.device("cuda" if torch.cuda.is_available()
+                              else "cpu"), torch.float32, conv_ops.IMPLEMENTED)
+
+    def forced(op, requested, *args, **kwargs):
+        return choose(op, backend if requested in (None, "auto") else requested, *args, **kwargs)
+    conv_ops._choose = forced
+    try:
+        yield
+    finally:
+        conv_ops._choose = choose

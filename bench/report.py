@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Dict, List
 
 from . import conv_sweep, table
-from .models import parse_row
 
 
 def _env_line(rec: Dict[str, object]) -> str:
@@ -57,7 +56,7 @@ def table_markdown(rec: Dict[str, object]) -> List[str]:
              "| ×single | paper× | peak train MiB | ×single | device |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        label = parse_row(r["row"]).label
+        label = table.row_label(r)
         if "error" in r:
             lines.append(f"| {label} | {r['precision']} | failed: {r['error']} | | | | | | | | {r['device']} |")
             continue
@@ -89,20 +88,22 @@ def conv_markdown(rec: Dict[str, object]) -> List[str]:
                      + ".")
         lines.append("")
     sp = conv_sweep.speedups(rows)
-    lines += ["| layer | dtype | layout | pass | ours µs | cuDNN grouped µs | dense equal-FLOPs µs "
+    lines += ["| layer | dtype | layout | pass | ours (backend) µs | cuDNN grouped µs | dense equal-FLOPs µs "
               "| speed-up vs cuDNN | vs dense | ours % roofline | device |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    index = {(r["layer"], r["dtype"], r["layout"], r["pass"], r["impl"]): r for r in rows
-             if "error" not in r and "impl" in r}
     for s in sp:
-        key = (s["layer"], s["dtype"], s["layout"], s["pass"])
-        ours, cud = index[key + ("packed_kernels",)], index[key + ("cudnn_grouped",)]
-        dense = index.get(key + ("dense_equal_flops",))
+        ours, cud, dense = s["ours"], s["baseline"], s["dense"]
         dense_us = "—" if dense is None else f"{dense['time']['median'] * 1e6:.1f}"
         lines.append(f"| {s['layer']} | {s['dtype']} | {s['layout']} | {s['pass']} | "
-                     f"{ours['time']['median'] * 1e6:.1f} | {cud['time']['median'] * 1e6:.1f} | {dense_us} | "
+                     f"{ours['time']['median'] * 1e6:.1f} ({s['backend']}) | "
+                     f"{cud['time']['median'] * 1e6:.1f} | {dense_us} | "
                      f"{s['speedup']:.2f}× | {_fmt_x(s['vs_dense'])} | {ours['roofline_fraction']:.0%} | "
                      f"{s['device']} |")
+    geo = conv_sweep.geomean_speedups(sp)
+    if geo:
+        lines += ["", "Geometric-mean speed-up over cuDNN grouped:", ""]
+        for (backend, dtype, layout, pass_name), gm, n in geo:
+            lines.append(f"- {backend}, {dtype}, {layout}, {pass_name}: **{gm:.2f}×** over {n} layers")
     failed = [r for r in rows if "error" in r]
     for r in failed:
         lines.append(f"- failed: {r['layer']} {r['dtype']} {r['layout']} {r.get('impl', '')} "
@@ -170,15 +171,16 @@ def plot_conv_speedup(rec: Dict[str, object], path: Path) -> Path:
     sp = conv_sweep.speedups(rec["rows"])
     configs = list(dict.fromkeys((s["dtype"], s["layout"]) for s in sp))
     layers = list(dict.fromkeys(s["layer"] for s in sp))
-    passes = list(dict.fromkeys(s["pass"] for s in sp))
+    passes = list(dict.fromkeys((s["backend"], s["pass"]) for s in sp))
     fig, axes = plt.subplots(len(configs) or 1, 1, figsize=(max(8, 0.5 * len(layers) + 4),
                                                              3.5 * max(1, len(configs))), squeeze=False)
     width = 0.8 / max(1, len(passes))
     for ax, (dtype, layout) in zip(axes[:, 0], configs):
-        for k, p in enumerate(passes):
+        for k, (backend, p) in enumerate(passes):
             vals = [next((s["speedup"] for s in sp if s["layer"] == l and s["pass"] == p
-                          and s["dtype"] == dtype and s["layout"] == layout), 0.0) for l in layers]
-            ax.bar([i + k * width for i in range(len(layers))], vals, width, label=p)
+                          and s["backend"] == backend and s["dtype"] == dtype
+                          and s["layout"] == layout), 0.0) for l in layers]
+            ax.bar([i + k * width for i in range(len(layers))], vals, width, label=f"{backend} {p}")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([i + width * (len(passes) - 1) / 2 for i in range(len(layers))])
         ax.set_xticklabels(layers, rotation=35, ha="right", fontsize=6)

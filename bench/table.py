@@ -46,6 +46,7 @@ class TableConfig:
     dataloader: bool = False
     loader_workers: int = 4
     lr: float = 0.05
+    ours_backend: str = "auto"  # conv backend of the packed_kernels rows (see models.forced_backend)
 
     def as_dict(self) -> Dict[str, object]:
         d = dict(self.__dict__)
@@ -134,6 +135,12 @@ def _reset_memory(device: torch.device) -> None:
 def measure_row(row: Row, precision: str, cfg: TableConfig, device: torch.device,
                 ) -> Dict[str, object]:
     """Train and inference timings for one row at one precision (a fresh model each time)."""
+    with zoo_rows.forced_backend(cfg.ours_backend if row.impl == "packed_kernels" else "auto"):
+        return _measure_row(row, precision, cfg, device)
+
+
+def _measure_row(row: Row, precision: str, cfg: TableConfig, device: torch.device,
+                 ) -> Dict[str, object]:
     _reset_memory(device)
     model, m, source = zoo_rows.build_model(row, arch=cfg.arch, in_channels=cfg.in_channels,
                                             num_classes=cfg.num_classes)
@@ -197,6 +204,7 @@ def measure_row(row: Row, precision: str, cfg: TableConfig, device: torch.device
         "infer_batch_time": infer.as_dict(), "infer_images_per_s": infer.rate(infer_batch),
         "peak_train_bytes": peak, "peak_infer_bytes": infer_peak,
         "dataloader": cfg.dataloader,
+        "ours_backend": cfg.ours_backend if row.impl == "packed_kernels" else None,
     }
 
 
@@ -257,6 +265,13 @@ def ratios(row: Dict[str, object], ref: Optional[Dict[str, object]]) -> Dict[str
             "memory": mem}
 
 
+def row_label(r: Dict[str, object]) -> str:
+    """The row's name, with the forced conv backend of packed_kernels rows when not auto."""
+    label = zoo_rows.parse_row(r["row"]).label
+    forced = r.get("ours_backend")
+    return label[:-1] + f", {forced} convs]" if forced not in (None, "auto") else label
+
+
 def _x(v: Optional[float]) -> str:
     return "—" if v is None else f"{v:.2f}×"
 
@@ -278,7 +293,7 @@ def format_table(results: List[Dict[str, object]], cfg: Dict[str, object], sourc
                   f"{'×single':>8}  device")
         lines.append(header)
         for r in rows:
-            label = zoo_rows.parse_row(r["row"]).label
+            label = row_label(r)
             if "error" in r:
                 lines.append(f"{label:34} failed: {r['error']}  {r['device']}")
                 continue

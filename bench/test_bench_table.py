@@ -103,3 +103,19 @@ def test_table_command_cpu_smoke(capsys, tmp_path):
         assert "error" not in r, r.get("error")
         assert r["steps_per_epoch"] == 5 and r["train_epoch"]["median"] == pytest.approx(
             5 * r["train_step"]["median"])
+
+
+def test_forced_backend_wraps_only_automatic_choices():
+    from packed_kernels.ops import conv as conv_ops
+    original = conv_ops._choose
+    x, w = torch.randn(1, 8, 5, 5), torch.randn(8, 2, 3, 3)
+    with models.forced_backend("torch"):
+        assert conv_ops._choose is not original
+        assert conv_ops._choose("grouped_conv2d", None, x, w, (1, 1), 4) == "torch"
+    assert conv_ops._choose is original
+    with pytest.raises(ValueError, match="backend"):
+        with models.forced_backend("fastest"):
+            pass
+    assert conv_ops._choose is original
+    with models.forced_backend("auto"):
+        assert conv_ops._choose is original

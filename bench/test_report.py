@@ -37,7 +37,7 @@ def test_table_section_matches_the_record(generated):
     assert "CPU numbers" in md
     for r in rec["rows"]:
         line = next(l for l in md.splitlines()
-                    if l.startswith(f"| {models.parse_row(r['row']).label} | {r['precision']} |"))
+                    if l.startswith(f"| {table.row_label(r)} | {r['precision']} |"))
         assert r["device"] in line
         if "error" in r:
             assert "failed" in line
@@ -55,7 +55,7 @@ def test_conv_and_ensemble_sections(generated):
     from bench import conv_sweep
     for s in conv_sweep.speedups(conv["rows"]):
         assert any(l.startswith(f"| {s['layer']} | {s['dtype']} | {s['layout']} | {s['pass']} |")
-                   and f"{s['speedup']:.2f}×" in l for l in md.splitlines())
+                   and f"({s['backend']})" in l and f"{s['speedup']:.2f}×" in l for l in md.splitlines())
     ens = json.loads((FIXTURES / "ensemble.json").read_text())
     for r in ens["rows"]:
         assert any(l.startswith(f"| {r['op']} | {r['backend']} |") and f"{r['gbps']:.1f}" in l
