@@ -142,7 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         record = train(model, dataset, cfg, num_estimators=models.effective_estimators(spec),
                        out_dir=out, model_spec=spec, device=device, distributed=distributed,
                        resume=not args.fresh, progress=not args.no_progress and sys.stderr.isatty(),
-                       extra={"data_root": args.data_root})
+                       extra={"data_root": args.data_root},
+                       batch_transform=models.training_batch(spec))
         if distributed.is_main:
             print(f"done: {out}/checkpoint.pt, {out}/metrics.jsonl")
             if record.get("test"):

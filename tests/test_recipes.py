@@ -56,7 +56,7 @@ def read_log(path):
 # train -> evaluate
 # ---------------------------------------------------------------------------------------------
 
-def test_train_then_evaluate_on_digits(tmp_path):
+def test_train_then_evaluate_on_digits(tmp_path, capsys):
     out = tmp_path / "run"
     run_script("train.py", "--dataset", "digits", "--classes", "0-4", "--model", "small_cnn",
                "--method", "packed", "-M", 4, "--alpha", 2, "--gamma", 1, "--width", 8,
@@ -67,7 +67,9 @@ def test_train_then_evaluate_on_digits(tmp_path):
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2]
     assert set(log[2]["test"]) == {"acc", "nll", "ece", "brier"}
 
-    ev = run_script("evaluate.py", out / "checkpoint.pt")
+    import evaluate  # in-process: one interpreter start less
+    assert run_cli(evaluate.main, [str(out / "checkpoint.pt")]) == 0
+    printed = capsys.readouterr().out
     report = json.loads((out / "metrics.json").read_text())
     assert report["epoch"] == 2
     assert set(report["test"]) == {"acc", "nll", "ece", "brier"}
@@ -82,7 +84,16 @@ def test_train_then_evaluate_on_digits(tmp_path):
     for png in ("reliability.png", "scores.png"):
         blob = (out / png).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
-    assert "mutual_information" in ev.stdout
+    assert "mutual_information" in printed
+
+
+def test_autocast_and_channels_last_train(tmp_path):
+    import train
+    args = [*map(str, TRAIN_SYNTHETIC), "--epochs", "1", "--amp", "bf16", "--channels-last",
+            "--out", str(tmp_path)]
+    assert run_cli(train.main, args) == 0
+    record = [r for r in read_log(tmp_path / "metrics.jsonl") if r["event"] == "epoch"][0]
+    assert np.isfinite(record["train_loss"]) and 0 <= record["test"]["acc"] <= 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +249,20 @@ def test_gaussian_mlp_is_m_independent_heads():
     mean2, _ = model(x)
     changed = (mean2 != mean).reshape(3, 7).any(dim=1)
     assert changed.tolist() == [False, True, False]
+
+
+def test_mimo_trains_on_independently_shuffled_copies():
+    spec = rmodels.make_spec("resnet18", "mimo", in_channels=1, num_classes=10, num_estimators=3)
+    transform = rmodels.training_batch(spec)
+    labels = torch.arange(6)
+    images = labels.float()[:, None, None, None].expand(6, 1, 2, 2).clone()
+    inputs, targets = transform(images, labels, torch.Generator().manual_seed(0))
+    assert inputs.shape == (18, 1, 2, 2) and targets.shape == (18,)
+    assert torch.equal(inputs[:, 0, 0, 0].long(), targets)  # each input keeps its own label
+    copies = targets.reshape(3, 6)
+    assert all(sorted(c.tolist()) == list(range(6)) for c in copies)
+    assert not torch.equal(copies[1], copies[2])
+    assert rmodels.training_batch({**spec, "method": "packed"}) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,7 +115,65 @@ def _small_cnn(spec: Dict) -> nn.Module:
                           width=spec.get("width") or 16)
 
 
-_BUILDERS = {"small_cnn": _small_cnn}
+RESNET_ARCHS = (18, 20, 34, 44, 50, 56, 101, 110, 152)
+
+
+def _zoo():
+    try:
+        from packed_kernels import models as zoo
+    except ImportError as exc:
+        raise RecipeError(f"the model zoo (packed_kernels.models) cannot be imported: {exc}") from None
+    return zoo
+
+
+def _resnet(arch: int):
+    def build(spec: Dict) -> nn.Module:
+        zoo, method, m = _zoo(), spec["method"], spec["num_estimators"]
+        common = dict(in_channels=spec["in_channels"], num_classes=spec["num_classes"], arch=arch,
+                      style=spec["style"])
+        if method == "single":
+            return zoo.resnet(**common)
+        if method == "packed":
+            return zoo.packed_resnet(**common, num_estimators=m, alpha=spec["alpha"],
+                                     gamma=spec["gamma"])
+        if method == "deep":
+            return zoo.deep_ensemble_resnet(**common, num_estimators=m)
+        if method == "mimo":
+            return zoo.mimo_resnet(**common, num_estimators=m)
+        return zoo.batched_resnet(**common, num_estimators=m)
+    return build
+
+
+def _wideresnet28x10(spec: Dict) -> nn.Module:
+    zoo, method, m = _zoo(), spec["method"], spec["num_estimators"]
+    if method not in ("single", "packed", "deep"):
+        raise RecipeError(f"model 'wideresnet28x10' supports the methods single, packed and deep, "
+                          f"not {method!r}")
+    alpha, m, gamma = {"single": (1, 1, 1), "packed": (spec["alpha"], m, spec["gamma"]),
+                       "deep": (m, m, 1)}[method]  # deep: M full-width block-diagonal members
+    return zoo.packed_wideresnet28x10(spec["in_channels"], spec["num_classes"], num_estimators=m,
+                                      alpha=alpha, gamma=gamma, style=spec["style"])
+
+
+_BUILDERS = {"small_cnn": _small_cnn, "wideresnet28x10": _wideresnet28x10,
+             **{f"resnet{arch}": _resnet(arch) for arch in RESNET_ARCHS}}
+
+
+def training_batch(spec: Dict):
+    """How a mini-batch becomes the model's training input and targets, or None for the
+    default (the images as they are, the targets repeated M times). MIMO trains its M
+    subnetworks on M independently shuffled copies of the batch (torch-uncertainty's MIMO
+    with no batch repetition)."""
+    if spec["method"] != "mimo":
+        return None
+    m = spec["num_estimators"]
+
+    def mimo(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
+        perms = [torch.arange(labels.shape[0])] + [torch.randperm(labels.shape[0], generator=gen)
+                                                   for _ in range(m - 1)]
+        index = torch.cat(perms).to(labels.device)
+        return images[index], labels[index]
+    return mimo
 
 
 def model_names():

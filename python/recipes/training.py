@@ -132,10 +132,13 @@ def _describe_differences(saved: dict, current: dict, ignore=()) -> List[str]:
 def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, num_estimators: int,
           out_dir: str, model_spec: Optional[dict] = None, device: Optional[torch.device] = None,
           distributed: Optional[Distributed] = None, resume: bool = True, progress: bool = True,
-          extra: Optional[dict] = None, log: Callable[[str], None] = print) -> Dict[str, object]:
+          extra: Optional[dict] = None, batch_transform: Optional[Callable] = None,
+          log: Callable[[str], None] = print) -> Dict[str, object]:
     """Train `model` (images -> (M*B, K) estimator-major logits) with cross-entropy against the
     targets repeated M times. Returns the last epoch's record. Rank 0 writes out_dir; `extra`
-    is stored in the checkpoint as is (e.g. the data folder, which may move between runs)."""
+    is stored in the checkpoint as is (e.g. the data folder, which may move between runs).
+    `batch_transform(images, labels, generator) -> (inputs, M*B targets)` replaces the default
+    (images as they are, labels repeated M times), e.g. for MIMO's shuffled copies."""
     cfg.validate()
     distributed = distributed or Distributed()
     device = device or torch.device("cpu")
@@ -203,13 +206,18 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, num_estimator
         if progress and distributed.is_main:
             from tqdm import tqdm
             bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        batch_gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + distributed.rank)
         for images, labels in batches:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if batch_transform is None:
+                inputs, targets = images, labels.repeat(num_estimators)
+            else:
+                inputs, targets = batch_transform(images, labels, batch_gen)
             if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast_context(device, cfg.amp):
-                logits = net(images)
-                loss = nn.functional.cross_entropy(logits.float(), labels.repeat(num_estimators))
+                logits = net(inputs)
+                loss = nn.functional.cross_entropy(logits.float(), targets)
             if not torch.isfinite(loss):
                 raise RecipeError(f"the loss became {loss.item()} at epoch {epoch}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -218,8 +226,8 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, num_estimator
             scaler.update()
             with torch.no_grad():
                 b = labels.shape[0]
-                mean_logits = logits.detach().float().reshape(num_estimators, b, -1).softmax(-1).mean(0)
-                total_correct += int((mean_logits.argmax(-1) == labels).sum())
+                # Accuracy of every estimator on its own targets (for MIMO they differ).
+                total_correct += int((logits.detach().argmax(-1) == targets).sum()) / num_estimators
                 total_loss += loss.item() * b
                 total_seen += b
             if bar is not None:
