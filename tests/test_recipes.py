@@ -85,6 +85,12 @@ def test_train_then_evaluate_on_digits(tmp_path, capsys):
         blob = (out / png).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
     assert "mutual_information" in printed
+    # Another dataset as the OOD set, shaped and normalised like the training data.
+    assert run_cli(evaluate.main, [str(out / "checkpoint.pt"), "--ood-dataset", "synthetic",
+                                   "--no-plots", "--out", str(tmp_path / "vs_synthetic")]) == 0
+    other = json.loads((tmp_path / "vs_synthetic" / "metrics.json").read_text())
+    assert other["ood"]["set"] == "synthetic" and other["ood"]["samples"] == 256
+    assert other["test"] == report["test"]
 
 
 def test_autocast_and_channels_last_train(tmp_path):
@@ -314,6 +320,17 @@ def test_cifar_reader_reads_torchvision_batches(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(RecipeError, match="data_batch_1, data_batch_2, data_batch_3"):
         rdata.load_dataset("cifar10", str(tmp_path))
+
+
+def test_svhn_reader(tmp_path):
+    from scipy.io import savemat
+    rng = np.random.default_rng(2)
+    for name, n in (("train_32x32.mat", 5), ("test_32x32.mat", 4)):
+        savemat(tmp_path / name, {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                  "y": np.array([[10], [1], [2], [10], [9]][:n], dtype=np.uint8)})
+    ds = rdata.load_dataset("svhn", str(tmp_path))
+    assert ds.train.images.shape == (5, 3, 32, 32) and ds.test.images.shape == (4, 3, 32, 32)
+    assert ds.train.labels.tolist() == [0, 1, 2, 0, 9]  # SVHN's label 10 is the digit 0
 
 
 def test_imagefolder_reader(tmp_path):
