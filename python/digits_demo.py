@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (tiny models run fastest on one)")
     p.add_argument("--out", default="runs/digits_demo")
+    p.add_argument("--fresh", action="store_true",
+                   help="retrain every run (by default finished runs in --out are reused and "
+                        "interrupted ones resumed)")
     return p
 
 
@@ -107,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               lr_gamma=0.1, seed=seed, eval_every=args.epochs)
             out = os.path.join(args.out, f"{method}-seed{seed}")
             train(model, dataset, cfg, num_estimators=m, out_dir=out, model_spec=spec,
-                  progress=False, log=lambda s: None)
+                  resume=not args.fresh, progress=False, log=lambda s: None)
             logits_in = predict_logits(model, dataset.test, m)
             logits_ood = predict_logits(model, dataset.ood, m)
             ood = ood_metrics(logits_in, logits_ood)
