@@ -93,6 +93,23 @@ def test_train_then_evaluate_on_digits(tmp_path, capsys):
     assert other["test"] == report["test"]
 
 
+@pytest.mark.parametrize("method", ["single", "packed", "deep", "mimo", "batch"])
+def test_every_method_of_the_zoo_trains_and_evaluates(tmp_path, method):
+    pytest.importorskip("packed_kernels.models")
+    import evaluate
+    import train
+    out = tmp_path / method
+    args = ["--dataset", "synthetic", "--synthetic-size", "24", "16", "--image-size", "8",
+            "--model", "resnet20", "--method", method, "-M", "2", "--alpha", "2", "--gamma", "1",
+            "--epochs", "1", "--batch-size", "12", "--no-progress", "--out", str(out)]
+    assert run_cli(train.main, args) == 0
+    assert run_cli(evaluate.main, [str(out / "checkpoint.pt"), "--ood-dataset", "synthetic",
+                                   "--no-plots"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["model"]["method"] == method
+    assert 0 <= report["test"]["acc"] <= 1 and report["ood"]["samples"] > 0
+
+
 def test_autocast_and_channels_last_train(tmp_path):
     import train
     args = [*map(str, TRAIN_SYNTHETIC), "--epochs", "1", "--amp", "bf16", "--channels-last",
