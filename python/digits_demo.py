@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise RecipeError("--epochs must be >= 1 and --seeds must list at least one seed")
     import torch
     from recipes import models
-    from recipes.data import load_dataset, parse_classes
+    from recipes.data import dataset_source, load_dataset, parse_classes
     from recipes.evaluation import classification_metrics, ood_metrics, predict_logits
     from recipes.training import TrainConfig, train
 
@@ -103,6 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             spec = models.make_spec("small_cnn", method, in_channels=dataset.in_channels,
                                     num_classes=dataset.num_classes, num_estimators=m,
                                     alpha=alpha, gamma=gamma, width=args.width)
+            # Recorded so that python/evaluate.py can evaluate the run's checkpoint.
+            spec["dataset"] = dataset_source("digits", classes=args.in_classes, seed=0)
             torch.manual_seed(seed)
             model = models.build_model(spec)
             cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

@@ -61,18 +61,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise RecipeError(f"--bins must be >= 1, got {args.bins}")
     from train import resolve_device
     from recipes import models
-    from recipes.data import load_dataset, load_ood, parse_classes
+    from recipes.data import load_from_source, load_ood
     from recipes.evaluation import (classification_metrics, ood_metrics, predict_logits,
                                     save_reliability_diagram, save_score_histogram)
     import torch
 
     spec = state["model_spec"]
+    if "dataset" not in spec:
+        raise RecipeError(f"{args.checkpoint!r} does not record its dataset; evaluate it with the "
+                          f"script that trained it")
     data = spec["dataset"]
     device = resolve_device(args.device)
-    root = args.data_root or state.get("data_root")
-    dataset = load_dataset(data["name"], root, classes=parse_classes(data["classes"]),
-                           image_size=data["image_size"], seed=data["seed"],
-                           synthetic_size=tuple(data["synthetic_size"]))
+    dataset = load_from_source(data, args.data_root or state.get("data_root"))
     model = models.build_model(spec)
     model.load_state_dict(state["model"])
     model.to(device)

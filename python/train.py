@@ -116,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      num_estimators=args.num_estimators, alpha=args.alpha, gamma=args.gamma)
 
     import torch
-    from recipes.data import dataset_summary, load_dataset, parse_classes
+    from recipes.data import dataset_source, dataset_summary, load_dataset, parse_classes
     from recipes.training import init_distributed, train
 
     distributed = init_distributed()
@@ -128,9 +128,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         spec = models.make_spec(args.model, args.method, in_channels=dataset.in_channels,
                                 num_classes=dataset.num_classes, num_estimators=args.num_estimators,
                                 alpha=args.alpha, gamma=args.gamma, style=args.style, width=args.width)
-        spec["dataset"] = {"name": args.dataset, "classes": args.classes,
-                           "image_size": args.image_size, "seed": args.seed,
-                           "synthetic_size": list(args.synthetic_size)}
+        spec["dataset"] = dataset_source(args.dataset, classes=args.classes,
+                                         image_size=args.image_size, seed=args.seed,
+                                         synthetic_size=args.synthetic_size)
         torch.manual_seed(args.seed)
         model = models.build_model(spec)
         out = args.out or os.path.join("runs", f"{args.dataset}-{args.model}-{args.method}")

@@ -248,6 +248,14 @@ def test_digits_demo_smoke(tmp_path, capsys):
             assert np.isfinite(runs[0][key])
     table = (tmp_path / "results.md").read_text()
     assert "| PE-(2,4,1) |" in table and "AUROC (%)" in table
+    # A demo run's checkpoint evaluates with python/evaluate.py to the same numbers.
+    import evaluate
+    assert run_cli(evaluate.main, [str(tmp_path / "packed-seed0" / "checkpoint.pt"),
+                                   "--no-plots"]) == 0
+    report = json.loads((tmp_path / "packed-seed0" / "metrics.json").read_text())
+    pe = results["PE-(2,4,1)"][0]
+    assert report["test"]["nll"] == pytest.approx(pe["nll"], rel=1e-6)
+    assert report["ood"]["msp"]["auroc"] == pytest.approx(pe["auroc"], rel=1e-6)
 
 
 def test_diabetes_demo_smoke(tmp_path):

@@ -344,6 +344,20 @@ def num_batches(n: int, batch_size: int, world_size: int = 1, drop_last: bool = 
     return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
 
+def dataset_source(name: str, *, classes: Optional[str] = None, image_size: int = 32, seed: int = 0,
+                   synthetic_size: Sequence[int] = (512, 256)) -> Dict[str, object]:
+    """What load_dataset needs to rebuild a dataset (stored in checkpoints for evaluate.py);
+    the data folder is kept apart, since it may move between runs."""
+    return {"name": name, "classes": classes, "image_size": image_size, "seed": seed,
+            "synthetic_size": list(synthetic_size)}
+
+
+def load_from_source(source: Dict[str, object], root: Optional[str] = None) -> Dataset:
+    return load_dataset(source["name"], root, classes=parse_classes(source["classes"]),
+                        image_size=source["image_size"], seed=source["seed"],
+                        synthetic_size=tuple(source["synthetic_size"]))
+
+
 def dataset_summary(ds: Dataset) -> Dict[str, object]:
     return {"dataset": ds.name, "train": len(ds.train), "test": len(ds.test),
             "ood": 0 if ds.ood is None else len(ds.ood), "num_classes": ds.num_classes,
