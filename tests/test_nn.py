@@ -466,3 +466,33 @@ def test_convert_a_single_layer_and_bad_argument():
     assert isinstance(pk.convert(conv), GroupedConv2d)
     with pytest.raises(TypeError, match="nn.Module"):
         pk.convert(torch.randn(3))
+
+
+def test_set_backend_routes_layers(monkeypatch):
+    import packed_kernels.nn.packed as packed_module
+    from packed_kernels.nn import set_backend
+    model = pk.convert(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), _tiny_stack_from(4)))
+    x = torch.randn(2, 4, 7, 7)
+    ref = model(x)
+    seen = []
+    real = packed_module.grouped_conv2d
+    monkeypatch.setattr(packed_module, "grouped_conv2d",
+                        lambda *a, **k: seen.append(k.get("backend")) or real(*a, **k))
+    assert set_backend(model, "torch") is model
+    assert torch.equal(model(x), ref) and seen == ["torch"] * 3
+    seen.clear()
+    set_backend(model, "stock")  # torch's own modules: no packed_kernels op is called
+    assert relative_error(model(x), ref) < 1e-6 and seen == []
+    set_backend(model, None)
+    model(x)
+    assert seen == [None] * 3
+    with pytest.raises(ValueError, match="set_backend"):
+        set_backend(model, "cudnn")
+
+
+def _tiny_stack_from(in_channels):
+    return nn.Sequential(
+        PackedConv2d(in_channels, 8, 3, alpha=2, num_estimators=2, first=True, padding=1),
+        PackedConv2d(8, 8, 3, alpha=2, num_estimators=2, padding=1, minimum_channels_per_group=2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        PackedLinear(8, 5, alpha=2, num_estimators=2, last=True))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.packed import GroupedConv2d, autocast_operands
+from ..nn.packed import STOCK, GroupedConv2d, autocast_operands
 from ..ops.conv import grouped_conv2d
 from ._common import BASIC_BLOCK_ARCHS, NARROW_ARCHS, check_style, default_norm, resnet_blocks
 from .resnet import PackedResNet, packed_resnet
@@ -106,6 +106,9 @@ class BatchConv2d(nn.Module):
     """BatchEnsemble conv: out_m = (W * (x_m . r_m)) . s_m + bias_m for member m; the inner
     `conv` holds the shared weight (torch-uncertainty's parameter names and shapes)."""
 
+    routes_through_packed_ops = True  # packed_kernels.nn.set_backend applies
+    backend: Optional[str] = None
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, num_estimators: int,
                  stride=1, padding=0, dilation=1, groups: int = 1, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -131,8 +134,11 @@ class BatchConv2d(nn.Module):
         b = _per_member(x, m, "BatchConv2d")
         x, weight, r, s, bias = autocast_operands(x, self.conv.weight, self.r_group, self.s_group, self.bias)
         scaled = (x.reshape(m, b, *x.shape[1:]) * r[:, None, :, None, None]).reshape(x.shape)
-        out = grouped_conv2d(scaled, weight, None, self.conv.stride, self.conv.padding,
-                             self.conv.dilation, self.conv.groups)
+        if self.backend == STOCK:
+            out = self.conv(scaled)
+        else:
+            out = grouped_conv2d(scaled, weight, None, self.conv.stride, self.conv.padding,
+                                 self.conv.dilation, self.conv.groups, backend=self.backend)
         out = out.reshape(m, b, *out.shape[1:]) * s[:, None, :, None, None]
         if bias is not None:
             out = out + bias[:, None, :, None, None]

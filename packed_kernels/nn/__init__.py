@@ -2,7 +2,7 @@
 
 from .convert import convert
 from .ensemble import EnsembleMean, predict, repeat_targets
-from .packed import GroupedConv2d, PackedConv1d, PackedConv2d, PackedLinear
+from .packed import GroupedConv2d, PackedConv1d, PackedConv2d, PackedLinear, set_backend
 
 __all__ = [
     "convert",
@@ -13,4 +13,5 @@ __all__ = [
     "PackedLinear",
     "predict",
     "repeat_targets",
+    "set_backend",
 ]

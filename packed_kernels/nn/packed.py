@@ -22,9 +22,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _backend
 from ..ops.conv import grouped_conv2d
 
 _MODES = ("zeros", "reflect", "replicate", "circular")
+# Layers set to this backend run torch's own nn.Conv2d/F.conv2d path (no packed_kernels op),
+# i.e. exactly what torch-uncertainty runs: the "stock" rows of the speed table.
+STOCK = "stock"
+
+
+def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
+    """Choose the engine of every packed_kernels layer in `model`: None/"auto" (the op picks),
+    one of packed_kernels.BACKENDS, or "stock" (torch's own convolution, bypassing our ops).
+    Returns `model`."""
+    allowed = (None, "auto", STOCK) + tuple(_backend.BACKENDS)
+    if backend not in allowed:
+        raise ValueError(f"set_backend: backend must be one of {allowed}, got {backend!r}")
+    for module in model.modules():
+        if getattr(type(module), "routes_through_packed_ops", False):
+            module.backend = backend
+    return model
 
 
 def check_packed_parameters(layer: str, alpha, gamma, num_estimators) -> None:
@@ -103,6 +120,8 @@ class _PackedConvNd(nn.Module):
     state_dict keys are torch-uncertainty's conv.weight / conv.bias) and the `last` rearrange."""
 
     _conv_cls = nn.Conv2d
+    routes_through_packed_ops = True  # set_backend() applies
+    backend: Optional[str] = None  # class default: also right for pickles made before it existed
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, alpha: float,
                  num_estimators: int, gamma: int = 1, stride=1, padding=0, dilation=1,
@@ -170,9 +189,11 @@ class PackedConv2d(_PackedConvNd):
     _conv_cls = nn.Conv2d
 
     def _conv_forward(self, x: Tensor) -> Tensor:
+        if self.backend == STOCK:
+            return self.conv(x)
         x, weight, bias = autocast_operands(self._padded(x), self.conv.weight, self.conv.bias)
         return grouped_conv2d(x, weight, bias, self.conv.stride, self._padding(),
-                              self.conv.dilation, self.conv.groups)
+                              self.conv.dilation, self.conv.groups, backend=self.backend)
 
 
 class PackedConv1d(_PackedConvNd):
@@ -183,6 +204,8 @@ class PackedConv1d(_PackedConvNd):
     def _conv_forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (2, 3):
             raise ValueError(f"PackedConv1d: input must be (N, C, L) or (C, L), got {tuple(x.shape)}")
+        if self.backend == STOCK:
+            return self.conv(x)
         unbatched = x.dim() == 2
         x = x.unsqueeze(0) if unbatched else x
         x, weight, bias = autocast_operands(self._padded(x), self.conv.weight, self.conv.bias)
@@ -190,7 +213,8 @@ class PackedConv1d(_PackedConvNd):
         if not isinstance(padding, str):
             padding = (0, padding if isinstance(padding, int) else padding[0])
         out = grouped_conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, (1, self.conv.stride[0]),
-                             padding, (1, self.conv.dilation[0]), self.conv.groups).squeeze(2)
+                             padding, (1, self.conv.dilation[0]), self.conv.groups,
+                             backend=self.backend).squeeze(2)
         return out.squeeze(0) if unbatched else out
 
 
@@ -309,14 +333,20 @@ class GroupedConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict) whose forward runs packed_kernels.grouped_conv2d;
     convert() puts it in place of grouped nn.Conv2d layers."""
 
+    routes_through_packed_ops = True
+    backend: Optional[str] = None  # see set_backend()
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.backend == STOCK:
+            return super().forward(x)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         else:
             padding = self.padding
         x, weight, bias = autocast_operands(x, self.weight, self.bias)
-        return grouped_conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+        return grouped_conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups,
+                              backend=self.backend)
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d) -> "GroupedConv2d":
