@@ -496,3 +496,14 @@ def _tiny_stack_from(in_channels):
         PackedConv2d(8, 8, 3, alpha=2, num_estimators=2, padding=1, minimum_channels_per_group=2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         PackedLinear(8, 5, alpha=2, num_estimators=2, last=True))
+
+
+def test_convert_a_torch_uncertainty_model_when_installed():
+    tu = pytest.importorskip("torch_uncertainty.models.classification.resnet.packed")
+    model = tu.packed_resnet(3, 5, 18, 2, 2, 2, style="cifar", width_multiplier=0.25).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before, keys = model(x), list(model.state_dict())
+    pk.convert(model)
+    assert isinstance(model.conv1, PackedConv2d) and isinstance(model.linear, PackedLinear)
+    assert list(model.state_dict()) == keys
+    assert relative_error(model(x), before) < 1e-6
