@@ -110,9 +110,24 @@ def test_every_method_of_the_zoo_trains_and_evaluates(tmp_path, method):
     assert 0 <= report["test"]["acc"] <= 1 and report["ood"]["samples"] > 0
 
 
-def test_autocast_and_channels_last_train(tmp_path):
+def test_progress_bar_and_epoch_lines(tmp_path, capsys):
+    from recipes.training import TrainConfig, train
+    ds = rdata.load_dataset("synthetic", image_size=8, synthetic_size=(40, 8), synthetic_channels=1)
+    spec = rmodels.make_spec("small_cnn", "packed", in_channels=1, num_classes=ds.num_classes,
+                             num_estimators=2, alpha=2, gamma=1, width=4)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01, milestones=[1])
+    record = train(rmodels.build_model(spec), ds, cfg, num_estimators=2, out_dir=str(tmp_path),
+                   model_spec=spec, progress=True)
+    captured = capsys.readouterr()
+    assert "epoch 2/2" in captured.err and "5/5" in captured.err  # tqdm: 40 / 8 = 5 steps
+    assert "epoch 2/2  loss" in captured.out and record["epoch"] == 2
+    assert record["lr"] == pytest.approx(0.001)  # stepped down x0.1 after epoch 1
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_and_channels_last_train(tmp_path, amp):
     import train
-    args = [*map(str, TRAIN_SYNTHETIC), "--epochs", "1", "--amp", "bf16", "--channels-last",
+    args = [*map(str, TRAIN_SYNTHETIC), "--epochs", "1", "--amp", amp, "--channels-last",
             "--out", str(tmp_path)]
     assert run_cli(train.main, args) == 0
     record = [r for r in read_log(tmp_path / "metrics.jsonl") if r["event"] == "epoch"][0]
