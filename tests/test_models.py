@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import packed_kernels as pk
-from packed_kernels.models import (BatchedResNet, MIMOResNet, PackedResNet, PackedWideResNet,
+from packed_kernels.models import (MIMOResNet, PackedResNet, PackedWideResNet,
                                    batched_resnet, deep_ensemble_resnet, mimo_resnet, packed_resnet,
                                    packed_wideresnet28x10, resnet)
 from packed_kernels.models.resnet import _BasicBlock

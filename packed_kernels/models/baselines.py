@@ -11,6 +11,9 @@ runs through packed_kernels.grouped_conv2d). All return estimator-major logits
                         fastest way PyTorch offers to run M different networks on one batch
                         (one launch per layer instead of M; vmap over stacked weights lowers
                         to the same grouped convolutions, and cannot update BN running stats).
+                        With the mean cross-entropy over all M*B rows each member's gradient
+                        is 1/M of its gradient alone: scale an SGD learning rate by M to match
+                        independent training (Adam is invariant to it).
 - mimo_resnet:          MIMO (Havasi et al. 2021): one ResNet, M inputs stacked on channels,
                         M heads; torch-uncertainty's mimo_resnet.
 - batched_resnet:       BatchEnsemble (Wen et al. 2020): shared weights with rank-1 fast

@@ -16,7 +16,8 @@ A `last` layer returns estimator-major outputs: "b (m c) ... -> (m b) c ...".
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+import numbers
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ def check_packed_parameters(layer: str, alpha, gamma, num_estimators) -> None:
     """torch-uncertainty's validation of (alpha, gamma, num_estimators), same exception types."""
     if alpha is None:
         raise ValueError(f"{layer}: you must specify `alpha`")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"{layer}: `alpha` must be a number, got {type(alpha).__name__}")
     if alpha <= 0:
         raise ValueError(f"{layer}: `alpha` must be > 0, got {alpha}")
