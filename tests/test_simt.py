@@ -89,6 +89,10 @@ def check_tile_mma(out):
         assert float(out[key]) <= bound, (key, out[key])
 
 
+def check_transpose(out):
+    assert int(out["mismatches"]) == 0  # 2-D shared tile, 2-D blocks and grid, partial edge tiles
+
+
 def check_half_conversions(out):
     assert int(out["mismatches"]) == 0  # every bit pattern round-trips; ties round to even
 
@@ -100,14 +104,15 @@ def check_ensemble(out):
 
 CHECKS = {"block_sum": check_block_sum, "warp_ops": check_warp_ops,
           "block_allreduce": check_block_allreduce, "histogram": check_histogram,
-          "tile_mma": check_tile_mma, "half_conversions": check_half_conversions,
+          "tile_mma": check_tile_mma, "transpose": check_transpose,
+          "half_conversions": check_half_conversions,
           "ensemble": check_ensemble}
 
 
 @pytest.mark.parametrize("case", sorted(CHECKS))
 def test_emulator_gives_the_reference_answer(selftest, case):
     """Shared-memory reduction with barriers, warp shuffles and votes, block reductions, atomics,
-    tensor-core tiles, half/bfloat16 conversions, and the real ensemble kernels (under ASan and
+    tensor-core tiles, a 2-D shared-memory transpose, half/bfloat16 conversions, and the real ensemble kernels (under ASan and
     UBSan: no report allowed)."""
     CHECKS[case](results(selftest, case))
 

@@ -14,6 +14,7 @@ void* const selftest_kernels[] = {
     reinterpret_cast<void*>(selftest::tile_matmul_kernel<pk::half, pk::tile::ColMajor>),
     reinterpret_cast<void*>(selftest::tile_matmul_kernel<pk::bfloat16, pk::tile::RowMajor>),
     reinterpret_cast<void*>(selftest::tile_matmul_kernel<pk::bfloat16, pk::tile::ColMajor>),
+    reinterpret_cast<void*>(selftest::transpose_kernel),
     reinterpret_cast<void*>(selftest::oob_shared_write_kernel),
     reinterpret_cast<void*>(selftest::oob_global_write_kernel),
     reinterpret_cast<void*>(selftest::early_exit_kernel),

@@ -91,7 +91,19 @@ __global__ void tile_matmul_kernel(const T* a, const T* b, float* c, int M, int 
       load(fb, b + tile_n * kN * K + k0, K);
     mma(acc, fa, fb);
   }
+  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= 0.5f;  // element-wise epilogue
   store(c + tile_m * kM * N + tile_n * kN, acc, N);
+}
+
+// Transpose through a padded 2-D shared tile, with a 2-D thread block (16 x 16) on a 2-D grid.
+constexpr int kTile = 16;
+__global__ void transpose_kernel(const float* in, float* out, int rows, int cols) {
+  PK_SHARED_2D(float, tile, kTile, kTile + 1);
+  const int c = blockIdx.x * kTile + threadIdx.x, r = blockIdx.y * kTile + threadIdx.y;
+  if (r < rows && c < cols) tile[threadIdx.y][threadIdx.x] = in[r * cols + c];
+  __syncthreads();
+  const int tc = blockIdx.y * kTile + threadIdx.x, tr = blockIdx.x * kTile + threadIdx.y;
+  if (tr < cols && tc < rows) out[tr * rows + tc] = tile[threadIdx.x][threadIdx.y];
 }
 
 // Deliberate out-of-bounds writes: one past a shared array, one past a global buffer.

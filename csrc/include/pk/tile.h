@@ -11,6 +11,7 @@
 //   pk::tile::fill(acc, 0.0f);
 //   pk::tile::load(a, a_ptr, lda);  pk::tile::load(b, b_ptr, ldb);
 //   pk::tile::mma(acc, a, b);                              // acc += a * b
+//   for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= alpha;   // element-wise, as in wmma
 //   pk::tile::store(c_ptr, acc, ldc);                      // row-major float
 #pragma once
 
@@ -37,16 +38,22 @@ struct ColMajor {
   static constexpr bool row_major = false;
 };
 
+// Like wmma's fragments, x[0 .. num_elements) are this lane's elements in an unspecified order:
+// element-wise updates (scale, bias-free activation) are portable, positional ones are not.
+// The emulator gives every lane the whole tile.
 template <typename T, typename Layout>
 struct FragmentA {
-  float x[kM * kK];  // row-major M x K, already converted to float (exact for half/bfloat16)
+  static constexpr int num_elements = kM * kK;
+  float x[num_elements];  // row-major M x K, already converted to float (exact for half/bfloat16)
 };
 template <typename T, typename Layout>
 struct FragmentB {
-  float x[kK * kN];  // row-major K x N
+  static constexpr int num_elements = kK * kN;
+  float x[num_elements];  // row-major K x N
 };
 struct Accumulator {
-  float x[kM * kN];  // row-major M x N
+  static constexpr int num_elements = kM * kN;
+  float x[num_elements];  // row-major M x N
 };
 
 namespace detail {
