@@ -187,3 +187,39 @@ def gpu_selftest(tmp_path_factory) -> Path:
     built = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert built.returncode == 0, f"nvcc failed on the self-test:\n{built.stderr[-4000:]}"
     return binary
+
+
+# --- the simt backend on layouts test_ensemble.py does not cover ---------------------------------
+
+def _grads_vs_reference(logits, m, backend):
+    x = logits.detach().requires_grad_(True)
+    x64 = logits.detach().double().requires_grad_(True)
+    ours = pk.ensemble_scores(x, m, backend=backend)
+    ref = pk.ensemble_scores(x64, m, backend="torch")
+    weights = [torch.randn(t.shape, dtype=torch.float64) for t in ref[:5]]
+    (g_ours,) = torch.autograd.grad(ours[:5], x, [w.to(x.dtype) for w in weights])
+    (g_ref,) = torch.autograd.grad(ref[:5], x64, weights)
+    return ours, ref, g_ours, g_ref
+
+
+def test_sixty_four_estimators():
+    require_backend("simt")
+    x = torch.randn(64 * 2, 40, dtype=torch.float64) * 3
+    ours, ref, g_ours, g_ref = _grads_vs_reference(x.float(), 64, "simt")
+    for name, a, b in zip(pk.EnsembleScores._fields, ours, ref):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6), name  # float32 math, 40 classes
+    assert torch.allclose(g_ours.double(), g_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_misaligned_views_take_the_scalar_path_and_match():
+    # A contiguous view one element into its storage is not 16-byte aligned: the kernels must
+    # fall back from vector loads (C = 64 would otherwise be vectorised).
+    require_backend("simt")
+    storage = torch.randn(4 * 3 * 64 + 1) * 3
+    view = storage[1:].view(12, 64)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    out = pk.ensemble_mean(view, 4, backend="simt")
+    assert torch.allclose(out.double(), pk.ensemble_mean(view.double(), 4, backend="torch"), rtol=1e-5, atol=1e-7)
+    ours, ref, g_ours, g_ref = _grads_vs_reference(view, 4, "simt")
+    assert torch.allclose(ours.probs.double(), ref.probs, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(g_ours.double(), g_ref, rtol=1e-4, atol=1e-7)
