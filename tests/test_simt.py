@@ -72,6 +72,10 @@ def check_warp_ops(out):
     assert float(out["shuffle_sum_rel_error"]) < 1e-6  # shfl_down reduction vs the float64 sum
 
 
+def check_warp_exchange(out):
+    assert int(out["mismatches"]) == 0  # shared-memory exchange within a warp, with __syncwarp
+
+
 def check_block_allreduce(out):
     assert int(out["mismatches"]) == 0  # every thread holds the same, right, answer
     assert float(out["sum_rel_error"]) < 1e-6
@@ -102,7 +106,7 @@ def check_ensemble(out):
     assert float(out["worst_sum_error_over_tolerance"]) <= 1.0
 
 
-CHECKS = {"block_sum": check_block_sum, "warp_ops": check_warp_ops,
+CHECKS = {"block_sum": check_block_sum, "warp_ops": check_warp_ops, "warp_exchange": check_warp_exchange,
           "block_allreduce": check_block_allreduce, "histogram": check_histogram,
           "tile_mma": check_tile_mma, "transpose": check_transpose,
           "half_conversions": check_half_conversions,
@@ -123,6 +127,12 @@ def test_missing_barrier_gives_a_wrong_answer(selftest):
     out = results(selftest, "missing_barrier")
     assert int(out["wrong_launches"]) == 6, out
     assert not float(out["max_rel_error"]) < 1e-3, out
+
+
+def test_missing_syncwarp_gives_a_wrong_answer(selftest):
+    # Lanes of a warp are not in lockstep (nor on a GPU since Volta): reading a neighbour's
+    # shared-memory slot without __syncwarp must not pass.
+    assert int(results(selftest, "missing_syncwarp")["mismatches"]) > 0
 
 
 @pytest.mark.parametrize("case, message", [

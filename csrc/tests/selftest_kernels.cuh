@@ -45,6 +45,18 @@ __global__ void warp_ops_kernel(const float* x, float* down_sum, float* butterfl
   any_all[2 * i + 1] = __all_sync(0xffffffffu, v > -3.0f);
 }
 
+// Lanes exchange values through shared memory. Without the __syncwarp between the write and the
+// read it relies on lockstep warps, which no GPU since Volta promises: the emulator's lanes run
+// independently between warp ops, so the reads see unwritten (poisoned) slots.
+template <bool kSyncWarp>
+__global__ void warp_exchange_kernel(const float* x, float* out) {
+  PK_SHARED(float, slots, 32);
+  const int lane = threadIdx.x;
+  slots[lane] = x[blockIdx.x * 32 + lane];
+  if (kSyncWarp) __syncwarp();
+  out[blockIdx.x * 32 + lane] = slots[(lane + 1) % 32];
+}
+
 // Block-wide reduction of a struct through pk::block_allreduce.
 struct SumMax {
   float sum;

@@ -148,6 +148,24 @@ void case_warp_ops() {
   std::printf("shuffle_sum_rel_error=%.3e\nmismatches=%d\n", sum_error, mismatches);
 }
 
+int warp_exchange_mismatches(bool sync_warp) {
+  const int blocks = 3, n = blocks * 32;
+  Array<float> x(random_floats(n)), out(n, NAN);
+  if (sync_warp)
+    pk::launch(selftest::warp_exchange_kernel<true>, dim3(blocks), dim3(32), 0, nullptr, x.data, out.data);
+  else
+    pk::launch(selftest::warp_exchange_kernel<false>, dim3(blocks), dim3(32), 0, nullptr, x.data, out.data);
+  finish();
+  int mismatches = 0;
+  for (int b = 0; b < blocks; ++b)
+    for (int l = 0; l < 32; ++l) mismatches += out[b * 32 + l] != x[b * 32 + (l + 1) % 32];
+  return mismatches;
+}
+
+void case_warp_exchange() { std::printf("mismatches=%d\n", warp_exchange_mismatches(true)); }
+
+void case_missing_syncwarp() { std::printf("mismatches=%d\n", warp_exchange_mismatches(false)); }
+
 void case_block_allreduce() {
   const int blocks = 2, threads = 96, n = blocks * threads;
   Array<float> x(random_floats(n));
@@ -385,6 +403,8 @@ int main(int argc, char** argv) {
       {"block_sum", case_block_sum},
       {"missing_barrier", case_missing_barrier},
       {"warp_ops", case_warp_ops},
+      {"warp_exchange", case_warp_exchange},
+      {"missing_syncwarp", case_missing_syncwarp},
       {"block_allreduce", case_block_allreduce},
       {"histogram", case_histogram},
       {"tile_mma", case_tile_mma},
@@ -404,7 +424,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string name = argv[1];
-  const bool emulator_only = name == "missing_barrier" || name == "tile_misaligned" || name == "oob_shared" ||
+  const bool emulator_only = name == "missing_barrier" || name == "missing_syncwarp" || name == "tile_misaligned" || name == "oob_shared" ||
                              name == "oob_global" || name == "early_exit" || name == "divergent_warp_op";
   if (kOnGpu && emulator_only) {
     std::printf("skipped=emulator only\n");
