@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from .. import _backend
 from .._checks import check_float_tensor, check_same_device_dtype
 from ._autograd import unaliased
 
-IMPLEMENTED = ("torch",)  # the Triton and CUDA kernels register here as they land
+IMPLEMENTED = ("torch", "triton")  # the CUDA kernels register here as they land
 ACTIVATIONS = (None, "relu")
 
 
@@ -27,57 +27,65 @@ def reference_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_
     return out
 
 
-def _activation_arg(activation: str) -> Optional[str]:
-    return None if activation == "" else activation
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reference_batch_norm_backward(grad, input, running_mean, running_var, weight, bias, residual,
-                                  training, eps, activation):
-    """(grad_input, grad_weight, grad_bias, grad_residual); None for absent inputs."""
-    ct = torch.float64 if input.dtype == torch.float64 else torch.float32
+def reference_batch_norm_backward(grad, input, output, mean, invstd, weight, has_residual: bool,
+                                  training: bool, relu: bool):
+    """(grad_input, grad_weight, grad_bias, grad_residual) as the kernels return them: weight and
+    bias gradients in the statistics dtype, an empty grad_residual without a residual.
+    `mean`/`invstd` are the batch statistics (training) or the running ones (eval); the ReLU
+    mask is read from `output` (out > 0 exactly where the pre-activation is > 0)."""
+    ct = _stats_dtype(input.dtype)
     dims = [d for d in range(input.dim()) if d != 1]
     shape = [1, -1] + [1] * (input.dim() - 2)
-    x = input.to(ct)
-    if training:
-        mean = x.mean(dims)
-        invstd = torch.rsqrt(x.var(dims, unbiased=False) + eps)
-    else:
-        mean, invstd = running_mean.to(ct), torch.rsqrt(running_var.to(ct) + eps)
-    x_hat = (x - mean.view(shape)) * invstd.view(shape)
-    gamma = weight.to(ct) if weight is not None else torch.ones_like(mean)
+    x_hat = (input.to(ct) - mean.to(ct).view(shape)) * invstd.to(ct).view(shape)
+    scale = invstd.to(ct) * (weight.to(ct) if weight is not None else 1.0)
     g = grad.to(ct)
-    if activation == "relu":
-        y = x_hat * gamma.view(shape)
-        if bias is not None:
-            y = y + bias.to(ct).view(shape)
-        if residual is not None:
-            y = y + residual.to(ct)
-        g = torch.where(y > 0, g, torch.zeros_like(g))
+    if relu:
+        g = torch.where(output > 0, g, torch.zeros_like(g))
     sum_g = g.sum(dims)
     sum_g_xhat = (g * x_hat).sum(dims)
     if training:
         count = input.numel() // input.shape[1]
-        grad_input = (gamma * invstd / count).view(shape) * (
-            count * g - sum_g.view(shape) - x_hat * sum_g_xhat.view(shape))
+        g_norm = g - (sum_g / count).view(shape) - x_hat * (sum_g_xhat / count).view(shape)
     else:
-        grad_input = g * (gamma * invstd).view(shape)
-    return (grad_input.to(input.dtype),
-            None if weight is None else sum_g_xhat.to(weight.dtype),
-            None if bias is None else sum_g.to(bias.dtype),
-            None if residual is None else g.to(residual.dtype))
+        g_norm = g
+    grad_input = (g_norm * scale.view(shape)).to(input.dtype)
+    grad_residual = g.to(input.dtype) if has_residual else input.new_empty(0)
+    return grad_input, sum_g_xhat, sum_g, grad_residual
 
 
-def _reference_with_stats(input, running_mean, running_var, weight, bias, residual, training, eps,
-                          activation):
-    """The reference output plus the batch mean and unbiased variance (training) that the
-    caller folds into the running statistics; eval mode returns empty statistics."""
-    out = reference_batch_norm(input, running_mean, running_var, weight, bias, residual, training, 0.0,
-                               eps, _activation_arg(activation))
+def _reference_forward(input, running_mean, running_var, weight, bias, residual, training, eps, relu):
+    """The reference output plus the batch mean, unbiased variance and invstd (training) that
+    the backward and the running-statistics update use; eval mode returns empty statistics."""
+    ct = _stats_dtype(input.dtype)
+    up = [None if t is None else t.to(ct) for t in (input, running_mean, running_var, weight, bias, residual)]
+    out = reference_batch_norm(*up, training, 0.0, eps, "relu" if relu else None).to(input.dtype)
     if not training:
-        return out, input.new_zeros(0, dtype=torch.float32), input.new_zeros(0, dtype=torch.float32)
+        return (out, *(input.new_zeros(0, dtype=ct) for _ in range(3)))
     dims = [d for d in range(input.dim()) if d != 1]
-    x = input.detach().float()
-    return out, x.mean(dims), x.var(dims, unbiased=True)
+    x = input.detach().to(ct)
+    biased = x.var(dims, unbiased=False)
+    count = input.numel() // input.shape[1]
+    return out, x.mean(dims), biased * count / (count - 1), torch.rsqrt(biased + eps)
+
+
+class _Engine(NamedTuple):
+    forward: Callable  # (input, rm, rv, weight, bias, residual, training, eps, relu) -> out, mean, var, invstd
+    backward: Callable  # (grad, input, output, mean, invstd, weight, has_residual, training, relu)
+
+
+def _triton_engine() -> _Engine:
+    from ..triton import batch_norm as tk
+    return _Engine(tk.forward, tk.backward)
+
+
+_ENGINES: Dict[str, Callable[[], _Engine]] = {
+    "torch": lambda: _Engine(_reference_forward, reference_batch_norm_backward),
+    "triton": _triton_engine,
+}
 
 
 # Functional (no mutation) so that it can carry an autograd formula; the public function applies
@@ -85,50 +93,61 @@ def _reference_with_stats(input, running_mean, running_var, weight, bias, residu
 @torch.library.custom_op("packed_kernels::batch_norm", mutates_args=())
 def _batch_norm_op(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-                   training: bool, eps: float, activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    out, mean, var = _reference_with_stats(input, running_mean, running_var, weight, bias, residual,
-                                           training, eps, activation)
-    return out.detach(), mean, var
+                   training: bool, eps: float, activation: str, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    out, mean, var, invstd = _ENGINES[backend]().forward(
+        input, running_mean, running_var, weight, bias, residual, training, eps, activation == "relu")
+    return out.detach(), mean, var, invstd
 
 
 @_batch_norm_op.register_fake
 def _(input, running_mean, running_var, weight, bias, residual, training, eps, activation, backend):
     stats = input.shape[1] if training else 0
-    return (torch.empty_like(input), input.new_empty(stats, dtype=torch.float32),
-            input.new_empty(stats, dtype=torch.float32))
+    ct = _stats_dtype(input.dtype)
+    return (torch.empty_like(input), *(input.new_empty(stats, dtype=ct) for _ in range(3)))
 
 
 @torch.library.custom_op("packed_kernels::batch_norm_backward", mutates_args=())
-def _batch_norm_backward_op(grad: Tensor, input: Tensor, running_mean: Optional[Tensor],
-                            running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                            residual: Optional[Tensor], training: bool, eps: float, activation: str,
-                            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = reference_batch_norm_backward(grad, input, running_mean, running_var, weight, bias,
-                                          residual, training, eps, _activation_arg(activation))
-    return unaliased(grads, (grad, input, running_mean, running_var, weight, bias, residual), input)
+def _batch_norm_backward_op(grad: Tensor, input: Tensor, output: Optional[Tensor], mean: Tensor,
+                            invstd: Tensor, weight: Optional[Tensor], has_residual: bool,
+                            training: bool, activation: str, backend: str
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _ENGINES[backend]().backward(grad, input, output, mean, invstd, weight, has_residual,
+                                         training, activation == "relu")
+    return unaliased(grads, (grad, input, output, mean, invstd, weight), input)
 
 
 @_batch_norm_backward_op.register_fake
-def _(grad, input, running_mean, running_var, weight, bias, residual, training, eps, activation, backend):
-    empty = input.new_empty(0)
-    return (torch.empty_like(input), empty if weight is None else torch.empty_like(weight),
-            empty if bias is None else torch.empty_like(bias),
-            empty if residual is None else torch.empty_like(residual))
+def _(grad, input, output, mean, invstd, weight, has_residual, training, activation, backend):
+    ct = _stats_dtype(input.dtype)
+    channels = input.shape[1]
+    return (torch.empty_like(input), input.new_empty(channels, dtype=ct),
+            input.new_empty(channels, dtype=ct),
+            torch.empty_like(input) if has_residual else input.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
     (input, running_mean, running_var, weight, bias, residual, training, eps, activation,
      backend) = inputs
-    ctx.save_for_backward(input, running_mean, running_var, weight, bias, residual)
-    ctx.args = (training, eps, activation, backend)
+    out, mean, _var, invstd = output
+    if not training:  # eval: the running statistics normalise, and get no gradient
+        # copies: `.to` of a matching dtype would alias the op's input
+        mean = running_mean.to(_stats_dtype(input.dtype), copy=True)
+        invstd = torch.rsqrt(running_var.to(_stats_dtype(input.dtype), copy=True) + eps)
+    ctx.save_for_backward(input, out if activation == "relu" else None, mean, invstd, weight)
+    ctx.args = (residual is not None, training, activation, backend)
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, grad, _grad_mean, _grad_var):
-    input, running_mean, running_var, weight, bias, residual = ctx.saved_tensors
+def _backward(ctx, grad, _grad_mean, _grad_var, _grad_invstd):
+    input, output, mean, invstd, weight = ctx.saved_tensors
+    has_residual = ctx.args[0]
     g_input, g_weight, g_bias, g_residual = _batch_norm_backward_op(
-        grad, input, running_mean, running_var, weight, bias, residual, *ctx.args)
-    return (g_input, None, None, g_weight if weight is not None else None,
-            g_bias if bias is not None else None, g_residual if residual is not None else None,
+        grad, input, output, mean, invstd, weight, *ctx.args)
+    return (g_input, None, None,
+            g_weight.to(weight.dtype) if weight is not None else None,
+            g_bias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None,
+            g_residual if has_residual else None,
             None, None, None, None)
 
 
@@ -149,6 +168,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                     ("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (channels,):
             raise ValueError(f"{op}: {name} must have shape ({channels},), got {tuple(t.shape)}")
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
         if t is not None and t.device != input.device:
             raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
     if (running_mean is None) != (running_var is None):
@@ -164,8 +185,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                          f"of shape {tuple(input.shape)}")
     chosen = _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)
     stats = (None, None) if training else (running_mean, running_var)
-    out, batch_mean, batch_var = _batch_norm_op(input, *stats, weight, bias, residual, bool(training),
-                                                float(eps), activation or "", chosen)
+    out, batch_mean, batch_var, _invstd = _batch_norm_op(
+        input, *stats, weight, bias, residual, bool(training), float(eps), activation or "", chosen)
     if training and running_mean is not None:
         with torch.no_grad():  # as torch: running = (1 - momentum) * running + momentum * batch
             running_mean.mul_(1.0 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)

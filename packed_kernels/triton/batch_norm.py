@@ -1,0 +1,398 @@
+"""Triton kernels for batch norm (+ residual + ReLU): training and eval, forward and backward.
+
+Every tensor is seen as (N, C, S) with the spatial dims flattened into S:
+  NCHW (contiguous)   -> offsets n*C*S + c*S + s    (stride_n = C*S, stride_c = S)
+  channels_last / 2-D -> (N*S, C, 1): offsets r*C + c (stride_n = C,   stride_c = 1)
+A program owns a [BLOCK_N, BLOCK_C, BLOCK_S] tile; the launcher picks the block shape so that
+the contiguous axis (S for NCHW, C otherwise) is the wide one.
+
+Training forward is three launches: per-split partial (count, mean, M2) by Chan's merge of
+tile-local two-pass statistics of x minus the channel's first value (stable for |mean| >> std,
+all fp32), a finalize that merges the
+splits per channel, and one elementwise pass (normalise, + residual, ReLU). Backward is a
+reduction pass (sum g, sum g*x_hat per split) and one elementwise pass; the ReLU mask is read
+from the saved output (out > 0 exactly when the pre-activation is > 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+
+TILE = 4096  # elements per [BLOCK_N, BLOCK_C, BLOCK_S] tile
+MAX_BLOCK_S = 1024
+MAX_BLOCK_C = 64  # channels per tile when channels are the contiguous axis
+FINALIZE_BLOCK_C = 64
+FINALIZE_BLOCK_SPLIT = 32
+MAX_SPLITS = 1024
+
+
+@triton.jit
+def _tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets and mask of reduction tile t (n-block major, s-block minor) in channel block cb,
+    plus the number of valid (n, s) elements per channel."""
+    nb = t // num_sb
+    sb = t % num_sb
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    offsets = (offs_n[:, None, None].to(tl.int64) * stride_n
+               + offs_c[None, :, None].to(tl.int64) * stride_c + offs_s[None, None, :])
+    mask = (offs_n < N)[:, None, None] & (offs_c < C)[None, :, None] & (offs_s < S)[None, None, :]
+    count = tl.minimum(N - nb * BLOCK_N, BLOCK_N) * tl.minimum(S - sb * BLOCK_S, BLOCK_S)
+    return offsets, mask, offs_c, count
+
+
+@triton.jit
+def _channel_sum(x):
+    return tl.sum(tl.sum(x, 2), 0)
+
+
+@triton.jit
+def _stats_kernel(x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr,
+                  N, C, S, stride_n, stride_c, num_sb, num_tiles, tiles_per_split,
+                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per split: (count, mean - shift, M2) per channel, shift = the channel's first value, so
+    the sums see x - shift (small when |mean| >> std; exact for nearby values)."""
+    split = tl.program_id(0)
+    cb = tl.program_id(1)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid = offs_c < C
+    shift = tl.load(x_ptr + offs_c.to(tl.int64) * stride_c, mask=valid, other=0.0).to(tl.float32)
+    count = 0.0
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    t_begin = split * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
+    for t in range(t_begin, t_end):
+        offsets, mask, _, tile_count = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+                                             BLOCK_N, BLOCK_C, BLOCK_S)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x - shift[None, :, None], 0.0)
+        n_b = tile_count.to(tl.float32)
+        mean_b = _channel_sum(x) / n_b
+        centred = tl.where(mask, x - mean_b[None, :, None], 0.0)
+        m2_b = _channel_sum(centred * centred)
+        # Chan et al.: merge (count, mean, m2) with the tile's (n_b, mean_b, m2_b)
+        total = count + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+        count = total
+    base = split * C + offs_c
+    tl.store(part_count_ptr + base, tl.zeros([BLOCK_C], tl.float32) + count, mask=valid)
+    tl.store(part_mean_ptr + base, mean, mask=valid)
+    tl.store(part_m2_ptr + base, m2, mask=valid)
+
+
+@triton.jit
+def _finalize_kernel(x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, invstd_ptr,
+                     C, stride_c, num_splits, eps, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge the splits' (count, shifted mean, M2): the count-weighted mean first, then
+    M2 = sum M2_i + sum n_i (mean_i - mean)^2 (deviations from the final mean: no cancellation)."""
+    cb = tl.program_id(0)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid_c = offs_c < C
+    total = tl.zeros([BLOCK_C], tl.float32)
+    weighted = tl.zeros([BLOCK_C], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_SPLIT):
+        offs_s = s0 + tl.arange(0, BLOCK_SPLIT)
+        mask = (offs_s < num_splits)[:, None] & valid_c[None, :]
+        idx = offs_s[:, None] * C + offs_c[None, :]
+        n_i = tl.load(part_count_ptr + idx, mask=mask, other=0.0)
+        total += tl.sum(n_i, 0)
+        weighted += tl.sum(n_i * tl.load(part_mean_ptr + idx, mask=mask, other=0.0), 0)
+    total = tl.where(valid_c, total, 2.0)  # padded channels: finite garbage, never stored
+    mean = weighted / total
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_SPLIT):
+        offs_s = s0 + tl.arange(0, BLOCK_SPLIT)
+        mask = (offs_s < num_splits)[:, None] & valid_c[None, :]
+        idx = offs_s[:, None] * C + offs_c[None, :]
+        n_i = tl.load(part_count_ptr + idx, mask=mask, other=0.0)
+        d = tl.load(part_mean_ptr + idx, mask=mask, other=0.0) - mean[None, :]
+        m2 += tl.sum(tl.load(part_m2_ptr + idx, mask=mask, other=0.0) + n_i * d * d, 0)
+    shift = tl.load(x_ptr + offs_c.to(tl.int64) * stride_c, mask=valid_c, other=0.0).to(tl.float32)
+    tl.store(mean_ptr + offs_c, shift + mean, mask=valid_c)
+    tl.store(var_ptr + offs_c, m2 / (total - 1.0), mask=valid_c)  # unbiased, for running_var
+    tl.store(invstd_ptr + offs_c, 1.0 / tl.sqrt(m2 / total + eps), mask=valid_c)
+
+
+@triton.jit
+def _channel_affine(mean_ptr, spread_ptr, weight_ptr, bias_ptr, offs_c, C, eps,
+                    SPREAD_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per channel: mean, invstd and gamma*invstd, beta (spread is invstd, or a variance in eval)."""
+    valid = offs_c < C
+    mean = tl.load(mean_ptr + offs_c, mask=valid, other=0.0).to(tl.float32)
+    spread = tl.load(spread_ptr + offs_c, mask=valid, other=1.0).to(tl.float32)
+    invstd = 1.0 / tl.sqrt(spread + eps) if SPREAD_IS_VAR else spread
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + offs_c, mask=valid, other=1.0).to(tl.float32)
+    shift = tl.zeros_like(scale)
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + offs_c, mask=valid, other=0.0).to(tl.float32)
+    return mean, invstd, scale, shift
+
+
+@triton.jit
+def _normalize_kernel(x_ptr, res_ptr, out_ptr, mean_ptr, spread_ptr, weight_ptr, bias_ptr,
+                      N, C, S, stride_n, stride_c, num_sb, eps,
+                      SPREAD_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    t = tl.program_id(0)
+    cb = tl.program_id(1)
+    offsets, mask, offs_c, _ = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+                                     BLOCK_N, BLOCK_C, BLOCK_S)
+    mean, _, scale, shift = _channel_affine(mean_ptr, spread_ptr, weight_ptr, bias_ptr, offs_c, C, eps,
+                                            SPREAD_IS_VAR, HAS_WEIGHT, HAS_BIAS)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    # (x - mean) first: x * scale + (beta - mean * scale) would cancel when |mean| >> std
+    y = (x - mean[None, :, None]) * scale[None, :, None] + shift[None, :, None]
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _masked_grad(grad_ptr, out_ptr, offsets, mask, RELU: tl.constexpr):
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        g = tl.where(tl.load(out_ptr + offsets, mask=mask, other=0.0) > 0, g, 0.0)
+    return g
+
+
+@triton.jit
+def _backward_reduce_kernel(grad_ptr, x_ptr, out_ptr, mean_ptr, invstd_ptr, part_g_ptr, part_gx_ptr,
+                            N, C, S, stride_n, stride_c, num_sb, num_tiles, tiles_per_split,
+                            RELU: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per split and channel: sum g and sum g * x_hat (g: the gradient behind the ReLU)."""
+    split = tl.program_id(0)
+    cb = tl.program_id(1)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid = offs_c < C
+    mean = tl.load(mean_ptr + offs_c, mask=valid, other=0.0)
+    invstd = tl.load(invstd_ptr + offs_c, mask=valid, other=0.0)
+    sum_g = tl.zeros([BLOCK_C], tl.float32)
+    sum_gx = tl.zeros([BLOCK_C], tl.float32)
+    t_begin = split * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
+    for t in range(t_begin, t_end):
+        offsets, mask, _, _ = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+                                    BLOCK_N, BLOCK_C, BLOCK_S)
+        g = _masked_grad(grad_ptr, out_ptr, offsets, mask, RELU)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x_hat = (x - mean[None, :, None]) * invstd[None, :, None]
+        sum_g += _channel_sum(g)
+        sum_gx += _channel_sum(g * x_hat)
+    tl.store(part_g_ptr + split * C + offs_c, sum_g, mask=valid)
+    tl.store(part_gx_ptr + split * C + offs_c, sum_gx, mask=valid)
+
+
+@triton.jit
+def _backward_elementwise_kernel(grad_ptr, x_ptr, out_ptr, mean_ptr, invstd_ptr, weight_ptr,
+                                 sum_g_ptr, sum_gx_ptr, grad_x_ptr, grad_res_ptr,
+                                 N, C, S, stride_n, stride_c, num_sb, inv_count,
+                                 TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                                 HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    # training: dx = gamma * invstd * (g - mean(g) - x_hat * mean(g * x_hat));  eval: gamma * invstd * g
+    t = tl.program_id(0)
+    cb = tl.program_id(1)
+    offsets, mask, offs_c, _ = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+                                     BLOCK_N, BLOCK_C, BLOCK_S)
+    mean, invstd, scale, _ = _channel_affine(mean_ptr, invstd_ptr, weight_ptr, weight_ptr, offs_c, C,
+                                             0.0, False, HAS_WEIGHT, False)
+    g = _masked_grad(grad_ptr, out_ptr, offsets, mask, RELU)
+    if HAS_RESIDUAL:
+        tl.store(grad_res_ptr + offsets, g.to(grad_res_ptr.dtype.element_ty), mask=mask)
+    if TRAINING:
+        valid = offs_c < C
+        mean_g = tl.load(sum_g_ptr + offs_c, mask=valid, other=0.0) * inv_count
+        mean_gx = tl.load(sum_gx_ptr + offs_c, mask=valid, other=0.0) * inv_count
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x_hat = (x - mean[None, :, None]) * invstd[None, :, None]
+        g = g - mean_g[None, :, None] - x_hat * mean_gx[None, :, None]
+    tl.store(grad_x_ptr + offsets, (g * scale[None, :, None]).to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+
+class _Layout:
+    """The (N, C, S) view of a contiguous or channels_last tensor, and the tile shape for it."""
+
+    def __init__(self, x: torch.Tensor):
+        n, c = x.shape[0], x.shape[1]
+        s = x[0, 0].numel()
+        if x.is_contiguous():
+            self.memory_format = torch.contiguous_format
+            self.n, self.c, self.s, self.stride_n, self.stride_c = n, c, s, c * s, s
+        else:  # channels_last(_3d): rows of C contiguous channels
+            self.memory_format = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            self.n, self.c, self.s, self.stride_n, self.stride_c = n * s, c, 1, c, 1
+        self.block_n, self.block_c, self.block_s = blocks(self.n, self.c, self.s)
+        self.num_sb = triton.cdiv(self.s, self.block_s)
+        self.num_tiles = triton.cdiv(self.n, self.block_n) * self.num_sb
+        self.num_cb = triton.cdiv(self.c, self.block_c)
+
+    def args(self):
+        return self.n, self.c, self.s, self.stride_n, self.stride_c, self.num_sb
+
+    def tile(self):
+        return dict(BLOCK_N=self.block_n, BLOCK_C=self.block_c, BLOCK_S=self.block_s)
+
+    def like(self, t: torch.Tensor) -> torch.Tensor:
+        """t in this layout (a copy only when its strides differ)."""
+        return t.contiguous(memory_format=self.memory_format)
+
+    def splits(self, device: torch.device):
+        """Programs along the reduction: enough to fill the GPU, each over whole tiles."""
+        if device.type == "cuda":
+            target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            target = 4  # the interpreter: few programs, but still exercise the merge
+        splits = max(1, min(self.num_tiles, MAX_SPLITS, triton.cdiv(target, self.num_cb)))
+        tiles_per_split = triton.cdiv(self.num_tiles, splits)
+        return triton.cdiv(self.num_tiles, tiles_per_split), tiles_per_split
+
+
+def blocks(n: int, c: int, s: int):
+    """(BLOCK_N, BLOCK_C, BLOCK_S): the contiguous axis wide, the tile about TILE elements."""
+    if s == 1:
+        block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
+        return min(triton.next_power_of_2(n), TILE // block_c), block_c, 1
+    block_s = min(triton.next_power_of_2(s), MAX_BLOCK_S)
+    block_n = min(triton.next_power_of_2(n), max(1, TILE // block_s))
+    return block_n, 1, block_s
+
+
+def _layout_of(input: torch.Tensor):
+    if not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last)
+            or input.is_contiguous(memory_format=torch.channels_last_3d)):
+        input = input.contiguous()
+    return input, _Layout(input)
+
+
+def forward(input, running_mean, running_var, weight, bias, residual, training: bool, eps: float,
+            relu: bool):
+    """(out, batch mean, unbiased batch var, invstd); the statistics are empty in eval mode."""
+    x, layout = _layout_of(input)
+    out = _alloc.empty_like(x)
+    c = layout.c
+    if training:
+        splits, tiles_per_split = layout.splits(x.device)
+        parts = [_alloc.empty((splits, c), x, torch.float32) for _ in range(3)]
+        _stats_kernel[(splits, layout.num_cb)](x, *parts, *layout.args(), layout.num_tiles,
+                                               tiles_per_split, **layout.tile())
+        mean, var, invstd = (_alloc.empty((c,), x, torch.float32) for _ in range(3))
+        _finalize_kernel[(triton.cdiv(c, FINALIZE_BLOCK_C),)](
+            x, *parts, mean, var, invstd, c, layout.stride_c, splits, eps,
+            BLOCK_SPLIT=FINALIZE_BLOCK_SPLIT, BLOCK_C=FINALIZE_BLOCK_C)
+        centre, spread = mean, invstd
+    else:
+        centre, spread = running_mean, running_var
+        mean, var, invstd = (x.new_empty(0, dtype=torch.float32) for _ in range(3))
+    res = layout.like(residual) if residual is not None else x
+    _normalize_kernel[(layout.num_tiles, layout.num_cb)](
+        x, res, out, centre, spread, weight if weight is not None else x,
+        bias if bias is not None else x, *layout.args(), eps,
+        SPREAD_IS_VAR=not training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, RELU=relu, **layout.tile())
+    return out, mean, var, invstd
+
+
+def backward(grad, input, output, mean, invstd, weight, has_residual: bool, training: bool,
+             relu: bool):
+    """(grad_input, sum g * x_hat = grad_weight, sum g = grad_bias, grad_residual or empty);
+    `mean`/`invstd` are fp32 per channel (batch statistics in training, running ones in eval)."""
+    x, layout = _layout_of(input)
+    grad = layout.like(grad)
+    out = layout.like(output) if relu else x
+    c = layout.c
+    splits, tiles_per_split = layout.splits(x.device)
+    part_g, part_gx = (_alloc.empty((splits, c), x, torch.float32) for _ in range(2))
+    _backward_reduce_kernel[(splits, layout.num_cb)](
+        grad, x, out, mean, invstd, part_g, part_gx, *layout.args(), layout.num_tiles,
+        tiles_per_split, RELU=relu, **layout.tile())
+    sum_g, sum_gx = part_g.sum(0), part_gx.sum(0)
+    grad_input = _alloc.empty_like(x)
+    grad_residual = _alloc.empty_like(x) if has_residual else x.new_empty(0)
+    _backward_elementwise_kernel[(layout.num_tiles, layout.num_cb)](
+        grad, x, out, mean, invstd, weight if weight is not None else x, sum_g, sum_gx,
+        grad_input, grad_residual if has_residual else grad_input, *layout.args(),
+        1.0 / (layout.n * layout.s), TRAINING=training, HAS_WEIGHT=weight is not None,
+        HAS_RESIDUAL=has_residual, RELU=relu, **layout.tile())
+    return grad_input, sum_gx, sum_g, grad_residual
+
+
+# ---------------------------------------------------------------------------------------------
+# compile-for-target cases
+# ---------------------------------------------------------------------------------------------
+
+_FLOAT_SCALARS = ("eps", "inv_count")
+_STATS_PTRS = ("part_", "mean_ptr", "var_ptr", "invstd_ptr", "sum_g")  # always fp32
+
+
+def _signature(kernel, dtype: str, stat_dtype: str = "fp32"):
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg.endswith("_ptr"):
+            if arg.startswith(_STATS_PTRS):
+                signature[arg] = "*fp32"
+            elif arg in ("spread_ptr", "weight_ptr", "bias_ptr"):
+                signature[arg] = f"*{stat_dtype}"
+            else:
+                signature[arg] = f"*{dtype}"
+        elif arg.isupper():
+            signature[arg] = "constexpr"
+        elif arg in _FLOAT_SCALARS:
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+    return signature
+
+
+def compile_cases():
+    """Every tile shape the launchers can pick (both layout families, each power of two up to
+    the caps) for each dtype and flag combination that changes the generated code."""
+    from .compile_case import CompileCase
+
+    shapes = set()
+    for c in (1, 2, 4, 8, 16, 32, 64):
+        shapes.add(blocks(1 << 20, c, 1))
+    for s in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+        shapes.add(blocks(1 << 20, 64, s))
+    cases = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        for bn, bc, bs in sorted(shapes):
+            tile = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_S=bs)
+            tag = f"{dtype},N={bn},C={bc},S={bs}"
+            cases.append(CompileCase(f"batch_norm.stats[{tag}]", _stats_kernel,
+                                     _signature(_stats_kernel, dtype), tile))
+            for training in (True, False):
+                flags = dict(SPREAD_IS_VAR=not training, HAS_WEIGHT=True, HAS_BIAS=True,
+                             HAS_RESIDUAL=True, RELU=True)
+                cases.append(CompileCase(f"batch_norm.normalize[{tag},training={training}]",
+                                         _normalize_kernel, _signature(_normalize_kernel, dtype),
+                                         {**tile, **flags}))
+                flags = dict(TRAINING=training, HAS_WEIGHT=True, HAS_RESIDUAL=True, RELU=True)
+                cases.append(CompileCase(f"batch_norm.backward_elementwise[{tag},training={training}]",
+                                         _backward_elementwise_kernel,
+                                         _signature(_backward_elementwise_kernel, dtype),
+                                         {**tile, **flags}))
+            cases.append(CompileCase(f"batch_norm.backward_reduce[{tag}]", _backward_reduce_kernel,
+                                     _signature(_backward_reduce_kernel, dtype), {**tile, "RELU": True}))
+        cases.append(CompileCase(f"batch_norm.finalize[{dtype}]", _finalize_kernel,
+                                 _signature(_finalize_kernel, dtype),
+                                 dict(BLOCK_SPLIT=FINALIZE_BLOCK_SPLIT, BLOCK_C=FINALIZE_BLOCK_C)))
+    return cases

@@ -1,0 +1,240 @@
+"""batch_norm (+ residual + ReLU): every backend against the float64 reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import packed_kernels as pk
+from packed_kernels.ops import batch_norm as bn_ops
+
+from conftest import require_backend
+from helpers import assert_all_finite, assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = ["torch", "triton"]
+# name -> (shape, channels_last): odd sizes; NCHW, channels_last, 2-D, 3-D; batch 1; 1x1 maps
+LAYOUTS = {
+    "nchw": ((3, 5, 7, 3), False),
+    "channels_last": ((2, 6, 3, 5), True),
+    "2d": ((9, 7), False),
+    "3d": ((2, 3, 11), False),
+    "batch1": ((1, 4, 3, 3), True),
+    "1x1": ((5, 3, 1, 1), False),
+}
+
+
+def _make(layout, dtype, device, mean=0.5, std=2.0):
+    shape, channels_last = LAYOUTS[layout]
+    x = torch.randn(shape, dtype=torch.float64) * std + mean
+    x = x.to(dtype).to(device)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def _reference(x, rm, rv, w, b, r, training, eps, relu):
+    out = F.batch_norm(x, rm, rv, w, b, training, 0.1, eps)
+    if r is not None:
+        out = out + r
+    return torch.relu(out) if relu else out
+
+
+def _leaves(tensors, dtype, device=None):
+    return [None if t is None else
+            t.detach().to(dtype).to(device or t.device).requires_grad_(t.requires_grad) for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine, residual, relu", [(True, True, True), (False, False, False)])
+def test_forward_backward_against_float64(backend, dtype, layout, training, affine, residual, relu):
+    device = require_backend(backend, dtype)
+    x = _make(layout, dtype, device).requires_grad_(True)
+    c = x.shape[1]
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).to(dtype).to(device).requires_grad_(affine) if affine else None
+    b = torch.randn(c, dtype=torch.float64).to(dtype).to(device).requires_grad_(affine) if affine else None
+    r = torch.randn(x.shape, dtype=torch.float64).to(dtype).to(device).requires_grad_(True) if residual else None
+    if r is not None and x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
+        r = r.detach().contiguous().requires_grad_(True)  # a residual in the other layout
+    # running statistics stay float32, as in a module under autocast
+    rm = (torch.randn(c, dtype=torch.float64) * 0.5).float().to(device)
+    rv = (torch.rand(c, dtype=torch.float64) + 0.5).float().to(device)
+    rm_ours, rv_ours = rm.clone(), rv.clone()
+
+    out = pk.batch_norm(x, rm_ours, rv_ours, w, b, training, 0.1, 1e-5, residual=r,
+                        activation="relu" if relu else None, backend=backend)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if LAYOUTS[layout][1] else
+                             torch.contiguous_format), "the output keeps the input's layout"
+    assert_all_finite(out)
+
+    inputs = [x, w, b, r]
+    ref_in = _leaves(inputs, torch.float64, "cpu")
+    rm64, rv64 = rm.double().cpu(), rv.double().cpu()
+    ref = _reference(ref_in[0], rm64, rv64, *ref_in[1:], training, 1e-5, relu)
+    low_in = _leaves(inputs, dtype, "cpu")
+    rm_low, rv_low = rm.cpu().to(dtype), rv.cpu().to(dtype)
+    low = _reference(low_in[0], rm_low, rv_low, *low_in[1:], training, 1e-5, relu)
+    assert_close(out, ref, low, dtype, "out")
+    if training:  # float32 statistics: judged at float32 against the float64 update
+        assert_close(rm_ours, rm64, rm_low.float(), torch.float32, "running_mean")
+        assert_close(rv_ours, rv64, rv_low.float(), torch.float32, "running_var")
+    else:
+        assert torch.equal(rm_ours, rm) and torch.equal(rv_ours, rv)
+
+    grad = torch.randn(x.shape, dtype=torch.float64)
+    wants = [t for t in inputs if t is not None and t.requires_grad]
+    ours = torch.autograd.grad(out, wants, grad.to(dtype).to(device))
+    refs = torch.autograd.grad(ref, [t for t in ref_in if t is not None and t.requires_grad], grad)
+    lows = torch.autograd.grad(low, [t for t in low_in if t is not None and t.requires_grad], grad.to(dtype))
+    for name, g_ours, g_ref, g_low in zip("xwbr", ours, refs, lows):
+        assert g_ours.dtype == dtype and g_ours.shape == g_ref.shape
+        assert_all_finite(g_ours)
+        assert_close(g_ours, g_ref, g_low, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_parameters_with_half_input(backend):
+    """Autocast-style: fp16 activations, fp32 affine parameters; gradients keep each dtype."""
+    device = require_backend(backend, torch.float16)
+    x = _make("channels_last", torch.float16, device).requires_grad_(True)
+    w = torch.rand(x.shape[1], device=device).add_(0.5).requires_grad_(True)
+    b = torch.randn(x.shape[1], device=device).requires_grad_(True)
+    out = pk.batch_norm(x, None, None, w, b, True, activation="relu", backend=backend)
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), torch.randn_like(out))
+    assert (out.dtype, gx.dtype, gw.dtype, gb.dtype) == (torch.float16, torch.float16, torch.float32,
+                                                         torch.float32)
+    x64, w64, b64 = _leaves([x, w, b], torch.float64, "cpu")
+    ref = torch.relu(F.batch_norm(x64, None, None, w64, b64, True))
+    low = torch.relu(F.batch_norm(x.detach().cpu().float(), None, None, w.detach().cpu(),
+                                  b.detach().cpu(), True)).half()
+    assert_close(out, ref, low, torch.float16, "out")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1e4, -3e5])
+def test_statistics_stable_for_large_means(backend, offset):
+    """|mean| >> std: a naive fp32 sum/sum-of-squares loses every digit of the variance here
+    (relative error > 1); ours must stay at float32 rounding level."""
+    device = require_backend(backend)
+    x = (torch.randn(4, 3, 9, 9, dtype=torch.float64) + offset).float()
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    out = pk.batch_norm(x.to(device), rm, rv, training=True, momentum=1.0, backend=backend)
+    x64 = x.double()
+    var64 = x64.var((0, 2, 3))
+    # 1e-6: a few float32 roundings of the centred sums (torch itself is at 1e-4 at 3e5)
+    assert ((rv.cpu().double() - var64).abs() / var64).max() < 1e-6
+    torch_rm, torch_rv = torch.zeros(3), torch.ones(3)
+    torch_out = F.batch_norm(x, torch_rm, torch_rv, training=True, momentum=1.0)
+    assert_close(rm, x64.mean((0, 2, 3)), torch_rm, torch.float32, "mean")
+    # the output inherits the rounding of the float32 mean, as torch's does
+    assert_close(out, F.batch_norm(x64, None, None, training=True), torch_out, torch.float32, "out")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_estimators_never_mix(backend, training):
+    """Channels of other estimators: outputs and gradients bit-identical when one group changes."""
+    device = require_backend(backend)
+    estimators, per_group = 4, 3
+    x = torch.randn(3, estimators * per_group, 5, 4, device=device)
+    w, b = torch.rand(x.shape[1], device=device) + 0.5, torch.randn(x.shape[1], device=device)
+    rm, rv = torch.randn(x.shape[1], device=device), torch.rand(x.shape[1], device=device) + 0.5
+    grad = torch.randn_like(x)
+    changed = slice(per_group, 2 * per_group)  # estimator 1
+    x2 = x.clone()
+    x2[:, changed] = x2[:, changed] * 7.0 - 3.0
+
+    def run(inp):
+        inp = inp.clone().requires_grad_(True)
+        wb = (w.clone().requires_grad_(True), b.clone().requires_grad_(True))
+        r_mean, r_var = rm.clone(), rv.clone()
+        out = pk.batch_norm(inp, r_mean, r_var, *wb, training, activation="relu", backend=backend)
+        grads = torch.autograd.grad(out, (inp, *wb), grad)
+        return (out, *grads, r_mean, r_var)
+
+    first, second = run(x), run(x2)
+    others = [c for c in range(x.shape[1]) if not per_group <= c < 2 * per_group]
+    for a, b_ in zip(first, second):
+        assert torch.equal(a[:, others] if a.dim() > 1 else a[others],
+                           b_[:, others] if b_.dim() > 1 else b_[others])
+    assert not torch.equal(first[0][:, changed], second[0][:, changed]) or not training
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend):
+    device = require_backend(backend)
+    base = torch.randn(4, 6, 8, 5, device=device)
+    x = base[:, ::2, 1:7]  # neither contiguous nor channels_last
+    out = pk.batch_norm(x, None, None, training=True, activation="relu", backend=backend)
+    ref = torch.relu(F.batch_norm(x.double().cpu(), None, None, training=True))
+    assert (out.cpu().double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "triton"])
+@pytest.mark.parametrize("make_bad, error, match", [
+    (lambda d: dict(input=torch.randn(1, 3, device=d), training=True), ValueError, "more than 1 value"),
+    (lambda d: dict(input=torch.randn(1, 3, 1, 1, device=d), training=True), ValueError, "more than 1 value"),
+    (lambda d: dict(input=torch.randn(4, 3, device=d), running_mean=torch.zeros(4, device=d),
+                    running_var=torch.ones(4, device=d)), ValueError, r"running_mean must have shape \(3,\)"),
+    (lambda d: dict(input=torch.randn(4, 3, device=d), weight=torch.ones(2, device=d), training=True),
+     ValueError, "weight must have shape"),
+    (lambda d: dict(input=torch.randn(4, 3, device=d), running_mean=torch.zeros(3, device=d)),
+     ValueError, "both running_mean and running_var"),
+    (lambda d: dict(input=torch.randn(4, 3, device=d)), ValueError, "eval mode"),
+    (lambda d: dict(input=torch.randint(0, 3, (4, 3), device=d), training=True), TypeError, "floating-point"),
+    (lambda d: dict(input=torch.randn(4, 3, device=d), weight=torch.ones(3, dtype=torch.int64, device=d),
+                    training=True), TypeError, "weight must be a floating-point"),
+    (lambda d: dict(input=torch.randn(4, device=d), training=True), ValueError, "at least 2 dimensions"),
+    (lambda d: dict(input=torch.randn(0, 3, device=d), training=True), ValueError, "empty"),
+    (lambda d: dict(input=torch.randn(4, 3, device=d), residual=torch.randn(4, 3, dtype=torch.float16, device=d),
+                    training=True), TypeError, "mixed dtypes"),
+    (lambda d: dict(input=torch.randn(4, 3, device=d), residual=torch.randn(4, 2, device=d), training=True),
+     ValueError, "residual must have the input's shape"),
+    (lambda d: dict(input=torch.randn(4, 3, device=d), training=True, activation="gelu"), ValueError,
+     "activation must be"),
+])
+def test_bad_input_raises_before_launch(backend, make_bad, error, match, device):
+    kwargs = dict(running_mean=None, running_var=None)
+    kwargs.update(make_bad(device))
+    with pytest.raises(error, match=match):
+        pk.batch_norm(kwargs.pop("input"), kwargs.pop("running_mean"), kwargs.pop("running_var"),
+                      backend=backend, **kwargs)
+
+
+def test_triton_rejects_float64_with_reason():
+    with pytest.raises(pk.BackendUnavailableError, match="float32/float16/bfloat16"):
+        pk.batch_norm(torch.randn(4, 3, dtype=torch.float64), None, None, training=True, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck(backend, training):
+    device = require_backend(backend)
+    x = torch.randn(3, 4, 3, 2, device=device).requires_grad_(True)
+    w, b = torch.rand(4, device=device).requires_grad_(True), torch.randn(4, device=device).requires_grad_(True)
+    r = torch.randn_like(x).requires_grad_(True)
+    stats = (None, None) if training else (torch.randn(4, device=device), torch.rand(4, device=device) + 0.5)
+    torch.library.opcheck(bn_ops._batch_norm_op, (x, *stats, w, b, r, training, 1e-5, "relu", backend))
+    out = pk.batch_norm(x, *stats, w, b, training, residual=r, activation="relu", backend=backend)
+    mean = out.new_zeros(4) if not training else x.detach().mean((0, 2, 3))
+    invstd = torch.rand(4, device=device) + 0.5
+    torch.library.opcheck(bn_ops._batch_norm_backward_op,
+                          (torch.randn_like(x), x.detach(), out.detach(), mean, invstd, w.detach(),
+                           True, training, "relu", backend))
+
+
+def test_compiles_fullgraph():
+    bn = torch.nn.BatchNorm2d(4)
+
+    def f(x, r):
+        return pk.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
+                             residual=r, activation="relu", backend="torch")
+
+    x, r = torch.randn(2, 4, 3, 3, requires_grad=True), torch.randn(2, 4, 3, 3)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, r)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    ref = torch.relu(F.batch_norm(x.detach(), None, None, bn.weight.detach(), bn.bias.detach(), True) + r)
+    assert (out - ref).abs().max() < 1e-5
