@@ -23,8 +23,10 @@ import triton.language as tl
 from .. import _alloc
 
 TILE = 4096  # elements per [BLOCK_N, BLOCK_C, BLOCK_S] tile
-MAX_BLOCK_S = 1024
-MAX_BLOCK_C = 64  # channels per tile when channels are the contiguous axis
+NUM_WARPS = 8  # elementwise kernels: 16 elements per thread
+REDUCE_WARPS = 4  # reduction loops keep more alive per element; 8 warps spill on sm_80 fp16
+CHANNEL_BLOCKS = (8, 64)  # BLOCK_C when channels are the contiguous axis (channels_last, 2-D)
+SPATIAL_BLOCKS = (64, 256, 1024)  # BLOCK_S for NCHW: 7x7/8x8, 14x14/16x16, larger maps
 FINALIZE_BLOCK_C = 64
 FINALIZE_BLOCK_SPLIT = 32
 MAX_SPLITS = 1024
@@ -267,13 +269,13 @@ class _Layout:
 
 
 def blocks(n: int, c: int, s: int):
-    """(BLOCK_N, BLOCK_C, BLOCK_S): the contiguous axis wide, the tile about TILE elements."""
+    """(BLOCK_N, BLOCK_C, BLOCK_S): the contiguous axis wide, TILE elements. Few shapes (each is
+    compiled for every target): padded lanes are masked, so they cost no memory traffic."""
     if s == 1:
-        block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
-        return min(triton.next_power_of_2(n), TILE // block_c), block_c, 1
-    block_s = min(triton.next_power_of_2(s), MAX_BLOCK_S)
-    block_n = min(triton.next_power_of_2(n), max(1, TILE // block_s))
-    return block_n, 1, block_s
+        block_c = next(b for b in CHANNEL_BLOCKS if b >= min(c, CHANNEL_BLOCKS[-1]))
+        return TILE // block_c, block_c, 1
+    block_s = next(b for b in SPATIAL_BLOCKS if b >= min(s, SPATIAL_BLOCKS[-1]))
+    return TILE // block_s, 1, block_s
 
 
 def _layout_of(input: torch.Tensor):
@@ -293,7 +295,7 @@ def forward(input, running_mean, running_var, weight, bias, residual, training: 
         splits, tiles_per_split = layout.splits(x.device)
         parts = [_alloc.empty((splits, c), x, torch.float32) for _ in range(3)]
         _stats_kernel[(splits, layout.num_cb)](x, *parts, *layout.args(), layout.num_tiles,
-                                               tiles_per_split, **layout.tile())
+                                               tiles_per_split, **layout.tile(), num_warps=REDUCE_WARPS)
         mean, var, invstd = (_alloc.empty((c,), x, torch.float32) for _ in range(3))
         _finalize_kernel[(triton.cdiv(c, FINALIZE_BLOCK_C),)](
             x, *parts, mean, var, invstd, c, layout.stride_c, splits, eps,
@@ -307,7 +309,7 @@ def forward(input, running_mean, running_var, weight, bias, residual, training: 
         x, res, out, centre, spread, weight if weight is not None else x,
         bias if bias is not None else x, *layout.args(), eps,
         SPREAD_IS_VAR=not training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, RELU=relu, **layout.tile())
+        HAS_RESIDUAL=residual is not None, RELU=relu, **layout.tile(), num_warps=NUM_WARPS)
     return out, mean, var, invstd
 
 
@@ -323,7 +325,7 @@ def backward(grad, input, output, mean, invstd, weight, has_residual: bool, trai
     part_g, part_gx = (_alloc.empty((splits, c), x, torch.float32) for _ in range(2))
     _backward_reduce_kernel[(splits, layout.num_cb)](
         grad, x, out, mean, invstd, part_g, part_gx, *layout.args(), layout.num_tiles,
-        tiles_per_split, RELU=relu, **layout.tile())
+        tiles_per_split, RELU=relu, **layout.tile(), num_warps=REDUCE_WARPS)
     sum_g, sum_gx = part_g.sum(0), part_gx.sum(0)
     grad_input = _alloc.empty_like(x)
     grad_residual = _alloc.empty_like(x) if has_residual else x.new_empty(0)
@@ -331,7 +333,7 @@ def backward(grad, input, output, mean, invstd, weight, has_residual: bool, trai
         grad, x, out, mean, invstd, weight if weight is not None else x, sum_g, sum_gx,
         grad_input, grad_residual if has_residual else grad_input, *layout.args(),
         1.0 / (layout.n * layout.s), TRAINING=training, HAS_WEIGHT=weight is not None,
-        HAS_RESIDUAL=has_residual, RELU=relu, **layout.tile())
+        HAS_RESIDUAL=has_residual, RELU=relu, **layout.tile(), num_warps=NUM_WARPS)
     return grad_input, sum_gx, sum_g, grad_residual
 
 
@@ -345,16 +347,17 @@ _STATS_PTRS = ("part_", "mean_ptr", "var_ptr", "invstd_ptr", "sum_g")  # always 
 
 def _signature(kernel, dtype: str, stat_dtype: str = "fp32"):
     signature = {}
+    constexprs = {p.name for p in kernel.params if p.is_constexpr}
     for arg in kernel.arg_names:
-        if arg.endswith("_ptr"):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
             if arg.startswith(_STATS_PTRS):
                 signature[arg] = "*fp32"
             elif arg in ("spread_ptr", "weight_ptr", "bias_ptr"):
                 signature[arg] = f"*{stat_dtype}"
             else:
                 signature[arg] = f"*{dtype}"
-        elif arg.isupper():
-            signature[arg] = "constexpr"
         elif arg in _FLOAT_SCALARS:
             signature[arg] = "fp32"
         else:
@@ -363,35 +366,29 @@ def _signature(kernel, dtype: str, stat_dtype: str = "fp32"):
 
 
 def compile_cases():
-    """Every tile shape the launchers can pick (both layout families, each power of two up to
-    the caps) for each dtype and flag combination that changes the generated code."""
+    """Every tile shape the launchers can pick, for each dtype, for the compile-for-target check."""
     from .compile_case import CompileCase
 
-    shapes = set()
-    for c in (1, 2, 4, 8, 16, 32, 64):
-        shapes.add(blocks(1 << 20, c, 1))
-    for s in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
-        shapes.add(blocks(1 << 20, 64, s))
+    shapes = [blocks(1, c, 1) for c in CHANNEL_BLOCKS] + [blocks(1, 1, b) for b in SPATIAL_BLOCKS]
     cases = []
     for dtype in ("fp32", "fp16", "bf16"):
-        for bn, bc, bs in sorted(shapes):
+        for bn, bc, bs in shapes:
             tile = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_S=bs)
             tag = f"{dtype},N={bn},C={bc},S={bs}"
+            # all options on: the variants with fewer options generate a subset of this code
             cases.append(CompileCase(f"batch_norm.stats[{tag}]", _stats_kernel,
-                                     _signature(_stats_kernel, dtype), tile))
-            for training in (True, False):
-                flags = dict(SPREAD_IS_VAR=not training, HAS_WEIGHT=True, HAS_BIAS=True,
-                             HAS_RESIDUAL=True, RELU=True)
-                cases.append(CompileCase(f"batch_norm.normalize[{tag},training={training}]",
-                                         _normalize_kernel, _signature(_normalize_kernel, dtype),
-                                         {**tile, **flags}))
-                flags = dict(TRAINING=training, HAS_WEIGHT=True, HAS_RESIDUAL=True, RELU=True)
-                cases.append(CompileCase(f"batch_norm.backward_elementwise[{tag},training={training}]",
-                                         _backward_elementwise_kernel,
-                                         _signature(_backward_elementwise_kernel, dtype),
-                                         {**tile, **flags}))
+                                     _signature(_stats_kernel, dtype), tile, REDUCE_WARPS))
+            cases.append(CompileCase(f"batch_norm.normalize[{tag}]", _normalize_kernel,
+                                     _signature(_normalize_kernel, dtype),
+                                     dict(tile, SPREAD_IS_VAR=True, HAS_WEIGHT=True, HAS_BIAS=True,
+                                          HAS_RESIDUAL=True, RELU=True), NUM_WARPS))
             cases.append(CompileCase(f"batch_norm.backward_reduce[{tag}]", _backward_reduce_kernel,
-                                     _signature(_backward_reduce_kernel, dtype), {**tile, "RELU": True}))
+                                     _signature(_backward_reduce_kernel, dtype), dict(tile, RELU=True),
+                                     REDUCE_WARPS))
+            cases.append(CompileCase(f"batch_norm.backward_elementwise[{tag}]", _backward_elementwise_kernel,
+                                     _signature(_backward_elementwise_kernel, dtype),
+                                     dict(tile, TRAINING=True, HAS_WEIGHT=True, HAS_RESIDUAL=True,
+                                          RELU=True), NUM_WARPS))
         cases.append(CompileCase(f"batch_norm.finalize[{dtype}]", _finalize_kernel,
                                  _signature(_finalize_kernel, dtype),
                                  dict(BLOCK_SPLIT=FINALIZE_BLOCK_SPLIT, BLOCK_C=FINALIZE_BLOCK_C)))
