@@ -238,3 +238,60 @@ def test_compiles_fullgraph():
     assert x.grad is not None and torch.isfinite(x.grad).all()
     ref = torch.relu(F.batch_norm(x.detach(), None, None, bn.weight.detach(), bn.bias.detach(), True) + r)
     assert (out - ref).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# packed_kernels.nn.BatchNorm2d against torch.nn.BatchNorm2d, step by step
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum, affine, track", [(0.1, True, True), (None, True, True),
+                                                     (0.3, False, True), (0.1, True, False)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_module_matches_torch_over_training_steps(backend, momentum, affine, track, channels_last):
+    device = require_backend(backend)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ours = pk.nn.BatchNorm2d(5, momentum=momentum, affine=affine, track_running_stats=track,
+                             backend=backend).to(device)
+    theirs = torch.nn.BatchNorm2d(5, momentum=momentum, affine=affine, track_running_stats=track).to(device)
+    if affine:
+        with torch.no_grad():
+            for p in (theirs.weight, theirs.bias):
+                p.copy_(torch.randn(5))
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for step in range(3):
+        x = (torch.randn(3, 5, 4, 3) * (step + 1) + step).to(device).to(memory_format=fmt)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out_ours, out_theirs = ours(xa), theirs(xb)
+        torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
+        grad = torch.randn_like(x)
+        out_ours.backward(grad)
+        out_theirs.backward(grad)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+        for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+        for (name, a), b in zip(ours.named_buffers(), theirs.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, 5, 3, 3, device=device).to(memory_format=fmt)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    if track:
+        assert int(ours.num_batches_tracked) == 3
+
+
+def test_module_is_a_drop_in():
+    torch_bn = torch.nn.BatchNorm2d(4, eps=1e-3, momentum=None)
+    torch_bn.train()(torch.randn(3, 4, 2, 2))
+    ours = pk.nn.BatchNorm2d.from_batch_norm(torch_bn, activation="relu")
+    assert isinstance(ours, torch.nn.BatchNorm2d) and ours.running_mean is torch_bn.running_mean
+    assert ours.eps == 1e-3 and ours.momentum is None and "relu" in repr(ours)
+    fresh = pk.nn.BatchNorm2d(4)
+    fresh.load_state_dict(torch_bn.state_dict())
+    assert int(fresh.num_batches_tracked) == 1
+    with pytest.raises(ValueError, match="expected 4D input"):
+        fresh(torch.randn(3, 4))
+    x, r = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    expected = torch.relu(torch_bn.eval()(x) + r)
+    torch.testing.assert_close(ours.eval()(x, r), expected)

@@ -1,10 +1,12 @@
 """Drop-in modules: Packed-Ensembles layers (torch-uncertainty compatible) and the ensemble head."""
 
+from .batch_norm import BatchNorm2d
 from .convert import convert
 from .ensemble import EnsembleMean, predict, repeat_targets
 from .packed import GroupedConv2d, PackedConv1d, PackedConv2d, PackedLinear, set_backend
 
 __all__ = [
+    "BatchNorm2d",
     "convert",
     "EnsembleMean",
     "GroupedConv2d",
