@@ -7,13 +7,16 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <optional>
 #include <string>
+#include <vector>
 
 #if !(defined(PK_SIMT) && PK_SIMT)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "conv.h"
 #include "ensemble.h"
 
 namespace {
@@ -133,6 +136,175 @@ void ensemble_scores_backward(std::vector<at::Tensor> grads, const at::Tensor& l
                                 scope.stream());
 }
 
+// --- grouped convolution (csrc/kernels/conv.h): channels_last activations, OHWI weight -------
+
+struct ConvArgs {
+  std::vector<int64_t> stride, padding, dilation;  // padding: (top, left); bottom/right follow
+  int64_t groups;                                   // from the output size
+};
+
+void check_conv_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                       at::IntArrayRef shape, bool channels_last) {
+  TORCH_CHECK(on_backend_device(t), op, ": ", name, " must be a ", kDeviceName, " tensor, got ", t.device());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), ", input on ", like.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              ", input ", like.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(channels_last ? t.is_contiguous(at::MemoryFormat::ChannelsLast) : t.is_contiguous(), op, ": ",
+              name, channels_last ? " must be channels_last contiguous (NHWC)" : " must be contiguous");
+}
+
+void check_fp32_buffer(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                       at::IntArrayRef shape) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), ", input on ", like.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape && t.is_contiguous(), op, ": ", name, " must be a contiguous ", shape,
+              " tensor, got ", t.sizes());
+}
+
+const void* optional_vector(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                            const at::Tensor& like, int64_t channels) {
+  if (!t.has_value()) return nullptr;
+  check_conv_tensor(op, name, *t, like, {channels}, false);
+  return t->const_data_ptr();
+}
+
+pk::conv::Activation conv_activation(const char* op, int64_t activation) {
+  TORCH_CHECK(activation == 0 || activation == 1, op, ": activation code must be 0 (none) or 1 (relu), got ",
+              activation);
+  return static_cast<pk::conv::Activation>(activation);
+}
+
+// The shape from the input (N, C_in, H, W), the OHWI weight and the output's spatial size.
+pk::conv::Shape conv_shape(const char* op, at::IntArrayRef input, at::IntArrayRef weight_ohwi,
+                           int64_t out_h, int64_t out_w, const ConvArgs& a) {
+  TORCH_CHECK(input.size() == 4 && weight_ohwi.size() == 4, op, ": input must be 4-D and the weight "
+              "(C_out, KH, KW, C_in/groups)");
+  TORCH_CHECK(a.stride.size() == 2 && a.padding.size() == 2 && a.dilation.size() == 2, op,
+              ": stride, padding (top, left) and dilation are pairs");
+  TORCH_CHECK(a.groups >= 1 && input[1] % a.groups == 0 && weight_ohwi[0] % a.groups == 0 &&
+              weight_ohwi[3] * a.groups == input[1], op, ": channels do not split into ", a.groups,
+              " groups (input ", input, ", weight OHWI ", weight_ohwi, ")");
+  pk::conv::Shape s;
+  s.batch = input[0];
+  s.in_channels = input[1];
+  s.height = input[2];
+  s.width = input[3];
+  s.out_channels = weight_ohwi[0];
+  s.kernel_h = weight_ohwi[1];
+  s.kernel_w = weight_ohwi[2];
+  s.out_height = out_h;
+  s.out_width = out_w;
+  s.stride_h = static_cast<int>(a.stride[0]);
+  s.stride_w = static_cast<int>(a.stride[1]);
+  s.pad_top = static_cast<int>(a.padding[0]);
+  s.pad_left = static_cast<int>(a.padding[1]);
+  s.dilation_h = static_cast<int>(a.dilation[0]);
+  s.dilation_w = static_cast<int>(a.dilation[1]);
+  s.groups = static_cast<int>(a.groups);
+  TORCH_CHECK(s.stride_h >= 1 && s.stride_w >= 1 && s.dilation_h >= 1 && s.dilation_w >= 1 &&
+              s.pad_top >= 0 && s.pad_left >= 0 && out_h >= 1 && out_w >= 1, op,
+              ": invalid stride/padding/dilation/output size");
+  return s;
+}
+
+void conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
+                  int64_t in_activation, const std::optional<at::Tensor>& out_scale,
+                  const std::optional<at::Tensor>& out_shift, const std::optional<at::Tensor>& residual,
+                  int64_t activation, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                  std::vector<int64_t> dilation, int64_t groups, at::Tensor& y,
+                  const std::optional<at::Tensor>& stats) {
+  const char* op = "conv_forward";
+  scalar_type(op, x);
+  TORCH_CHECK(y.dim() == 4, op, ": y must be 4-D");
+  const pk::conv::Shape s = conv_shape(op, x.sizes(), weight.sizes(), y.size(2), y.size(3),
+                                       ConvArgs{stride, padding, dilation, groups});
+  check_conv_tensor(op, "input", x, x, x.sizes(), true);
+  check_conv_tensor(op, "weight", weight, x, weight.sizes(), false);
+  check_conv_tensor(op, "y", y, x, {s.batch, s.out_channels, s.out_height, s.out_width}, true);
+  pk::conv::Prologue pro{optional_vector(op, "in_scale", in_scale, x, s.in_channels),
+                         optional_vector(op, "in_shift", in_shift, x, s.in_channels),
+                         conv_activation(op, in_activation)};
+  pk::conv::Epilogue epi{optional_vector(op, "bias", bias, x, s.out_channels),
+                         optional_vector(op, "out_scale", out_scale, x, s.out_channels),
+                         optional_vector(op, "out_shift", out_shift, x, s.out_channels), nullptr,
+                         conv_activation(op, activation)};
+  if (residual.has_value()) {
+    check_conv_tensor(op, "residual", *residual, x, y.sizes(), true);
+    epi.residual = residual->const_data_ptr();
+  }
+  float* stats_ptr = nullptr;
+  if (stats.has_value()) {
+    check_fp32_buffer(op, "stats", *stats, x, {pk::conv::forward_row_tiles(s), 2, s.out_channels});
+    stats_ptr = stats->mutable_data_ptr<float>();
+  }
+  DeviceScope scope(x);
+  pk::conv::forward(scalar_type(op, x), s, x.const_data_ptr(), weight.const_data_ptr(), pro, epi,
+                    y.mutable_data_ptr(), stats_ptr, scope.stream());
+}
+
+void conv_input_grad(const at::Tensor& grad, const at::Tensor& weight, std::vector<int64_t> stride,
+                     std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                     at::Tensor& grad_input) {
+  const char* op = "conv_input_grad";
+  scalar_type(op, grad);
+  TORCH_CHECK(grad.dim() == 4, op, ": grad must be 4-D");
+  const pk::conv::Shape s = conv_shape(op, grad_input.sizes(), weight.sizes(), grad.size(2), grad.size(3),
+                                       ConvArgs{stride, padding, dilation, groups});
+  check_conv_tensor(op, "grad", grad, grad, {s.batch, s.out_channels, s.out_height, s.out_width}, true);
+  check_conv_tensor(op, "weight", weight, grad, weight.sizes(), false);
+  check_conv_tensor(op, "grad_input", grad_input, grad, grad_input.sizes(), true);
+  DeviceScope scope(grad);
+  pk::conv::input_grad(scalar_type(op, grad), s, grad.const_data_ptr(), weight.const_data_ptr(),
+                       grad_input.mutable_data_ptr(), scope.stream());
+}
+
+// partials: (splits, C_out, KH, KW, C_in/groups) fp32, summed over splits by the caller.
+void conv_weight_grad(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& in_scale,
+                      const std::optional<at::Tensor>& in_shift, int64_t in_activation,
+                      std::vector<int64_t> stride, std::vector<int64_t> padding,
+                      std::vector<int64_t> dilation, int64_t groups, at::Tensor& partials) {
+  const char* op = "conv_weight_grad";
+  scalar_type(op, x);
+  TORCH_CHECK(grad.dim() == 4 && partials.dim() == 5, op, ": grad must be 4-D and partials 5-D");
+  const pk::conv::Shape s = conv_shape(op, x.sizes(), partials.sizes().slice(1), grad.size(2), grad.size(3),
+                                       ConvArgs{stride, padding, dilation, groups});
+  check_conv_tensor(op, "input", x, x, x.sizes(), true);
+  check_conv_tensor(op, "grad", grad, x, {s.batch, s.out_channels, s.out_height, s.out_width}, true);
+  check_fp32_buffer(op, "partials", partials, x, partials.sizes());
+  TORCH_CHECK(partials.size(0) >= 1 && partials.size(0) <= 65535, op, ": bad number of splits");
+  pk::conv::Prologue pro{optional_vector(op, "in_scale", in_scale, x, s.in_channels),
+                         optional_vector(op, "in_shift", in_shift, x, s.in_channels),
+                         conv_activation(op, in_activation)};
+  DeviceScope scope(x);
+  pk::conv::weight_grad(scalar_type(op, x), s, grad.const_data_ptr(), x.const_data_ptr(), pro,
+                        partials.mutable_data_ptr<float>(), static_cast<int>(partials.size(0)), scope.stream());
+}
+
+int64_t conv_forward_row_tiles(int64_t batch, int64_t out_h, int64_t out_w) {
+  pk::conv::Shape s{};
+  s.batch = batch;
+  s.out_height = out_h;
+  s.out_width = out_w;
+  return pk::conv::forward_row_tiles(s);
+}
+
+int64_t conv_weight_grad_splits(int64_t batch, int64_t in_channels, int64_t out_channels, int64_t kernel_h,
+                                int64_t kernel_w, int64_t out_h, int64_t out_w, int64_t groups) {
+  TORCH_CHECK(groups >= 1, "conv_weight_grad_splits: groups must be >= 1");
+  pk::conv::Shape s{};
+  s.batch = batch;
+  s.in_channels = in_channels;
+  s.out_channels = out_channels;
+  s.kernel_h = kernel_h;
+  s.kernel_w = kernel_w;
+  s.out_height = out_h;
+  s.out_width = out_w;
+  s.groups = static_cast<int>(groups);
+  return pk::conv::weight_grad_splits(s);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -146,4 +318,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("num_estimators"), py::arg("outs"));
   m.def("ensemble_scores_backward", &ensemble_scores_backward, py::arg("grads"), py::arg("logits"),
         py::arg("num_estimators"), py::arg("grad_logits"));
+  m.def("conv_forward", &conv_forward,
+        "y = epilogue(conv(prologue(x), w)); channels_last x/y/residual, OHWI weight",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("in_scale"), py::arg("in_shift"),
+        py::arg("in_activation"), py::arg("out_scale"), py::arg("out_shift"), py::arg("residual"),
+        py::arg("activation"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), py::arg("y"), py::arg("stats"));
+  m.def("conv_input_grad", &conv_input_grad, py::arg("grad"), py::arg("weight"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("grad_input"));
+  m.def("conv_weight_grad", &conv_weight_grad, py::arg("grad"), py::arg("x"), py::arg("in_scale"),
+        py::arg("in_shift"), py::arg("in_activation"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("groups"), py::arg("partials"));
+  m.def("conv_forward_row_tiles", &conv_forward_row_tiles, py::arg("batch"), py::arg("out_h"),
+        py::arg("out_w"));
+  m.def("conv_weight_grad_splits", &conv_weight_grad_splits, py::arg("batch"), py::arg("in_channels"),
+        py::arg("out_channels"), py::arg("kernel_h"), py::arg("kernel_w"), py::arg("out_h"),
+        py::arg("out_w"), py::arg("groups"));
 }

@@ -53,20 +53,23 @@ def compiled(tmp_path_factory):
         command = [nvcc, *NVCC_FLAGS, *gencode, "-Xptxas", "-v", "-c", str(source),
                    "-o", str(out / f"{source.stem}.o")]
         jobs[source.name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ptx = out / "selftest.ptx"
-    jobs["ptx"] = subprocess.Popen([nvcc, *NVCC_FLAGS, "-arch=sm_80", "-ptx", str(SELFTEST_SOURCE), "-o", str(ptx)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ptx_files = {"ptx": (SELFTEST_SOURCE, out / "selftest.ptx"),
+                 "conv.ptx": (CSRC / "cuda" / "conv.cu", out / "conv.ptx")}
+    for name, (source, ptx) in ptx_files.items():
+        jobs[name] = subprocess.Popen([nvcc, *NVCC_FLAGS, "-arch=sm_80", "-ptx", str(source), "-o", str(ptx)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     reports = {}
     for name, job in jobs.items():
         text, _ = job.communicate(timeout=1200)
         assert job.returncode == 0, f"nvcc failed on {name}:\n{text[-4000:]}"
         reports[name] = text
-    reports["ptx"] = ptx.read_text()
+    for name, (_, ptx) in ptx_files.items():
+        reports[name] = ptx.read_text()
     return reports
 
 
 def test_kernel_sources_exist():
-    assert [s.name for s in KERNEL_SOURCES] == ["ensemble.cu"], "update the expectations below"
+    assert [s.name for s in KERNEL_SOURCES] == ["conv.cu", "ensemble.cu"], "update the expectations below"
 
 
 @pytest.mark.parametrize("source", [s.name for s in KERNEL_SOURCES] + [SELFTEST_SOURCE.name])
@@ -88,6 +91,35 @@ def test_ensemble_kernels_fit_their_launch_bounds(compiled):
     assert len(kernels) == 4 * 3 * 2 * len(TARGET_ARCHS)
     for k in kernels:
         assert k["registers"] * MAX_THREADS <= REGISTERS_PER_SM, k
+
+
+CONV_THREADS = 128  # conv.cuh's kThreads (its __launch_bounds__)
+
+
+def test_conv_kernels_fit_their_launch_bounds(compiled):
+    kernels = parse_ptxas_verbose(compiled["conv.cu"])
+    # (forward, input grad, weight grad) x 3 dtypes x 4 archs
+    assert len(kernels) == 3 * 3 * len(TARGET_ARCHS)
+    for k in kernels:
+        assert k["registers"] * CONV_THREADS <= REGISTERS_PER_SM, k
+
+
+def _ptx_entries(ptx: str) -> dict:
+    """Kernel name -> its PTX body."""
+    entries = {}
+    for chunk in ptx.split(".entry ")[1:]:
+        entries[chunk.split("(", 1)[0].strip()] = chunk
+    return entries
+
+
+def test_conv_half_paths_use_tensor_cores(compiled):
+    entries = _ptx_entries(compiled["conv.ptx"])
+    assert len(entries) == 9, sorted(entries)
+    for name, body in entries.items():
+        # mangled element types: __half (6__half), __nv_bfloat16 (13__nv_bfloat16), float (If)
+        sixteen_bit = "6__half" in name or "13__nv_bfloat16" in name
+        uses_mma = "mma.sync" in body
+        assert uses_mma == sixteen_bit, f"{name}: tensor cores {'missing' if sixteen_bit else 'used for fp32'}"
 
 
 def test_tile_interface_uses_tensor_cores(compiled):

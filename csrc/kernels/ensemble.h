@@ -7,11 +7,9 @@
 
 #include <cstdint>
 
+#include "scalar_type.h"
+
 namespace pk {
-
-enum class ScalarType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-using Stream = void*;  // cudaStream_t under nvcc, ignored by the emulator
-
 namespace ensemble {
 
 constexpr int kMaxEstimators = 64;

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend
+from .. import _alloc, _backend
 from .._checks import check_float_tensor, check_positive_int, check_same_device_dtype
 from ._autograd import unaliased
 
 IntPair = Union[int, Sequence[int]]
-IMPLEMENTED = ("torch", "triton")  # the CUDA kernels register here as they land
+IMPLEMENTED = ("torch", "triton", "cuda", "simt")
 
 
 def _pair(op: str, name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
@@ -159,6 +159,85 @@ def reference_channel_stats(y: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
+# the csrc kernels (backend "cuda": packed_kernels._C, "simt": the same source on the emulator)
+#
+# Layout transform at this boundary: the kernels read and write channels_last (NHWC) only, with
+# the weight as (C_out, KH, KW, C_in/groups). NCHW or strided tensors are copied to
+# channels_last here, and an NCHW caller gets its output copied back to NCHW, so every backend
+# keeps the input's memory format; channels_last callers pay no copy but the weight's (small).
+# ---------------------------------------------------------------------------------------------
+
+_CSRC_EXTENSIONS = {"cuda": "_C", "simt": "_simt"}
+_ACTIVATION_CODES = {None: 0, "relu": 1}  # pk::conv::Activation
+
+
+def _nhwc(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous(memory_format=torch.channels_last)
+
+
+def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _ohwi(weight: Tensor) -> Tensor:
+    return weight.permute(0, 2, 3, 1).contiguous()
+
+
+def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
+                      prologue=(None, None, None), epilogue=(None, None, None, None),
+                      channel_stats=False):
+    """(out, sum, sum of squares) like _conv_forward, on the csrc kernels."""
+    ext = _backend.extension(_CSRC_EXTENSIONS[backend])
+    in_scale, in_shift, in_activation = prologue
+    out_scale, out_shift, residual, activation = epilogue
+    x = _nhwc(input)
+    n, c_out = input.shape[0], weight.shape[0]
+    out_h, out_w = _output_hw(input.shape[2:], weight, stride, padding, dilation)
+    y = _alloc.empty((n, c_out, out_h, out_w), x, memory_format=torch.channels_last)
+    stats = None
+    if channel_stats:  # one fp32 partial per row tile, summed here (deterministic)
+        stats = _alloc.empty((ext.conv_forward_row_tiles(n, out_h, out_w), 2, c_out), x,
+                             dtype=torch.float32)
+    ext.conv_forward(x, _ohwi(weight), _dense(bias), _dense(in_scale), _dense(in_shift),
+                     _ACTIVATION_CODES[in_activation], _dense(out_scale), _dense(out_shift),
+                     _nhwc(residual), _ACTIVATION_CODES[activation], list(stride),
+                     [padding[0], padding[2]], list(dilation), groups, y, stats)
+    out = y.contiguous(memory_format=_format_of(input))
+    if stats is None:
+        return out, None, None
+    totals = stats.sum(0)
+    return out, totals[0], totals[1]
+
+
+def csrc_conv_input_grad(backend, grad, weight, input_shape, stride, padding, dilation, groups,
+                         memory_format=torch.contiguous_format):
+    """d loss / d (conv input) on the csrc kernels, in `memory_format`."""
+    ext = _backend.extension(_CSRC_EXTENSIONS[backend])
+    grad_input = _alloc.empty(tuple(input_shape), grad, memory_format=torch.channels_last)
+    ext.conv_input_grad(_nhwc(grad), _ohwi(weight), list(stride), [padding[0], padding[2]],
+                        list(dilation), groups, grad_input)
+    return grad_input.contiguous(memory_format=memory_format)
+
+
+def csrc_conv_weight_grad(backend, grad, input, weight_shape, stride, padding, dilation, groups,
+                          prologue=(None, None, None), splits: Optional[int] = None):
+    """d loss / d weight on the csrc kernels, reading the input through the prologue; the pixel
+    range is split into `splits` fp32 slabs (the kernels' heuristic when None), summed here."""
+    ext = _backend.extension(_CSRC_EXTENSIONS[backend])
+    in_scale, in_shift, in_activation = prologue
+    c_out, cin_g, kh, kw = weight_shape
+    n, c_in = input.shape[:2]
+    out_h, out_w = grad.shape[2:]
+    if splits is None:
+        splits = ext.conv_weight_grad_splits(n, c_in, c_out, kh, kw, out_h, out_w, groups)
+    partials = _alloc.empty((splits, c_out, kh, kw, cin_g), input, dtype=torch.float32)
+    ext.conv_weight_grad(_nhwc(grad), _nhwc(input), _dense(in_scale), _dense(in_shift),
+                         _ACTIVATION_CODES[in_activation], list(stride), [padding[0], padding[2]],
+                         list(dilation), groups, partials)
+    return partials.sum(0).permute(0, 3, 1, 2).to(input.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
 # the three convolution primitives, per backend (the ops below are written on these)
 # ---------------------------------------------------------------------------------------------
 
@@ -170,6 +249,9 @@ def _conv_forward(backend, input, weight, bias, stride, padding, dilation, group
         from ..triton import conv as tc
         return tc.conv_forward(input, weight, bias, stride, padding, dilation, groups, fmt,
                                tc.Prologue(*prologue), tc.Epilogue(*epilogue), channel_stats)
+    if backend in _CSRC_EXTENSIONS:
+        return csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
+                                 prologue, epilogue, channel_stats)
     y = reference_conv2d(reference_prologue(input, *prologue), weight, bias, stride, padding,
                          dilation, groups)
     sums = reference_channel_stats(y) if channel_stats else (None, None)
@@ -189,6 +271,15 @@ def _conv_grads(backend, grad, input, weight, stride, padding, dilation, groups,
         if need_weight:
             grad_weight = tc.conv_weight_grad(grad, input, weight.shape, stride, padding, dilation,
                                               groups, tc.Prologue(*prologue))
+        return grad_x_hat, grad_weight
+    if backend in _CSRC_EXTENSIONS:
+        grad_x_hat = grad_weight = None
+        if need_input:
+            grad_x_hat = csrc_conv_input_grad(backend, grad, weight, input.shape, stride, padding,
+                                              dilation, groups, _format_of(input))
+        if need_weight:
+            grad_weight = csrc_conv_weight_grad(backend, grad, input, weight.shape, stride, padding,
+                                                dilation, groups, prologue)
         return grad_x_hat, grad_weight
     x_hat = reference_prologue(input, *prologue)
     grad_x_hat, grad_weight, _ = reference_conv2d_backward(

@@ -1,0 +1,2 @@
+// The CUDA build of the grouped convolution kernels (no torch headers).
+#include "conv.cuh"

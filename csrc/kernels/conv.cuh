@@ -1,0 +1,459 @@
+// Block-diagonal grouped 2-D convolution as implicit GEMMs, the group on grid axis z. Written
+// once for nvcc and the SIMT emulator (pk/simt.h). Layouts and semantics: conv.h.
+//
+// One GEMM kernel, three problems that say how to read A (rows x depth) and B (depth x cols)
+// and where the result goes, per group g:
+//   forward      rows = output pixels (n, oh, ow), cols = output channels, depth = (kh, kw, c_in)
+//   input grad   rows = input pixels (n, ih, iw),  cols = input channels,  depth = (kh, kw, c_out)
+//   weight grad  rows = output channels, cols = (kh, kw, c_in), depth = output pixels, the
+//                depth split over grid axis y into fp32 slabs (summed by the caller)
+// A block computes a 64x64 tile: it stages a 64x32 slice of A and a 32x64 slice of B in shared
+// memory (padding taps, tails and out-of-range rows load as zero), then
+//   half/bfloat16: 4 warps, each 32x32 of 16x16x16 tensor-core tiles (pk/tile.h), fp32 accumulators;
+//   float:         FMA, each thread 8x4 outputs.
+// The accumulators go through shared memory to the epilogue, which writes coalesced along the
+// contiguous dimension (channels, NHWC) and, in the forward, adds bias, reduces the channel
+// statistics of the tile (deterministic: one partial per row tile) and applies the epilogue.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "conv.h"
+#include "pk/simt.h"
+#include "pk/tile.h"
+#include "pk/types.h"
+
+namespace pk {
+namespace conv {
+namespace detail {
+
+using index_t = long long;
+
+constexpr int kThreads = 128;
+constexpr int kBlockM = 64, kBlockN = 64, kBlockK = 32;
+// Row padding of the staged tiles: 16-bit rows stay a multiple of 8 elements (wmma's leading
+// dimension rule), every 16-row fragment stays 32-byte aligned, and rows start on other banks.
+constexpr int kLdA = kBlockK + 8, kLdB = kBlockN + 8, kLdC = kBlockN + 4;
+
+template <typename T>
+constexpr std::size_t staging_bytes() {
+  const std::size_t ab = sizeof(T) * (kBlockM * kLdA + kBlockK * kLdB);
+  const std::size_t c = sizeof(float) * kBlockM * kLdC;
+  return ab > c ? ab : c;  // the accumulator tile reuses the staging buffers after the main loop
+}
+
+PK_DEVICE float activate(float v, int activation) {
+  return activation == static_cast<int>(Activation::kRelu) ? fmaxf(v, 0.0f) : v;
+}
+
+// act(x * scale[c] + shift[c]) per input channel; nullptr scale/shift mean identity.
+template <typename T>
+struct PrologueView {
+  const T* scale;
+  const T* shift;
+  int activation;
+
+  PK_DEVICE bool identity() const { return scale == nullptr && shift == nullptr && activation == 0; }
+  PK_DEVICE T apply(T v, index_t c) const {
+    if (identity()) return v;
+    float u = to_float(v);
+    if (scale != nullptr) u *= to_float(scale[c]);
+    if (shift != nullptr) u += to_float(shift[c]);
+    return from_float<T>(activate(u, activation));
+  }
+};
+
+// Sizes every problem shares.
+struct Geometry {
+  int H, W, OH, OW, KH, KW;
+  int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  index_t C_in, C_out, cin_g, cout_g;
+};
+
+template <typename T>
+struct ForwardProblem {
+  static constexpr bool kAAlongDepth = true;  // which of A's dimensions is contiguous in memory
+  static constexpr bool kBAlongDepth = true;
+  Geometry geo;
+  index_t rows, cols, depth;
+  const T* x;
+  const T* w;
+  PrologueView<T> prologue;
+  const T* bias;
+  const T* out_scale;
+  const T* out_shift;
+  const T* residual;
+  int out_activation;
+  T* y;
+  float* stats;
+
+  PK_DEVICE T a(int g, index_t m, index_t k) const {
+    const int ci = static_cast<int>(k % geo.cin_g);
+    const int tap = static_cast<int>(k / geo.cin_g);
+    const index_t n = m / (index_t(geo.OH) * geo.OW);
+    const int rem = static_cast<int>(m % (index_t(geo.OH) * geo.OW));
+    const int ih = (rem / geo.OW) * geo.stride_h - geo.pad_h + (tap / geo.KW) * geo.dil_h;
+    const int iw = (rem % geo.OW) * geo.stride_w - geo.pad_w + (tap % geo.KW) * geo.dil_w;
+    if (ih < 0 || ih >= geo.H || iw < 0 || iw >= geo.W) return from_float<T>(0.0f);
+    const index_t c = g * geo.cin_g + ci;
+    return prologue.apply(x[((n * geo.H + ih) * geo.W + iw) * geo.C_in + c], c);
+  }
+  PK_DEVICE T b(int g, index_t k, index_t col) const { return w[(g * geo.cout_g + col) * depth + k]; }
+  PK_DEVICE float pre_epilogue(int g, index_t col, float acc) const {
+    return bias != nullptr ? acc + to_float(bias[g * geo.cout_g + col]) : acc;
+  }
+  PK_DEVICE void store(int g, int /*split*/, index_t m, index_t col, float acc) const {
+    const index_t co = g * geo.cout_g + col;
+    float v = pre_epilogue(g, col, acc);
+    if (out_scale != nullptr) v *= to_float(out_scale[co]);
+    if (out_shift != nullptr) v += to_float(out_shift[co]);
+    if (residual != nullptr) v += to_float(residual[m * geo.C_out + co]);
+    y[m * geo.C_out + co] = from_float<T>(activate(v, out_activation));
+  }
+};
+
+template <typename T>
+struct InputGradProblem {
+  static constexpr bool kAAlongDepth = true;
+  static constexpr bool kBAlongDepth = false;
+  Geometry geo;
+  index_t rows, cols, depth;
+  const T* grad;
+  const T* w;
+  T* grad_input;
+  float* stats;  // unused: no statistics here
+
+  // Output pixel (oh, ow) reads input pixel (ih, iw) through tap (kh, kw) iff
+  // oh * stride = ih + pad - kh * dilation (and the same along w).
+  PK_DEVICE T a(int g, index_t m, index_t k) const {
+    const int co = static_cast<int>(k % geo.cout_g);
+    const int tap = static_cast<int>(k / geo.cout_g);
+    const index_t n = m / (index_t(geo.H) * geo.W);
+    const int rem = static_cast<int>(m % (index_t(geo.H) * geo.W));
+    const int oh_num = rem / geo.W + geo.pad_h - (tap / geo.KW) * geo.dil_h;
+    const int ow_num = rem % geo.W + geo.pad_w - (tap % geo.KW) * geo.dil_w;
+    if (oh_num < 0 || ow_num < 0 || oh_num % geo.stride_h != 0 || ow_num % geo.stride_w != 0)
+      return from_float<T>(0.0f);
+    const int oh = oh_num / geo.stride_h, ow = ow_num / geo.stride_w;
+    if (oh >= geo.OH || ow >= geo.OW) return from_float<T>(0.0f);
+    return grad[((n * geo.OH + oh) * geo.OW + ow) * geo.C_out + g * geo.cout_g + co];
+  }
+  PK_DEVICE T b(int g, index_t k, index_t col) const {
+    const index_t co = k % geo.cout_g, tap = k / geo.cout_g;
+    return w[((g * geo.cout_g + co) * geo.KH * geo.KW + tap) * geo.cin_g + col];
+  }
+  PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
+  PK_DEVICE void store(int g, int /*split*/, index_t m, index_t col, float acc) const {
+    grad_input[m * geo.C_in + g * geo.cin_g + col] = from_float<T>(acc);
+  }
+};
+
+template <typename T>
+struct WeightGradProblem {
+  static constexpr bool kAAlongDepth = false;
+  static constexpr bool kBAlongDepth = false;
+  Geometry geo;
+  index_t rows, cols, depth;
+  const T* grad;
+  const T* x;
+  PrologueView<T> prologue;
+  float* partials;
+  float* stats;  // unused
+
+  PK_DEVICE T a(int g, index_t co, index_t p) const { return grad[p * geo.C_out + g * geo.cout_g + co]; }
+  PK_DEVICE T b(int g, index_t p, index_t col) const {
+    const int ci = static_cast<int>(col % geo.cin_g);
+    const int tap = static_cast<int>(col / geo.cin_g);
+    const index_t n = p / (index_t(geo.OH) * geo.OW);
+    const int rem = static_cast<int>(p % (index_t(geo.OH) * geo.OW));
+    const int ih = (rem / geo.OW) * geo.stride_h - geo.pad_h + (tap / geo.KW) * geo.dil_h;
+    const int iw = (rem % geo.OW) * geo.stride_w - geo.pad_w + (tap % geo.KW) * geo.dil_w;
+    if (ih < 0 || ih >= geo.H || iw < 0 || iw >= geo.W) return from_float<T>(0.0f);
+    const index_t c = g * geo.cin_g + ci;
+    return prologue.apply(x[((n * geo.H + ih) * geo.W + iw) * geo.C_in + c], c);
+  }
+  PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
+  PK_DEVICE void store(int g, int split, index_t co, index_t col, float acc) const {
+    partials[((index_t(split) * geo.C_out) + g * geo.cout_g + co) * cols + col] = acc;
+  }
+};
+
+// At least 1 block per SM: with ptxas's own occupancy target the bf16 forward spilled on sm_90.
+template <typename T, typename Problem>
+__global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t split_len) {
+  constexpr bool kTensorCores = !std::is_same<T, float>::value;
+  PK_SHARED(unsigned char, shared_raw, staging_bytes<T>() + 32);
+  // wmma wants 32-byte aligned tiles; the portability layer guarantees 16.
+  unsigned char* const shared = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<std::uintptr_t>(shared_raw) + 31) & ~std::uintptr_t(31));
+  T* const As = reinterpret_cast<T*>(shared);
+  T* const Bs = As + kBlockM * kLdA;
+  float* const Cs = reinterpret_cast<float*>(shared);
+
+  const int tid = threadIdx.x;
+  const int g = blockIdx.z;
+  const index_t tiles_n = (p.cols + kBlockN - 1) / kBlockN;
+  const int split = static_cast<int>(blockIdx.y / tiles_n);
+  const index_t m0 = index_t(blockIdx.x) * kBlockM;
+  const index_t n0 = (blockIdx.y % tiles_n) * kBlockN;
+  const index_t k_begin = index_t(split) * split_len;
+  const index_t k_end = k_begin + split_len < p.depth ? k_begin + split_len : p.depth;
+  const T zero = from_float<T>(0.0f);
+
+  float acc[kTensorCores ? 1 : 8][kTensorCores ? 1 : 4];
+  tile::Accumulator frag_acc[kTensorCores ? 2 : 1][kTensorCores ? 2 : 1];
+  const int warp = tid / 32, warp_m = warp / 2, warp_n = warp % 2;  // 2x2 warps of 32x32
+  if constexpr (kTensorCores) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) tile::fill(frag_acc[i][j], 0.0f);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+  }
+
+  for (index_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
+    // Stage; consecutive threads walk the dimension that is contiguous in memory.
+    for (int e = tid; e < kBlockM * kBlockK; e += kThreads) {
+      const int r = Problem::kAAlongDepth ? e / kBlockK : e % kBlockM;
+      const int kk = Problem::kAAlongDepth ? e % kBlockK : e / kBlockM;
+      const index_t m = m0 + r, k = k0 + kk;
+      As[r * kLdA + kk] = (m < p.rows && k < k_end) ? p.a(g, m, k) : zero;
+    }
+    for (int e = tid; e < kBlockK * kBlockN; e += kThreads) {
+      const int kk = Problem::kBAlongDepth ? e % kBlockK : e / kBlockN;
+      const int c = Problem::kBAlongDepth ? e / kBlockK : e % kBlockN;
+      const index_t k = k0 + kk, n = n0 + c;
+      Bs[kk * kLdB + c] = (n < p.cols && k < k_end) ? p.b(g, k, n) : zero;
+    }
+    __syncthreads();
+    if constexpr (kTensorCores) {
+#pragma unroll
+      for (int kk = 0; kk < kBlockK; kk += tile::kK) {
+        tile::FragmentA<T, tile::RowMajor> a[2];
+        tile::FragmentB<T, tile::RowMajor> b[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) tile::load(a[i], As + (warp_m * 32 + i * 16) * kLdA + kk, kLdA);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) tile::load(b[j], Bs + kk * kLdB + warp_n * 32 + j * 16, kLdB);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) tile::mma(frag_acc[i][j], a[i], b[j]);
+      }
+    } else {
+      const int ty = tid / 16, tx = tid % 16;  // thread (ty, tx) owns rows ty + 8i, cols tx + 16j
+#pragma unroll 4
+      for (int kk = 0; kk < kBlockK; ++kk) {
+        float a[8], b[4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) a[i] = to_float(As[(ty + 8 * i) * kLdA + kk]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = to_float(Bs[kk * kLdB + tx + 16 * j]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+    }
+    __syncthreads();  // the next stage overwrites the tiles
+  }
+
+  // The accumulators go to shared memory (over the staging tiles: the loop ended on a barrier).
+  if constexpr (kTensorCores) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        tile::store(Cs + (warp_m * 32 + i * 16) * kLdC + warp_n * 32 + j * 16, frag_acc[i][j], kLdC);
+  } else {
+    const int ty = tid / 16, tx = tid % 16;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) Cs[(ty + 8 * i) * kLdC + tx + 16 * j] = acc[i][j];
+  }
+  __syncthreads();
+
+  if (p.stats != nullptr) {  // forward only: per-column sum and sum of squares of this row tile
+    const index_t valid_rows = p.rows - m0 < kBlockM ? p.rows - m0 : kBlockM;
+    for (int c = tid; c < kBlockN; c += kThreads) {
+      const index_t n = n0 + c;
+      if (n >= p.cols) continue;
+      float sum = 0.0f, sum_sq = 0.0f;
+      for (int r = 0; r < valid_rows; ++r) {
+        const float v = p.pre_epilogue(g, n, Cs[r * kLdC + c]);
+        sum += v;
+        sum_sq += v * v;
+      }
+      float* const out = p.stats + index_t(blockIdx.x) * 2 * p.geo.C_out + g * p.geo.cout_g + n;
+      out[0] = sum;
+      out[p.geo.C_out] = sum_sq;
+    }
+  }
+  for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
+    const int r = e / kBlockN, c = e % kBlockN;  // along the output's contiguous dimension
+    const index_t m = m0 + r, n = n0 + c;
+    if (m < p.rows && n < p.cols) p.store(g, split, m, n, Cs[r * kLdC + c]);
+  }
+}
+
+inline index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
+
+inline Geometry geometry(const Shape& s) {
+  Geometry geo;
+  geo.H = static_cast<int>(s.height);
+  geo.W = static_cast<int>(s.width);
+  geo.OH = static_cast<int>(s.out_height);
+  geo.OW = static_cast<int>(s.out_width);
+  geo.KH = static_cast<int>(s.kernel_h);
+  geo.KW = static_cast<int>(s.kernel_w);
+  geo.stride_h = s.stride_h;
+  geo.stride_w = s.stride_w;
+  geo.pad_h = s.pad_top;
+  geo.pad_w = s.pad_left;
+  geo.dil_h = s.dilation_h;
+  geo.dil_w = s.dilation_w;
+  geo.C_in = s.in_channels;
+  geo.C_out = s.out_channels;
+  geo.cin_g = s.in_channels / s.groups;
+  geo.cout_g = s.out_channels / s.groups;
+  return geo;
+}
+
+inline void check_shape(const Shape& s) {
+  const bool ok = s.batch > 0 && s.in_channels > 0 && s.out_channels > 0 && s.groups > 0 &&
+                  s.in_channels % s.groups == 0 && s.out_channels % s.groups == 0 &&
+                  s.kernel_h > 0 && s.kernel_w > 0 && s.out_height > 0 && s.out_width > 0 &&
+                  s.stride_h > 0 && s.stride_w > 0 && s.dilation_h > 0 && s.dilation_w > 0 &&
+                  s.pad_top >= 0 && s.pad_left >= 0 && s.groups <= 65535 &&
+                  s.height < (1 << 30) && s.width < (1 << 30);
+  if (!ok) throw std::invalid_argument("pk::conv: invalid convolution shape");
+}
+
+template <typename T, typename Problem>
+void launch_gemm(const Problem& p, int groups, index_t splits, index_t split_len, Stream stream) {
+  const index_t tiles_m = ceil_div(p.rows, kBlockM), tiles_n = ceil_div(p.cols, kBlockN);
+  if (tiles_m > 0x7fffffff || tiles_n * splits > 65535)
+    throw std::invalid_argument("pk::conv: the problem exceeds the launch grid");
+  const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n * splits),
+                  static_cast<unsigned>(groups));
+  launch(gemm_kernel<T, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
+}
+
+template <typename T>
+void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, const Epilogue& epi,
+             void* y, float* stats, Stream stream) {
+  ForwardProblem<T> p;
+  p.geo = geometry(s);
+  p.rows = s.batch * s.out_height * s.out_width;
+  p.cols = p.geo.cout_g;
+  p.depth = s.kernel_h * s.kernel_w * p.geo.cin_g;
+  p.x = static_cast<const T*>(x);
+  p.w = static_cast<const T*>(w);
+  p.prologue = PrologueView<T>{static_cast<const T*>(pro.scale), static_cast<const T*>(pro.shift),
+                               static_cast<int>(pro.activation)};
+  p.bias = static_cast<const T*>(epi.bias);
+  p.out_scale = static_cast<const T*>(epi.scale);
+  p.out_shift = static_cast<const T*>(epi.shift);
+  p.residual = static_cast<const T*>(epi.residual);
+  p.out_activation = static_cast<int>(epi.activation);
+  p.y = static_cast<T*>(y);
+  p.stats = stats;
+  launch_gemm<T>(p, s.groups, 1, p.depth, stream);
+}
+
+template <typename T>
+void input_grad(const Shape& s, const void* grad, const void* w, void* grad_input, Stream stream) {
+  InputGradProblem<T> p;
+  p.geo = geometry(s);
+  p.rows = s.batch * s.height * s.width;
+  p.cols = p.geo.cin_g;
+  p.depth = s.kernel_h * s.kernel_w * p.geo.cout_g;
+  p.grad = static_cast<const T*>(grad);
+  p.w = static_cast<const T*>(w);
+  p.grad_input = static_cast<T*>(grad_input);
+  p.stats = nullptr;
+  launch_gemm<T>(p, s.groups, 1, p.depth, stream);
+}
+
+// Slabs after the first start at multiples of kBlockK; a slab whose range is empty writes zeros.
+inline index_t split_length(index_t depth, index_t splits) {
+  return ceil_div(ceil_div(depth, splits), kBlockK) * kBlockK;
+}
+
+template <typename T>
+void weight_grad(const Shape& s, const void* grad, const void* x, const Prologue& pro, float* partials,
+                 int splits, Stream stream) {
+  if (splits < 1) throw std::invalid_argument("pk::conv: weight_grad needs splits >= 1");
+  WeightGradProblem<T> p;
+  p.geo = geometry(s);
+  p.rows = p.geo.cout_g;
+  p.cols = s.kernel_h * s.kernel_w * p.geo.cin_g;
+  p.depth = s.batch * s.out_height * s.out_width;
+  p.grad = static_cast<const T*>(grad);
+  p.x = static_cast<const T*>(x);
+  p.prologue = PrologueView<T>{static_cast<const T*>(pro.scale), static_cast<const T*>(pro.shift),
+                               static_cast<int>(pro.activation)};
+  p.partials = partials;
+  p.stats = nullptr;
+  launch_gemm<T>(p, s.groups, splits, split_length(p.depth, splits), stream);
+}
+
+}  // namespace detail
+
+std::int64_t forward_row_tiles(const Shape& s) {
+  return detail::ceil_div(s.batch * s.out_height * s.out_width, detail::kBlockM);
+}
+
+int weight_grad_splits(const Shape& s) {
+  // Enough blocks to fill a large GPU twice over, while every slab keeps >= 8 depth steps.
+  constexpr detail::index_t kTargetBlocks = 264, kMaxSplits = 64;
+  const detail::index_t blocks = detail::ceil_div(s.out_channels / s.groups, detail::kBlockM) *
+                                 detail::ceil_div(s.kernel_h * s.kernel_w * (s.in_channels / s.groups),
+                                                  detail::kBlockN) * s.groups;
+  const detail::index_t depth = s.batch * s.out_height * s.out_width;
+  detail::index_t splits = detail::ceil_div(kTargetBlocks, blocks);
+  const detail::index_t most = depth / (8 * detail::kBlockK);
+  if (splits > most) splits = most;
+  if (splits > kMaxSplits) splits = kMaxSplits;
+  return splits < 1 ? 1 : static_cast<int>(splits);
+}
+
+#define PK_CONV_DISPATCH(dtype, T, ...)                                              \
+  switch (dtype) {                                                                   \
+    case ScalarType::kFloat32: { using T = float; __VA_ARGS__; break; }              \
+    case ScalarType::kFloat16: { using T = ::pk::half; __VA_ARGS__; break; }         \
+    case ScalarType::kBFloat16: { using T = ::pk::bfloat16; __VA_ARGS__; break; }    \
+    default: throw std::invalid_argument("pk::conv: unsupported dtype");             \
+  }
+
+void forward(ScalarType dtype, const Shape& s, const void* x, const void* w, const Prologue& pro,
+             const Epilogue& epi, void* y, float* stats, Stream stream) {
+  detail::check_shape(s);
+  PK_CONV_DISPATCH(dtype, T, detail::forward<T>(s, x, w, pro, epi, y, stats, stream));
+}
+
+void input_grad(ScalarType dtype, const Shape& s, const void* grad, const void* w, void* grad_input,
+                Stream stream) {
+  detail::check_shape(s);
+  PK_CONV_DISPATCH(dtype, T, detail::input_grad<T>(s, grad, w, grad_input, stream));
+}
+
+void weight_grad(ScalarType dtype, const Shape& s, const void* grad, const void* x, const Prologue& pro,
+                 float* partials, int splits, Stream stream) {
+  detail::check_shape(s);
+  PK_CONV_DISPATCH(dtype, T, detail::weight_grad<T>(s, grad, x, pro, partials, splits, stream));
+}
+
+#undef PK_CONV_DISPATCH
+
+}  // namespace conv
+}  // namespace pk

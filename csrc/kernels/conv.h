@@ -1,0 +1,66 @@
+// Launchers of the block-diagonal grouped 2-D convolution kernels: raw pointers, sizes and a
+// stream; no torch. Defined by conv.cuh, compiled by csrc/cuda/conv.cu (nvcc) and
+// csrc/simt/conv.cpp (the emulator). Semantics: packed_kernels/ops/conv.py (reference_*).
+//
+// Layouts (the kernels see channels_last only; ops/conv.py transforms NCHW at the boundary):
+//   activations  x, y, residual, grad, grad_input: NHWC contiguous (torch's channels_last)
+//   weight       (C_out, KH, KW, C_in/groups) contiguous ("OHWI")
+//   per-channel  bias, in_scale, in_shift, out_scale, out_shift: (C,) contiguous, nullptr = absent
+// Every tensor has the element type `dtype`, except the fp32 statistics and weight-grad partials.
+#pragma once
+
+#include <cstdint>
+
+#include "scalar_type.h"
+
+namespace pk {
+namespace conv {
+
+enum class Activation : int { kNone = 0, kRelu = 1 };
+
+struct Shape {
+  std::int64_t batch, in_channels, height, width;  // input (N, C_in, H, W)
+  std::int64_t out_channels, kernel_h, kernel_w;   // weight (C_out, C_in/groups, KH, KW)
+  std::int64_t out_height, out_width;              // output (N, C_out, OH, OW)
+  int stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, groups;
+};
+
+// Per input channel x_hat = act(x * scale + shift), applied while loading x; padding stays zero.
+struct Prologue {
+  const void* scale;
+  const void* shift;
+  Activation activation;
+};
+
+// Per output channel out = act(y * scale + shift + residual), y = conv + bias.
+struct Epilogue {
+  const void* bias;
+  const void* scale;
+  const void* shift;
+  const void* residual;
+  Activation activation;
+};
+
+// Row tiles of the forward GEMM: the first dimension of its channel-statistics partials.
+std::int64_t forward_row_tiles(const Shape& s);
+
+// y = epilogue(conv(prologue(x), w)). With stats != nullptr, stats is a (forward_row_tiles, 2,
+// C_out) fp32 buffer that receives, per row tile, the sum and sum of squares of y (before the
+// epilogue's scale/shift/residual/activation, after the bias); the caller sums over row tiles.
+void forward(ScalarType dtype, const Shape& s, const void* x, const void* w, const Prologue& pro,
+             const Epilogue& epi, void* y, float* stats, Stream stream);
+
+// grad_input = d loss / d x_hat (the conv's own input) from grad = d loss / d y.
+void input_grad(ScalarType dtype, const Shape& s, const void* grad, const void* w, void* grad_input,
+                Stream stream);
+
+// How many slabs the weight gradient's pixel range is split into (partials summed by the caller).
+int weight_grad_splits(const Shape& s);
+
+// partials (splits, C_out, KH, KW, C_in/groups) fp32: slab i holds split i's share of
+// d loss / d w, reading x through the prologue (x_hat is never stored).
+void weight_grad(ScalarType dtype, const Shape& s, const void* grad, const void* x,
+                 const Prologue& pro, float* partials, int splits, Stream stream);
+
+}  // namespace conv
+}  // namespace pk

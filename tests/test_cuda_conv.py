@@ -1,0 +1,253 @@
+"""The CUDA C++ grouped convolution (csrc/kernels/conv.cuh) through backend="simt" (the same
+source on the SIMT emulator, barrier orders shuffled) and, on a GPU, backend="cuda".
+
+Results are judged against torch in float64 (tests/helpers.py: low precision against torch's
+own error at that precision). The shape grid and fusion option sets are the Triton conv tests'
+(tests/test_triton_conv.py): tiny but odd shapes on which every kernel path runs (several row and
+column tiles, K tails, masked taps, strides, dilation, asymmetric padding, split weight-grad)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import packed_kernels as pk
+from packed_kernels import _backend
+from packed_kernels.ops import conv as conv_ops
+
+from conftest import HAS_GPU, require_backend
+from helpers import assert_all_finite, assert_close
+from test_triton_conv import (CASES, OPTION_SETS, _fused_inputs, _fused_reference, _fused_run,
+                              _grads, _make)
+
+# Every case in fp32 with both layouts and in each 16-bit type (the kernels see channels_last
+# only: NCHW goes through the layout transform in ops/conv.py).
+GRID = [(name, dtype, layout) for name in CASES
+        for dtype, layout in ((torch.float32, "nchw"), (torch.float32, "channels_last"),
+                              (torch.float16, "channels_last"), (torch.bfloat16, "nchw"))]
+
+
+def _ids(v):
+    return str(v).replace("torch.", "")
+
+
+def _check_conv(backend, name, dtype, layout):
+    device = require_backend(backend, dtype)
+    x, w, b, args = _make(CASES[name], dtype, device, layout)
+    grad_seed = torch.randn(F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape)
+    ours, ours_grads = _grads(lambda *t: pk.grouped_conv2d(*t, **args, backend=backend), (x, w, b),
+                              grad_seed)
+    ref, ref_grads = _grads(lambda *t: F.conv2d(*t, **args),
+                            (x.cpu().double(), w.cpu().double(), b.cpu().double()), grad_seed)
+    lowp, lowp_grads = _grads(lambda *t: F.conv2d(*t, **args), (x.cpu(), w.cpu(), b.cpu()), grad_seed)
+    assert ours.dtype == dtype
+    # NaN-poisoned outputs (conftest): a finite result means every element was written.
+    assert_all_finite(ours, *ours_grads)
+    assert_close(ours, ref, lowp, dtype, f"{name} forward")
+    for what, g, r, t in zip(("input", "weight", "bias"), ours_grads, ref_grads, lowp_grads):
+        assert_close(g, r, t, dtype, f"{name} grad {what}")
+    channels_last = layout == "channels_last"
+    assert ours.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert ours_grads[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("name, dtype, layout", GRID, ids=_ids)
+def test_simt_grouped_conv2d_matches_fp64(name, dtype, layout):
+    _check_conv("simt", name, dtype, layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=_ids)
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_grouped_conv2d_matches_fp64(name, dtype, layout):
+    _check_conv("cuda", name, dtype, layout)
+
+
+def test_simt_strided_input():
+    device = require_backend("simt")
+    x, w, b, args = _make(CASES["3x3_s2_odd_batch1"], torch.float32, device, "strided")
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    grad_seed = torch.randn(F.conv2d(x.double(), w.double(), None, **args).shape)
+    ours, ours_grads = _grads(lambda *t: pk.grouped_conv2d(*t, **args, backend="simt"), (x, w, b), grad_seed)
+    ref, ref_grads = _grads(lambda *t: F.conv2d(*t, **args), (x.double(), w.double(), b.double()), grad_seed)
+    assert_close(ours, ref, ours, torch.float32, "strided forward")
+    for g, r in zip(ours_grads, ref_grads):
+        assert_close(g, r, g, torch.float32, "strided grads")
+
+
+@pytest.mark.parametrize("splits", (1, 3, 40))
+def test_simt_weight_grad_any_split_count(splits):
+    """Every fp32 slab is written, including empty ones (40 slabs of a 25-pixel range)."""
+    device = require_backend("simt")
+    x, w, _, args = _make(CASES["pe_3x3_3ch_per_group"], torch.float32, device, "nchw")
+    x = x[:1, :, :5, :5].contiguous()
+    grad = torch.randn(1, w.shape[0], 5, 5)
+    ours = conv_ops.csrc_conv_weight_grad("simt", grad, x, w.shape, (1, 1), (1, 1, 1, 1), (1, 1),
+                                          args["groups"], splits=splits)
+    _, ref, _ = torch.ops.aten.convolution_backward(
+        grad.double(), x.double(), w.double(), None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+        args["groups"], [False, True, False])
+    assert_close(ours, ref, ours, torch.float32, f"weight grad with {splits} splits")
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_conv2d: every option set in fp32, everything at once in each 16-bit type
+# ---------------------------------------------------------------------------------------------
+
+FUSED_CASES = [(name, torch.float32) for name in OPTION_SETS] + \
+    [("everything", torch.float16), ("everything", torch.bfloat16)]
+
+
+def _check_fused(backend, options, dtype, layout):
+    device = require_backend(backend, dtype)
+    opts = OPTION_SETS[options]
+    x, w, b, tensors, args = _fused_inputs(dtype, device, layout, opts)
+    flags = {k: opts[k] for k in ("in_activation", "activation", "channel_stats") if k in opts}
+
+    def ours(x, w, b, *rest, names):
+        out = pk.fused_conv2d(x, w, b, **args, **dict(zip(names, rest)), **flags, backend=backend)
+        return out if isinstance(out, tuple) else (out,)
+
+    def reference(x, w, b, *rest, names):
+        kw = {k: None for k in tensors}
+        kw.update(zip(names, rest))
+        return _fused_reference(x, w, b, kw["in_scale"], kw["in_shift"], kw["out_scale"],
+                                kw["out_shift"], kw["residual"], args, opts)
+
+    outputs = 3 if opts.get("channel_stats") else 1
+    out_shape = F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape
+    seeds = [torch.randn(out_shape, dtype=torch.float64)] + \
+        [torch.randn(w.shape[0], dtype=torch.float64) for _ in range(outputs - 1)]
+    cpu = {k: None if v is None else v.cpu() for k, v in tensors.items()}
+    ours_out, ours_grads = _fused_run(lambda *t: ours(*t[:-1], names=t[-1]), x, w, b, tensors, seeds)
+    ref_out, ref_grads = _fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu().double(),
+                                    w.cpu().double(), b.cpu().double(),
+                                    {k: None if v is None else v.double() for k, v in cpu.items()}, seeds)
+    low_out, low_grads = _fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu(), w.cpu(),
+                                    b.cpu(), cpu, seeds)
+    assert len(ours_out) == outputs
+    assert_all_finite(*ours_out, *ours_grads)
+    for i, (o, r, t) in enumerate(zip(ours_out, ref_out, low_out)):
+        assert_close(o, r, t, dtype, f"{options} output {i}")
+    names = ["input", "weight", "bias"] + [k for k, v in tensors.items() if v is not None]
+    for name, g, r, t in zip(names, ours_grads, ref_grads, low_grads):
+        assert_close(g, r, t, dtype, f"{options} grad {name}")
+
+
+@pytest.mark.parametrize("options, dtype", FUSED_CASES, ids=_ids)
+def test_simt_fused_conv2d_matches_fp64(options, dtype):
+    _check_fused("simt", options, dtype, "nchw" if dtype == torch.bfloat16 else "channels_last")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options, dtype", FUSED_CASES, ids=_ids)
+def test_cuda_fused_conv2d_matches_fp64(options, dtype):
+    _check_fused("cuda", options, dtype, "channels_last")
+
+
+def test_simt_padding_is_applied_after_the_prologue():
+    """conv(relu(x*s+b)) zero-pads the transformed map: with shift > 0 a wrong order shows."""
+    require_backend("simt")
+    x = torch.randn(1, 2, 5, 5)
+    w = torch.ones(2, 2, 3, 3)
+    shift = torch.full((2,), 3.0)
+    ours = pk.fused_conv2d(x, w, padding=1, in_shift=shift, in_activation="relu", backend="simt")
+    ref = F.conv2d(torch.relu(x.double() + 3.0), w.double(), padding=1)
+    assert_close(ours, ref, ours, torch.float32, "padding after prologue")
+
+
+# ---------------------------------------------------------------------------------------------
+# the two implementations agree (GPU)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=_ids)
+def test_cuda_agrees_with_triton(dtype):
+    require_backend("cuda", dtype)
+    require_backend("triton", dtype)
+    opts = OPTION_SETS["everything"]
+    x, w, b, tensors, args = _fused_inputs(dtype, torch.device("cuda"), "channels_last", opts,
+                                           "pe_1x1_split_wgrad")
+    flags = dict(in_activation="relu", activation="relu", channel_stats=True)
+    results = {}
+    for backend in ("cuda", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        out, total, total_sq = pk.fused_conv2d(*leaves, **args, **tensors, **flags, backend=backend)
+        out.float().square().sum().backward()
+        results[backend] = [out, total, total_sq] + [t.grad for t in leaves]
+    for name, c, t in zip(("out", "sum", "sum_sq", "grad input", "grad weight", "grad bias"),
+                          results["cuda"], results["triton"]):
+        # Both accumulate in fp32 over the same products; they differ in summation order and in
+        # where 16-bit rounding happens, so compare at the dtype's resolution.
+        assert_close(c, t.double(), t, dtype, f"cuda vs triton {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input raises before any launch
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn", [pk.grouped_conv2d, pk.fused_conv2d], ids=["grouped", "fused"])
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda x, w: (x, w.half(), {}), TypeError, "mixed dtypes"),
+    (lambda x, w: (x, w, {"groups": 3}), ValueError, "divisible by groups"),
+    (lambda x, w: (x, w[:, :1], {}), ValueError, "expects"),
+    (lambda x, w: (x.int(), w.int(), {}), TypeError, "floating-point"),
+    (lambda x, w: (x, w, {"bias": torch.randn(5)}), ValueError, "bias"),
+])
+def test_bad_input_raises_before_launch(fn, bad, error, match):
+    require_backend("simt")
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 2, 3, 3)
+    x, w, kwargs = bad(x, w)
+    kwargs.setdefault("groups", 2)
+    with pytest.raises(error, match=match):
+        fn(x, w, **kwargs, backend="simt")
+
+
+def test_unsupported_dtype_and_device_raise():
+    require_backend("simt")
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 2, 3, 3)
+    with pytest.raises(pk.BackendUnavailableError, match="float64"):
+        pk.grouped_conv2d(x.double(), w.double(), groups=2, backend="simt")
+    if not HAS_GPU:
+        with pytest.raises(pk.BackendUnavailableError, match="CUDA tensors"):
+            pk.grouped_conv2d(x, w, groups=2, backend="cuda")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda a: a.update(x=a["x"].contiguous()), "channels_last"),  # NCHW into the NHWC kernel
+    (lambda a: a.update(weight=a["weight"].transpose(1, 2)), "contiguous"),
+    (lambda a: a.update(groups=3), "groups"),
+    (lambda a: a.update(bias=torch.randn(5)), "bias"),
+    (lambda a: a.update(y=a["y"].half()), "dtype"),
+    (lambda a: a.update(stats=torch.zeros(1, 2, 6, dtype=torch.float64)), "float32"),
+    (lambda a: a.update(stats=torch.zeros(5, 2, 6)), "stats"),
+    (lambda a: a.update(activation=2), "activation"),
+])
+def test_extension_checks_its_arguments(bad, match):
+    """The binding itself refuses what would make the kernel read or write out of bounds."""
+    require_backend("simt")
+    ext = _backend.extension("_simt")
+    args = dict(x=torch.randn(1, 4, 5, 5).to(memory_format=torch.channels_last),
+                weight=torch.randn(6, 3, 3, 2), bias=None, in_scale=None, in_shift=None,
+                in_activation=0, out_scale=None, out_shift=None, residual=None, activation=0,
+                stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=2,
+                y=torch.full((1, 6, 5, 5), float("nan")).to(memory_format=torch.channels_last),
+                stats=torch.zeros(1, 2, 6))
+    ext.conv_forward(**args)  # the good call works
+    assert torch.isfinite(args["y"]).all()
+    bad(args)
+    args["y"] = args["y"].clone()
+    with pytest.raises(RuntimeError, match=match):
+        ext.conv_forward(**args)
+
+
+def test_simt_fused_opcheck():
+    """The fused op with every option on the simt backend passes torch.library.opcheck
+    (grouped_conv2d's opcheck runs for every backend in tests/test_op_registration.py)."""
+    require_backend("simt")
+    x = torch.randn(1, 4, 4, 5, requires_grad=True)
+    w = torch.randn(4, 2, 3, 3)
+    vec = torch.rand(4) + 0.5
+    args = (x, w, vec, vec, vec, vec, vec, torch.randn(1, 4, 4, 5), [1, 1], [1, 1, 1, 1], [1, 1], 2,
+            "relu", "relu", True, "simt")
+    torch.library.opcheck(conv_ops._fused_conv2d_op, args)
