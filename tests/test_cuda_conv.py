@@ -6,6 +6,11 @@ own error at that precision). The shape grid and fusion option sets are the Trit
 (tests/test_triton_conv.py): tiny but odd shapes on which every kernel path runs (several row and
 column tiles, K tails, masked taps, strides, dilation, asymmetric padding, split weight-grad)."""
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +19,7 @@ import packed_kernels as pk
 from packed_kernels import _backend
 from packed_kernels.ops import conv as conv_ops
 
-from conftest import HAS_GPU, require_backend
+from conftest import HAS_GPU, REQUIRED, require_backend
 from helpers import assert_all_finite, assert_close
 from test_triton_conv import (CASES, OPTION_SETS, _fused_inputs, _fused_reference, _fused_run,
                               _grads, _make)
@@ -251,3 +256,49 @@ def test_simt_fused_opcheck():
     args = (x, w, vec, vec, vec, vec, vec, torch.randn(1, 4, 4, 5), [1, 1], [1, 1, 1, 1], [1, 1], 2,
             "relu", "relu", True, "simt")
     torch.library.opcheck(conv_ops._fused_conv2d_op, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels under AddressSanitizer and UBSan (csrc/tests/conv_selftest.cpp, outside Python)
+# ---------------------------------------------------------------------------------------------
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+# Relative L2 error bounds. fp32 results: fp32 accumulation over <= 12 products. 16-bit
+# outputs (forward, input grad) are rounded to the dtype once: within its unit roundoff u
+# (2^-11 half, 2^-8 bfloat16) of the exact value, so 2u; the channel statistics and the
+# weight-grad partials stay fp32.
+SELFTEST_BOUNDS = {
+    "float32": dict(forward=1e-5, stats=1e-5, input_grad=1e-5, weight_grad=1e-5),
+    "float16": dict(forward=2 * 2.0 ** -11, stats=1e-5, input_grad=2 * 2.0 ** -11, weight_grad=1e-5),
+    "bfloat16": dict(forward=2 * 2.0 ** -8, stats=1e-5, input_grad=2 * 2.0 ** -8, weight_grad=1e-5),
+}
+
+
+@pytest.fixture(scope="module")
+def conv_selftest(tmp_path_factory) -> Path:
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        message = "no C++ compiler (g++) to build the sanitized conv self-test"
+        if "simt" in REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+    binary = tmp_path_factory.mktemp("conv") / "conv_selftest"
+    command = [compiler, "-std=c++17", "-O1", "-g", "-DPK_SIMT=1", *SANITIZE, f"-I{CSRC / 'include'}",
+               f"-I{CSRC / 'kernels'}", str(CSRC / "tests" / "conv_selftest.cpp"),
+               str(CSRC / "simt" / "runtime.cpp"), "-o", str(binary)]
+    built = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, f"building the sanitized conv self-test failed:\n{built.stderr[-4000:]}"
+    return binary
+
+
+@pytest.mark.parametrize("dtype", list(SELFTEST_BOUNDS))
+def test_kernels_under_sanitizers_match_the_reference(conv_selftest, dtype):
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
+    done = subprocess.run([str(conv_selftest), dtype], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, f"conv_selftest {dtype} failed:\n{done.stderr[-4000:]}"
+    assert "runtime error" not in done.stderr, done.stderr[-4000:]  # UBSan
+    errors = dict(line.split("=", 1) for line in done.stdout.split())
+    assert set(errors) == set(SELFTEST_BOUNDS[dtype]), done.stdout
+    for name, bound in SELFTEST_BOUNDS[dtype].items():
+        assert float(errors[name]) <= bound, f"{dtype} {name}: relative error {errors[name]} > {bound}"

@@ -1,0 +1,156 @@
+// The grouped convolution kernels (csrc/kernels/conv.cuh) on the SIMT emulator, outside Python,
+// so tests/test_cuda_conv.py can build them with -fsanitize=address,undefined: every launcher
+// runs once per dtype on a small odd shape (partial row and column tiles, padding, stride,
+// dilation, every fusion option, split weight-grad with an empty slab) and is compared with a
+// direct float64 loop over the same (rounded) inputs.
+//
+// Usage: conv_selftest <float32|float16|bfloat16>; prints key=value lines:
+//   forward, stats, input_grad, weight_grad = relative L2 error vs the reference.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "conv.cuh"
+
+namespace {
+
+using pk::conv::Shape;
+
+struct Random {
+  std::uint64_t state = 0x9e3779b97f4a7c15ULL;
+  double next() {  // uniform in [-1, 1)
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return double(state >> 11) / double(1ULL << 52) - 1.0;
+  }
+};
+
+template <typename T>
+std::vector<T> random_values(std::size_t n, Random& rng, double scale, double offset) {
+  std::vector<T> v(n);
+  for (auto& e : v) e = pk::from_float<T>(float(rng.next() * scale + offset));
+  return v;
+}
+
+template <typename T>
+double value(const T& v) {
+  return pk::to_float(v);
+}
+
+double relative_error(const std::vector<double>& ours, const std::vector<double>& ref) {
+  double diff = 0, norm = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    diff += (ours[i] - ref[i]) * (ours[i] - ref[i]);
+    norm += ref[i] * ref[i];
+  }
+  return std::sqrt(diff / norm);
+}
+
+template <typename T>
+std::vector<double> as_double(const std::vector<T>& v) {
+  std::vector<double> d(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) d[i] = value(v[i]);
+  return d;
+}
+
+template <typename T>
+int run() {
+  Shape s{};
+  s.batch = 2, s.in_channels = 6, s.height = 7, s.width = 6;
+  s.out_channels = 132, s.kernel_h = 3, s.kernel_w = 2, s.groups = 2;
+  s.stride_h = 2, s.stride_w = 1, s.pad_top = 1, s.pad_left = 1, s.dilation_h = 1, s.dilation_w = 2;
+  s.out_height = (s.height + 2 * s.pad_top - s.dilation_h * (s.kernel_h - 1) - 1) / s.stride_h + 1;
+  s.out_width = (s.width + 2 * s.pad_left - s.dilation_w * (s.kernel_w - 1) - 1) / s.stride_w + 1;
+  const long cin_g = s.in_channels / s.groups, cout_g = s.out_channels / s.groups;
+  const long taps = s.kernel_h * s.kernel_w;
+  const long x_size = s.batch * s.height * s.width * s.in_channels;
+  const long y_size = s.batch * s.out_height * s.out_width * s.out_channels;
+  const long w_size = s.out_channels * taps * cin_g;
+
+  Random rng;
+  auto x = random_values<T>(x_size, rng, 1.0, 0.0);
+  auto w = random_values<T>(w_size, rng, 0.5, 0.0);
+  auto bias = random_values<T>(s.out_channels, rng, 1.0, 0.0);
+  auto in_scale = random_values<T>(s.in_channels, rng, 0.5, 1.0);
+  auto in_shift = random_values<T>(s.in_channels, rng, 0.5, 0.2);
+  auto out_scale = random_values<T>(s.out_channels, rng, 0.5, 1.0);
+  auto out_shift = random_values<T>(s.out_channels, rng, 0.5, 0.0);
+  auto residual = random_values<T>(y_size, rng, 1.0, 0.0);
+  auto grad = random_values<T>(y_size, rng, 1.0, 0.0);
+
+  // x_hat = relu(x * in_scale + in_shift), rounded to T as the kernels stage it.
+  std::vector<double> x_hat(x_size);
+  for (long i = 0; i < x_size; ++i) {
+    const long c = i % s.in_channels;
+    const float u = std::fmax(float(value(x[i]) * value(in_scale[c]) + value(in_shift[c])), 0.0f);
+    x_hat[i] = value(pk::from_float<T>(u));
+  }
+  std::vector<double> ref_y(y_size, 0.0), ref_out(y_size), ref_stats(2 * s.out_channels, 0.0);
+  std::vector<double> ref_gx(x_size, 0.0), ref_gw(w_size, 0.0);
+  for (long n = 0; n < s.batch; ++n)
+    for (long oh = 0; oh < s.out_height; ++oh)
+      for (long ow = 0; ow < s.out_width; ++ow)
+        for (long co = 0; co < s.out_channels; ++co) {
+          const long g = co / cout_g, yi = ((n * s.out_height + oh) * s.out_width + ow) * s.out_channels + co;
+          for (long kh = 0; kh < s.kernel_h; ++kh)
+            for (long kw = 0; kw < s.kernel_w; ++kw) {
+              const long ih = oh * s.stride_h - s.pad_top + kh * s.dilation_h;
+              const long iw = ow * s.stride_w - s.pad_left + kw * s.dilation_w;
+              if (ih < 0 || ih >= s.height || iw < 0 || iw >= s.width) continue;
+              for (long ci = 0; ci < cin_g; ++ci) {
+                const long xi = ((n * s.height + ih) * s.width + iw) * s.in_channels + g * cin_g + ci;
+                const long wi = (co * taps + kh * s.kernel_w + kw) * cin_g + ci;
+                ref_y[yi] += x_hat[xi] * value(w[wi]);
+                ref_gx[xi] += value(grad[yi]) * value(w[wi]);
+                ref_gw[wi] += value(grad[yi]) * x_hat[xi];
+              }
+            }
+          const double y = ref_y[yi] + value(bias[co]);
+          ref_stats[co] += y;
+          ref_stats[s.out_channels + co] += y * y;
+          ref_out[yi] = std::fmax(y * value(out_scale[co]) + value(out_shift[co]) + value(residual[yi]), 0.0);
+        }
+
+  const auto dtype = std::is_same<T, float>::value ? pk::ScalarType::kFloat32
+                     : std::is_same<T, pk::half>::value ? pk::ScalarType::kFloat16
+                                                        : pk::ScalarType::kBFloat16;
+  const long row_tiles = pk::conv::forward_row_tiles(s);
+  std::vector<T> y(y_size, pk::from_float<T>(NAN));
+  std::vector<float> stats(row_tiles * 2 * s.out_channels, NAN);
+  const pk::conv::Prologue pro{in_scale.data(), in_shift.data(), pk::conv::Activation::kRelu};
+  const pk::conv::Epilogue epi{bias.data(), out_scale.data(), out_shift.data(), residual.data(),
+                               pk::conv::Activation::kRelu};
+  pk::conv::forward(dtype, s, x.data(), w.data(), pro, epi, y.data(), stats.data(), nullptr);
+  std::vector<double> our_stats(2 * s.out_channels, 0.0);
+  for (long t = 0; t < row_tiles; ++t)
+    for (long i = 0; i < 2 * s.out_channels; ++i) our_stats[i] += stats[t * 2 * s.out_channels + i];
+
+  std::vector<T> gx(x_size, pk::from_float<T>(NAN));
+  pk::conv::input_grad(dtype, s, grad.data(), w.data(), gx.data(), nullptr);
+  // More slabs than the 48-pixel range fills: the last one is empty and must still be written.
+  const int splits = 3;
+  std::vector<float> partials(splits * w_size, NAN);
+  pk::conv::weight_grad(dtype, s, grad.data(), x.data(), pro, partials.data(), splits, nullptr);
+  std::vector<double> our_gw(w_size, 0.0);
+  for (int k = 0; k < splits; ++k)
+    for (long i = 0; i < w_size; ++i) our_gw[i] += partials[k * w_size + i];
+
+  std::printf("forward=%.3e\n", relative_error(as_double(y), ref_out));
+  std::printf("stats=%.3e\n", relative_error(our_stats, ref_stats));
+  std::printf("input_grad=%.3e\n", relative_error(as_double(gx), ref_gx));
+  std::printf("weight_grad=%.3e\n", relative_error(our_gw, ref_gw));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string dtype = argc > 1 ? argv[1] : "";
+  if (dtype == "float32") return run<float>();
+  if (dtype == "float16") return run<pk::half>();
+  if (dtype == "bfloat16") return run<pk::bfloat16>();
+  std::fprintf(stderr, "usage: conv_selftest float32|float16|bfloat16\n");
+  return 2;
+}
