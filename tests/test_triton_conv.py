@@ -344,18 +344,41 @@ def test_opcheck():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_heuristic_picks_only_compiled_configs(dtype):
-    compiled = {(c.name.split("-")[0], c.dtype, c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"],
+    kernels = {"forward": tc._conv_forward_kernel, "input_grad": tc._conv_input_grad_kernel,
+               "weight_grad": tc._conv_weight_grad_kernel}
+    names = {v: k for k, v in kernels.items()}
+    compiled = {(names[c.kernel], c.signature["x_ptr" if "x_ptr" in c.signature else "g_ptr"],
+                 c.constexprs["VEC"], c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"],
                  c.constexprs["BLOCK_K"], c.num_warps, c.num_stages) for c in tc.compile_cases()}
-    short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    short = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
     for kernel in conv_tuning.KERNELS:
-        for candidate in conv_tuning.candidates(kernel, dtype):
-            assert (kernel, short, *candidate) in compiled
-        for cols in (1, 3, 16, 17, 32, 48, 64, 100, 128, 512, 1024):
-            for depth in (1, 3, 16, 24, 32, 64, 256, 100_000):
-                config = conv_tuning.heuristic(kernel, dtype, 100_000, cols, depth)
-                assert config in conv_tuning.candidates(kernel, dtype)
-                if kernel != "weight_grad":  # the column tile covers a narrow group exactly
-                    assert config.block_n >= min(cols, 128) and config.block_n <= max(16, 2 * cols)
+        for aligned in (True, False):
+            vec = 16 // dtype.itemsize if aligned else 1
+            pool = conv_tuning.candidates(kernel, dtype, aligned)
+            assert pool
+            for candidate in pool:
+                assert (kernel, short, vec, *candidate) in compiled
+            for cols in (1, 3, 16, 17, 32, 48, 64, 100, 128, 512, 1024):
+                for depth in (1, 3, 16, 24, 32, 64, 256, 100_000):
+                    config = conv_tuning.heuristic(kernel, dtype, 100_000, cols, depth, aligned)
+                    assert config in pool
+                    if kernel != "weight_grad" and aligned:  # the column tile covers narrow groups
+                        assert min(cols, 128) <= config.block_n <= max(16, 2 * cols)
+
+
+def test_vector_width():
+    """16-byte vector loads only where every channel run is 16-byte aligned."""
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float16).to(memory_format=torch.channels_last)
+    assert tc.vector_width(torch.float16, (8, 16), [(x, 1)]) == 8
+    assert tc.vector_width(torch.float32, (8, 16), [(x.float(), 1)]) == 4
+    assert tc.vector_width(torch.float16, (3, 16), [(x, 1)]) == 1  # 3 channels per group
+    x12 = torch.randn(2, 12, 5, 5, dtype=torch.float16).to(memory_format=torch.channels_last)
+    assert tc.vector_width(torch.float16, (4, 4), [(x12, 1)]) == 1  # pixel stride 12: unaligned
+    offset = torch.randn(2 * 16 * 25 + 1, dtype=torch.float16)[1:].view(2, 5, 5, 16).permute(0, 3, 1, 2)
+    assert tc.vector_width(torch.float16, (8, 16), [(offset, 1)]) == 1  # misaligned base pointer
+    # the grid above runs the vectorised path (aligned groups) as well as the scalar one
+    n, c_in, c_out, *_ = CASES["dense_multi_chunk_multi_tile"]
+    assert c_in % 8 == 0 and c_out % 8 == 0
 
 
 def test_tuning_cache_round_trip(tmp_path, monkeypatch):
@@ -371,5 +394,5 @@ def test_tuning_cache_round_trip(tmp_path, monkeypatch):
     # the CPU never autotunes, whatever the switch says: the heuristic answers
     monkeypatch.setenv("PACKED_KERNELS_AUTOTUNE", "1")
     x = torch.randn(1, 2, 3, 3, dtype=torch.float16)
-    assert conv_tuning.pick("forward", x, 9, 64, 64, lambda c: 1 / 0) == \
-        conv_tuning.heuristic("forward", torch.float16, 9, 64, 64)
+    assert conv_tuning.pick("forward", x, 9, 64, 64, True, lambda c: 1 / 0) == \
+        conv_tuning.heuristic("forward", torch.float16, 9, 64, 64, True)

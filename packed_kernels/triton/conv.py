@@ -50,11 +50,25 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_input_tile(x_ptr, in_scale_ptr, in_shift_ptr, pix_off, pix_ok, chan, chan_ok, sx_c,
-                     HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr):
-    """[pixels, channels] tile of the (transformed) input; zero where padded or out of range."""
+def _range_mask(start, BLOCK: tl.constexpr, limit, VEC: tl.constexpr):
+    """start + arange(BLOCK) < limit. With VEC > 1 the launcher guarantees start and limit are
+    multiples of VEC; written per VEC-chunk the mask is visibly uniform over a vector, so
+    Triton can vectorise the masked loads."""
+    if VEC > 1:
+        return (tl.arange(0, BLOCK) // VEC) < (limit - start) // VEC
+    return tl.arange(0, BLOCK) < limit - start
+
+
+@triton.jit
+def _load_input_tile(x_ptr, in_scale_ptr, in_shift_ptr, pix_off, pix_ok, chan, chan_ok,
+                     HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr, VEC: tl.constexpr):
+    """[pixels, channels] tile of the (transformed) NHWC input; zero where padded or out of
+    range. x_ptr, in_scale_ptr and in_shift_ptr point at the group's first channel."""
     ok = pix_ok[:, None] & chan_ok[None, :]
-    a = tl.load(x_ptr + pix_off[:, None] + chan.to(tl.int64)[None, :] * sx_c, mask=ok, other=0.0)
+    ptrs = x_ptr + pix_off[:, None] + chan[None, :]
+    if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+        ptrs = tl.multiple_of(ptrs, [1, 16])
+    a = tl.load(ptrs, mask=ok, other=0.0)
     if HAS_IN_AFFINE or IN_ACT != 0:
         u = a.to(tl.float32)
         if HAS_IN_AFFINE:
@@ -72,42 +86,52 @@ def _conv_forward_kernel(
         res_ptr, y_ptr, stats_ptr,
         H, W, OH, OW, M, CIN_G, COUT_G, COUT, KH, KW,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, sw_h, sw_w,
-        sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w,
+        sx_n, sx_h, sx_w, sw_i, sw_h, sw_w, sy_n, sy_h, sy_w, sr_n, sr_h, sr_w,
         HAS_BIAS: tl.constexpr, HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
         HAS_OUT_AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_ACT: tl.constexpr,
         STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # x: NHWC (channel stride 1); w: (KH, KW, C_in/groups, C_out), C_out contiguous.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    n = rows // (OH * OW)
-    rem = rows % (OH * OW)
+    n = rows // (OH * OW)  # one division per index, remainders by multiply-subtract
+    rem = rows - n * (OH * OW)
     oh = rem // OW
-    ow = rem % OW
+    ow = rem - oh * OW
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < COUT_G
-    co = group * COUT_G + cols
-    w_col = w_ptr + co.to(tl.int64)[None, :] * sw_o
-
+    col_ok = _range_mask(pid_n * BLOCK_N, BLOCK_N, COUT_G, VEC)
+    # Per-row offsets once; each tap then adds a scalar (keeps the loop's registers low).
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    row_base = n.to(tl.int64) * sx_n + ih0.to(tl.int64) * sx_h + iw0.to(tl.int64) * sx_w
+    first_in = group * CIN_G
+    x_group = x_ptr + first_in
+    w_group = w_ptr + group * COUT_G
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in range(KH):
-        ih = oh * stride_h - pad_h + kh * dil_h
+        ih = ih0 + kh * dil_h
+        h_ok = row_ok & (ih >= 0) & (ih < H)
         for kw in range(KW):
-            iw = ow * stride_w - pad_w + kw * dil_w
-            pix_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            pix_off = n.to(tl.int64) * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+            iw = iw0 + kw * dil_w
+            pix_ok = h_ok & (iw >= 0) & (iw < W)
+            pix_off = row_base + (kh * dil_h * sx_h + kw * dil_w * sx_w)
+            w_tap = w_group + kh * sw_h + kw * sw_w
             for c0 in range(0, CIN_G, BLOCK_K):
                 ks = c0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < CIN_G
-                a = _load_input_tile(x_ptr, in_scale_ptr, in_shift_ptr, pix_off, pix_ok,
-                                     group * CIN_G + ks, k_ok, sx_c, HAS_IN_AFFINE, IN_ACT)
-                b = tl.load(w_col + ks.to(tl.int64)[:, None] * sw_i + kh * sw_h + kw * sw_w,
+                k_ok = _range_mask(c0, BLOCK_K, CIN_G, VEC)
+                a = _load_input_tile(x_group, in_scale_ptr + first_in, in_shift_ptr + first_in,
+                                     pix_off, pix_ok, ks, k_ok, HAS_IN_AFFINE, IN_ACT, VEC)
+                ptrs = w_tap + ks[:, None] * sw_i + cols[None, :]
+                if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+                    ptrs = tl.multiple_of(ptrs, [1, 16])
+                b = tl.load(ptrs,
                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST)
 
+    co = group * COUT_G + cols
     y = acc
     if HAS_BIAS:
         y += tl.load(bias_ptr + co, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -122,12 +146,18 @@ def _conv_forward_kernel(
         y += tl.load(out_shift_ptr + co, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
         r_off = n.to(tl.int64) * sr_n + oh.to(tl.int64) * sr_h + ow.to(tl.int64) * sr_w
-        y += tl.load(res_ptr + r_off[:, None] + co.to(tl.int64)[None, :] * sr_c, mask=out_ok,
+        ptrs = res_ptr + r_off[:, None] + co[None, :]
+        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+            ptrs = tl.multiple_of(ptrs, [1, 16])
+        y += tl.load(ptrs, mask=out_ok,
                      other=0.0).to(tl.float32)
     y = _activate(y, OUT_ACT)
     y_off = n.to(tl.int64) * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w
-    tl.store(y_ptr + y_off[:, None] + co.to(tl.int64)[None, :] * sy_c,
-             y.to(y_ptr.dtype.element_ty), mask=out_ok)
+    ptrs = y_ptr + y_off[:, None] + co[None, :]
+    if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+        ptrs = tl.multiple_of(ptrs, [1, 16])
+    tl.store(ptrs, y.to(y_ptr.dtype.element_ty),
+             mask=out_ok)
 
 
 @triton.jit
@@ -135,47 +165,59 @@ def _conv_input_grad_kernel(
         g_ptr, w_ptr, gx_ptr,
         H, W, OH, OW, M, CIN_G, COUT_G, KH, KW,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        sg_n, sg_c, sg_h, sg_w, sw_o, sw_i, sw_h, sw_w, sx_n, sx_c, sx_h, sx_w,
-        INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        sg_n, sg_h, sg_w, sw_i, sw_h, sw_w, sx_n, sx_h, sx_w,
+        INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, VEC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # g, gx: NHWC (channel stride 1); w: (KH, KW, C_in/groups, C_out), C_out contiguous.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     n = rows // (H * W)
-    rem = rows % (H * W)
+    rem = rows - n * (H * W)
     ih = rem // W
-    iw = rem % W
+    iw = rem - ih * W
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
-    col_ok = cols < CIN_G
-    w_col = w_ptr + cols.to(tl.int64)[None, :] * sw_i
-
+    col_ok = _range_mask(pid_n * BLOCK_N, BLOCK_N, CIN_G, VEC)
+    first_out = group * COUT_G
+    g_group = g_ptr + first_out
+    w_group = w_ptr + first_out
+    g_n = n.to(tl.int64) * sg_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in range(KH):
         # output row oh reads input row ih through tap kh iff oh * stride = ih + pad - kh * dil
         oh_num = ih + pad_h - kh * dil_h
         oh = tl.where(oh_num >= 0, oh_num, 0) // stride_h
-        h_ok = (oh_num >= 0) & (oh_num % stride_h == 0) & (oh < OH)
+        h_ok = row_ok & (oh_num >= 0) & (oh * stride_h == oh_num) & (oh < OH)
         for kw in range(KW):
             ow_num = iw + pad_w - kw * dil_w
             ow = tl.where(ow_num >= 0, ow_num, 0) // stride_w
-            pix_ok = row_ok & h_ok & (ow_num >= 0) & (ow_num % stride_w == 0) & (ow < OW)
-            pix_off = n.to(tl.int64) * sg_n + oh.to(tl.int64) * sg_h + ow.to(tl.int64) * sg_w
+            pix_ok = h_ok & (ow_num >= 0) & (ow * stride_w == ow_num) & (ow < OW)
+            pix_off = g_n + oh.to(tl.int64) * sg_h + ow.to(tl.int64) * sg_w
+            w_tap = w_group + kh * sw_h + kw * sw_w
             for c0 in range(0, COUT_G, BLOCK_K):
-                ks = c0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < COUT_G
-                co = group * COUT_G + ks
-                a = tl.load(g_ptr + pix_off[:, None] + co.to(tl.int64)[None, :] * sg_c,
+                ks = c0 + tl.arange(0, BLOCK_K)  # output channel within the group
+                k_ok = _range_mask(c0, BLOCK_K, COUT_G, VEC)
+                ptrs = g_group + pix_off[:, None] + ks[None, :]
+                if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+                    ptrs = tl.multiple_of(ptrs, [1, 16])
+                a = tl.load(ptrs,
                             mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_col + co.to(tl.int64)[:, None] * sw_o + kh * sw_h + kw * sw_w,
+                ptrs = w_tap + ks[:, None] + cols[None, :] * sw_i
+                if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+                    ptrs = tl.multiple_of(ptrs, [16, 1])
+                b = tl.load(ptrs,
                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST)
 
     x_off = n.to(tl.int64) * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
     ci = group * CIN_G + cols
-    tl.store(gx_ptr + x_off[:, None] + ci.to(tl.int64)[None, :] * sx_c,
-             acc.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    ptrs = gx_ptr + x_off[:, None] + ci[None, :]
+    if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+        ptrs = tl.multiple_of(ptrs, [1, 16])
+    tl.store(ptrs, acc.to(gx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -183,11 +225,11 @@ def _conv_weight_grad_kernel(
         g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, gw_ptr,
         H, W, OH, OW, P, CIN_G, COUT_G, KW, TAPS, SPLIT_LEN,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w,
-        sgw_s, sgw_o, sgw_i, sgw_h, sgw_w,
+        sg_n, sg_h, sg_w, sx_n, sx_h, sx_w, sgw_s, sgw_o, sgw_i, sgw_h, sgw_w,
         HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, VEC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # g, x: NHWC (channel stride 1); gw: any strides (split, C_out, C_in/groups, KH, KW).
     tiles_n = tl.cdiv(CIN_G, BLOCK_N)
     pid_m = tl.program_id(0) // tiles_n
     pid_n = tl.program_id(0) % tiles_n
@@ -197,12 +239,12 @@ def _conv_weight_grad_kernel(
     split = tl.program_id(1) // TAPS
     group = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channel within the group
-    row_ok = rows < COUT_G
-    co = group * COUT_G + rows
+    row_ok = _range_mask(pid_m * BLOCK_M, BLOCK_M, COUT_G, VEC)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
-    col_ok = cols < CIN_G
-    ci = group * CIN_G + cols
-    g_row = g_ptr + co.to(tl.int64)[:, None] * sg_c
+    col_ok = _range_mask(pid_n * BLOCK_N, BLOCK_N, CIN_G, VEC)
+    first_in = group * CIN_G
+    x_group = x_ptr + first_in
+    g_group = g_ptr + group * COUT_G
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     p_begin = split * SPLIT_LEN
@@ -211,19 +253,24 @@ def _conv_weight_grad_kernel(
         ps = p0 + tl.arange(0, BLOCK_K)
         p_ok = ps < p_end
         n = ps // (OH * OW)
-        rem = ps % (OH * OW)
+        rem = ps - n * (OH * OW)
         oh = rem // OW
-        ow = rem % OW
+        ow = rem - oh * OW
         g_off = n.to(tl.int64) * sg_n + oh.to(tl.int64) * sg_h + ow.to(tl.int64) * sg_w
-        a = tl.load(g_row + g_off[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)
+        ptrs = g_group + rows[:, None] + g_off[None, :]
+        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+            ptrs = tl.multiple_of(ptrs, [16, 1])
+        a = tl.load(ptrs,
+                    mask=row_ok[:, None] & p_ok[None, :], other=0.0)
         ih = oh * stride_h - pad_h + kh * dil_h
         iw = ow * stride_w - pad_w + kw * dil_w
         pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         pix_off = n.to(tl.int64) * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
-        b = _load_input_tile(x_ptr, in_scale_ptr, in_shift_ptr, pix_off, pix_ok, ci, col_ok, sx_c,
-                             HAS_IN_AFFINE, IN_ACT)
+        b = _load_input_tile(x_group, in_scale_ptr + first_in, in_shift_ptr + first_in,
+                             pix_off, pix_ok, cols, col_ok, HAS_IN_AFFINE, IN_ACT, VEC)
         acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST)
 
+    co = group * COUT_G + rows
     out = (gw_ptr + split.to(tl.int64) * sgw_s + co.to(tl.int64)[:, None] * sgw_o
            + cols.to(tl.int64)[None, :] * sgw_i + kh * sgw_h + kw * sgw_w)
     tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -270,44 +317,84 @@ def _affine(scale, shift, channels, like):
     return scale.contiguous(), shift.contiguous()
 
 
-def _strides4(t: torch.Tensor):
-    return tuple(t.stride())
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read activations with channel stride 1 (NHWC); other layouts are copied
+    once here (channels_last input, the fast path, is used as it is)."""
+    if t.stride(1) == 1 or t.shape[1] == 1:
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _nhw_strides(t: torch.Tensor):
+    return t.stride(0), t.stride(2), t.stride(3)
+
+
+def _kernel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in/groups, KH, KW) -> (KH, KW, C_in/groups, C_out): C_out contiguous, so a
+    [K, N] tile of the forward GEMM and a [K, N] tile of the input-grad GEMM both read
+    contiguous runs. Weights are small next to activations: the copy is cheap."""
+    return weight.permute(2, 3, 1, 0).contiguous()
+
+
+def vector_width(dtype: torch.dtype, channel_counts, tensors) -> int:
+    """Elements per 16-byte vector when every channel run of every tensor starts 16-byte
+    aligned (the kernels then tell Triton so and it emits vector loads), else 1."""
+    vec = 16 // dtype.itemsize
+    if any(c % vec for c in channel_counts):
+        return 1
+    for t, contiguous_dim in tensors:
+        if t.data_ptr() % 16:
+            return 1
+        if any(s % vec for d, s in enumerate(t.stride()) if d != contiguous_dim):
+            return 1
+    return vec
 
 
 def output_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int) -> int:
     return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _to_format(t: torch.Tensor, memory_format) -> torch.Tensor:
+    return t if memory_format == torch.channels_last else t.contiguous(memory_format=memory_format)
+
+
 def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
                  memory_format=torch.contiguous_format, prologue: Prologue = Prologue(),
                  epilogue: Epilogue = Epilogue(), channel_stats: bool = False):
-    """y = epilogue(conv(prologue(x)) + bias); returns (y, sum, sum of squares), the fp32
-    per-channel sums of the pre-epilogue output (None, None without channel_stats)."""
+    """y = epilogue(conv(prologue(x)) + bias) in `memory_format`; returns (y, sum, sum of
+    squares), the fp32 per-channel sums of the pre-epilogue output (None, None without
+    channel_stats)."""
+    x = _nhwc(x)
+    w_k = _kernel_weight(weight)
     n, c_in, h, w = x.shape
     c_out, cin_g, kh, kw = weight.shape
     cout_g = c_out // groups
     oh = output_size(h, kh, stride[0], padding[0] + padding[1], dilation[0])
     ow = output_size(w, kw, stride[1], padding[2] + padding[3], dilation[1])
     m = n * oh * ow
-    y = _alloc.empty((n, c_out, oh, ow), x, memory_format=memory_format)
-    config = conv_tuning.pick("forward", x, m, cout_g, cin_g,
-                              lambda cfg: _launch_forward(cfg, x, weight, bias, y, None, stride,
-                                                          padding, dilation, groups, prologue,
-                                                          epilogue))
-    tiles_m = triton.cdiv(m, config.block_m)
-    partial = _alloc.empty((tiles_m, 2, c_out), x, dtype=torch.float32) if channel_stats else None
-    _launch_forward(config, x, weight, bias, y, partial, stride, padding, dilation, groups,
-                    prologue, epilogue)
+    y = _alloc.empty((n, c_out, oh, ow), x, memory_format=torch.channels_last)
+    if epilogue.residual is not None:
+        epilogue = epilogue._replace(residual=_nhwc(epilogue.residual))
+    tensors = [(x, 1), (w_k, 3), (y, 1)] + ([(epilogue.residual, 1)] if epilogue.residual is not None else [])
+    vec = vector_width(x.dtype, (cin_g, cout_g), tensors)
+    args = (x, w_k, bias, y, stride, padding, dilation, groups, prologue, epilogue, vec)
+    config = conv_tuning.pick("forward", x, m, cout_g, cin_g, vec > 1,
+                              lambda cfg: _launch_forward(cfg, None, *args))
+    partial = None
+    if channel_stats:
+        partial = _alloc.empty((triton.cdiv(m, config.block_m), 2, c_out), x, dtype=torch.float32)
+    _launch_forward(config, partial, *args)
+    y = _to_format(y, memory_format)
     if not channel_stats:
         return y, None, None
     return y, partial[:, 0].sum(0), partial[:, 1].sum(0)
 
 
-def _launch_forward(config, x, weight, bias, y, partial, stride, padding, dilation, groups,
-                    prologue: Prologue, epilogue: Epilogue):
+def _launch_forward(config, partial, x, w_k, bias, y, stride, padding, dilation, groups,
+                    prologue: Prologue, epilogue: Epilogue, vec: int):
     n, c_in, h, w = x.shape
-    c_out, cin_g, kh, kw = weight.shape
+    kh, kw, cin_g, c_out = w_k.shape
     cout_g = c_out // groups
     oh, ow = y.shape[2:]
     m = n * oh * ow
@@ -317,19 +404,19 @@ def _launch_forward(config, x, weight, bias, y, partial, stride, padding, dilati
     dummy = y  # stands in for absent pointers; never dereferenced (constexpr-gated)
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(cout_g, config.block_n), groups)
     _conv_forward_kernel[grid](
-        x, weight, dummy if bias is None else bias, dummy if in_scale is None else in_scale,
+        x, w_k, dummy if bias is None else bias, dummy if in_scale is None else in_scale,
         dummy if in_shift is None else in_shift, dummy if out_scale is None else out_scale,
         dummy if out_shift is None else out_shift, dummy if residual is None else residual, y,
         dummy if partial is None else partial,
         h, w, oh, ow, m, cin_g, cout_g, c_out, kh, kw,
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        *_strides4(x), *_strides4(weight), *_strides4(y),
-        *(_strides4(residual) if residual is not None else (0, 0, 0, 0)),
+        *_nhw_strides(x), w_k.stride(2), w_k.stride(0), w_k.stride(1), *_nhw_strides(y),
+        *(_nhw_strides(residual) if residual is not None else (0, 0, 0)),
         HAS_BIAS=bias is not None, HAS_IN_AFFINE=in_scale is not None,
         IN_ACT=ACTIVATIONS[prologue.activation], HAS_OUT_AFFINE=out_scale is not None,
         HAS_RESIDUAL=residual is not None, OUT_ACT=ACTIVATIONS[epilogue.activation],
         STATS=partial is not None, INPUT_PRECISION=input_precision(x.dtype), UPCAST=_upcast_dot(x),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        VEC=vec, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -337,28 +424,31 @@ def conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: Seque
                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                     groups: int, memory_format=torch.contiguous_format) -> torch.Tensor:
     """d loss / d (conv input), the input being the (transformed) activation x_hat."""
+    grad = _nhwc(grad)
+    w_k = _kernel_weight(weight)
     n, c_in, h, w = input_shape
     c_out, cin_g, kh, kw = weight.shape
     cout_g = c_out // groups
-    grad_input = _alloc.empty((n, c_in, h, w), grad, memory_format=memory_format)
-    m = n * h * w
-    config = conv_tuning.pick("input_grad", grad, m, cin_g, cout_g, lambda cfg: _launch_input_grad(
-                                  cfg, grad, weight, grad_input, stride, padding, dilation, groups))
-    _launch_input_grad(config, grad, weight, grad_input, stride, padding, dilation, groups)
-    return grad_input
+    grad_input = _alloc.empty((n, c_in, h, w), grad, memory_format=torch.channels_last)
+    vec = vector_width(grad.dtype, (cin_g, cout_g), [(grad, 1), (w_k, 3), (grad_input, 1)])
+    args = (grad, w_k, grad_input, stride, padding, dilation, groups, vec)
+    config = conv_tuning.pick("input_grad", grad, n * h * w, cin_g, cout_g, vec > 1,
+                              lambda cfg: _launch_input_grad(cfg, *args))
+    _launch_input_grad(config, *args)
+    return _to_format(grad_input, memory_format)
 
 
-def _launch_input_grad(config, grad, weight, grad_input, stride, padding, dilation, groups):
+def _launch_input_grad(config, grad, w_k, grad_input, stride, padding, dilation, groups, vec):
     n, c_in, h, w = grad_input.shape
-    c_out, cin_g, kh, kw = weight.shape
+    kh, kw, cin_g, c_out = w_k.shape
     oh, ow = grad.shape[2:]
     m = n * h * w
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(cin_g, config.block_n), groups)
     _conv_input_grad_kernel[grid](
-        grad, weight, grad_input, h, w, oh, ow, m, cin_g, c_out // groups, kh, kw,
+        grad, w_k, grad_input, h, w, oh, ow, m, cin_g, c_out // groups, kh, kw,
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        *_strides4(grad), *_strides4(weight), *_strides4(grad_input),
-        INPUT_PRECISION=input_precision(grad.dtype), UPCAST=_upcast_dot(grad),
+        *_nhw_strides(grad), w_k.stride(2), w_k.stride(0), w_k.stride(1), *_nhw_strides(grad_input),
+        INPUT_PRECISION=input_precision(grad.dtype), UPCAST=_upcast_dot(grad), VEC=vec,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -367,14 +457,16 @@ def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: Sequence
                      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                      groups: int, prologue: Prologue = Prologue()) -> torch.Tensor:
     """d loss / d weight, reading the input through the prologue (x_hat is never stored)."""
+    grad = _nhwc(grad)
+    x = _nhwc(x)
     c_out, cin_g, kh, kw = weight_shape
     cout_g = c_out // groups
     p = grad.shape[0] * grad.shape[2] * grad.shape[3]
-    config = conv_tuning.pick("weight_grad", x, cout_g, cin_g, p,
-                              lambda cfg: _launch_weight_grad(cfg, grad, x, weight_shape, stride,
-                                                              padding, dilation, groups, prologue))
-    return _launch_weight_grad(config, grad, x, weight_shape, stride, padding, dilation, groups,
-                               prologue)
+    vec = vector_width(x.dtype, (cin_g, cout_g), [(grad, 1), (x, 1)])
+    args = (grad, x, weight_shape, stride, padding, dilation, groups, prologue, vec)
+    config = conv_tuning.pick("weight_grad", x, cout_g, cin_g, p, vec > 1,
+                              lambda cfg: _launch_weight_grad(cfg, *args))
+    return _launch_weight_grad(config, *args)
 
 
 def weight_grad_splits(config, weight_shape, groups: int, pixels: int, device: torch.device) -> int:
@@ -389,7 +481,7 @@ def weight_grad_splits(config, weight_shape, groups: int, pixels: int, device: t
 
 
 def _launch_weight_grad(config, grad, x, weight_shape, stride, padding, dilation, groups,
-                        prologue: Prologue):
+                        prologue: Prologue, vec: int):
     c_out, cin_g, kh, kw = weight_shape
     n, c_in, h, w = x.shape
     oh, ow = grad.shape[2:]
@@ -408,9 +500,9 @@ def _launch_weight_grad(config, grad, x, weight_shape, stride, padding, dilation
         grad, x, out if in_scale is None else in_scale, out if in_shift is None else in_shift, out,
         h, w, oh, ow, p, cin_g, c_out // groups, kw, kh * kw, split_len,
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        *_strides4(grad), *_strides4(x), *tuple(out.stride()),
+        *_nhw_strides(grad), *_nhw_strides(x), *out.stride(),
         HAS_IN_AFFINE=in_scale is not None, IN_ACT=ACTIVATIONS[prologue.activation],
-        INPUT_PRECISION=input_precision(x.dtype), UPCAST=_upcast_dot(x),
+        INPUT_PRECISION=input_precision(x.dtype), UPCAST=_upcast_dot(x), VEC=vec,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out[0] if splits == 1 else out.sum(0).to(x.dtype)
@@ -420,16 +512,6 @@ def _launch_weight_grad(config, grad, x, weight_shape, stride, padding, dilation
 # compile-for-target cases
 # ---------------------------------------------------------------------------------------------
 
-class CompileCase(NamedTuple):
-    name: str  # kernel name + config + fusion variant, for test ids
-    dtype: str  # "fp32" | "fp16" | "bf16"
-    kernel: object  # the @triton.jit function
-    signature: dict  # arg name -> Triton type ("*fp16", "i32", "constexpr")
-    constexprs: dict  # constexpr arg name -> value
-    num_warps: int
-    num_stages: int
-
-
 _KERNELS = {"forward": _conv_forward_kernel, "input_grad": _conv_input_grad_kernel,
             "weight_grad": _conv_weight_grad_kernel}
 _FUSION_FLAGS = ("HAS_BIAS", "HAS_IN_AFFINE", "IN_ACT", "HAS_OUT_AFFINE", "HAS_RESIDUAL",
@@ -438,32 +520,38 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compile_cases():
-    """Every (kernel, tile config, dtype) the launchers or the autotuner can pick, each with the
-    fusion hooks all off and all on (the two ends of every constexpr branch), for the
-    compile-for-target check. fp32 cases use TF32, the tensor-core path of fp32."""
+    """Every (kernel, tile config, vector width, dtype) the launchers or the autotuner can
+    pick, with the fusion hooks all off and all on (the two ends of every constexpr branch),
+    for the compile-for-target check. fp32 cases use TF32 (what cuDNN's default allows)."""
+    from .compile_case import CompileCase
+
     cases = []
     for dtype_name, dtype in _DTYPES.items():
         ptr = f"*{dtype_name}"
         precision = "tf32" if dtype == torch.float32 else "ieee"
         for kernel_name, kernel in _KERNELS.items():
-            for config in conv_tuning.candidates(kernel_name, dtype):
-                flags = [f for f in _FUSION_FLAGS if f in kernel.arg_names]
-                for fused in ((False, True) if flags else (False,)):
-                    signature, constexprs = {}, {}
-                    for name, param in inspect.signature(kernel.fn).parameters.items():
-                        if "constexpr" in str(param.annotation):
-                            signature[name] = "constexpr"
-                        elif name.endswith("_ptr"):
-                            signature[name] = "*fp32" if name == "stats_ptr" else ptr
-                        else:
-                            signature[name] = "i32"
-                    for flag in flags:
-                        constexprs[flag] = int(fused) if flag.endswith("ACT") else fused
-                    constexprs.update(INPUT_PRECISION=precision, UPCAST=False, BLOCK_M=config.block_m,
-                                      BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-                    label = (f"{kernel_name}-{dtype_name}-{config.block_m}x{config.block_n}x"
-                             f"{config.block_k}w{config.num_warps}s{config.num_stages}"
-                             f"{'-fused' if fused else ''}")
-                    cases.append(CompileCase(label, dtype_name, kernel, signature, constexprs,
-                                             config.num_warps, config.num_stages))
+            params = inspect.signature(kernel.fn).parameters
+            signature = {}
+            for name, param in params.items():
+                if "constexpr" in str(param.annotation):
+                    signature[name] = "constexpr"
+                elif name.endswith("_ptr"):
+                    signature[name] = "*fp32" if name == "stats_ptr" else ptr
+                else:
+                    signature[name] = "i32"
+            flags = [f for f in _FUSION_FLAGS if f in params]
+            for aligned in (True, False):
+                vec = 16 // dtype.itemsize if aligned else 1
+                for config in conv_tuning.candidates(kernel_name, dtype, aligned):
+                    for fused in ((False, True) if flags else (False,)):
+                        constexprs = {f: (int(fused) if f.endswith("ACT") else fused) for f in flags}
+                        constexprs.update(INPUT_PRECISION=precision, UPCAST=False, VEC=vec,
+                                          BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                                          BLOCK_K=config.block_k)
+                        name = (f"conv.{kernel_name}[{dtype_name},{config.block_m}x{config.block_n}"
+                                f"x{config.block_k},w{config.num_warps},s{config.num_stages},"
+                                f"vec{vec}{',fused' if fused else ''}]")
+                        cases.append(CompileCase(name, kernel, signature, constexprs,
+                                                 num_warps=config.num_warps,
+                                                 num_stages=config.num_stages, expects_mma=True))
     return cases

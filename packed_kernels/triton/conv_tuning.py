@@ -36,18 +36,24 @@ class TileConfig(NamedTuple):
 
 # Forward and input-grad GEMMs: rows = pixels (many), cols = channels of a group, K = channels
 # of a group per tap. Input-grad uses the same list with the roles of C_in and C_out swapped.
+# Two stages: the masked gathers of an implicit GEMM keep their addresses and masks live per
+# stage, and a third stage spills the larger tiles (checked by the compile-for-target test).
 _PIXEL_ROW_CONFIGS = (
-    TileConfig(64, 16, 16, 4, 3),
-    TileConfig(64, 32, 32, 4, 3),
-    TileConfig(128, 64, 32, 4, 3),
-    TileConfig(128, 64, 64, 4, 3),
-    TileConfig(128, 128, 32, 8, 3),
-    TileConfig(128, 128, 64, 8, 3),
+    TileConfig(64, 16, 16, 4, 2),
+    TileConfig(64, 32, 32, 4, 2),
+    TileConfig(128, 64, 32, 8, 2),
+    TileConfig(128, 128, 32, 8, 2),
 )
 # Weight-grad GEMM: rows = C_out of a group, cols = C_in of a group, K = output pixels (many,
 # so the K tile is as wide as shared memory allows: 64 for 16-bit types, 32 for fp32).
 _CHANNEL_TILES = (16, 32, 64, 128)
-_WEIGHT_GRAD_TILES = ((16, 16), (32, 32), (64, 64), (64, 128), (128, 64), (128, 128))
+_WEIGHT_GRAD_TILES = ((16, 16), (32, 32), (64, 64), (128, 64), (128, 128))
+# Without 16-byte alignment (e.g. 3 channels per group) every element is loaded on its own,
+# with its own address register: only these small tiles fit the register file.
+_UNALIGNED_CONFIGS = {
+    "pixel_rows": (TileConfig(32, 16, 16, 4, 2),),
+    "weight_grad": ((16, 16), (32, 32)),
+}
 
 KERNELS = ("forward", "input_grad", "weight_grad")
 
@@ -56,15 +62,18 @@ def _shared_memory(config: TileConfig, dtype: torch.dtype) -> int:
     return config.num_stages * (config.block_m + config.block_n) * config.block_k * dtype.itemsize
 
 
-def candidates(kernel: str, dtype: torch.dtype) -> List[TileConfig]:
+def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True) -> List[TileConfig]:
     """Every config the launchers may use for this kernel and dtype (kept short: each one is
-    compiled for four targets by the compile-for-target check)."""
+    compiled for four targets by the compile-for-target check). Unaligned channel runs load
+    element by element, one address register each: only small tiles fit the registers."""
     if kernel == "weight_grad":
         bk = 64 if dtype.itemsize == 2 else 32
-        pool = [TileConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3)
-                for bm, bn in _WEIGHT_GRAD_TILES]
+        tiles = _WEIGHT_GRAD_TILES if aligned else _UNALIGNED_CONFIGS["weight_grad"]
+        pool = [TileConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3) for bm, bn in tiles]
     else:
-        pool = _PIXEL_ROW_CONFIGS
+        pool = _PIXEL_ROW_CONFIGS if aligned else _UNALIGNED_CONFIGS["pixel_rows"]
+        if dtype == torch.float32:  # ptxas caps this one at 128 registers and spills (sm_80)
+            pool = [c for c in pool if (c.block_m, c.block_n) != (128, 64)]
     return [c for c in pool if _shared_memory(c, dtype) <= SHARED_MEMORY_BUDGET]
 
 
@@ -76,19 +85,19 @@ def _fit(size: int, tiles) -> int:
     return tiles[-1]
 
 
-def heuristic(kernel: str, dtype: torch.dtype, rows: int, cols: int, depth: int) -> TileConfig:
-    """A sound default without timing: the column tile covers the group's channels (no wasted
-    MMA columns for narrow groups, up to 128), the K tile the channels per tap, wider K for
-    16-bit types (same bytes per stage), and the largest row tile that keeps the GPU busy."""
-    pool = candidates(kernel, dtype)
-    wide_k = 64 if dtype.itemsize == 2 else 32
+def heuristic(kernel: str, dtype: torch.dtype, rows: int, cols: int, depth: int,
+              aligned: bool = True) -> TileConfig:
+    """A sound default without timing. Forward/input-grad: the column tile covers the group's
+    channels (no wasted MMA columns for narrow groups, up to 128) and the K tile the channels
+    per tap. Weight-grad: the channel tile pair with the least padded MMA work."""
+    pool = candidates(kernel, dtype, aligned)
     if kernel == "weight_grad":  # rows/cols are channel counts, depth = pixels
         def padded_work(c):  # MMA work including the tile padding; ties go to larger tiles
             return (triton.cdiv(rows, c.block_m) * c.block_m * triton.cdiv(cols, c.block_n)
                     * c.block_n, -c.block_m * c.block_n)
         return min(pool, key=padded_work)
     bn = _fit(cols, _CHANNEL_TILES)
-    bk = 16 if depth <= 16 else (32 if depth <= 32 else wide_k)
+    bk = 16 if depth <= 16 else 32
     # Nearest listed tile: columns first (wasted MMA columns cost the most), then K.
     return min(pool, key=lambda c: (c.block_n < min(cols, 128), abs(c.block_n - bn),
                                     c.block_k > max(bk, 16), abs(c.block_k - bk)))
@@ -156,21 +165,21 @@ def layout_of(t: torch.Tensor) -> str:
     return "nchw" if t.is_contiguous() else "strided"
 
 
-def pick(kernel: str, activation: torch.Tensor, rows: int, cols: int, depth: int,
+def pick(kernel: str, activation: torch.Tensor, rows: int, cols: int, depth: int, aligned: bool,
          launch: Callable[[TileConfig], object]) -> TileConfig:
     """The tile config for one launch: cached or freshly tuned on a GPU, else the heuristic.
     `launch(config)` runs the kernel once with that config (its outputs get overwritten)."""
-    default = heuristic(kernel, activation.dtype, rows, cols, depth)
+    default = heuristic(kernel, activation.dtype, rows, cols, depth, aligned)
     if activation.device.type != "cuda" or not autotune_enabled():
         return default
     key = shape_class(kernel, activation.dtype, layout_of(activation), activation.device,
-                      rows, cols, depth)
+                      rows, cols, depth) + f"|aligned={aligned}"
     with _lock:
         _load()
         if key in _memory:
             return TileConfig(*_memory[key])
     best, best_ms = default, float("inf")
-    for config in candidates(kernel, activation.dtype):
+    for config in candidates(kernel, activation.dtype, aligned):
         try:
             ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
         except OutOfResources:  # a config this GPU cannot run (shared memory): skip it
