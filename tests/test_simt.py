@@ -81,6 +81,10 @@ def check_block_allreduce(out):
     assert float(out["sum_rel_error"]) < 1e-6
 
 
+def check_barrier_votes(out):
+    assert int(out["mismatches"]) == 0  # __syncthreads_count / _and / _or on every thread
+
+
 def check_histogram(out):
     assert int(out["mismatches"]) == 0  # atomics on dynamic shared memory, then global memory
 
@@ -107,7 +111,8 @@ def check_ensemble(out):
 
 
 CHECKS = {"block_sum": check_block_sum, "warp_ops": check_warp_ops, "warp_exchange": check_warp_exchange,
-          "block_allreduce": check_block_allreduce, "histogram": check_histogram,
+          "block_allreduce": check_block_allreduce, "barrier_votes": check_barrier_votes,
+          "histogram": check_histogram,
           "tile_mma": check_tile_mma, "transpose": check_transpose,
           "half_conversions": check_half_conversions,
           "ensemble": check_ensemble}

@@ -75,7 +75,7 @@ struct Fiber {
   // The pending warp op of this lane.
   std::size_t size = 0;
   int source_lane = 0;
-  bool predicate = false;
+  bool predicate = false;          // of the pending warp op or barrier
   unsigned int ballot = 0;
   unsigned char in[kMaxExchangeBytes];
   unsigned char out[kMaxExchangeBytes];
@@ -107,6 +107,7 @@ struct Launch {
   ucontext_t scheduler;
   Fiber* current = nullptr;
   std::string fault;
+  int barrier_count = 0;  // true predicates at the last released barrier
   void* scheduler_fake_stack = nullptr;
   const void* scheduler_stack_bottom = nullptr;
   std::size_t scheduler_stack_size = 0;
@@ -296,7 +297,11 @@ void run_block(Launch& l, uint3 block_idx, uint3 block_dim, uint3 grid_dim) {
                 " threads; the others exited (undefined on a GPU)";
       break;
     }
-    for (Fiber& f : l.fibers) f.state = State::kRunnable;  // everyone arrived: release
+    l.barrier_count = 0;
+    for (Fiber& f : l.fibers) {  // everyone arrived: release
+      l.barrier_count += f.predicate;
+      f.state = State::kRunnable;
+    }
     order = resume_order(++phase, n, rng);
   }
   free_shared(l);
@@ -345,11 +350,14 @@ void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*body
       for (unsigned int x = 0; x < grid.x; ++x) run_block(l, uint3{x, y, z}, block_dim, grid_dim);
 }
 
-void sync_threads() {
+int sync_threads(bool predicate) {
   Launch& l = current_launch("__syncthreads");
   Fiber& f = *l.current;
+  f.predicate = predicate;
   f.state = State::kAtBarrier;
   yield(l, f);
+  // Read before this thread can reach the next barrier, whose release would overwrite it.
+  return l.barrier_count;
 }
 
 unsigned int warp_exchange(WarpOp op, unsigned int mask, const void* value, void* result,

@@ -11,6 +11,7 @@ void* const selftest_kernels[] = {
     reinterpret_cast<void*>(selftest::warp_exchange_kernel<true>),
     reinterpret_cast<void*>(selftest::warp_exchange_kernel<false>),
     reinterpret_cast<void*>(selftest::block_allreduce_kernel),
+    reinterpret_cast<void*>(selftest::barrier_votes_kernel),
     reinterpret_cast<void*>(selftest::histogram_kernel),
     reinterpret_cast<void*>(selftest::tile_matmul_kernel<pk::half, pk::tile::RowMajor>),
     reinterpret_cast<void*>(selftest::tile_matmul_kernel<pk::half, pk::tile::ColMajor>),

@@ -57,6 +57,18 @@ __global__ void warp_exchange_kernel(const float* x, float* out) {
   out[blockIdx.x * 32 + lane] = slots[(lane + 1) % 32];
 }
 
+// Barrier votes: counts, and/or of a predicate over the block.
+__global__ void barrier_votes_kernel(const float* x, int* out) {
+  const float v = x[blockIdx.x * blockDim.x + threadIdx.x];
+  const int count = __syncthreads_count(v > 0.0f);
+  const int all = __syncthreads_and(v > -2.0f);
+  const int any = __syncthreads_or(v > 1.5f);
+  int* mine = out + 3 * (blockIdx.x * blockDim.x + threadIdx.x);
+  mine[0] = count;
+  mine[1] = all;
+  mine[2] = any;
+}
+
 // Block-wide reduction of a struct through pk::block_allreduce.
 struct SumMax {
   float sum;

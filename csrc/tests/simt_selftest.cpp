@@ -166,6 +166,31 @@ void case_warp_exchange() { std::printf("mismatches=%d\n", warp_exchange_mismatc
 
 void case_missing_syncwarp() { std::printf("mismatches=%d\n", warp_exchange_mismatches(false)); }
 
+void case_barrier_votes() {
+  const int blocks = 3, threads = 80, n = blocks * threads;
+  Array<float> x(random_floats(n));
+  Array<int> out(3 * n, -1);
+  pk::launch(selftest::barrier_votes_kernel, dim3(blocks), dim3(threads), 0, nullptr,
+             static_cast<const float*>(x.data), out.data);
+  finish();
+  int mismatches = 0;
+  for (int b = 0; b < blocks; ++b) {
+    int count = 0;
+    bool all = true, any = false;
+    for (int t = 0; t < threads; ++t) {
+      const float v = x[b * threads + t];
+      count += v > 0.0f;
+      all = all && v > -2.0f;
+      any = any || v > 1.5f;
+    }
+    for (int t = 0; t < threads; ++t) {
+      const int* mine = out.data + 3 * (b * threads + t);
+      mismatches += (mine[0] != count) + (mine[1] != int(all)) + (mine[2] != int(any));
+    }
+  }
+  std::printf("mismatches=%d\n", mismatches);
+}
+
 void case_block_allreduce() {
   const int blocks = 2, threads = 96, n = blocks * threads;
   Array<float> x(random_floats(n));
@@ -406,6 +431,7 @@ int main(int argc, char** argv) {
       {"warp_exchange", case_warp_exchange},
       {"missing_syncwarp", case_missing_syncwarp},
       {"block_allreduce", case_block_allreduce},
+      {"barrier_votes", case_barrier_votes},
       {"histogram", case_histogram},
       {"tile_mma", case_tile_mma},
       {"tile_misaligned", case_tile_misaligned},

@@ -4,7 +4,7 @@
 // Rules for a kernel that runs under both (README: "Writing a kernel that runs under both
 // compilers"):
 //  - write ordinary CUDA: __global__/__device__, threadIdx/blockIdx/blockDim/gridDim,
-//    __syncthreads(), __syncwarp(), __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync,
+//    __syncthreads(), __syncthreads_count/_and/_or, __syncwarp(), __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync,
 //    __ballot_sync/__any_sync/__all_sync, atomicAdd/atomicMax/atomicMin/atomicExch/atomicCAS;
 //  - declare shared memory with PK_SHARED(T, name, count), PK_SHARED_2D(T, name, rows, cols)
 //    and PK_DYNAMIC_SHARED(T, name) instead of __shared__, and don't take sizeof() of them;
@@ -66,6 +66,11 @@
 constexpr int warpSize = 32;
 
 inline void __syncthreads() { ::pk::simt::sync_threads(); }
+inline int __syncthreads_count(int predicate) { return ::pk::simt::sync_threads(predicate != 0); }
+inline int __syncthreads_and(int predicate) {
+  return ::pk::simt::sync_threads(predicate != 0) == static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
+}
+inline int __syncthreads_or(int predicate) { return ::pk::simt::sync_threads(predicate != 0) != 0; }
 inline void __syncwarp(unsigned int mask = 0xffffffffu) { ::pk::simt::sync_warp(mask); }
 inline void __threadfence() {}
 inline void __threadfence_block() {}

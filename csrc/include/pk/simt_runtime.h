@@ -41,8 +41,9 @@ const ThreadCoords& coords();
 // block misuses barriers or warp ops (the message names the block and the fault).
 void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*body)(void*), void* arg);
 
-// Block-wide barrier (__syncthreads) and the warp-level one (__syncwarp).
-void sync_threads();
+// Block-wide barrier (__syncthreads) and the warp-level one (__syncwarp). sync_threads returns
+// how many threads of the block passed a true predicate (__syncthreads_count/_and/_or).
+int sync_threads(bool predicate = false);
 void sync_warp(unsigned int mask);
 
 // The warp collective behind shuffles and votes: this lane contributes `value` (size bytes) and
