@@ -308,3 +308,33 @@ def test_distributed_data_parallel_matches_one_process(tmp_path):
     F.cross_entropy(model(x), repeat_targets(y, 2)).backward()
     for got, want in zip(ddp_grads, [p.grad for p in model.parameters()]):
         assert relative_error(got, want) < 1e-5  # mean of two half-batch means, in fp32
+
+
+def test_fused_batch_norm_blocks_equal_unfused_ones():
+    """With packed_kernels.nn.BatchNorm2d the blocks fuse BN + residual + ReLU; with torch's
+    BatchNorm2d they run them apart. Same state_dict, same outputs and gradients."""
+    packed_bn = getattr(pk.nn, "BatchNorm2d", None)
+    if packed_bn is None:
+        pytest.skip("packed_kernels.nn.BatchNorm2d has not landed")
+    for build in (lambda norm: packed_resnet(3, 5, 18, 2, 2, 1, width_multiplier=0.125, style="cifar",
+                                             normalization_layer=norm),
+                  lambda norm: packed_resnet(3, 5, 50, 2, 2, 1, width_multiplier=0.125,
+                                             normalization_layer=norm),
+                  lambda norm: batched_resnet(3, 5, 50, 2, width_multiplier=0.125, style="cifar",
+                                              normalization_layer=norm)):
+        fused, plain = build(packed_bn).double(), build(nn.BatchNorm2d).double()
+        assert fused.layer1[0].fused and not plain.layer1[0].fused
+        plain.load_state_dict(fused.state_dict(), strict=True)
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        out_f, out_p = fused(x), plain(x)  # training mode: batch statistics, running stats move
+        assert relative_error(out_f, out_p) < 1e-10
+        for a, b in zip(torch.autograd.grad(out_f.sum(), list(fused.parameters())),
+                        torch.autograd.grad(out_p.sum(), list(plain.parameters()))):
+            assert relative_error(a, b) < 1e-10
+        for (key, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
+            # running statistics moved alike; pk.batch_norm hands its batch statistics back in
+            # float32 even for float64 input (ops/batch_norm.py), so they agree to fp32 rounding
+            assert relative_error(a, b) < 1e-6, key
+        plain.load_state_dict(fused.state_dict())  # eval on identical running statistics
+        fused.eval(), plain.eval()
+        assert relative_error(fused(x), plain(x)) < 1e-10

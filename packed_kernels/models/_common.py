@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Type
+from typing import List, Optional, Type
 
 from torch import nn
 
@@ -36,3 +36,21 @@ def default_norm() -> Type[nn.Module]:
     except ImportError:
         return nn.BatchNorm2d
     return BatchNorm2d if issubclass(BatchNorm2d, nn.BatchNorm2d) else nn.BatchNorm2d
+
+
+def fuses(norm: Type[nn.Module]) -> bool:
+    """Whether `norm` is packed_kernels.nn.BatchNorm2d, which adds a residual
+    (forward(x, residual=...)) and applies ReLU in the same kernel pass as the normalisation."""
+    try:
+        from ..nn import BatchNorm2d  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    return isinstance(norm, type) and issubclass(norm, BatchNorm2d)
+
+
+def make_norm(norm: Type[nn.Module], num_features: int, relu: bool) -> nn.Module:
+    """`norm(num_features)`, with the following ReLU folded in when `norm` fuses(). Same
+    parameters and state_dict either way, so checkpoints move freely between the two."""
+    if fuses(norm):
+        return norm(num_features, activation="relu" if relu else None)
+    return norm(num_features)

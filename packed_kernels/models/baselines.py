@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from ..nn.packed import STOCK, GroupedConv2d, autocast_operands
 from ..ops.conv import grouped_conv2d
-from ._common import BASIC_BLOCK_ARCHS, NARROW_ARCHS, check_style, default_norm, resnet_blocks
+from ._common import (BASIC_BLOCK_ARCHS, NARROW_ARCHS, check_style, default_norm, fuses,
+                      make_norm, resnet_blocks)
 from .resnet import PackedResNet, packed_resnet
 
 
@@ -185,13 +186,14 @@ class _BatchBasicBlock(nn.Module):
     def __init__(self, in_planes, planes, stride, num_estimators, conv_bias, dropout_rate, groups,
                  normalization_layer) -> None:
         super().__init__()
+        self.fused = fuses(normalization_layer)  # BN (+ residual) + ReLU in one pass, as PE's
         self.conv1 = BatchConv2d(in_planes, planes, 3, num_estimators, stride=stride, padding=1,
                                  groups=groups, bias=conv_bias)
-        self.bn1 = normalization_layer(planes)
+        self.bn1 = make_norm(normalization_layer, planes, relu=True)
         self.dropout = nn.Dropout2d(p=dropout_rate)
         self.conv2 = BatchConv2d(planes, planes, 3, num_estimators, padding=1, groups=groups,
                                  bias=conv_bias)
-        self.bn2 = normalization_layer(planes)
+        self.bn2 = make_norm(normalization_layer, planes, relu=True)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:  # a shared (not batched) projection, as upstream
             self.shortcut = nn.Sequential(
@@ -199,6 +201,8 @@ class _BatchBasicBlock(nn.Module):
                 normalization_layer(planes))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            return self.bn2(self.conv2(self.dropout(self.bn1(self.conv1(x)))), residual=self.shortcut(x))
         out = F.relu(self.dropout(self.bn1(self.conv1(x))))
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
@@ -209,14 +213,15 @@ class _BatchBottleneck(nn.Module):
     def __init__(self, in_planes, planes, stride, num_estimators, conv_bias, dropout_rate, groups,
                  normalization_layer) -> None:
         super().__init__()
+        self.fused = fuses(normalization_layer)
         self.conv1 = BatchConv2d(in_planes, planes, 1, num_estimators, groups=groups, bias=conv_bias)
-        self.bn1 = normalization_layer(planes)
+        self.bn1 = make_norm(normalization_layer, planes, relu=True)
         self.conv2 = BatchConv2d(planes, planes, 3, num_estimators, stride=stride, padding=1,
                                  groups=groups, bias=conv_bias)
-        self.bn2 = normalization_layer(planes)
+        self.bn2 = make_norm(normalization_layer, planes, relu=True)
         self.dropout = nn.Dropout2d(p=dropout_rate)
         self.conv3 = BatchConv2d(planes, 4 * planes, 1, num_estimators, groups=groups, bias=conv_bias)
-        self.bn3 = normalization_layer(4 * planes)
+        self.bn3 = make_norm(normalization_layer, 4 * planes, relu=True)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != 4 * planes:
             self.shortcut = nn.Sequential(
@@ -225,6 +230,9 @@ class _BatchBottleneck(nn.Module):
                 normalization_layer(4 * planes))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            out = self.dropout(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+            return self.bn3(self.conv3(out), residual=self.shortcut(x))
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.dropout(self.bn2(self.conv2(out))))
         return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
@@ -249,7 +257,8 @@ class BatchedResNet(nn.Module):
             dict(kernel_size=3, stride=1, padding=1)
         self.conv1 = BatchConv2d(in_channels, base, num_estimators=num_estimators, groups=groups,
                                  bias=False, **stem)
-        self.bn1 = norm(base)
+        self.stem_fused = fuses(norm)
+        self.bn1 = make_norm(norm, base, relu=True)
         self.optional_pool = (nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
                               if style == "imagenet" else nn.Identity())
         common = dict(num_estimators=num_estimators, conv_bias=conv_bias, dropout_rate=dropout_rate,
@@ -277,7 +286,8 @@ class BatchedResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.repeat(self.num_estimators, *([1] * (x.dim() - 1)))
-        out = self.optional_pool(F.relu(self.bn1(self.conv1(x))))
+        out = self.bn1(self.conv1(x))
+        out = self.optional_pool(out if self.stem_fused else F.relu(out))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return self.linear(self.final_dropout(self.flatten(self.pool(out))))
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.packed import PackedConv2d, PackedLinear
-from ._common import BASIC_BLOCK_ARCHS, NARROW_ARCHS, check_style, default_norm, resnet_blocks
+from ._common import (BASIC_BLOCK_ARCHS, NARROW_ARCHS, check_style, default_norm, fuses,
+                      make_norm, resnet_blocks)
 
 
 class _BasicBlock(nn.Module):
@@ -24,10 +25,13 @@ class _BasicBlock(nn.Module):
         super().__init__()
         packed = dict(alpha=alpha, num_estimators=num_estimators, groups=groups, bias=conv_bias)
         self.conv1 = PackedConv2d(in_planes, planes, 3, stride=stride, padding=1, **packed)  # gamma 1
-        self.bn1 = normalization_layer(int(planes * alpha))
+        # With packed_kernels' BatchNorm2d, BN + ReLU (bn1) and BN + residual + ReLU (bn2) run as
+        # one kernel each; ReLU commutes with dropout (a non-negative scaling), so order is free.
+        self.fused = fuses(normalization_layer)
+        self.bn1 = make_norm(normalization_layer, int(planes * alpha), relu=True)
         self.dropout = nn.Dropout2d(p=dropout_rate)
         self.conv2 = PackedConv2d(planes, planes, 3, padding=1, gamma=gamma, **packed)
-        self.bn2 = normalization_layer(int(planes * alpha))
+        self.bn2 = make_norm(normalization_layer, int(planes * alpha), relu=True)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != self.expansion * planes:
             self.shortcut = nn.Sequential(
@@ -35,6 +39,9 @@ class _BasicBlock(nn.Module):
                 normalization_layer(int(self.expansion * planes * alpha)))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            out = self.dropout(self.bn1(self.conv1(x)))
+            return self.bn2(self.conv2(out), residual=self.shortcut(x))
         out = F.relu(self.dropout(self.bn1(self.conv1(x))))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
@@ -48,13 +55,15 @@ class _Bottleneck(nn.Module):
                  normalization_layer: Type[nn.Module]) -> None:
         super().__init__()
         packed = dict(alpha=alpha, num_estimators=num_estimators, groups=groups, bias=conv_bias)
+        self.fused = fuses(normalization_layer)  # as in _BasicBlock: BN (+ residual) + ReLU
+        width, wide = int(planes * alpha), int(self.expansion * planes * alpha)
         self.conv1 = PackedConv2d(in_planes, planes, 1, gamma=1, **packed)  # no gamma split here
-        self.bn1 = normalization_layer(int(planes * alpha))
+        self.bn1 = make_norm(normalization_layer, width, relu=True)
         self.conv2 = PackedConv2d(planes, planes, 3, stride=stride, padding=1, gamma=gamma, **packed)
-        self.bn2 = normalization_layer(int(planes * alpha))
+        self.bn2 = make_norm(normalization_layer, width, relu=True)
         self.dropout = nn.Dropout2d(p=dropout_rate)
         self.conv3 = PackedConv2d(planes, self.expansion * planes, 1, gamma=gamma, **packed)
-        self.bn3 = normalization_layer(int(self.expansion * planes * alpha))
+        self.bn3 = make_norm(normalization_layer, wide, relu=True)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != self.expansion * planes:
             self.shortcut = nn.Sequential(
@@ -62,6 +71,9 @@ class _Bottleneck(nn.Module):
                 normalization_layer(int(self.expansion * planes * alpha)))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            out = self.dropout(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+            return self.bn3(self.conv3(out), residual=self.shortcut(x))
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.dropout(self.bn2(self.conv2(out))))
         out = self.bn3(self.conv3(out))
@@ -84,7 +96,8 @@ class PackedResNet(nn.Module):
             dict(kernel_size=3, stride=1, padding=1)
         self.conv1 = PackedConv2d(in_channels, in_planes, alpha=alpha, num_estimators=num_estimators,
                                   gamma=1, groups=groups, bias=conv_bias, first=True, **stem)
-        self.bn1 = norm(int(in_planes * alpha))
+        self.stem_fused = fuses(norm)  # BN + ReLU in one pass
+        self.bn1 = make_norm(norm, int(in_planes * alpha), relu=True)
         self.optional_pool = (nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
                               if style == "imagenet" else nn.Identity())
         common = dict(alpha=alpha, num_estimators=num_estimators, conv_bias=conv_bias,
@@ -114,7 +127,8 @@ class PackedResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def feats_forward(self, x: Tensor) -> Tensor:
-        out = self.optional_pool(F.relu(self.bn1(self.conv1(x))))
+        out = self.bn1(self.conv1(x))
+        out = self.optional_pool(out if self.stem_fused else F.relu(out))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return self.final_dropout(self.flatten(self.pool(out)))
 

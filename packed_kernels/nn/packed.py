@@ -34,14 +34,21 @@ STOCK = "stock"
 
 def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     """Choose the engine of every packed_kernels layer in `model`: None/"auto" (the op picks),
-    one of packed_kernels.BACKENDS, or "stock" (torch's own convolution, bypassing our ops).
+    one of packed_kernels.BACKENDS, or "stock" (torch's own convolution, bypassing our ops;
+    packed_kernels.nn.BatchNorm2d then runs its torch reference, F.batch_norm + add + ReLU).
     Returns `model`."""
     allowed = (None, "auto", STOCK) + tuple(_backend.BACKENDS)
     if backend not in allowed:
         raise ValueError(f"set_backend: backend must be one of {allowed}, got {backend!r}")
+    try:  # lands separately; until then there is no packed batch norm to route
+        from .batch_norm import BatchNorm2d as packed_batch_norm
+    except ImportError:
+        packed_batch_norm = None
     for module in model.modules():
         if getattr(type(module), "routes_through_packed_ops", False):
             module.backend = backend
+        elif packed_batch_norm is not None and isinstance(module, packed_batch_norm):
+            module.backend = "torch" if backend == STOCK else backend
     return model
 
 
