@@ -1,12 +1,15 @@
 """Drop-in modules: Packed-Ensembles layers (torch-uncertainty compatible) and the ensemble head."""
 
 from .batch_norm import BatchNorm2d
+from .conv_bn import ConvBNAct2d, DeferredBatchNorm
 from .convert import convert
 from .ensemble import EnsembleMean, predict, repeat_targets
 from .packed import GroupedConv2d, PackedConv1d, PackedConv2d, PackedLinear, set_backend
 
 __all__ = [
     "BatchNorm2d",
+    "ConvBNAct2d",
+    "DeferredBatchNorm",
     "convert",
     "EnsembleMean",
     "GroupedConv2d",

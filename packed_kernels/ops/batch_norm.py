@@ -141,10 +141,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_mean, _grad_var, _grad_invstd):
     input, output, mean, invstd, weight = ctx.saved_tensors
-    has_residual = ctx.args[0]
+    has_residual, training = ctx.args[0], ctx.args[1]
     g_input, g_weight, g_bias, g_residual = _batch_norm_backward_op(
         grad, input, output, mean, invstd, weight, *ctx.args)
-    return (g_input, None, None,
+    g_running_mean = g_running_var = None
+    if not training and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        # Statistics given as tensors with gradients (e.g. computed from a conv's channel sums):
+        # d/d mean = -gamma invstd sum g,  d/d var = -gamma invstd^2 sum(g x_hat) / 2
+        gamma_invstd = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        g_running_mean = -gamma_invstd * g_bias
+        g_running_var = -0.5 * gamma_invstd * invstd * g_weight
+    return (g_input, g_running_mean, g_running_var,
             g_weight.to(weight.dtype) if weight is not None else None,
             g_bias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None,
             g_residual if has_residual else None,

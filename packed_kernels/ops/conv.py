@@ -131,22 +131,24 @@ def _activate(x: Tensor, activation: Optional[str]) -> Tensor:
 def reference_prologue(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                        activation: Optional[str]) -> Tensor:
     """x_hat = act(x * scale + shift); the conv then zero-pads x_hat (padding stays zero)."""
+    dtype = x.dtype  # float32 scale/shift with 16-bit x: computed in float32, x_hat in x's dtype
     if scale is not None:
         x = x * _per_channel(scale)
     if shift is not None:
         x = x + _per_channel(shift)
-    return _activate(x, activation)
+    return _activate(x, activation).to(dtype)
 
 
 def reference_epilogue(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                        residual: Optional[Tensor], activation: Optional[str]) -> Tensor:
+    dtype = y.dtype
     if scale is not None:
         y = y * _per_channel(scale)
     if shift is not None:
         y = y + _per_channel(shift)
     if residual is not None:
         y = y + residual
-    return _activate(y, activation)
+    return _activate(y, activation).to(dtype)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -528,7 +530,12 @@ def _check_channel_vector(op: str, name: str, value, channels: int, input: Tenso
     if value is None:
         return
     check_float_tensor(op, name, value)
-    check_same_device_dtype(op, "input", input, **{name: value})
+    if value.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16):
+        # float32 vectors with 16-bit activations (folded BatchNorm statistics keep their
+        # precision, and so do their gradients)
+        check_same_device_dtype(op, "input", input.new_empty(0, dtype=torch.float32), **{name: value})
+    else:
+        check_same_device_dtype(op, "input", input, **{name: value})
     if tuple(value.shape) != (channels,):
         raise ValueError(f"{op}: {name} must have shape ({channels},), got {tuple(value.shape)}")
 

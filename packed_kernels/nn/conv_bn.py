@@ -1,0 +1,166 @@
+"""ConvBNAct2d: Conv2d -> BatchNorm2d -> [+ residual] -> ReLU as fused kernels.
+
+Inference: BatchNorm is folded into the convolution's epilogue (per-channel scale and shift),
+with the residual add and ReLU in the same kernel: one launch per block.
+
+Training: the convolution's epilogue also returns per-channel sum and sum of squares of its
+output (channel_stats), which are the BatchNorm batch statistics without another pass over the
+activation. BatchNorm + ReLU is then either
+  - deferred (`defer=True`, no residual): the block returns a DeferredBatchNorm (the raw conv
+    output and its normalisation), which the next ConvBNAct2d applies in its convolution's
+    prologue while loading, so the activation is written once and read once; or
+  - applied in one elementwise pass (pk.batch_norm with the given statistics) together with the
+    residual add and ReLU.
+Gradients flow through all of it (the statistics included), so the result, its gradients and the
+running statistics match the unfused modules.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.batch_norm import batch_norm
+from ..ops.conv import fused_conv2d
+from .batch_norm import BatchNorm2d
+
+
+class DeferredBatchNorm:
+    """A BatchNorm (+ activation) not applied yet: act((raw - mean) * invstd * weight + bias).
+
+    The next ConvBNAct2d folds it into its prologue; materialize() applies it in one pass."""
+
+    def __init__(self, raw: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                 bias: Optional[Tensor], eps: float, activation: Optional[str], backend: Optional[str]):
+        self.raw, self.mean, self.var = raw, mean, var
+        self.weight, self.bias, self.eps = weight, bias, eps
+        self.activation, self.backend = activation, backend
+
+    @property
+    def shape(self):
+        return self.raw.shape
+
+    def scale_shift(self):
+        """Per channel (scale, shift) with act(raw * scale + shift) the normalised output."""
+        scale = torch.rsqrt(self.var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.to(scale.dtype)
+        shift = -self.mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias.to(scale.dtype)
+        dtype = _vector_dtype(self.raw)
+        return scale.to(dtype), shift.to(dtype)
+
+    def materialize(self, residual: Optional[Tensor] = None) -> Tensor:
+        return batch_norm(self.raw, self.mean, self.var, self.weight, self.bias, False, 0.0, self.eps,
+                          residual=residual, activation=self.activation, backend=self.backend)
+
+
+def _vector_dtype(x: Tensor) -> torch.dtype:
+    """Per-channel vectors for fused_conv2d: float32 with 16-bit activations, else x's dtype."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def materialize(x: Union[Tensor, DeferredBatchNorm]) -> Tensor:
+    return x.materialize() if isinstance(x, DeferredBatchNorm) else x
+
+
+class ConvBNAct2d(nn.Module):
+    """Conv2d(bias=False by default) -> BatchNorm2d -> [+ residual] -> activation ("relu" or None).
+
+    Holds `conv` (torch.nn.Conv2d) and `bn` (packed_kernels.nn.BatchNorm2d), so its state_dict is
+    that of an unfused Conv2d + BatchNorm2d pair under the names conv.* and bn.*; from_modules()
+    wraps an existing pair, and load_state_dict also takes a Sequential(conv, bn)'s 0.* / 1.*.
+    forward(x, residual=None, defer=False): x is a tensor or the previous block's
+    DeferredBatchNorm."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = False, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 activation: Optional[str] = "relu", device=None, dtype=None, *,
+                 backend: Optional[str] = None):
+        super().__init__()
+        if activation not in (None, "relu"):
+            raise ValueError(f"ConvBNAct2d: activation must be None or 'relu', got {activation!r}")
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                              bias, device=device, dtype=dtype)
+        self.bn = BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device=device,
+                              dtype=dtype, backend=backend)
+        self.activation = activation
+        self.backend = backend
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str] = "relu", *,
+                     backend: Optional[str] = None) -> "ConvBNAct2d":
+        """Wraps an unfused pair (parameters and buffers shared, not copied)."""
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"ConvBNAct2d: padding_mode must be 'zeros', got {conv.padding_mode!r}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"ConvBNAct2d: the batch norm has {bn.num_features} features but the conv "
+                             f"has {conv.out_channels} output channels")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.conv = conv
+        new.bn = bn if isinstance(bn, BatchNorm2d) else BatchNorm2d.from_batch_norm(bn, backend=backend)
+        new.bn.backend = backend
+        new.activation, new.backend = activation, backend
+        return new.train(conv.training)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for theirs, ours in (("0.", "conv."), ("1.", "bn.")):  # nn.Sequential(conv, bn)
+            for key in [k for k in state_dict if k.startswith(prefix + theirs)]:
+                state_dict[prefix + ours + key[len(prefix + theirs):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _conv_args(self):
+        c = self.conv
+        return dict(stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
+                    backend=self.backend)
+
+    def forward(self, x: Union[Tensor, DeferredBatchNorm], residual: Optional[Tensor] = None,
+                defer: bool = False) -> Union[Tensor, DeferredBatchNorm]:
+        if isinstance(x, DeferredBatchNorm):
+            raw = x.raw
+            in_scale, in_shift = x.scale_shift()
+            prologue = dict(in_scale=in_scale, in_shift=in_shift, in_activation=x.activation)
+        else:
+            raw, prologue = x, {}
+        if defer and residual is not None:
+            raise ValueError("ConvBNAct2d: a residual cannot be deferred (it is not per-channel); "
+                             "call with defer=False")
+        bn = self.bn
+        weight, bias = self.conv.weight, self.conv.bias
+        factor = bn.exponential_average_factor()
+        use_batch_stats = bn.training or bn.running_mean is None
+        if not use_batch_stats:
+            # inference: BN folded into the epilogue, with the residual and activation
+            dtype = _vector_dtype(raw)
+            scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight.to(dtype)
+            shift = -bn.running_mean.to(dtype) * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias.to(dtype)
+            return fused_conv2d(raw, weight, bias, **self._conv_args(), **prologue,
+                                out_scale=scale, out_shift=shift,
+                                residual=residual, activation=self.activation)
+        y, total, total_sq = fused_conv2d(raw, weight, bias, **self._conv_args(), **prologue,
+                                          channel_stats=True)
+        count = y.numel() // y.shape[1]
+        if count <= 1:
+            raise ValueError(f"ConvBNAct2d: expected more than 1 value per channel when training, got "
+                             f"a conv output of shape {tuple(y.shape)}")
+        mean = total / count
+        var = (total_sq / count - mean * mean).clamp_min(0.0)  # biased, as BN normalises with
+        if bn.training and bn.track_running_stats and bn.running_mean is not None:
+            with torch.no_grad():  # as torch.nn.BatchNorm2d, with the unbiased batch variance
+                bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+                bn.running_var.mul_(1.0 - factor).add_(
+                    (var * (count / (count - 1))).to(bn.running_var.dtype), alpha=factor)
+        pending = DeferredBatchNorm(y, mean, var, bn.weight, bn.bias, bn.eps, self.activation, self.backend)
+        return pending if defer else pending.materialize(residual)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"

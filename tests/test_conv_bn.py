@@ -1,0 +1,223 @@
+"""ConvBNAct2d against the unfused torch modules (Conv2d -> BatchNorm2d -> [+ residual] -> ReLU)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import packed_kernels as pk
+from packed_kernels.nn import ConvBNAct2d, DeferredBatchNorm
+
+from conftest import require_backend
+from helpers import assert_all_finite, assert_close
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+class Unfused(nn.Module):
+    def __init__(self, conv, bn, relu=True):
+        super().__init__()
+        self.conv, self.bn, self.relu = conv, bn, relu
+
+    def forward(self, x, residual=None):
+        y = self.bn(self.conv(x))
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if self.relu else y
+
+
+def _pair(c_in, c_out, k, groups, stride=1, padding=1, momentum=0.1, conv_bias=False):
+    conv = nn.Conv2d(c_in, c_out, k, stride, padding, groups=groups, bias=conv_bias)
+    bn = nn.BatchNorm2d(c_out, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 1.5)
+    return Unfused(conv, bn)
+
+
+def _fused_from(unfused, backend, relu=True):
+    block = ConvBNAct2d(unfused.conv.in_channels, unfused.conv.out_channels, unfused.conv.kernel_size,
+                        unfused.conv.stride, unfused.conv.padding, groups=unfused.conv.groups,
+                        bias=unfused.conv.bias is not None, momentum=unfused.bn.momentum,
+                        activation="relu" if relu else None, backend=backend)
+    block.load_state_dict(unfused.state_dict())  # keys conv.* and bn.*
+    return block
+
+
+def _fmt(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("momentum, residual, conv_bias", [(0.1, True, False), (None, False, True)])
+def test_matches_unfused_over_training_steps_then_eval(backend, channels_last, momentum, residual, conv_bias):
+    device = require_backend(backend)
+    unfused = _pair(4, 6, 3, groups=2, momentum=momentum, conv_bias=conv_bias).to(device)
+    fused = _fused_from(unfused, backend).to(device)
+    fmt = _fmt(channels_last)
+    for step in range(2):
+        x = (torch.randn(2, 4, 5, 5, device=device) + step).to(memory_format=fmt)
+        r = torch.randn(2, 6, 5, 5, device=device).to(memory_format=fmt) if residual else None
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ra = rb = None
+        if residual:
+            ra, rb = r.clone().requires_grad_(True), r.clone().requires_grad_(True)
+        out_f, out_u = fused(xa, ra), unfused(xb, rb)
+        assert out_f.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(out_f, out_u, rtol=1e-4, atol=1e-4)
+        grad = torch.randn_like(out_u)
+        out_f.backward(grad)
+        out_u.backward(grad)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+        if residual:
+            torch.testing.assert_close(ra.grad, rb.grad)
+        for (name, a), b in zip(fused.named_parameters(), unfused.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=name)
+        for (name, a), b in zip(fused.named_buffers(), unfused.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    fused.eval()
+    unfused.eval()
+    x = torch.randn(2, 4, 5, 5, device=device).to(memory_format=fmt)
+    r = torch.randn(2, 6, 5, 5, device=device).to(memory_format=fmt) if residual else None
+    torch.testing.assert_close(fused(x, r), unfused(x, r), rtol=1e-4, atol=1e-4)
+
+
+def _bottleneck(backend, groups, device, dtype=torch.float32):
+    """A PE bottleneck's convolutions: 1x1, 3x3 (stride 2), 1x1 + shortcut."""
+    pairs = [_pair(8, 4, 1, groups, padding=0), _pair(4, 4, 3, groups, stride=2),
+             _pair(4, 8, 1, groups, padding=0)]
+    unfused = [p.to(device) for p in pairs]
+    fused = [_fused_from(p, backend).to(device) for p in pairs]
+    return [u.to(dtype) for u in unfused], [f.to(dtype) for f in fused]
+
+
+def _run_unfused(blocks, x, shortcut):
+    return blocks[2](blocks[1](blocks[0](x)), shortcut)
+
+
+def _run_fused(blocks, x, shortcut):
+    h = blocks[0](x, defer=True)
+    if blocks[0].training:
+        assert isinstance(h, DeferredBatchNorm)
+    h = blocks[1](h, defer=True)
+    return blocks[2](h, shortcut)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bottleneck_with_deferred_batch_norm_against_float64(backend, dtype, channels_last):
+    """BN + ReLU deferred into the next conv's prologue: output and every gradient against the
+    float64 unfused chain, judged against the unfused torch chain at the same precision."""
+    device = require_backend(backend, dtype)
+    unfused, fused = _bottleneck(backend, groups=2, device=device)
+    fmt = _fmt(channels_last)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64).to(memory_format=fmt)
+    shortcut = torch.randn(2, 8, 3, 3, dtype=torch.float64).to(memory_format=fmt)
+    grad = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+
+    def run(blocks, run_fn, run_dtype, run_device):
+        blocks = [copy.deepcopy(b).to(run_device).to(run_dtype) for b in blocks]
+        xi = x.to(run_dtype).to(run_device).requires_grad_(True)
+        si = shortcut.to(run_dtype).to(run_device).requires_grad_(True)
+        out = run_fn(blocks, xi, si)
+        params = [p for b in blocks for p in b.parameters()]
+        grads = torch.autograd.grad(out, [xi, si, *params], grad.to(run_dtype).to(run_device))
+        stats = [t for b in blocks for t in (b.bn.running_mean, b.bn.running_var)]
+        return out, grads, stats
+
+    out, grads, stats = run(fused, _run_fused, dtype, device)
+    ref, ref_grads, ref_stats = run(unfused, _run_unfused, torch.float64, "cpu")
+    low, low_grads, low_stats = run(unfused, _run_unfused, dtype, "cpu")
+    assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
+    assert_all_finite(out, *grads)
+    assert_close(out, ref, low, dtype, "out")
+    names = ["x", "shortcut"] + [f"block{i}.{n}" for i, b in enumerate(fused) for n, _ in b.named_parameters()]
+    for name, g, g_ref, g_low in zip(names, grads, ref_grads, low_grads):
+        assert_close(g, g_ref, g_low, dtype, f"grad {name}")
+    for i, (s, s_ref, s_low) in enumerate(zip(stats, ref_stats, low_stats)):
+        assert_close(s, s_ref, s_low, dtype, f"running stat {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_folds_into_the_conv(backend, monkeypatch):
+    """Eval: one fused_conv2d call per block (BN in the epilogue), no separate batch norm."""
+    device = require_backend(backend)
+    unfused, fused = _bottleneck(backend, groups=2, device=device)
+    calls = []
+    from packed_kernels.nn import conv_bn as module
+    real_conv, real_bn = module.fused_conv2d, module.batch_norm
+    monkeypatch.setattr(module, "fused_conv2d", lambda *a, **k: calls.append("conv") or real_conv(*a, **k))
+    monkeypatch.setattr(module, "batch_norm", lambda *a, **k: calls.append("bn") or real_bn(*a, **k))
+    for b in unfused + fused:
+        b.eval()
+    x, shortcut = torch.randn(2, 8, 5, 5, device=device), torch.randn(2, 8, 3, 3, device=device)
+    torch.testing.assert_close(_run_fused(fused, x, shortcut), _run_unfused(unfused, x, shortcut),
+                               rtol=1e-4, atol=1e-4)
+    assert calls == ["conv"] * 3
+    calls.clear()
+    for b in fused:
+        b.train()
+    _run_fused(fused, x, shortcut)
+    assert calls == ["conv", "conv", "conv", "bn"]  # BN1, BN2 in the prologues; BN3 + residual + ReLU
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_estimators_never_mix(backend):
+    """groups = estimators: changing one estimator's input leaves the others' outputs, gradients
+    and running statistics bit-identical."""
+    device = require_backend(backend)
+    estimators = 4
+    block = _fused_from(_pair(8, 8, 3, groups=estimators), backend).to(device)
+    x = torch.randn(2, 8, 4, 4, device=device)
+    x2 = x.clone()
+    x2[:, 2:4] = x2[:, 2:4] * 5 + 1  # estimator 1
+    grad = torch.randn(2, 8, 4, 4, device=device)
+
+    def run(inp):
+        b = copy.deepcopy(block)
+        inp = inp.clone().requires_grad_(True)
+        out = b(inp)
+        grads = torch.autograd.grad(out, [inp, b.conv.weight, b.bn.weight, b.bn.bias], grad)
+        return out, grads, (b.bn.running_mean, b.bn.running_var)
+
+    (o1, g1, s1), (o2, g2, s2) = run(x), run(x2)
+    keep = [0, 1, 4, 5, 6, 7]
+    assert torch.equal(o1[:, keep], o2[:, keep])
+    assert torch.equal(g1[0][:, keep], g2[0][:, keep])
+    for a, b in zip(list(g1[1:]) + list(s1), list(g2[1:]) + list(s2)):
+        assert torch.equal(a[keep], b[keep])
+    assert not torch.equal(o1[:, 2:4], o2[:, 2:4])
+
+
+def test_loads_unfused_state_dicts():
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(6)
+    bn.train()(torch.randn(3, 6, 2, 2))  # non-default running stats and num_batches_tracked
+    sequential = nn.Sequential(conv, bn)
+    block = ConvBNAct2d(4, 6, 3, padding=1, groups=2)
+    block.load_state_dict(sequential.state_dict())
+    assert torch.equal(block.bn.running_mean, bn.running_mean) and int(block.bn.num_batches_tracked) == 1
+    assert set(block.state_dict()) == {f"conv.{k}" for k in conv.state_dict()} | {f"bn.{k}" for k in bn.state_dict()}
+    wrapped = ConvBNAct2d.from_modules(conv, bn)
+    assert wrapped.conv.weight is conv.weight and wrapped.bn.running_var is bn.running_var
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(wrapped.eval()(x), torch.relu(bn.eval()(conv(x))))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="activation must be"):
+        ConvBNAct2d(4, 4, 3, activation="gelu")
+    block = ConvBNAct2d(4, 4, 3, padding=1)
+    with pytest.raises(ValueError, match="residual cannot be deferred"):
+        block(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), defer=True)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        block(torch.randn(1, 4, 1, 1))
+    with pytest.raises(ValueError, match="padding_mode"):
+        ConvBNAct2d.from_modules(nn.Conv2d(4, 4, 3, padding_mode="reflect"), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="features"):
+        ConvBNAct2d.from_modules(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(5))
