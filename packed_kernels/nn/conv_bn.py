@@ -22,6 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..ops.batch_norm import IMPLEMENTED as BATCH_NORM_BACKENDS
 from ..ops.batch_norm import batch_norm
 from ..ops.conv import fused_conv2d
 from .batch_norm import BatchNorm2d
@@ -63,6 +64,11 @@ def _vector_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+def _bn_backend(backend: Optional[str]) -> Optional[str]:
+    """The conv's backend for the batch-norm pass where batch_norm has it (cuda/simt: the default)."""
+    return backend if backend in BATCH_NORM_BACKENDS else None
+
+
 def materialize(x: Union[Tensor, DeferredBatchNorm]) -> Tensor:
     return x.materialize() if isinstance(x, DeferredBatchNorm) else x
 
@@ -87,7 +93,7 @@ class ConvBNAct2d(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                               bias, device=device, dtype=dtype)
         self.bn = BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device=device,
-                              dtype=dtype, backend=backend)
+                              dtype=dtype, backend=_bn_backend(backend))
         self.activation = activation
         self.backend = backend
 
@@ -104,7 +110,7 @@ class ConvBNAct2d(nn.Module):
         nn.Module.__init__(new)
         new.conv = conv
         new.bn = bn if isinstance(bn, BatchNorm2d) else BatchNorm2d.from_batch_norm(bn, backend=backend)
-        new.bn.backend = backend
+        new.bn.backend = _bn_backend(backend)
         new.activation, new.backend = activation, backend
         return new.train(conv.training)
 
@@ -159,7 +165,8 @@ class ConvBNAct2d(nn.Module):
                 bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
                 bn.running_var.mul_(1.0 - factor).add_(
                     (var * (count / (count - 1))).to(bn.running_var.dtype), alpha=factor)
-        pending = DeferredBatchNorm(y, mean, var, bn.weight, bn.bias, bn.eps, self.activation, self.backend)
+        pending = DeferredBatchNorm(y, mean, var, bn.weight, bn.bias, bn.eps, self.activation,
+                                    _bn_backend(self.backend))
         return pending if defer else pending.materialize(residual)
 
     def extra_repr(self) -> str:
