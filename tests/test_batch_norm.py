@@ -295,3 +295,34 @@ def test_module_is_a_drop_in():
     x, r = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
     expected = torch.relu(torch_bn.eval()(x) + r)
     torch.testing.assert_close(ours.eval()(x, r), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_3d_input(backend):
+    device = require_backend(backend)
+    x = torch.randn(2, 3, 2, 3, 4, device=device).to(memory_format=torch.channels_last_3d)
+    r = torch.randn_like(x)
+    out = pk.batch_norm(x, None, None, training=True, residual=r, activation="relu", backend=backend)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    ref = torch.relu(F.batch_norm(x.double().cpu(), None, None, training=True) + r.double().cpu())
+    assert (out.cpu().double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_given_statistics_get_gradients(backend):
+    """Eval mode with statistics that require grad (ConvBNAct2d computes them from a conv's
+    channel sums): gradients for mean and var as the float64 formula's autograd gives."""
+    device = require_backend(backend)
+    x = torch.randn(3, 4, 3, 3, device=device, requires_grad=True)
+    mean = torch.randn(4, device=device, requires_grad=True)
+    var = (torch.rand(4, device=device) + 0.5).requires_grad_(True)
+    w = torch.randn(4, device=device, requires_grad=True)
+    out = pk.batch_norm(x, mean, var, w, None, False, activation="relu", backend=backend)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (x, mean, var, w), grad)
+    x64, m64, v64, w64 = _leaves([x, mean, var, w], torch.float64, "cpu")
+    shape = (1, -1, 1, 1)
+    ref = torch.relu((x64 - m64.view(shape)) * torch.rsqrt(v64.view(shape) + 1e-5) * w64.view(shape))
+    refs = torch.autograd.grad(ref, (x64, m64, v64, w64), grad.double().cpu())
+    for name, a, b in zip(("x", "mean", "var", "weight"), ours, refs):
+        assert (a.cpu().double() - b).norm() <= 1e-5 * b.norm(), name
