@@ -74,10 +74,22 @@ struct Geometry {
   index_t C_in, C_out, cin_g, cout_g;
 };
 
+// Each problem decodes its indices once: a row's and a column's coordinates per block (RowInfo,
+// ColInfo) and a depth step's per K-slice (DepthInfo), kept in shared memory, so the element
+// loads in the main loop do no integer division.
+
 template <typename T>
 struct ForwardProblem {
   static constexpr bool kAAlongDepth = true;  // which of A's dimensions is contiguous in memory
   static constexpr bool kBAlongDepth = true;
+  struct RowInfo {  // output pixel: its image's first pixel, its top-left input coordinate
+    index_t image;
+    int h, w;
+  };
+  struct DepthInfo {  // tap offset and input channel within the group
+    int dh, dw, c;
+  };
+  struct ColInfo {};
   Geometry geo;
   index_t rows, cols, depth;
   const T* x;
@@ -91,18 +103,29 @@ struct ForwardProblem {
   T* y;
   float* stats;
 
-  PK_DEVICE T a(int g, index_t m, index_t k) const {
-    const int ci = static_cast<int>(k % geo.cin_g);
-    const int tap = static_cast<int>(k / geo.cin_g);
-    const index_t n = m / (index_t(geo.OH) * geo.OW);
-    const int rem = static_cast<int>(m % (index_t(geo.OH) * geo.OW));
-    const int ih = (rem / geo.OW) * geo.stride_h - geo.pad_h + (tap / geo.KW) * geo.dil_h;
-    const int iw = (rem % geo.OW) * geo.stride_w - geo.pad_w + (tap % geo.KW) * geo.dil_w;
-    if (ih < 0 || ih >= geo.H || iw < 0 || iw >= geo.W) return from_float<T>(0.0f);
-    const index_t c = g * geo.cin_g + ci;
-    return prologue.apply(x[((n * geo.H + ih) * geo.W + iw) * geo.C_in + c], c);
+  PK_DEVICE RowInfo row_info(index_t m) const {
+    const index_t pixels = index_t(geo.OH) * geo.OW;
+    const index_t n = m / pixels;
+    const int rem = static_cast<int>(m - n * pixels);
+    return RowInfo{n * geo.H * geo.W, (rem / geo.OW) * geo.stride_h - geo.pad_h,
+                   (rem % geo.OW) * geo.stride_w - geo.pad_w};
   }
-  PK_DEVICE T b(int g, index_t k, index_t col) const { return w[(g * geo.cout_g + col) * depth + k]; }
+  PK_DEVICE DepthInfo depth_info(index_t k) const {
+    const int tap = static_cast<int>(k / geo.cin_g);
+    return DepthInfo{(tap / geo.KW) * geo.dil_h, (tap % geo.KW) * geo.dil_w,
+                     static_cast<int>(k - index_t(tap) * geo.cin_g)};
+  }
+  PK_DEVICE ColInfo col_info(index_t) const { return ColInfo{}; }
+
+  PK_DEVICE T a(int g, const RowInfo& r, const DepthInfo& d) const {
+    const int ih = r.h + d.dh, iw = r.w + d.dw;
+    if (ih < 0 || ih >= geo.H || iw < 0 || iw >= geo.W) return from_float<T>(0.0f);
+    const index_t c = g * geo.cin_g + d.c;
+    return prologue.apply(x[(r.image + index_t(ih) * geo.W + iw) * geo.C_in + c], c);
+  }
+  PK_DEVICE T b(int g, index_t k, const DepthInfo&, index_t col, const ColInfo&) const {
+    return w[(g * geo.cout_g + col) * depth + k];
+  }
   PK_DEVICE float pre_epilogue(int g, index_t col, float acc) const {
     return bias != nullptr ? acc + to_float(bias[g * geo.cout_g + col]) : acc;
   }
@@ -120,6 +143,14 @@ template <typename T>
 struct InputGradProblem {
   static constexpr bool kAAlongDepth = true;
   static constexpr bool kBAlongDepth = false;
+  struct RowInfo {  // input pixel: its image's first output pixel, its padded coordinate
+    index_t image;
+    int h, w;
+  };
+  struct DepthInfo {  // tap offset, tap and output channel within the group
+    int dh, dw, tap, co;
+  };
+  struct ColInfo {};
   Geometry geo;
   index_t rows, cols, depth;
   const T* grad;
@@ -127,24 +158,37 @@ struct InputGradProblem {
   T* grad_input;
   float* stats;  // unused: no statistics here
 
+  PK_DEVICE RowInfo row_info(index_t m) const {
+    const index_t pixels = index_t(geo.H) * geo.W;
+    const index_t n = m / pixels;
+    const int rem = static_cast<int>(m - n * pixels);
+    return RowInfo{n * geo.OH * geo.OW, rem / geo.W + geo.pad_h, rem % geo.W + geo.pad_w};
+  }
+  PK_DEVICE DepthInfo depth_info(index_t k) const {
+    const int tap = static_cast<int>(k / geo.cout_g);
+    return DepthInfo{(tap / geo.KW) * geo.dil_h, (tap % geo.KW) * geo.dil_w, tap,
+                     static_cast<int>(k - index_t(tap) * geo.cout_g)};
+  }
+  PK_DEVICE ColInfo col_info(index_t) const { return ColInfo{}; }
+
   // Output pixel (oh, ow) reads input pixel (ih, iw) through tap (kh, kw) iff
   // oh * stride = ih + pad - kh * dilation (and the same along w).
-  PK_DEVICE T a(int g, index_t m, index_t k) const {
-    const int co = static_cast<int>(k % geo.cout_g);
-    const int tap = static_cast<int>(k / geo.cout_g);
-    const index_t n = m / (index_t(geo.H) * geo.W);
-    const int rem = static_cast<int>(m % (index_t(geo.H) * geo.W));
-    const int oh_num = rem / geo.W + geo.pad_h - (tap / geo.KW) * geo.dil_h;
-    const int ow_num = rem % geo.W + geo.pad_w - (tap % geo.KW) * geo.dil_w;
-    if (oh_num < 0 || ow_num < 0 || oh_num % geo.stride_h != 0 || ow_num % geo.stride_w != 0)
-      return from_float<T>(0.0f);
-    const int oh = oh_num / geo.stride_h, ow = ow_num / geo.stride_w;
+  PK_DEVICE T a(int g, const RowInfo& r, const DepthInfo& d) const {
+    int oh = r.h - d.dh, ow = r.w - d.dw;
+    if (oh < 0 || ow < 0) return from_float<T>(0.0f);
+    if (geo.stride_h != 1) {
+      if (oh % geo.stride_h != 0) return from_float<T>(0.0f);
+      oh /= geo.stride_h;
+    }
+    if (geo.stride_w != 1) {
+      if (ow % geo.stride_w != 0) return from_float<T>(0.0f);
+      ow /= geo.stride_w;
+    }
     if (oh >= geo.OH || ow >= geo.OW) return from_float<T>(0.0f);
-    return grad[((n * geo.OH + oh) * geo.OW + ow) * geo.C_out + g * geo.cout_g + co];
+    return grad[(r.image + index_t(oh) * geo.OW + ow) * geo.C_out + g * geo.cout_g + d.co];
   }
-  PK_DEVICE T b(int g, index_t k, index_t col) const {
-    const index_t co = k % geo.cout_g, tap = k / geo.cout_g;
-    return w[((g * geo.cout_g + co) * geo.KH * geo.KW + tap) * geo.cin_g + col];
+  PK_DEVICE T b(int g, index_t, const DepthInfo& d, index_t col, const ColInfo&) const {
+    return w[((g * geo.cout_g + d.co) * geo.KH * geo.KW + d.tap) * geo.cin_g + col];
   }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
   PK_DEVICE void store(int g, int /*split*/, index_t m, index_t col, float acc) const {
@@ -156,6 +200,16 @@ template <typename T>
 struct WeightGradProblem {
   static constexpr bool kAAlongDepth = false;
   static constexpr bool kBAlongDepth = false;
+  struct RowInfo {
+    index_t co;
+  };
+  struct DepthInfo {  // output pixel p: its image's first input pixel, its top-left input coordinate
+    index_t p, image;
+    int h, w;
+  };
+  struct ColInfo {  // tap offset and input channel within the group
+    int dh, dw, c;
+  };
   Geometry geo;
   index_t rows, cols, depth;
   const T* grad;
@@ -164,17 +218,28 @@ struct WeightGradProblem {
   float* partials;
   float* stats;  // unused
 
-  PK_DEVICE T a(int g, index_t co, index_t p) const { return grad[p * geo.C_out + g * geo.cout_g + co]; }
-  PK_DEVICE T b(int g, index_t p, index_t col) const {
-    const int ci = static_cast<int>(col % geo.cin_g);
+  PK_DEVICE RowInfo row_info(index_t co) const { return RowInfo{co}; }
+  PK_DEVICE DepthInfo depth_info(index_t p) const {
+    const index_t pixels = index_t(geo.OH) * geo.OW;
+    const index_t n = p / pixels;
+    const int rem = static_cast<int>(p - n * pixels);
+    return DepthInfo{p, n * geo.H * geo.W, (rem / geo.OW) * geo.stride_h - geo.pad_h,
+                     (rem % geo.OW) * geo.stride_w - geo.pad_w};
+  }
+  PK_DEVICE ColInfo col_info(index_t col) const {
     const int tap = static_cast<int>(col / geo.cin_g);
-    const index_t n = p / (index_t(geo.OH) * geo.OW);
-    const int rem = static_cast<int>(p % (index_t(geo.OH) * geo.OW));
-    const int ih = (rem / geo.OW) * geo.stride_h - geo.pad_h + (tap / geo.KW) * geo.dil_h;
-    const int iw = (rem % geo.OW) * geo.stride_w - geo.pad_w + (tap % geo.KW) * geo.dil_w;
+    return ColInfo{(tap / geo.KW) * geo.dil_h, (tap % geo.KW) * geo.dil_w,
+                   static_cast<int>(col - index_t(tap) * geo.cin_g)};
+  }
+
+  PK_DEVICE T a(int g, const RowInfo& r, const DepthInfo& d) const {
+    return grad[d.p * geo.C_out + g * geo.cout_g + r.co];
+  }
+  PK_DEVICE T b(int g, index_t, const DepthInfo& d, index_t, const ColInfo& c) const {
+    const int ih = d.h + c.dh, iw = d.w + c.dw;
     if (ih < 0 || ih >= geo.H || iw < 0 || iw >= geo.W) return from_float<T>(0.0f);
-    const index_t c = g * geo.cin_g + ci;
-    return prologue.apply(x[((n * geo.H + ih) * geo.W + iw) * geo.C_in + c], c);
+    const index_t ci = g * geo.cin_g + c.c;
+    return prologue.apply(x[(d.image + index_t(ih) * geo.W + iw) * geo.C_in + ci], ci);
   }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
   PK_DEVICE void store(int g, int split, index_t co, index_t col, float acc) const {
@@ -219,19 +284,26 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
   }
 
+  PK_SHARED(typename Problem::RowInfo, row_info, kBlockM);
+  PK_SHARED(typename Problem::ColInfo, col_info, kBlockN);
+  PK_SHARED(typename Problem::DepthInfo, depth_info, kBlockK);
+  for (int r = tid; r < kBlockM; r += kThreads) row_info[r] = p.row_info(m0 + r);
+  for (int c = tid; c < kBlockN; c += kThreads) col_info[c] = p.col_info(n0 + c);
+
   for (index_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
+    for (int kk = tid; kk < kBlockK; kk += kThreads) depth_info[kk] = p.depth_info(k0 + kk);
+    __syncthreads();  // the decoded indices are written and the previous step's mma is done
     // Stage; consecutive threads walk the dimension that is contiguous in memory.
     for (int e = tid; e < kBlockM * kBlockK; e += kThreads) {
       const int r = Problem::kAAlongDepth ? e / kBlockK : e % kBlockM;
       const int kk = Problem::kAAlongDepth ? e % kBlockK : e / kBlockM;
-      const index_t m = m0 + r, k = k0 + kk;
-      As[r * kLdA + kk] = (m < p.rows && k < k_end) ? p.a(g, m, k) : zero;
+      As[r * kLdA + kk] = (m0 + r < p.rows && k0 + kk < k_end) ? p.a(g, row_info[r], depth_info[kk]) : zero;
     }
     for (int e = tid; e < kBlockK * kBlockN; e += kThreads) {
       const int kk = Problem::kBAlongDepth ? e % kBlockK : e / kBlockN;
       const int c = Problem::kBAlongDepth ? e / kBlockK : e % kBlockN;
       const index_t k = k0 + kk, n = n0 + c;
-      Bs[kk * kLdB + c] = (n < p.cols && k < k_end) ? p.b(g, k, n) : zero;
+      Bs[kk * kLdB + c] = (n < p.cols && k < k_end) ? p.b(g, k, depth_info[kk], n, col_info[c]) : zero;
     }
     __syncthreads();
     if constexpr (kTensorCores) {
@@ -263,10 +335,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
           for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
       }
     }
-    __syncthreads();  // the next stage overwrites the tiles
+    // No barrier here: the next step's first barrier comes before it overwrites the tiles, and
+    // its decoded indices are written after every thread passed this step's second barrier.
   }
+  __syncthreads();  // every mma is done before the accumulators overwrite the staging tiles
 
-  // The accumulators go to shared memory (over the staging tiles: the loop ended on a barrier).
+  // The accumulators go to shared memory, over the staging tiles.
   if constexpr (kTensorCores) {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
