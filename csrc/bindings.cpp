@@ -162,11 +162,12 @@ void check_fp32_buffer(const char* op, const char* name, const at::Tensor& t, co
               " tensor, got ", t.sizes());
 }
 
-const void* optional_vector(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                            const at::Tensor& like, int64_t channels) {
+// Per-channel vectors are float32 for every activation dtype (the Python side converts).
+const float* optional_vector(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                             const at::Tensor& like, int64_t channels) {
   if (!t.has_value()) return nullptr;
-  check_conv_tensor(op, name, *t, like, {channels}, false);
-  return t->const_data_ptr();
+  check_fp32_buffer(op, name, *t, like, {channels});
+  return t->const_data_ptr<float>();
 }
 
 pk::conv::Activation conv_activation(const char* op, int64_t activation) {

@@ -150,6 +150,22 @@ def test_cuda_fused_conv2d_matches_fp64(options, dtype):
     _check_fused("cuda", options, dtype, "channels_last")
 
 
+def test_simt_fused_float32_vectors_with_half_activations():
+    """Folded BatchNorm parameters stay float32 with fp16 activations (what ConvBNAct2d passes)."""
+    require_backend("simt", torch.float16)
+    x, w, b, _, args = _fused_inputs(torch.float16, torch.device("cpu"), "channels_last", {})
+    c_in, c_out = x.shape[1], w.shape[0]
+    vectors = dict(in_scale=torch.randn(c_in) * 0.5 + 1, in_shift=torch.randn(c_in) * 0.5,
+                   out_scale=torch.randn(c_out) * 0.5 + 1, out_shift=torch.randn(c_out) * 0.5)
+    flags = dict(in_activation="relu", activation="relu")
+    ours = pk.fused_conv2d(x, w, b, **args, **vectors, **flags, backend="simt")
+    ref = pk.fused_conv2d(x.double(), w.double(), b.double(), **args, **flags, backend="torch",
+                          **{k: v.double() for k, v in vectors.items()})
+    lowp = pk.fused_conv2d(x, w, b, **args, **vectors, **flags, backend="torch")
+    assert ours.dtype == torch.float16
+    assert_close(ours, ref, lowp, torch.float16, "fp32 vectors, fp16 activations")
+
+
 def test_simt_padding_is_applied_after_the_prologue():
     """conv(relu(x*s+b)) zero-pads the transformed map: with shift > 0 a wrong order shows."""
     require_backend("simt")
@@ -223,6 +239,7 @@ def test_unsupported_dtype_and_device_raise():
     (lambda a: a.update(weight=a["weight"].transpose(1, 2)), "contiguous"),
     (lambda a: a.update(groups=3), "groups"),
     (lambda a: a.update(bias=torch.randn(5)), "bias"),
+    (lambda a: a.update(bias=torch.randn(6).half()), "float32"),  # vectors are fp32 for every dtype
     (lambda a: a.update(y=a["y"].half()), "dtype"),
     (lambda a: a.update(stats=torch.zeros(1, 2, 6, dtype=torch.float64)), "float32"),
     (lambda a: a.update(stats=torch.zeros(5, 2, 6)), "stats"),

@@ -53,16 +53,16 @@ PK_DEVICE float activate(float v, int activation) {
 // act(x * scale[c] + shift[c]) per input channel; nullptr scale/shift mean identity.
 template <typename T>
 struct PrologueView {
-  const T* scale;
-  const T* shift;
+  const float* scale;
+  const float* shift;
   int activation;
 
   PK_DEVICE bool identity() const { return scale == nullptr && shift == nullptr && activation == 0; }
   PK_DEVICE T apply(T v, index_t c) const {
     if (identity()) return v;
     float u = to_float(v);
-    if (scale != nullptr) u *= to_float(scale[c]);
-    if (shift != nullptr) u += to_float(shift[c]);
+    if (scale != nullptr) u *= scale[c];
+    if (shift != nullptr) u += shift[c];
     return from_float<T>(activate(u, activation));
   }
 };
@@ -95,9 +95,9 @@ struct ForwardProblem {
   const T* x;
   const T* w;
   PrologueView<T> prologue;
-  const T* bias;
-  const T* out_scale;
-  const T* out_shift;
+  const float* bias;
+  const float* out_scale;
+  const float* out_shift;
   const T* residual;
   int out_activation;
   T* y;
@@ -127,13 +127,13 @@ struct ForwardProblem {
     return w[(g * geo.cout_g + col) * depth + k];
   }
   PK_DEVICE float pre_epilogue(int g, index_t col, float acc) const {
-    return bias != nullptr ? acc + to_float(bias[g * geo.cout_g + col]) : acc;
+    return bias != nullptr ? acc + bias[g * geo.cout_g + col] : acc;
   }
   PK_DEVICE void store(int g, int /*split*/, index_t m, index_t col, float acc) const {
     const index_t co = g * geo.cout_g + col;
     float v = pre_epilogue(g, col, acc);
-    if (out_scale != nullptr) v *= to_float(out_scale[co]);
-    if (out_shift != nullptr) v += to_float(out_shift[co]);
+    if (out_scale != nullptr) v *= out_scale[co];
+    if (out_shift != nullptr) v += out_shift[co];
     if (residual != nullptr) v += to_float(residual[m * geo.C_out + co]);
     y[m * geo.C_out + co] = from_float<T>(activate(v, out_activation));
   }
@@ -432,11 +432,10 @@ void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, 
   p.depth = s.kernel_h * s.kernel_w * p.geo.cin_g;
   p.x = static_cast<const T*>(x);
   p.w = static_cast<const T*>(w);
-  p.prologue = PrologueView<T>{static_cast<const T*>(pro.scale), static_cast<const T*>(pro.shift),
-                               static_cast<int>(pro.activation)};
-  p.bias = static_cast<const T*>(epi.bias);
-  p.out_scale = static_cast<const T*>(epi.scale);
-  p.out_shift = static_cast<const T*>(epi.shift);
+  p.prologue = PrologueView<T>{pro.scale, pro.shift, static_cast<int>(pro.activation)};
+  p.bias = epi.bias;
+  p.out_scale = epi.scale;
+  p.out_shift = epi.shift;
   p.residual = static_cast<const T*>(epi.residual);
   p.out_activation = static_cast<int>(epi.activation);
   p.y = static_cast<T*>(y);
@@ -474,8 +473,7 @@ void weight_grad(const Shape& s, const void* grad, const void* x, const Prologue
   p.depth = s.batch * s.out_height * s.out_width;
   p.grad = static_cast<const T*>(grad);
   p.x = static_cast<const T*>(x);
-  p.prologue = PrologueView<T>{static_cast<const T*>(pro.scale), static_cast<const T*>(pro.shift),
-                               static_cast<int>(pro.activation)};
+  p.prologue = PrologueView<T>{pro.scale, pro.shift, static_cast<int>(pro.activation)};
   p.partials = partials;
   p.stats = nullptr;
   launch_gemm<T>(p, s.groups, splits, split_length(p.depth, splits), stream);

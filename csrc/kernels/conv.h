@@ -5,8 +5,10 @@
 // Layouts (the kernels see channels_last only; ops/conv.py transforms NCHW at the boundary):
 //   activations  x, y, residual, grad, grad_input: NHWC contiguous (torch's channels_last)
 //   weight       (C_out, KH, KW, C_in/groups) contiguous ("OHWI")
-//   per-channel  bias, in_scale, in_shift, out_scale, out_shift: (C,) contiguous, nullptr = absent
-// Every tensor has the element type `dtype`, except the fp32 statistics and weight-grad partials.
+//   per-channel  bias, in_scale, in_shift, out_scale, out_shift: (C,) contiguous float32 whatever
+//                `dtype` is (folded BatchNorm parameters keep their precision), nullptr = absent
+// Activations and the weight have the element type `dtype`; statistics and weight-grad partials
+// are float32.
 #pragma once
 
 #include <cstdint>
@@ -27,16 +29,16 @@ struct Shape {
 
 // Per input channel x_hat = act(x * scale + shift), applied while loading x; padding stays zero.
 struct Prologue {
-  const void* scale;
-  const void* shift;
+  const float* scale;
+  const float* shift;
   Activation activation;
 };
 
 // Per output channel out = act(y * scale + shift + residual), y = conv + bias.
 struct Epilogue {
-  const void* bias;
-  const void* scale;
-  const void* shift;
+  const float* bias;
+  const float* scale;
+  const float* shift;
   const void* residual;
   Activation activation;
 };

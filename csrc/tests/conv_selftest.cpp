@@ -72,11 +72,11 @@ int run() {
   Random rng;
   auto x = random_values<T>(x_size, rng, 1.0, 0.0);
   auto w = random_values<T>(w_size, rng, 0.5, 0.0);
-  auto bias = random_values<T>(s.out_channels, rng, 1.0, 0.0);
-  auto in_scale = random_values<T>(s.in_channels, rng, 0.5, 1.0);
-  auto in_shift = random_values<T>(s.in_channels, rng, 0.5, 0.2);
-  auto out_scale = random_values<T>(s.out_channels, rng, 0.5, 1.0);
-  auto out_shift = random_values<T>(s.out_channels, rng, 0.5, 0.0);
+  auto bias = random_values<float>(s.out_channels, rng, 1.0, 0.0);  // per-channel vectors: fp32
+  auto in_scale = random_values<float>(s.in_channels, rng, 0.5, 1.0);
+  auto in_shift = random_values<float>(s.in_channels, rng, 0.5, 0.2);
+  auto out_scale = random_values<float>(s.out_channels, rng, 0.5, 1.0);
+  auto out_shift = random_values<float>(s.out_channels, rng, 0.5, 0.0);
   auto residual = random_values<T>(y_size, rng, 1.0, 0.0);
   auto grad = random_values<T>(y_size, rng, 1.0, 0.0);
 

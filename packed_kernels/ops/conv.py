@@ -177,8 +177,9 @@ def _nhwc(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous(memory_format=torch.channels_last)
 
 
-def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
+def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Per-channel vectors go to the kernels as float32, whatever the activations' dtype."""
+    return None if t is None else t.to(torch.float32).contiguous()
 
 
 def _ohwi(weight: Tensor) -> Tensor:
@@ -200,8 +201,8 @@ def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, g
     if channel_stats:  # one fp32 partial per row tile, summed here (deterministic)
         stats = _alloc.empty((ext.conv_forward_row_tiles(n, out_h, out_w), 2, c_out), x,
                              dtype=torch.float32)
-    ext.conv_forward(x, _ohwi(weight), _dense(bias), _dense(in_scale), _dense(in_shift),
-                     _ACTIVATION_CODES[in_activation], _dense(out_scale), _dense(out_shift),
+    ext.conv_forward(x, _ohwi(weight), _vector(bias), _vector(in_scale), _vector(in_shift),
+                     _ACTIVATION_CODES[in_activation], _vector(out_scale), _vector(out_shift),
                      _nhwc(residual), _ACTIVATION_CODES[activation], list(stride),
                      [padding[0], padding[2]], list(dilation), groups, y, stats)
     out = y.contiguous(memory_format=_format_of(input))
@@ -233,7 +234,7 @@ def csrc_conv_weight_grad(backend, grad, input, weight_shape, stride, padding, d
     if splits is None:
         splits = ext.conv_weight_grad_splits(n, c_in, c_out, kh, kw, out_h, out_w, groups)
     partials = _alloc.empty((splits, c_out, kh, kw, cin_g), input, dtype=torch.float32)
-    ext.conv_weight_grad(_nhwc(grad), _nhwc(input), _dense(in_scale), _dense(in_shift),
+    ext.conv_weight_grad(_nhwc(grad), _nhwc(input), _vector(in_scale), _vector(in_shift),
                          _ACTIVATION_CODES[in_activation], list(stride), [padding[0], padding[2]],
                          list(dilation), groups, partials)
     return partials.sum(0).permute(0, 3, 1, 2).to(input.dtype).contiguous()
