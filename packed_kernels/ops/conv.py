@@ -495,6 +495,8 @@ _fused_conv2d_op.register_autograd(_fused_backward, setup_context=_fused_setup_c
 # benchmark has measured one, backend=None/"auto" keeps cuDNN (the torch backend) everywhere.
 # A class is (GPU name, dtype, layout, kernel (kh, kw), stride, channels per group in, out).
 TRITON_FASTER_SHAPE_CLASSES: frozenset = frozenset()
+# The same for the CUDA C++ kernels (bench/ lists their rows; none measured yet).
+CUDA_FASTER_SHAPE_CLASSES: frozenset = frozenset()
 
 
 def shape_class(input: Tensor, weight: Tensor, stride, groups: int) -> tuple:
@@ -505,13 +507,17 @@ def shape_class(input: Tensor, weight: Tensor, stride, groups: int) -> tuple:
 
 
 def _choose(op: str, backend: Optional[str], input: Tensor, weight: Tensor, stride, groups: int) -> str:
-    """backend=None/"auto": Triton only for the shape classes the benchmark measured faster than
-    cuDNN on this GPU, else cuDNN through the torch backend; explicit backends as asked."""
+    """backend=None/"auto": a kernel backend only for the shape classes the benchmark measured
+    faster than cuDNN on this GPU (Triton first, then the CUDA C++ kernels), else cuDNN through
+    the torch backend; explicit backends as asked."""
     if backend is None or backend == "auto":
-        if (input.device.type == "cuda" and "triton" in IMPLEMENTED
-                and _backend.unavailable_reason("triton", input.device, input.dtype) is None
-                and shape_class(input, weight, stride, groups) in TRITON_FASTER_SHAPE_CLASSES):
-            return "triton"
+        if input.device.type == "cuda":
+            measured = shape_class(input, weight, stride, groups)
+            for name, faster in (("triton", TRITON_FASTER_SHAPE_CLASSES),
+                                 ("cuda", CUDA_FASTER_SHAPE_CLASSES)):
+                if (measured in faster and name in IMPLEMENTED
+                        and _backend.unavailable_reason(name, input.device, input.dtype) is None):
+                    return name
         return "torch"
     return _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)
 
