@@ -81,7 +81,7 @@ def cmd_table(args) -> int:
     cfg.ours_backend = args.ours_backend
     rows = models.parse_rows(args.rows) if args.rows else [
         models.parse_row(k) for k in (models.CPU_ROWS if cpu else models.DEFAULT_ROWS)]
-    source = models.model_source()
+    source = models.model_source(cfg.arch)
     print(f"bench table on {device_label(device)}: {len(rows)} rows x {len(cfg.precisions)} "
           f"precisions, batch {cfg.batch}, models from {source}"
           + (" — CPU reduced run (tiny batch, few iterations; fp32 and no compile rows unless "

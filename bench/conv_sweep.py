@@ -70,17 +70,28 @@ class ConvCase:
 
 
 class _ConvRecorder(TorchDispatchMode):
+    """Records every 2-D convolution a forward runs: torch's (aten.convolution) and ours
+    (packed_kernels::grouped_conv2d / fused_conv2d, whose insides the mode does not see)."""
+
+    OURS = ("packed_kernels::grouped_conv2d", "packed_kernels::fused_conv2d")
+
     def __init__(self):
         super().__init__()
         self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.convolution.default:
-            x, w, _b, stride, padding, dilation, transposed, _op, groups = args
-            if not transposed and x.dim() == 4:
-                self.calls.append((tuple(x.shape[1:]), tuple(w.shape), tuple(stride),
-                                   tuple(padding), tuple(dilation), groups))
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if func is torch.ops.aten.convolution.default or name in self.OURS:
+            bound = {a.name: v for a, v in zip(func._schema.arguments, args)}
+            bound.update(kwargs)
+            x, w, padding = bound["input"], bound["weight"], list(bound["padding"])
+            if len(padding) == 4:  # ours: (top, bottom, left, right)
+                padding = [padding[0], padding[2]]
+            if not bound.get("transposed", False) and x.dim() == 4:
+                self.calls.append((tuple(x.shape[1:]), tuple(w.shape), tuple(bound["stride"]),
+                                   tuple(padding), tuple(bound["dilation"]), bound["groups"]))
+        return func(*args, **kwargs)
 
 
 def model_conv_cases(row_keys: Sequence[str], *, arch: int = 50, image_size: int = 32,

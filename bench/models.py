@@ -1,21 +1,17 @@
 """The speed table's rows and how each one's model is built.
 
 One place maps a row ("PE-(2,4,1)", impl "stock" or "packed_kernels") to a model from
-packed_kernels.models; while the zoo has not landed, to bench.standin (labelled as such).
-Every model returns estimator-major logits (M*B, classes).
+packed_kernels.models. Every model returns estimator-major logits (M*B, classes).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from packed_kernels.nn import convert
 
 IMPLS = ("stock", "packed_kernels")
 
@@ -90,63 +86,58 @@ def parse_rows(keys: str) -> List[Row]:
     return [parse_row(k.strip()) for k in keys.split(",") if k.strip()]
 
 
-def zoo():
-    """packed_kernels.models when it exists, else None."""
-    try:
-        module = importlib.import_module("packed_kernels.models")
-    except ModuleNotFoundError:
-        return None
-    return module if hasattr(module, "packed_resnet") else None
-
-
-def model_source() -> str:
-    return "packed_kernels.models" if zoo() is not None else "bench.standin (zoo not landed)"
-
-
 def build_model(row: Row, *, arch: int = 50, in_channels: int = 3, num_classes: int = 100,
-                ) -> Tuple[nn.Module, int, str]:
-    """(model, num_estimators, source) for a row; the caller moves it to its device."""
+                ours_backend: str = "auto") -> Tuple[nn.Module, int, str]:
+    """(model, num_estimators, source) for a row, from packed_kernels.models (CIFAR style);
+    the caller moves it to its device.
+
+    Stock rows: torch's nn.BatchNorm2d and every packed layer routed to torch's own conv
+    (packed_kernels.nn.set_backend(model, "stock")), i.e. grouped nn.Conv2d on cuDNN as
+    torch-uncertainty runs it. packed_kernels rows: the zoo's defaults (our batch norm where it
+    exists) with the convs on `ours_backend` ("auto": the library's own choice)."""
+    from packed_kernels import models, nn as pk_nn
     spec = MODELS[row.model]
-    models = zoo()
-    if models is None:
-        from . import standin
-        model = standin.build(spec.kind, in_channels, num_classes, spec.num_estimators,
-                              spec.alpha, spec.gamma)
-        if row.impl == "packed_kernels":
-            model = convert(model)
-        return model, spec.num_estimators, "stand-in"
-    return _build_from_zoo(models, spec, row.impl, arch, in_channels, num_classes), \
-        spec.num_estimators, f"resnet{arch}"
+    kwargs = {"style": "cifar"}
+    if row.impl == "stock":
+        kwargs["normalization_layer"] = nn.BatchNorm2d
+    m = spec.num_estimators
+    if spec.kind == "single":
+        model = models.resnet(in_channels, num_classes, arch, **kwargs)
+    elif spec.kind == "packed":
+        model = models.packed_resnet(in_channels, num_classes, arch, num_estimators=m,
+                                     alpha=spec.alpha, gamma=spec.gamma, **kwargs)
+    elif spec.kind == "deep_ensembles":
+        model = models.deep_ensemble_resnet(in_channels, num_classes, arch, num_estimators=m, **kwargs)
+    elif spec.kind == "mimo":
+        model = models.mimo_resnet(in_channels, num_classes, arch, num_estimators=m, **kwargs)
+    elif spec.kind == "batch_ensemble":
+        model = models.batched_resnet(in_channels, num_classes, arch, num_estimators=m, **kwargs)
+    else:
+        raise ValueError(f"unknown model kind {spec.kind!r}")
+    backend = "stock" if row.impl == "stock" else (None if ours_backend in (None, "auto") else ours_backend)
+    set_backend = getattr(pk_nn, "set_backend", None)
+    if set_backend is not None:
+        set_backend(model, backend)
+    elif backend not in (None, "stock"):  # a packed_kernels from before nn.set_backend
+        raise RuntimeError("this packed_kernels has no nn.set_backend; use --ours-backend auto")
+    return model, m, f"packed_kernels.models resnet{arch} (cifar)"
 
 
-def _build_from_zoo(models, spec: ModelSpec, impl: str, arch: int, in_channels: int,
-                    num_classes: int) -> nn.Module:
-    raise NotImplementedError("wire packed_kernels.models in here once it lands")
+def model_source(arch: int = 50) -> str:
+    return f"packed_kernels.models ResNet-{arch} (CIFAR style)"
 
 
-@contextlib.contextmanager
-def forced_backend(backend: str):
-    """Within the block, convs that would pick their backend automatically (backend=None or
-    "auto", as the modules call them) run on `backend` instead. "auto" changes nothing.
+def training_batch(row: Row, x: torch.Tensor, y: torch.Tensor, num_estimators: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(model input, estimator-major targets (M*B,)) of one training step on B images.
 
-    The library has no public switch for this yet, so the op module's chooser is wrapped;
-    explicit backend arguments are left alone."""
-    if backend in (None, "auto"):
-        yield
-        return
-    from packed_kernels.ops import conv as conv_ops
-    choose = getattr(conv_ops, "_choose", None)
-    if choose is None:
-        raise RuntimeError("forced_backend: packed_kernels.ops.conv has no _choose() to wrap; "
-                           "run with --ours-backend auto")
-    # validate the name (and that it can run here) before any model is built
-    conv_ops._backend.resolve("grouped_conv2d", backend, torch.device("cuda" if torch.cuda.is_available()
-                              else "cpu"), torch.float32, conv_ops.IMPLEMENTED)
-
-    def forced(op, requested, *args, **kwargs):
-        return choose(op, backend if requested in (None, "auto") else requested, *args, **kwargs)
-    conv_ops._choose = forced
-    try:
-        yield
-    finally:
-        conv_ops._choose = choose
+    Every model sees the B images once per estimator and is trained on targets repeated M
+    times - except MIMO, which trains on M batches side by side (M*B images in, one B-image
+    network pass), each estimator seeing the batch in its own order as torch-uncertainty's
+    MIMO routine shuffles it."""
+    if MODELS[row.model].kind != "mimo":
+        return x, y.repeat(num_estimators)
+    b = x.shape[0]
+    order = torch.cat([torch.arange(b, device=x.device)] +
+                      [torch.randperm(b, device=x.device) for _ in range(num_estimators - 1)])
+    return x[order], y[order]

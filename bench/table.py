@@ -46,7 +46,7 @@ class TableConfig:
     dataloader: bool = False
     loader_workers: int = 4
     lr: float = 0.05
-    ours_backend: str = "auto"  # conv backend of the packed_kernels rows (see models.forced_backend)
+    ours_backend: str = "auto"  # engine of the packed_kernels rows' layers (models.build_model)
 
     def as_dict(self) -> Dict[str, object]:
         d = dict(self.__dict__)
@@ -135,15 +135,9 @@ def _reset_memory(device: torch.device) -> None:
 def measure_row(row: Row, precision: str, cfg: TableConfig, device: torch.device,
                 ) -> Dict[str, object]:
     """Train and inference timings for one row at one precision (a fresh model each time)."""
-    with zoo_rows.forced_backend(cfg.ours_backend if row.impl == "packed_kernels" else "auto"):
-        return _measure_row(row, precision, cfg, device)
-
-
-def _measure_row(row: Row, precision: str, cfg: TableConfig, device: torch.device,
-                 ) -> Dict[str, object]:
     _reset_memory(device)
     model, m, source = zoo_rows.build_model(row, arch=cfg.arch, in_channels=cfg.in_channels,
-                                            num_classes=cfg.num_classes)
+                                            num_classes=cfg.num_classes, ours_backend=cfg.ours_backend)
     model = model.to(device, memory_format=_memory_format(cfg.layout))
     params = sum(p.numel() for p in model.parameters())
     runner = torch.compile(model) if row.compiled else model
@@ -161,10 +155,10 @@ def _measure_row(row: Row, precision: str, cfg: TableConfig, device: torch.devic
         fetch = lambda i: batches[i % len(batches)]  # noqa: E731
 
     def train_step(i: int):
-        x, y = fetch(i)
+        x, y = zoo_rows.training_batch(row, *fetch(i), m)
         with _autocast(device, precision):
             logits = runner(x)
-            loss = F.cross_entropy(logits, y.repeat(m))
+            loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import cli, models, table
-from bench.conftest import DEVICE, ON_GPU
+from bench.conftest import ARCH, DEVICE, ON_GPU
 
 BATCH = 128 if ON_GPU else 2
 ROWS = models.DEFAULT_ROWS[:8] if ON_GPU else ("single-stock", "pe241-stock", "pe241-packed_kernels")
@@ -17,7 +17,7 @@ PRECISIONS = ("fp32", "fp16") if ON_GPU else ("fp32",)
 
 def _model(key):
     row = models.parse_row(key)
-    model, m, _ = models.build_model(row)
+    model, m, _ = models.build_model(row, arch=ARCH)
     return model.to(DEVICE), m
 
 
@@ -84,7 +84,7 @@ def test_paper_ratios_follow_the_paper():
 
 def test_table_command_cpu_smoke(capsys, tmp_path):
     """The main command's code path end to end: real timings, a record, the CPU label."""
-    argv = ["table", "--rows", "single,pe241-packed_kernels", "--batch", "2", "--warmup", "0",
+    argv = ["table", "--rows", "single,pe241-packed_kernels", "--arch", str(ARCH), "--batch", "2", "--warmup", "0",
             "--reps", "1", "--epoch-images", "10", "--quiet", "--out", str(tmp_path)]
     if not ON_GPU:
         argv += ["--device", "cpu"]
@@ -105,17 +105,30 @@ def test_table_command_cpu_smoke(capsys, tmp_path):
             5 * r["train_step"]["median"])
 
 
-def test_forced_backend_wraps_only_automatic_choices():
-    from packed_kernels.ops import conv as conv_ops
-    original = conv_ops._choose
-    x, w = torch.randn(1, 8, 5, 5), torch.randn(8, 2, 3, 3)
-    with models.forced_backend("torch"):
-        assert conv_ops._choose is not original
-        assert conv_ops._choose("grouped_conv2d", None, x, w, (1, 1), 4) == "torch"
-    assert conv_ops._choose is original
-    with pytest.raises(ValueError, match="backend"):
-        with models.forced_backend("fastest"):
-            pass
-    assert conv_ops._choose is original
-    with models.forced_backend("auto"):
-        assert conv_ops._choose is original
+def test_rows_route_their_layers():
+    """Stock rows run torch's own conv and BatchNorm2d; packed_kernels rows run our ops on the
+    engine asked for."""
+    from packed_kernels import nn as pk_nn
+    if not hasattr(pk_nn, "set_backend"):
+        pytest.skip("packed_kernels.nn.set_backend has not landed")
+    routed = lambda model: {m.backend for m in model.modules()  # noqa: E731
+                            if getattr(type(m), "routes_through_packed_ops", False)}
+    stock, _, _ = models.build_model(models.parse_row("pe241-stock"), arch=ARCH)
+    assert routed(stock) == {"stock"}
+    assert all(type(m) is torch.nn.BatchNorm2d for m in stock.modules() if "BatchNorm" in type(m).__name__)
+    ours, _, _ = models.build_model(models.parse_row("pe241-packed_kernels"), arch=ARCH, ours_backend="torch")
+    assert routed(ours) == {"torch"}
+    auto, _, _ = models.build_model(models.parse_row("pe241-packed_kernels"), arch=ARCH)
+    assert routed(auto) == {None}
+
+
+def test_mimo_trains_on_shuffled_copies():
+    row = models.parse_row("mimo")
+    x, y = torch.arange(6.0).reshape(3, 2), torch.tensor([0, 1, 2])
+    xin, targets = models.training_batch(row, x, y, 4)
+    assert xin.shape == (12, 2) and targets.shape == (12,)
+    for k in range(4):  # each estimator's slice is a permutation of the batch, targets aligned
+        assert sorted(targets[3 * k:3 * k + 3].tolist()) == [0, 1, 2]
+        torch.testing.assert_close(xin[3 * k:3 * k + 3], x[targets[3 * k:3 * k + 3]])
+    xin, targets = models.training_batch(models.parse_row("pe241"), x, y, 4)
+    assert xin is x and targets.tolist() == [0, 1, 2] * 4
