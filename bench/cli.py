@@ -3,6 +3,7 @@
   table     the paper's speed table (training s/epoch, inference images/s, peak memory)
   conv      per-layer grouped-conv sweep: ours vs cuDNN grouped vs dense conv of equal FLOPs
   ensemble  the ensemble-op benchmark (GB/s vs the card's copy bandwidth)
+  bn        batch norm + ReLU training forward / forward+backward GB/s vs torch (cuDNN)
   report    records -> markdown table + PNG plots
 
 On a machine without a GPU every command runs a reduced real measurement on the CPU (unless
@@ -61,7 +62,7 @@ def cmd_table(args) -> int:
     cpu = device.type != "cuda"
     cfg = table.TableConfig()
     if cpu:  # reduced real run: tiny batch, few iterations, fp32, no compile rows
-        cfg.batch, cfg.warmup, cfg.reps, cfg.max_seconds = 4, 1, 3, 5.0
+        cfg.batch, cfg.warmup, cfg.reps, cfg.max_seconds = 2, 1, 2, 5.0
         cfg.precisions = ("fp32",)
         cfg.loader_workers = 0
     for name in ("batch", "infer_batch", "warmup", "reps", "arch", "image_size", "epoch_images",
@@ -133,6 +134,25 @@ def cmd_conv(args) -> int:
     return 0
 
 
+def cmd_bn(args) -> int:
+    from . import bn_ops
+    device = _device(args)
+    cfg = bn_ops.BNConfig.for_device(device)
+    for name in ("batch", "arch", "warmup", "reps", "limit"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    for name in ("dtype", "layout", "backends"):
+        value = getattr(args, name)
+        if value:
+            setattr(cfg, {"dtype": "dtypes", "layout": "layouts"}.get(name, name), tuple(value.split(",")))
+    result = bn_ops.run(cfg, device, progress=not args.quiet)
+    print(bn_ops.format_result(result))
+    _save(args, records.make_record("bn", device, cfg.as_dict(), result["rows"],
+                                    {"copy_bandwidth": result["copy_bandwidth"]}))
+    return 0
+
+
 def cmd_report(args) -> int:
     from . import report
     paths = args.paths or [records.RESULTS_DIR]
@@ -197,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--warmup", type=int)
     c.add_argument("--reps", type=int)
     c.set_defaults(func=cmd_conv)
+
+    b = sub.add_parser("bn", help="batch norm + ReLU training GB/s vs torch (cuDNN)")
+    _common(b)
+    b.add_argument("--batch", type=int)
+    b.add_argument("--arch", type=int, help="ResNet depth whose activation shapes are used (default 50)")
+    b.add_argument("--dtype", help="comma list of fp32,fp16,bf16")
+    b.add_argument("--layout", help="comma list of nchw,channels_last")
+    b.add_argument("--backends", help="comma list of pk.batch_norm backends (default: torch + kernels usable here)")
+    b.add_argument("--limit", type=int, help="only the first N shapes")
+    b.add_argument("--warmup", type=int)
+    b.add_argument("--reps", type=int)
+    b.set_defaults(func=cmd_bn)
 
     r = sub.add_parser("report", help="records -> report.md + PNG plots")
     r.add_argument("paths", nargs="*", type=Path, help="record files or folders (default bench/results)")

@@ -4,7 +4,7 @@
 #   2. builds everything (scripts/setup.sh: packed_kernels._C for sm_80/86/89/90, _simt),
 #   3. runs the whole test suite, `gpu` tests included (a missing cuda/triton backend fails),
 #   4. runs compute-sanitizer memcheck and racecheck over the CUDA tests,
-#   5. runs the benchmarks (ensemble ops, conv sweep, speed table, pytest-benchmark suite),
+#   5. runs the benchmarks (ensemble ops, conv sweep, batch norm, speed table, pytest-benchmark),
 #   6. turns the records into report.md + PNG plots.
 # Everything goes under bench/results/<date>-<gpu>/ (one log per step, steps.tsv with each
 # step's exit status). Every step runs even if an earlier one failed; the exit status is 1 if
@@ -69,6 +69,7 @@ step memcheck     "${SAN_ENV[@]}" "$SANITIZER" --tool memcheck --error-exitcode 
 step racecheck    "${SAN_ENV[@]}" "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" "${CUDA_TESTS[@]}"
 step bench-ensemble "$PY" -m bench ensemble --quiet --out "$OUT"
 step bench-conv   "$PY" -m bench conv --quiet --out "$OUT"
+step bench-bn     "$PY" -m bench bn --quiet --out "$OUT"
 step bench-table  "$PY" -m bench table --quiet --out "$OUT"
 step bench-table-channels-last "$PY" -m bench table --quiet --layout channels_last --precision fp16 --out "$OUT"
 step bench-pytest "$PY" -m pytest -q bench --benchmark-json="$OUT/pytest-benchmark.json"

@@ -6,6 +6,7 @@
               per layer and pass); <stem>-roofline.png (achieved TFLOP/s vs arithmetic intensity
               under the roofs measured in that run)
   ensemble -> GB/s table against the copy bandwidth of the same run
+  bn       -> the same for batch norm + ReLU
 """
 
 from __future__ import annotations
@@ -123,6 +124,23 @@ def ensemble_markdown(rec: Dict[str, object]) -> List[str]:
         lines.append(f"| {r['op']} | {r['backend']} | {r['num_estimators']} | {r['batch']} | "
                      f"{r['classes']} | {r['dtype']} | {_q(r['time'], 1e6, 1)} | {r['gbps']:.1f} | "
                      f"{r['fraction_of_copy']:.0%} | {r['device']} |")
+    return lines
+
+
+def bn_markdown(rec: Dict[str, object]) -> List[str]:
+    copy = rec.get("copy_bandwidth", {}).get("gbps")
+    lines = [f"Copy bandwidth measured in this run: {copy:.1f} GB/s." if copy else "", "",
+             "| shape | dtype | layout | pass | impl | median µs [q1–q3] | GB/s | of copy | device |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        shape = "×".join(map(str, r["shape"]))
+        if "error" in r:
+            lines.append(f"| {shape} | {r['dtype']} | {r['layout']} | {r['pass']} | {r['impl']} | "
+                         f"failed: {r['error']} | | | {r['device']} |")
+            continue
+        lines.append(f"| {shape} | {r['dtype']} | {r['layout']} | {r['pass']} | {r['impl']} | "
+                     f"{_q(r['time'], 1e6, 1)} | {r['gbps']:.1f} | {r['fraction_of_copy']:.0%} | "
+                     f"{r['device']} |")
     return lines
 
 
@@ -252,6 +270,8 @@ def write_report(records: List[Dict[str, object]], out_dir: Path) -> List[Path]:
             md += ["", f"![speed-up]({stem}-conv-speedup.png)", "", f"![roofline]({stem}-roofline.png)"]
         elif rec["kind"] == "ensemble":
             md += ensemble_markdown(rec)
+        elif rec["kind"] == "bn":
+            md += bn_markdown(rec)
         md.append("")
     report = out_dir / "report.md"
     report.write_text("\n".join(md) + "\n")
