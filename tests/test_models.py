@@ -338,3 +338,37 @@ def test_fused_batch_norm_blocks_equal_unfused_ones():
         plain.load_state_dict(fused.state_dict())  # eval on identical running statistics
         fused.eval(), plain.eval()
         assert relative_error(fused(x), plain(x)) < 1e-10
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("triton", marks=pytest.mark.slow),  # ~30 s of Triton interpreter on a CPU
+    "cuda", "simt"])
+def test_tiny_model_on_each_kernel_backend(backend):
+    """A whole PE ResNet (stem, blocks, shortcuts, fused BN, head) through one kernel backend:
+    forward and parameter gradients as good as torch's own fp32 against float64."""
+    from packed_kernels.ops import batch_norm as bn_op, conv as conv_op
+    from conftest import require_backend
+    from helpers import assert_close
+    device = require_backend(backend)
+    if backend not in conv_op.IMPLEMENTED:
+        pytest.skip(f"grouped_conv2d has no {backend!r} kernel yet")
+    model = _tiny_pe().to(device).train()
+    # batch 4 at 8x8: the last stage's BN still normalises over 4*2*2 values per channel (a
+    # tinier map leaves 2 values, and its ill-conditioned variance swamps any error comparison)
+    x, y = torch.randn(4, 3, 8, 8, device=device), torch.randint(0, 5, (4,), device=device)
+
+    def run(net, inputs):
+        out = net(inputs)
+        loss = F.cross_entropy(out, repeat_targets(y.to(out.device), 2))
+        return (out, *torch.autograd.grad(loss, list(net.parameters())))
+
+    exact = run(copy.deepcopy(model).cpu().double(), x.cpu().double())
+    stock = run(pk.nn.set_backend(copy.deepcopy(model), "stock"), x)
+    pk.nn.set_backend(model, backend)
+    if backend not in bn_op.IMPLEMENTED:  # batch norm without this kernel: its default engine
+        for module in model.modules():
+            if isinstance(module, getattr(pk.nn, "BatchNorm2d", ())):
+                module.backend = None
+    ours = run(model, x)
+    for i, (a, ref, theirs) in enumerate(zip(ours, exact, stock)):
+        assert_close(a, ref, theirs, torch.float32, "logits" if i == 0 else f"grad {i - 1}")
