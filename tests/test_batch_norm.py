@@ -326,3 +326,39 @@ def test_given_statistics_get_gradients(backend):
     refs = torch.autograd.grad(ref, (x64, m64, v64, w64), grad.double().cpu())
     for name, a, b in zip(("x", "mean", "var", "weight"), ours, refs):
         assert (a.cpu().double() - b).norm() <= 1e-5 * b.norm(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, channels_last", [
+    ((3, 2, 41, 40), False),  # NCHW: two spatial blocks per row, tiles merged across splits
+    ((9, 3, 33, 35), True),  # channels_last: many row tiles over several splits
+    ((2, 130, 3, 3), True),  # several channel blocks, the last one partial
+    ((5, 3, 1100), False),  # (N, C, L) with L over one spatial block
+])
+def test_multi_tile_shapes(backend, shape, channels_last):
+    """Shapes whose statistics span several tiles, splits and channel blocks."""
+    device = require_backend(backend)
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 5).float().to(device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    c = shape[1]
+    w = torch.rand(c, device=device).add_(0.5).requires_grad_(True)
+    r = torch.randn(shape, device=device, requires_grad=True)
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    out = pk.batch_norm(x, rm, rv, w, None, True, residual=r, activation="relu", backend=backend)
+    grad = torch.randn(shape, dtype=torch.float64)
+    ours = torch.autograd.grad(out, (x, w, r), grad.float().to(device))
+    x64, w64, r64 = _leaves([x, w, r], torch.float64, "cpu")
+    rm64, rv64 = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    ref = torch.relu(F.batch_norm(x64, rm64, rv64, w64, None, True) + r64)
+    refs = torch.autograd.grad(ref, (x64, w64, r64), grad)
+    xl, wl, rl = _leaves([x, w, r], torch.float32, "cpu")
+    rml, rvl = torch.zeros(c), torch.ones(c)
+    low = torch.relu(F.batch_norm(xl, rml, rvl, wl, None, True) + rl)
+    lows = torch.autograd.grad(low, (xl, wl, rl), grad.float())
+    assert_close(out, ref, low, torch.float32, "out")
+    assert_close(rm, rm64, rml, torch.float32, "running_mean")
+    assert_close(rv, rv64, rvl, torch.float32, "running_var")
+    for name, a, b, lw in zip("xwr", ours, refs, lows):
+        assert_close(a, b, lw, torch.float32, f"grad {name}")
