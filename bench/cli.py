@@ -130,7 +130,7 @@ def cmd_conv(args) -> int:
     print(conv_sweep.format_result(result))
     _save(args, records.make_record("conv", device, cfg.as_dict(), result["rows"],
                                     {"roofline": result["roofline"],
-                                     "triton_faster_shape_classes": result["triton_faster_shape_classes"]}))
+                                     "faster_shape_classes": result["faster_shape_classes"]}))
     return 0
 
 

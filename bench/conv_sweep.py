@@ -225,31 +225,40 @@ def _ours_passes(case: ConvCase, sets, backend: Optional[str]) -> Tuple[Dict[str
     return passes, chosen
 
 
-def triton_faster_shape_classes(rows: List[Dict[str, object]], device) -> List[list]:
-    """Shape classes (packed_kernels.ops.conv.shape_class) where the Triton kernels' forward +
-    backward beat cuDNN grouped in this sweep: the input to the op's backend="auto" policy."""
-    if not hasattr(conv_ops, "shape_class") or torch.device(device).type != "cuda":
-        return []
+def faster_layers(rows: List[Dict[str, object]]) -> Dict[str, List[Tuple[Dict[str, object], str, str]]]:
+    """Per kernel backend, the (shape, dtype, layout) whose forward + backward medians beat
+    cuDNN grouped's in these rows."""
     total: Dict[tuple, Dict[str, float]] = {}
     shapes = {}
     for r in rows:
         if "error" in r or r.get("pass") not in ("forward", "backward"):
             continue
-        if r["impl"] == "packed_kernels" and r["engine"] != "triton":
-            continue
+        who = r["engine"] if r["impl"] == "packed_kernels" else r["impl"]
         key = (r["layer"], r["dtype"], r["layout"])
-        who = "triton" if r["impl"] == "packed_kernels" else r["impl"]
         total.setdefault(key, {}).setdefault(who, 0.0)
         total[key][who] += r["time"]["median"]
         shapes[key] = r["shape"]
-    out = []
+    out: Dict[str, list] = {}
     for key, t in total.items():
-        if "triton" in t and "cudnn_grouped" in t and t["triton"] < t["cudnn_grouped"]:
-            c = ConvCase(**shapes[key])
-            x, w, _ = _tensors(c, 1, DTYPES[key[1]], key[2], device, 1)[0]  # batch 1: just the class
-            cls = list(conv_ops.shape_class(x, w, c.stride, c.groups))
-            if cls not in out:
-                out.append(cls)
+        for backend in ("triton", "cuda"):
+            if backend in t and "cudnn_grouped" in t and t[backend] < t["cudnn_grouped"]:
+                out.setdefault(backend, []).append((shapes[key], key[1], key[2]))
+    return out
+
+
+def faster_shape_classes(rows: List[Dict[str, object]], device) -> Dict[str, List[list]]:
+    """faster_layers as packed_kernels.ops.conv.shape_class tuples: the measurements behind the
+    conv op's backend="auto" policy (TRITON_FASTER_SHAPE_CLASSES, CUDA_FASTER_SHAPE_CLASSES)."""
+    if not hasattr(conv_ops, "shape_class") or torch.device(device).type != "cuda":
+        return {}
+    out: Dict[str, List[list]] = {}
+    for backend, layers in faster_layers(rows).items():
+        for shape, dtype, layout in layers:
+            case = ConvCase(**shape)
+            x, w, _ = _tensors(case, 1, DTYPES[dtype], layout, device, 1)[0]  # batch 1: the class only
+            cls = list(conv_ops.shape_class(x, w, case.stride, case.groups))
+            if cls not in out.setdefault(backend, []):
+                out[backend].append(cls)
     return out
 
 
@@ -324,7 +333,7 @@ def run(cfg: SweepConfig, device, progress: bool = True) -> Dict[str, object]:
                 rows.append(row)
         del grouped_sets, impls
     return {"rows": rows, "roofline": roofline,
-            "triton_faster_shape_classes": triton_faster_shape_classes(rows, device)}
+            "faster_shape_classes": faster_shape_classes(rows, device)}
 
 
 def speedups(rows: List[Dict[str, object]], baseline: str = "cudnn_grouped"
@@ -384,10 +393,9 @@ def format_result(result: Dict[str, object]) -> str:
         lines.append("packed_kernels speed-up over cuDNN grouped (geometric mean per dtype/layout/pass):")
         for (backend, dtype, layout, pass_name), gm, n in geomean_speedups(sp):
             lines.append(f"  {backend:7} {dtype:5} {layout:13} {pass_name:11} {gm:.2f}× over {n} layers  {device}")
-    classes = result.get("triton_faster_shape_classes")
-    if classes:
+    for backend, classes in (result.get("faster_shape_classes") or {}).items():
         lines.append("")
-        lines.append("shape classes where Triton fwd+bwd beat cuDNN grouped (for "
-                     "packed_kernels.ops.conv.TRITON_FASTER_SHAPE_CLASSES):")
+        lines.append(f"shape classes where {backend} fwd+bwd beat cuDNN grouped (for packed_kernels."
+                     f"ops.conv.{backend.upper()}_FASTER_SHAPE_CLASSES):")
         lines.extend(f"  {tuple(c)}  {device}" for c in classes)
     return "\n".join(lines)
