@@ -398,3 +398,57 @@ def test_tuning_cache_round_trip(tmp_path, monkeypatch):
     x = torch.randn(1, 2, 3, 3, dtype=torch.float16)
     assert conv_tuning.pick("forward", x, 9, 64, 64, True, lambda c: 1 / 0) == \
         conv_tuning.heuristic("forward", torch.float16, 9, 64, 64, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# every conv layer shape of the CIFAR Packed-Ensembles ResNets (small batch and map)
+# ---------------------------------------------------------------------------------------------
+
+def packed_resnet_conv_shapes(arch: int, gamma: int, image: int, width: float):
+    """Distinct (c_in, c_out, (h, w), kernel, stride, padding, dilation, groups) of PE-(2, 4,
+    gamma) CIFAR ResNet-`arch` at `width` x the channels, read off packed_kernels.models."""
+    from packed_kernels.models.resnet import packed_resnet
+    from packed_kernels.nn.packed import PackedConv2d
+
+    model = packed_resnet(3, 10, arch, num_estimators=4, alpha=2, gamma=gamma, style="cifar",
+                          width_multiplier=width)
+    shapes = {}
+
+    def record(module, args):
+        conv = module.conv
+        shapes[(args[0].shape[1], conv.out_channels, tuple(args[0].shape[2:]), conv.kernel_size,
+                conv.stride, conv.padding, conv.dilation, conv.groups)] = None
+    for m in model.modules():
+        if isinstance(m, PackedConv2d):
+            m.register_forward_pre_hook(record)
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, image, image))
+    return list(shapes)
+
+
+def test_packed_resnet_layer_shapes():
+    """Forward, input-grad and weight-grad of every distinct conv layer of PE-(2,4,1) and
+    PE-(2,4,2) CIFAR ResNet-18 and ResNet-50, fp32 vs fp64. The interpreter cannot afford the
+    real widths (up to 1024 channels per group: minutes per layer), so: an 8x8 image (maps
+    8..1) and 1/8 of the channels; the layer structure (kernels, strides, groups, stem,
+    downsampling) is the models' own. (At 1/8 width gamma=2 falls back to gamma=1, so the
+    gamma=2 models add no new shapes; the grid above covers more groups per layer.)"""
+    device = require_backend("triton")
+    shapes = {}
+    for arch in (18, 50):
+        for gamma in (1, 2):
+            shapes.update(dict.fromkeys(packed_resnet_conv_shapes(arch, gamma, 8, 0.125)))
+    assert len(shapes) >= 25
+    for c_in, c_out, hw, k, stride, padding, dilation, groups in shapes:
+        args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        x = torch.randn(1, c_in, *hw).to(memory_format=torch.channels_last)
+        w = torch.randn(c_out, c_in // groups, *k) / (c_in // groups * k[0] * k[1]) ** 0.5
+        seed = torch.randn(F.conv2d(x.double(), w.double(), None, **args).shape)
+        ours, ours_grads = _grads(lambda *t: pk.grouped_conv2d(*t, **args, backend="triton"),
+                                  (x.to(device), w.to(device)), seed)
+        ref, ref_grads = _grads(lambda *t: F.conv2d(*t, **args), (x.double(), w.double()), seed)
+        low, low_grads = _grads(lambda *t: F.conv2d(*t, **args), (x, w), seed)
+        what = f"{c_in}->{c_out} k{k} s{stride} g{groups} @{hw}"
+        assert_close(ours, ref, low, torch.float32, what)
+        for g, r, t in zip(ours_grads, ref_grads, low_grads):
+            assert_close(g, r, t, torch.float32, what + " grad")

@@ -1,9 +1,12 @@
 """Triton kernels for block-diagonal grouped 2-D convolution: forward, input-gradient and
 weight-gradient as implicit GEMMs, with the group on grid axis 2.
 
-Every tensor is addressed through its four (n, c, h, w) strides, so NCHW, channels_last and
-non-contiguous views all run without a copy; channels_last is the fast layout (a tile's
-channel run is contiguous, so loads coalesce). The GEMM views, per group g:
+The kernels read activations as NHWC (channel stride 1; the n/h/w strides are free): the
+launchers pass channels_last tensors as they are and copy other layouts once (an NCHW caller
+gets its output copied back). The weight is re-laid out as (KH, KW, C_in/groups, C_out). Where
+every group's channel run starts 16-byte aligned (VEC > 1), the kernels say so and Triton
+emits 16-byte vector loads (cp.async); otherwise elements load one by one, and only small tiles
+fit the registers (see conv_tuning). The GEMM views, per group g:
   forward      rows = output pixels (n, oh, ow), cols = output channels, K = (kh, kw, c_in)
   input grad   rows = input pixels (n, ih, iw),  cols = input channels,  K = (kh, kw, c_out)
   weight grad  rows = output channels,           cols = input channels,  K = output pixels,

@@ -44,6 +44,8 @@ _PIXEL_ROW_CONFIGS = (
     TileConfig(128, 64, 32, 8, 2),
     TileConfig(128, 128, 32, 8, 2),
 )
+# The input-grad kernel's smallest tile runs 2 warps: with 4, ptxas spills it in fp32 (sm_80).
+_INPUT_GRAD_CONFIGS = (TileConfig(64, 16, 16, 2, 2),) + _PIXEL_ROW_CONFIGS[1:]
 # Weight-grad GEMM: rows = C_out of a group, cols = C_in of a group, K = output pixels (many,
 # so the K tile is as wide as shared memory allows: 64 for 16-bit types, 32 for fp32).
 _CHANNEL_TILES = (16, 32, 64, 128)
@@ -71,7 +73,8 @@ def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True) -> List[Ti
         tiles = _WEIGHT_GRAD_TILES if aligned else _UNALIGNED_CONFIGS["weight_grad"]
         pool = [TileConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3) for bm, bn in tiles]
     else:
-        pool = _PIXEL_ROW_CONFIGS if aligned else _UNALIGNED_CONFIGS["pixel_rows"]
+        rows_pool = _INPUT_GRAD_CONFIGS if kernel == "input_grad" else _PIXEL_ROW_CONFIGS
+        pool = rows_pool if aligned else _UNALIGNED_CONFIGS["pixel_rows"]
         if dtype == torch.float32:  # ptxas caps this one at 128 registers and spills (sm_80)
             pool = [c for c in pool if (c.block_m, c.block_n) != (128, 64)]
     return [c for c in pool if _shared_memory(c, dtype) <= SHARED_MEMORY_BUDGET]
