@@ -33,12 +33,14 @@ class BNConfig:
     limit: int = 0
     warmup: int = 5
     reps: int = 30
+    block: str = "layer2.1"  # the bottleneck block timed whole, stock vs fused (PE-(2,4,1))
 
     @classmethod
     def for_device(cls, device) -> "BNConfig":
         cfg = cls()
         if torch.device(device).type != "cuda":  # reduced real run on the CPU
             cfg.batch, cfg.arch, cfg.dtypes, cfg.layouts, cfg.limit = 2, 20, ("fp32",), ("nchw",), 3
+            cfg.block = "layer2.1"
             cfg.warmup, cfg.reps = 1, 3
         return cfg
 
@@ -124,7 +126,69 @@ def run(cfg: BNConfig, device, progress: bool = True) -> Dict[str, object]:
                             "fraction_of_copy": gbps / copy["gbps"]})
                 rows.append(row)
         del xs, gs
-    return {"rows": rows, "copy_bandwidth": copy}
+    return {"rows": rows, "copy_bandwidth": copy, "block_rows": block_rows(cfg, device)}
+
+
+def block_rows(cfg: BNConfig, device) -> List[Dict[str, object]]:
+    """One PE-(2,4,1) ResNet block (cfg.block, e.g. "layer2.1") on its real input shape, timed
+    whole: inference forward and training forward+backward, the stock modules (Conv2d,
+    BatchNorm2d, ReLU, add on cuDNN) vs the packed_kernels model's block (fused BN + residual
+    + ReLU ops). fp16 autocast on a GPU, fp32 on the CPU."""
+    from . import models as zoo_rows
+    device = torch.device(device)
+    rows = []
+    for layout in cfg.layouts:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        for key in ("pe241-stock", "pe241-packed_kernels"):
+            row = zoo_rows.parse_row(key)
+            model, _, _ = zoo_rows.build_model(row, arch=cfg.arch)
+            block = model.get_submodule(cfg.block)
+            seen = {}
+
+            def record_input(module, args, output):  # returns None: the output is left alone
+                seen.setdefault("shape", tuple(args[0].shape[1:]))
+            hook = block.register_forward_hook(record_input)
+            with torch.no_grad():
+                model.eval()(torch.randn(1, 3, 32, 32))
+            hook.remove()
+            block = block.to(device, memory_format=fmt)
+            n = 4
+            xs = [torch.randn(cfg.batch, *seen["shape"], device=device).contiguous(memory_format=fmt)
+                  .requires_grad_() for _ in range(n)]
+            amp = torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+            grads = {}
+
+            def infer(i):
+                with torch.inference_mode(), amp:
+                    return block(xs[i % n])
+
+            def train(i):
+                with amp:
+                    y = block(xs[i % n])
+                g = grads.setdefault("g", torch.randn_like(y))
+                torch.autograd.grad(y, [xs[i % n], *block.parameters()], g)
+
+            for pass_name, fn, mode in (("inference", infer, False), ("train_forward_backward", train, True)):
+                block.train(mode)
+                out = {"block": cfg.block, "model": "PE-(2,4,1)", "impl": row.impl, "pass": pass_name,
+                       "input_shape": [cfg.batch, *seen["shape"]], "layout": layout,
+                       "precision": "fp16 autocast" if device.type == "cuda" else "fp32",
+                       "device": device_label(device)}
+                try:
+                    out["time"] = measure(fn, device, warmup=cfg.warmup, reps=cfg.reps).as_dict()
+                except Exception as exc:
+                    out["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                rows.append(out)
+            del model, block, xs
+    return rows
+
+
+def block_speedups(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    """packed_kernels block vs stock block, per layout and pass: stock time / ours time."""
+    ok = {(r["layout"], r["pass"], r["impl"]): r for r in rows if "error" not in r}
+    return [{"layout": layout, "pass": p, "speedup": ok[(layout, p, "stock")]["time"]["median"] / r["time"]["median"],
+             "device": r["device"]}
+            for (layout, p, impl), r in ok.items() if impl == "packed_kernels" and (layout, p, "stock") in ok]
 
 
 def format_result(result: Dict[str, object]) -> str:
@@ -146,4 +210,18 @@ def format_result(result: Dict[str, object]) -> str:
         lines.append(f"{shape:22} {r['dtype']:5} {r['layout']:13} {r['pass']:23} {r['impl']:26} "
                      f"{r['time']['median'] * 1e6:11.1f} {r['gbps']:8.1f} {r['fraction_of_copy']:7.0%}  "
                      f"{r['device']}")
+    blocks = result.get("block_rows") or []
+    if blocks:
+        b0 = blocks[0]
+        lines += ["", f"== {b0['model']} ResNet block {b0['block']}, input {'x'.join(map(str, b0['input_shape']))}, "
+                  f"{b0['precision']} — {b0['device']}"]
+        for r in blocks:
+            if "error" in r:
+                lines.append(f"  {r['layout']:13} {r['pass']:23} {r['impl']:15} failed: {r['error']}  {r['device']}")
+                continue
+            t = r["time"]
+            lines.append(f"  {r['layout']:13} {r['pass']:23} {r['impl']:15} {t['median'] * 1e6:11.1f} us "
+                         f"[{t['q1'] * 1e6:.1f}-{t['q3'] * 1e6:.1f}]  {r['device']}")
+        for sp in block_speedups(blocks):
+            lines.append(f"  packed_kernels block vs stock, {sp['layout']}, {sp['pass']}: {sp['speedup']:.2f}×  {sp['device']}")
     return "\n".join(lines)

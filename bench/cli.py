@@ -149,7 +149,8 @@ def cmd_bn(args) -> int:
     result = bn_ops.run(cfg, device, progress=not args.quiet)
     print(bn_ops.format_result(result))
     _save(args, records.make_record("bn", device, cfg.as_dict(), result["rows"],
-                                    {"copy_bandwidth": result["copy_bandwidth"]}))
+                                    {"copy_bandwidth": result["copy_bandwidth"],
+                                     "block_rows": result["block_rows"]}))
     return 0
 
 

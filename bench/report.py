@@ -141,6 +141,18 @@ def bn_markdown(rec: Dict[str, object]) -> List[str]:
         lines.append(f"| {shape} | {r['dtype']} | {r['layout']} | {r['pass']} | {r['impl']} | "
                      f"{_q(r['time'], 1e6, 1)} | {r['gbps']:.1f} | {r['fraction_of_copy']:.0%} | "
                      f"{r['device']} |")
+    blocks = rec.get("block_rows") or []
+    if blocks:
+        from .bn_ops import block_speedups
+        b0 = blocks[0]
+        lines += ["", f"{b0['model']} ResNet block `{b0['block']}`, input {'×'.join(map(str, b0['input_shape']))}, "
+                  f"{b0['precision']}:", "", "| layout | pass | impl | median µs [q1–q3] | device |",
+                  "|---|---|---|---|---|"]
+        for r in blocks:
+            time = f"failed: {r['error']}" if "error" in r else _q(r["time"], 1e6, 1)
+            lines.append(f"| {r['layout']} | {r['pass']} | {r['impl']} | {time} | {r['device']} |")
+        for sp in block_speedups(blocks):
+            lines.append(f"\n- packed_kernels block vs stock, {sp['layout']}, {sp['pass']}: **{sp['speedup']:.2f}×**")
     return lines
 
 

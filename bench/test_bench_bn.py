@@ -32,6 +32,14 @@ def test_bn_command_rows_are_consistent():
                           warmup=0, reps=2, backends=("torch",))
     result = bn_ops.run(cfg, torch.device("cpu"), progress=False)
     rows = result["rows"]
+    blocks = result["block_rows"]
+    assert [(r["impl"], r["pass"]) for r in blocks] == [
+        ("stock", "inference"), ("stock", "train_forward_backward"),
+        ("packed_kernels", "inference"), ("packed_kernels", "train_forward_backward")]
+    assert all("error" not in r for r in blocks), [r.get("error") for r in blocks]
+    assert blocks[0]["input_shape"] == [2, 64, 16, 16]  # ResNet-20 layer2: 32 planes x alpha 2, 16x16
+    sp = bn_ops.block_speedups(blocks)
+    assert {s["pass"] for s in sp} == {"inference", "train_forward_backward"}
     assert [(r["impl"], r["pass"]) for r in rows] == [
         ("torch (torch-cpu)", "train_forward"), ("torch (torch-cpu)", "train_forward_backward"),
         ("packed_kernels (torch)", "train_forward"), ("packed_kernels (torch)", "train_forward_backward")]

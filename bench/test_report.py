@@ -62,9 +62,21 @@ def test_conv_and_ensemble_sections(generated):
                    for l in md.splitlines())
 
 
+def test_bn_section(generated):
+    md = (generated / "report.md").read_text().splitlines()
+    rec = json.loads((FIXTURES / "bn.json").read_text())
+    for r in rec["rows"]:
+        shape = "×".join(map(str, r["shape"]))
+        assert any(l.startswith(f"| {shape} | {r['dtype']} | {r['layout']} | {r['pass']} | {r['impl']} |")
+                   and f"{r['gbps']:.1f}" in l for l in md)
+    from bench.bn_ops import block_speedups
+    for sp in block_speedups(rec["block_rows"]):
+        assert any(f"{sp['layout']}, {sp['pass']}: **{sp['speedup']:.2f}×**" in l for l in md)
+
+
 def test_fixtures_are_valid_records():
     recs = records.load_records([FIXTURES])
-    assert sorted(r["kind"] for r in recs) == ["conv", "ensemble", "table"]
+    assert sorted(r["kind"] for r in recs) == ["bn", "conv", "ensemble", "table"]
     for r in recs:
         assert {"device", "torch", "triton", "cudnn", "commit"} <= set(r["env"])
 
