@@ -321,7 +321,9 @@ def test_fused_batch_norm_blocks_equal_unfused_ones():
                   lambda norm: packed_resnet(3, 5, 50, 2, 2, 1, width_multiplier=0.125,
                                              normalization_layer=norm),
                   lambda norm: batched_resnet(3, 5, 50, 2, width_multiplier=0.125, style="cifar",
-                                              normalization_layer=norm)):
+                                              normalization_layer=norm),
+                  lambda norm: PackedWideResNet(10, 1, 3, 5, True, 0.0, 2, alpha=2, gamma=1,
+                                                style="cifar", normalization_layer=norm)):
         fused, plain = build(packed_bn).double(), build(nn.BatchNorm2d).double()
         assert fused.layer1[0].fused and not plain.layer1[0].fused
         plain.load_state_dict(fused.state_dict(), strict=True)
@@ -330,6 +332,9 @@ def test_fused_batch_norm_blocks_equal_unfused_ones():
         assert relative_error(out_f, out_p) < 1e-10
         for a, b in zip(torch.autograd.grad(out_f.sum(), list(fused.parameters())),
                         torch.autograd.grad(out_p.sum(), list(plain.parameters()))):
+            if b.norm() < 1e-12:  # exactly zero in exact math (a conv bias before training-mode
+                assert a.norm() < 1e-12  # BN): both are rounding noise, not comparable
+                continue
             assert relative_error(a, b) < 1e-10
         for (key, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
             # running statistics moved alike; pk.batch_norm hands its batch statistics back in

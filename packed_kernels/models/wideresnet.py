@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn.functional import relu
 
 from ..nn.packed import PackedConv2d, PackedLinear
-from ._common import check_style, default_norm
+from ._common import check_style, default_norm, fuses, make_norm
 
 
 class _WideBasicBlock(nn.Module):
@@ -18,21 +18,26 @@ class _WideBasicBlock(nn.Module):
                  activation_fn: Callable, normalization_layer: Type[nn.Module]) -> None:
         super().__init__()
         self.activation_fn = activation_fn
+        # packed_kernels' BatchNorm2d applies the ReLU in its own pass (the residual is added
+        # before bn2 here, so only the ReLU folds in)
+        self.fused = fuses(normalization_layer) and activation_fn is relu
+        norm = (lambda c: make_norm(normalization_layer, c, relu=True)) if self.fused else normalization_layer
         packed = dict(alpha=alpha, num_estimators=num_estimators, gamma=gamma, groups=groups,
                       bias=conv_bias)
         self.conv1 = PackedConv2d(in_planes, planes, 3, padding=1, **packed)
         self.dropout = nn.Dropout2d(p=dropout_rate)
-        self.bn1 = normalization_layer(int(alpha * planes))
+        self.bn1 = norm(int(alpha * planes))
         self.conv2 = PackedConv2d(planes, planes, 3, stride=stride, padding=1, **packed)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(PackedConv2d(in_planes, planes, 1, stride=stride, **packed))
-        self.bn2 = normalization_layer(int(alpha * planes))
+        self.bn2 = norm(int(alpha * planes))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.activation_fn(self.bn1(self.dropout(self.conv1(x))))
+        act = (lambda t: t) if self.fused else self.activation_fn
+        out = act(self.bn1(self.dropout(self.conv1(x))))
         out = self.conv2(out) + self.shortcut(x)
-        return self.activation_fn(self.bn2(out))
+        return act(self.bn2(out))
 
 
 class PackedWideResNet(nn.Module):
@@ -57,7 +62,8 @@ class PackedWideResNet(nn.Module):
             stem = dict(kernel_size=3, stride=1, padding=1, gamma=gamma)
         self.conv1 = PackedConv2d(in_channels, stages[0], alpha=alpha, num_estimators=num_estimators,
                                   groups=groups, bias=conv_bias, first=True, **stem)
-        self.bn1 = norm(int(stages[0] * alpha))
+        self.stem_fused = fuses(norm) and activation_fn is relu
+        self.bn1 = make_norm(norm, int(stages[0] * alpha), relu=True) if self.stem_fused else norm(int(stages[0] * alpha))
         self.optional_pool = (nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
                               if style == "imagenet" else nn.Identity())
         common = dict(conv_bias=conv_bias, dropout_rate=dropout_rate, alpha=alpha,
@@ -80,7 +86,8 @@ class PackedWideResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def feats_forward(self, x: Tensor) -> Tensor:
-        out = self.optional_pool(self.activation_fn(self.bn1(self.conv1(x))))
+        out = self.bn1(self.conv1(x))
+        out = self.optional_pool(out if self.stem_fused else self.activation_fn(out))
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.final_dropout(self.flatten(self.pool(out)))
 
