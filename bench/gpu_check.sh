@@ -72,6 +72,10 @@ step bench-conv   "$PY" -m bench conv --quiet --out "$OUT"
 step bench-bn     "$PY" -m bench bn --quiet --out "$OUT"
 step bench-table  "$PY" -m bench table --quiet --out "$OUT"
 step bench-table-channels-last "$PY" -m bench table --quiet --layout channels_last --precision fp16 --out "$OUT"
+# The packed_kernels rows again with every layer forced onto the Triton kernels (the default
+# rows use the library's auto policy, which keeps cuDNN until these runs show a kernel faster).
+step bench-table-triton "$PY" -m bench table --quiet --layout channels_last --precision fp16 \
+  --rows single-stock,pe241-stock,pe241-packed_kernels,pe242-stock,pe242-packed_kernels --ours-backend triton --out "$OUT"
 step bench-pytest "$PY" -m pytest -q bench --benchmark-json="$OUT/pytest-benchmark.json"
 step report       "$PY" -m bench report "$OUT" --out "$OUT"
 
