@@ -7,8 +7,8 @@ H100 for M=4, B=1024, C=1000, fp16)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
 
 import torch
 

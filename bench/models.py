@@ -7,7 +7,7 @@ packed_kernels.models. Every model returns estimator-major logits (M*B, classes)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn

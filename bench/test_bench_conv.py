@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import packed_kernels as pk
 from bench import conv_sweep
-from bench.conftest import ARCH, DEVICE, ON_GPU
+from bench.conftest import ARCH, DEVICE
 
 CFG = conv_sweep.SweepConfig.for_device(DEVICE)
 CASES = conv_sweep.model_conv_cases(CFG.rows, arch=ARCH)[:CFG.limit or None]

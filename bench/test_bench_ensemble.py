@@ -6,7 +6,7 @@ import torch
 
 import packed_kernels as pk
 from bench import ensemble_ops
-from bench.conftest import DEVICE, ON_GPU
+from bench.conftest import DEVICE
 
 CFG = ensemble_ops.EnsembleConfig.for_device(DEVICE)
 DTYPE = ensemble_ops.DTYPES[CFG.dtype]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, models, records, report, table
+from bench import cli, records, table
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
