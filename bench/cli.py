@@ -116,10 +116,12 @@ def cmd_conv(args) -> int:
     from . import conv_sweep
     device = _device(args)
     cfg = conv_sweep.SweepConfig.for_device(device)
-    for name in ("batch", "warmup", "reps", "limit"):
+    for name in ("batch", "arch", "warmup", "reps", "limit"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
+    if args.rows:
+        cfg.rows = tuple(args.rows.split(","))
     if args.dtype:
         cfg.dtypes = tuple(args.dtype.split(","))
     if args.layout:
@@ -210,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("conv", help="per-layer grouped conv sweep vs cuDNN")
     _common(c)
     c.add_argument("--batch", type=int)
+    c.add_argument("--arch", type=int, help="ResNet depth whose conv layers are swept (default 50)")
+    c.add_argument("--rows", help="table rows whose models' layers are swept (default pe241-stock,pe242-stock)")
     c.add_argument("--dtype", help="comma list of fp32,fp16,bf16")
     c.add_argument("--layout", help="comma list of nchw,channels_last")
     c.add_argument("--backends", help="comma list of packed_kernels backends for 'ours' (default: "

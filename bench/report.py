@@ -208,9 +208,10 @@ def plot_conv_speedup(rec: Dict[str, object], path: Path) -> Path:
         for k, (backend, p) in enumerate(passes):
             vals = [next((s["speedup"] for s in sp if s["layer"] == l and s["pass"] == p
                           and s["backend"] == backend and s["dtype"] == dtype
-                          and s["layout"] == layout), 0.0) for l in layers]
+                          and s["layout"] == layout), float("nan")) for l in layers]
             ax.bar([i + k * width for i in range(len(layers))], vals, width, label=f"{backend} {p}")
         ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")  # speed-ups are ratios: 2x faster and 2x slower sit equally far from 1
         ax.set_xticks([i + width * (len(passes) - 1) / 2 for i in range(len(layers))])
         ax.set_xticklabels(layers, rotation=35, ha="right", fontsize=6)
         ax.set_ylabel("speed-up vs cuDNN grouped")
