@@ -309,13 +309,16 @@ def conv_selftest(tmp_path_factory) -> Path:
     return binary
 
 
+@pytest.mark.parametrize("shape", ["odd", "aligned"])  # the scalar and the 16-byte load paths
 @pytest.mark.parametrize("dtype", list(SELFTEST_BOUNDS))
-def test_kernels_under_sanitizers_match_the_reference(conv_selftest, dtype):
+def test_kernels_under_sanitizers_match_the_reference(conv_selftest, dtype, shape):
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
-    done = subprocess.run([str(conv_selftest), dtype], capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, f"conv_selftest {dtype} failed:\n{done.stderr[-4000:]}"
+    done = subprocess.run([str(conv_selftest), dtype, shape], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, f"conv_selftest {dtype} {shape} failed:\n{done.stderr[-4000:]}"
     assert "runtime error" not in done.stderr, done.stderr[-4000:]  # UBSan
     errors = dict(line.split("=", 1) for line in done.stdout.split())
+    assert errors.pop("vectorized") == ("1" if shape == "aligned" else "0"), done.stdout
     assert set(errors) == set(SELFTEST_BOUNDS[dtype]), done.stdout
     for name, bound in SELFTEST_BOUNDS[dtype].items():
         assert float(errors[name]) <= bound, f"{dtype} {name}: relative error {errors[name]} > {bound}"

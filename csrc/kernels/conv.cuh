@@ -26,6 +26,7 @@
 #include "pk/simt.h"
 #include "pk/tile.h"
 #include "pk/types.h"
+#include "pk/vec.h"
 
 namespace pk {
 namespace conv {
@@ -66,6 +67,21 @@ struct PrologueView {
     return from_float<T>(activate(u, activation));
   }
 };
+
+// `V` consecutive elements from `src` (16-byte aligned when V > 1), or zeros for nullptr.
+template <int V, typename T>
+PK_DEVICE void load_run(const T* src, T (&out)[V]) {
+  if (src == nullptr) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = from_float<T>(0.0f);
+  } else if constexpr (V == 1) {
+    out[0] = *src;
+  } else {
+    const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(src);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = v.v[j];
+  }
+}
 
 // Sizes every problem shares.
 struct Geometry {
@@ -117,14 +133,21 @@ struct ForwardProblem {
   }
   PK_DEVICE ColInfo col_info(index_t) const { return ColInfo{}; }
 
-  PK_DEVICE T a(int g, const RowInfo& r, const DepthInfo& d) const {
+  // A run of V elements along depth: V channels of one tap (cin_g % V == 0).
+  template <int V>
+  PK_DEVICE void a(int g, const RowInfo& r, const DepthInfo& d, T (&out)[V]) const {
     const int ih = r.h + d.dh, iw = r.w + d.dw;
-    if (ih < 0 || ih >= geo.H || iw < 0 || iw >= geo.W) return from_float<T>(0.0f);
+    const bool inside = ih >= 0 && ih < geo.H && iw >= 0 && iw < geo.W;
     const index_t c = g * geo.cin_g + d.c;
-    return prologue.apply(x[(r.image + index_t(ih) * geo.W + iw) * geo.C_in + c], c);
+    load_run<V>(inside ? x + (r.image + index_t(ih) * geo.W + iw) * geo.C_in + c : nullptr, out);
+    if (inside && !prologue.identity()) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) out[j] = prologue.apply(out[j], c + j);
+    }
   }
-  PK_DEVICE T b(int g, index_t k, const DepthInfo&, index_t col, const ColInfo&) const {
-    return w[(g * geo.cout_g + col) * depth + k];
+  template <int V>  // along depth
+  PK_DEVICE void b(int g, index_t k, const DepthInfo&, index_t col, const ColInfo&, T (&out)[V]) const {
+    load_run<V>(w + (g * geo.cout_g + col) * depth + k, out);
   }
   PK_DEVICE float pre_epilogue(int g, index_t col, float acc) const {
     return bias != nullptr ? acc + bias[g * geo.cout_g + col] : acc;
@@ -173,22 +196,27 @@ struct InputGradProblem {
 
   // Output pixel (oh, ow) reads input pixel (ih, iw) through tap (kh, kw) iff
   // oh * stride = ih + pad - kh * dilation (and the same along w).
-  PK_DEVICE T a(int g, const RowInfo& r, const DepthInfo& d) const {
+  PK_DEVICE const T* a_source(int g, const RowInfo& r, const DepthInfo& d) const {
     int oh = r.h - d.dh, ow = r.w - d.dw;
-    if (oh < 0 || ow < 0) return from_float<T>(0.0f);
+    if (oh < 0 || ow < 0) return nullptr;
     if (geo.stride_h != 1) {
-      if (oh % geo.stride_h != 0) return from_float<T>(0.0f);
+      if (oh % geo.stride_h != 0) return nullptr;
       oh /= geo.stride_h;
     }
     if (geo.stride_w != 1) {
-      if (ow % geo.stride_w != 0) return from_float<T>(0.0f);
+      if (ow % geo.stride_w != 0) return nullptr;
       ow /= geo.stride_w;
     }
-    if (oh >= geo.OH || ow >= geo.OW) return from_float<T>(0.0f);
-    return grad[(r.image + index_t(oh) * geo.OW + ow) * geo.C_out + g * geo.cout_g + d.co];
+    if (oh >= geo.OH || ow >= geo.OW) return nullptr;
+    return grad + (r.image + index_t(oh) * geo.OW + ow) * geo.C_out + g * geo.cout_g + d.co;
   }
-  PK_DEVICE T b(int g, index_t, const DepthInfo& d, index_t col, const ColInfo&) const {
-    return w[((g * geo.cout_g + d.co) * geo.KH * geo.KW + d.tap) * geo.cin_g + col];
+  template <int V>  // along depth: V output channels of one tap (cout_g % V == 0)
+  PK_DEVICE void a(int g, const RowInfo& r, const DepthInfo& d, T (&out)[V]) const {
+    load_run<V>(a_source(g, r, d), out);
+  }
+  template <int V>  // along columns (input channels)
+  PK_DEVICE void b(int g, index_t, const DepthInfo& d, index_t col, const ColInfo&, T (&out)[V]) const {
+    load_run<V>(w + ((g * geo.cout_g + d.co) * geo.KH * geo.KW + d.tap) * geo.cin_g + col, out);
   }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
   PK_DEVICE void store(int g, int /*split*/, index_t m, index_t col, float acc) const {
@@ -232,14 +260,20 @@ struct WeightGradProblem {
                    static_cast<int>(col - index_t(tap) * geo.cin_g)};
   }
 
-  PK_DEVICE T a(int g, const RowInfo& r, const DepthInfo& d) const {
-    return grad[d.p * geo.C_out + g * geo.cout_g + r.co];
+  template <int V>  // along rows (output channels)
+  PK_DEVICE void a(int g, const RowInfo& r, const DepthInfo& d, T (&out)[V]) const {
+    load_run<V>(grad + d.p * geo.C_out + g * geo.cout_g + r.co, out);
   }
-  PK_DEVICE T b(int g, index_t, const DepthInfo& d, index_t, const ColInfo& c) const {
+  template <int V>  // along columns: V input channels of one tap (cin_g % V == 0)
+  PK_DEVICE void b(int g, index_t, const DepthInfo& d, index_t, const ColInfo& c, T (&out)[V]) const {
     const int ih = d.h + c.dh, iw = d.w + c.dw;
-    if (ih < 0 || ih >= geo.H || iw < 0 || iw >= geo.W) return from_float<T>(0.0f);
+    const bool inside = ih >= 0 && ih < geo.H && iw >= 0 && iw < geo.W;
     const index_t ci = g * geo.cin_g + c.c;
-    return prologue.apply(x[(d.image + index_t(ih) * geo.W + iw) * geo.C_in + ci], ci);
+    load_run<V>(inside ? x + (d.image + index_t(ih) * geo.W + iw) * geo.C_in + ci : nullptr, out);
+    if (inside && !prologue.identity()) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) out[j] = prologue.apply(out[j], ci + j);
+    }
   }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
   PK_DEVICE void store(int g, int split, index_t co, index_t col, float acc) const {
@@ -248,7 +282,9 @@ struct WeightGradProblem {
 };
 
 // At least 1 block per SM: with ptxas's own occupancy target the bf16 forward spilled on sm_90.
-template <typename T, typename Problem>
+// VEC: elements per load along each operand's contiguous dimension (16 bytes, or 1); the
+// launcher picks VEC > 1 only where every run of VEC stays inside one tap and is aligned.
+template <typename T, int VEC, typename Problem>
 __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t split_len) {
   constexpr bool kTensorCores = !std::is_same<T, float>::value;
   PK_SHARED(unsigned char, shared_raw, staging_bytes<T>() + 32);
@@ -293,17 +329,36 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   for (index_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
     for (int kk = tid; kk < kBlockK; kk += kThreads) depth_info[kk] = p.depth_info(k0 + kk);
     __syncthreads();  // the decoded indices are written and the previous step's mma is done
-    // Stage; consecutive threads walk the dimension that is contiguous in memory.
-    for (int e = tid; e < kBlockM * kBlockK; e += kThreads) {
-      const int r = Problem::kAAlongDepth ? e / kBlockK : e % kBlockM;
-      const int kk = Problem::kAAlongDepth ? e % kBlockK : e / kBlockM;
-      As[r * kLdA + kk] = (m0 + r < p.rows && k0 + kk < k_end) ? p.a(g, row_info[r], depth_info[kk]) : zero;
+    // Stage runs of VEC elements; consecutive threads walk the dimension contiguous in memory.
+    // A run lies wholly inside or outside the tile's valid range (the extents are multiples of VEC).
+    for (int e = tid; e < kBlockM * kBlockK / VEC; e += kThreads) {
+      constexpr bool kAlong = Problem::kAAlongDepth;
+      const int r = kAlong ? e / (kBlockK / VEC) : e % (kBlockM / VEC) * VEC;
+      const int kk = kAlong ? e % (kBlockK / VEC) * VEC : e / (kBlockM / VEC);
+      T run[VEC];
+      if (m0 + r < p.rows && k0 + kk < k_end) {
+        p.template a<VEC>(g, row_info[r], depth_info[kk], run);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) run[j] = zero;
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) As[(r + (kAlong ? 0 : j)) * kLdA + kk + (kAlong ? j : 0)] = run[j];
     }
-    for (int e = tid; e < kBlockK * kBlockN; e += kThreads) {
-      const int kk = Problem::kBAlongDepth ? e % kBlockK : e / kBlockN;
-      const int c = Problem::kBAlongDepth ? e / kBlockK : e % kBlockN;
+    for (int e = tid; e < kBlockK * kBlockN / VEC; e += kThreads) {
+      constexpr bool kAlong = Problem::kBAlongDepth;
+      const int kk = kAlong ? e % (kBlockK / VEC) * VEC : e / (kBlockN / VEC);
+      const int c = kAlong ? e / (kBlockK / VEC) : e % (kBlockN / VEC) * VEC;
       const index_t k = k0 + kk, n = n0 + c;
-      Bs[kk * kLdB + c] = (n < p.cols && k < k_end) ? p.b(g, k, depth_info[kk], n, col_info[c]) : zero;
+      T run[VEC];
+      if (n < p.cols && k < k_end) {
+        p.template b<VEC>(g, k, depth_info[kk], n, col_info[c], run);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) run[j] = zero;
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) Bs[(kk + (kAlong ? j : 0)) * kLdB + c + (kAlong ? 0 : j)] = run[j];
     }
     __syncthreads();
     if constexpr (kTensorCores) {
@@ -412,14 +467,29 @@ inline void check_shape(const Shape& s) {
   if (!ok) throw std::invalid_argument("pk::conv: invalid convolution shape");
 }
 
+inline bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
+
+// 16-byte runs where both group widths are multiples of the run (so a run never crosses a tap,
+// a group or a tile edge) and the operands the main loop reads are 16-byte aligned.
+template <typename T>
+bool vectorizable(const Geometry& geo, const void* first, const void* second) {
+  constexpr int kVec = kVec16<T>;
+  return geo.cin_g % kVec == 0 && geo.cout_g % kVec == 0 && aligned16(first) && aligned16(second);
+}
+
 template <typename T, typename Problem>
-void launch_gemm(const Problem& p, int groups, index_t splits, index_t split_len, Stream stream) {
+void launch_gemm(const Problem& p, bool vectorized, int groups, index_t splits, index_t split_len,
+                 Stream stream) {
   const index_t tiles_m = ceil_div(p.rows, kBlockM), tiles_n = ceil_div(p.cols, kBlockN);
   if (tiles_m > 0x7fffffff || tiles_n * splits > 65535)
     throw std::invalid_argument("pk::conv: the problem exceeds the launch grid");
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n * splits),
                   static_cast<unsigned>(groups));
-  launch(gemm_kernel<T, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
+  if (vectorized) {
+    launch(gemm_kernel<T, kVec16<T>, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
+  } else {
+    launch(gemm_kernel<T, 1, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
+  }
 }
 
 template <typename T>
@@ -440,7 +510,7 @@ void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, 
   p.out_activation = static_cast<int>(epi.activation);
   p.y = static_cast<T*>(y);
   p.stats = stats;
-  launch_gemm<T>(p, s.groups, 1, p.depth, stream);
+  launch_gemm<T>(p, vectorizable<T>(p.geo, x, w), s.groups, 1, p.depth, stream);
 }
 
 template <typename T>
@@ -454,7 +524,7 @@ void input_grad(const Shape& s, const void* grad, const void* w, void* grad_inpu
   p.w = static_cast<const T*>(w);
   p.grad_input = static_cast<T*>(grad_input);
   p.stats = nullptr;
-  launch_gemm<T>(p, s.groups, 1, p.depth, stream);
+  launch_gemm<T>(p, vectorizable<T>(p.geo, grad, w), s.groups, 1, p.depth, stream);
 }
 
 // Slabs after the first start at multiples of kBlockK; a slab whose range is empty writes zeros.
@@ -476,7 +546,8 @@ void weight_grad(const Shape& s, const void* grad, const void* x, const Prologue
   p.prologue = PrologueView<T>{pro.scale, pro.shift, static_cast<int>(pro.activation)};
   p.partials = partials;
   p.stats = nullptr;
-  launch_gemm<T>(p, s.groups, splits, split_length(p.depth, splits), stream);
+  launch_gemm<T>(p, vectorizable<T>(p.geo, grad, x), s.groups, splits, split_length(p.depth, splits),
+                 stream);
 }
 
 }  // namespace detail

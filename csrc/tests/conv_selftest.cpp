@@ -4,7 +4,9 @@
 // dilation, every fusion option, split weight-grad with an empty slab) and is compared with a
 // direct float64 loop over the same (rounded) inputs.
 //
-// Usage: conv_selftest <float32|float16|bfloat16>; prints key=value lines:
+// Usage: conv_selftest <float32|float16|bfloat16> <odd|aligned>; prints key=value lines:
+//   vectorized = whether the launchers took the 16-byte path ("aligned": channels per group a
+//   multiple of 8, "odd": 3 per group, the scalar path);
 //   forward, stats, input_grad, weight_grad = relative L2 error vs the reference.
 #include <cmath>
 #include <cstdint>
@@ -56,11 +58,17 @@ std::vector<double> as_double(const std::vector<T>& v) {
 }
 
 template <typename T>
-int run() {
+int run(bool aligned) {
   Shape s{};
-  s.batch = 2, s.in_channels = 6, s.height = 7, s.width = 6;
-  s.out_channels = 132, s.kernel_h = 3, s.kernel_w = 2, s.groups = 2;
-  s.stride_h = 2, s.stride_w = 1, s.pad_top = 1, s.pad_left = 1, s.dilation_h = 1, s.dilation_w = 2;
+  if (aligned) {
+    s.batch = 2, s.in_channels = 16, s.height = 5, s.width = 6;
+    s.out_channels = 144, s.kernel_h = 3, s.kernel_w = 3, s.groups = 2;
+    s.stride_h = 1, s.stride_w = 2, s.pad_top = 1, s.pad_left = 1, s.dilation_h = 1, s.dilation_w = 1;
+  } else {
+    s.batch = 2, s.in_channels = 6, s.height = 7, s.width = 6;
+    s.out_channels = 132, s.kernel_h = 3, s.kernel_w = 2, s.groups = 2;
+    s.stride_h = 2, s.stride_w = 1, s.pad_top = 1, s.pad_left = 1, s.dilation_h = 1, s.dilation_w = 2;
+  }
   s.out_height = (s.height + 2 * s.pad_top - s.dilation_h * (s.kernel_h - 1) - 1) / s.stride_h + 1;
   s.out_width = (s.width + 2 * s.pad_left - s.dilation_w * (s.kernel_w - 1) - 1) / s.stride_w + 1;
   const long cin_g = s.in_channels / s.groups, cout_g = s.out_channels / s.groups;
@@ -129,7 +137,8 @@ int run() {
 
   std::vector<T> gx(x_size, pk::from_float<T>(NAN));
   pk::conv::input_grad(dtype, s, grad.data(), w.data(), gx.data(), nullptr);
-  // More slabs than the 48-pixel range fills: the last one is empty and must still be written.
+  // More slabs than the pixel range fills (48 or 30 pixels): the last one is empty and must
+  // still be written.
   const int splits = 3;
   std::vector<float> partials(splits * w_size, NAN);
   pk::conv::weight_grad(dtype, s, grad.data(), x.data(), pro, partials.data(), splits, nullptr);
@@ -137,6 +146,8 @@ int run() {
   for (int k = 0; k < splits; ++k)
     for (long i = 0; i < w_size; ++i) our_gw[i] += partials[k * w_size + i];
 
+  std::printf("vectorized=%d\n", int(pk::conv::detail::vectorizable<T>(pk::conv::detail::geometry(s),
+                                                                      x.data(), w.data())));
   std::printf("forward=%.3e\n", relative_error(as_double(y), ref_out));
   std::printf("stats=%.3e\n", relative_error(our_stats, ref_stats));
   std::printf("input_grad=%.3e\n", relative_error(as_double(gx), ref_gx));
@@ -147,10 +158,12 @@ int run() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string dtype = argc > 1 ? argv[1] : "";
-  if (dtype == "float32") return run<float>();
-  if (dtype == "float16") return run<pk::half>();
-  if (dtype == "bfloat16") return run<pk::bfloat16>();
-  std::fprintf(stderr, "usage: conv_selftest float32|float16|bfloat16\n");
+  const std::string dtype = argc > 1 ? argv[1] : "", shape = argc > 2 ? argv[2] : "";
+  if (shape == "odd" || shape == "aligned") {
+    if (dtype == "float32") return run<float>(shape == "aligned");
+    if (dtype == "float16") return run<pk::half>(shape == "aligned");
+    if (dtype == "bfloat16") return run<pk::bfloat16>(shape == "aligned");
+  }
+  std::fprintf(stderr, "usage: conv_selftest float32|float16|bfloat16 odd|aligned\n");
   return 2;
 }
