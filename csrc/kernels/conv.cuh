@@ -8,7 +8,8 @@
 //   weight grad  rows = output channels, cols = (kh, kw, c_in), depth = output pixels, the
 //                depth split over grid axis y into fp32 slabs (summed by the caller)
 // A block computes a 64x64 tile: it stages a 64x32 slice of A and a 32x64 slice of B in shared
-// memory (padding taps, tails and out-of-range rows load as zero), then
+// memory (padding taps, tails and out-of-range rows load as zero; 16-byte loads where the
+// channels per group allow; row/column/depth coordinates decoded once into shared memory), then
 //   half/bfloat16: 4 warps, each 32x32 of 16x16x16 tensor-core tiles (pk/tile.h), fp32 accumulators;
 //   float:         FMA, each thread 8x4 outputs.
 // The accumulators go through shared memory to the epilogue, which writes coalesced along the
