@@ -53,7 +53,7 @@ _WEIGHT_GRAD_TILES = ((16, 16), (32, 32), (64, 64), (128, 64), (128, 128))
 # Without 16-byte alignment (e.g. 3 channels per group) every element is loaded on its own,
 # with its own address register: only these small tiles fit the register file.
 _UNALIGNED_CONFIGS = {
-    "pixel_rows": (TileConfig(32, 16, 16, 4, 2),),
+    "pixel_rows": (TileConfig(16, 16, 16, 4, 2),),
     "weight_grad": ((16, 16), (32, 32)),
 }
 
@@ -71,7 +71,7 @@ def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True) -> List[Ti
     if kernel == "weight_grad":
         bk = 64 if dtype.itemsize == 2 else 32
         tiles = _WEIGHT_GRAD_TILES if aligned else _UNALIGNED_CONFIGS["weight_grad"]
-        pool = [TileConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3) for bm, bn in tiles]
+        pool = [TileConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 2) for bm, bn in tiles]
     else:
         rows_pool = _INPUT_GRAD_CONFIGS if kernel == "input_grad" else _PIXEL_ROW_CONFIGS
         pool = rows_pool if aligned else _UNALIGNED_CONFIGS["pixel_rows"]
