@@ -21,7 +21,8 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "80;86;89;90"
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import build_config  # noqa: E402  (the compiler settings, shared with tests/test_csrc_compile.py)
 
 
 def _flag(name: str) -> bool:
@@ -42,22 +43,13 @@ def _nvcc_available() -> bool:
     return shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
 
 
-def cuda_arch_flags():
-    archs = [a.strip() for a in os.environ.get("PACKED_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS).split(";") if a.strip()]
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    newest = max(archs, key=int)
-    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
-    return flags
-
-
 def extensions():
     try:
         from torch.utils import cpp_extension
     except ImportError:  # metadata-only invocations (e.g. sdist) need no extensions
         return [], {}
-    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "kernels"),
-                    os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++20"]  # torch >= 2.14 headers need C++20
+    include_dirs = build_config.include_dirs(ROOT)
+    cxx_flags = build_config.CXX_FLAGS
     modules = []
 
     bindings = [os.path.join("csrc", "bindings.cpp")]
@@ -75,8 +67,7 @@ def extensions():
         modules.append(cpp_extension.CUDAExtension(
             "packed_kernels._C", cuda_sources + bindings, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags,
-                                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                                         "-lineinfo"] + cuda_arch_flags()}))
+                                "nvcc": build_config.NVCC_FLAGS + build_config.cuda_arch_flags()}))
 
     simt_sources = _sources("simt", ["*.cpp"])
     if _flag("PACKED_KERNELS_NO_SIMT"):

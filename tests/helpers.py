@@ -39,7 +39,7 @@ def assert_all_finite(*tensors: torch.Tensor) -> None:
         assert torch.isfinite(t).all(), "output has NaN/inf: some element was not written"
 
 
-TARGET_ARCHS = (80, 86, 89, 90)
+TARGET_ARCHS = (80, 86, 89, 90)  # tools/build_config.py's DEFAULT_ARCHS: what the build ships
 
 _FUNCTION = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
 _USAGE = re.compile(r"Used (\d+) registers")

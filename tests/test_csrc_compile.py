@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,14 @@ from conftest import REQUIRED
 from helpers import TARGET_ARCHS, parse_ptxas_verbose
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import build_config  # noqa: E402
 CSRC = ROOT / "csrc"
 KERNEL_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
 SELFTEST_SOURCE = CSRC / "tests" / "selftest_kernels.cu"
-# As setup.py compiles them (torch's extension build adds the __CUDA_NO_HALF* defines).
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
-              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-              "-D__CUDA_NO_HALF2_OPERATORS__", f"-I{CSRC / 'include'}", f"-I{CSRC / 'kernels'}",
-              f"-I{CSRC / 'tests'}"]
+# Exactly as setup.py compiles them.
+NVCC_FLAGS = [*build_config.NVCC_FLAGS, *build_config.TORCH_NVCC_DEFINES,
+              *(f"-I{d}" for d in build_config.include_dirs(str(ROOT))), f"-I{CSRC / 'tests'}"]
 MAX_THREADS = 512  # the ensemble kernels' __launch_bounds__
 REGISTERS_PER_SM = 65536
 
@@ -47,7 +48,7 @@ def compiled(tmp_path_factory):
     plus the PTX of the self-test kernels."""
     nvcc = _nvcc()
     out = tmp_path_factory.mktemp("nvcc")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in TARGET_ARCHS]
+    gencode = build_config.cuda_arch_flags(TARGET_ARCHS)
     jobs = {}
     for source in [*KERNEL_SOURCES, SELFTEST_SOURCE]:
         command = [nvcc, *NVCC_FLAGS, *gencode, "-Xptxas", "-v", "-c", str(source),
@@ -129,3 +130,8 @@ def test_tile_interface_uses_tensor_cores(compiled):
     for layout in ("row.row", "row.col"):
         assert f"wmma.mma.sync.aligned.{layout}.m16n16k16.f32.f32" in ptx, layout
         assert f"wmma.mma.sync.aligned.{layout}.m16n16k16.f32.bf16.bf16.f32" in ptx, layout
+
+
+def test_target_architectures_match_the_build():
+    assert build_config.cuda_arch_flags(TARGET_ARCHS) == build_config.cuda_arch_flags(
+        [int(a) for a in build_config.DEFAULT_ARCHS.split(";")])
