@@ -3,7 +3,7 @@ source on the SIMT emulator, barrier orders shuffled) and, on a GPU, backend="cu
 
 Results are judged against torch in float64 (tests/helpers.py: low precision against torch's
 own error at that precision). The shape grid and fusion option sets are the Triton conv tests'
-(tests/test_triton_conv.py): tiny but odd shapes on which every kernel path runs (several row and
+(tests/conv_cases.py): tiny but odd shapes on which every kernel path runs (several row and
 column tiles, K tails, masked taps, strides, dilation, asymmetric padding, split weight-grad)."""
 
 import os
@@ -21,8 +21,8 @@ from packed_kernels.ops import conv as conv_ops
 
 from conftest import HAS_GPU, REQUIRED, require_backend
 from helpers import assert_all_finite, assert_close
-from test_triton_conv import (CASES, OPTION_SETS, _fused_inputs, _fused_reference, _fused_run,
-                              _grads, _make)
+from conv_cases import (CASES, OPTION_SETS, fused_inputs, fused_reference, fused_run, make_case,
+                        run_with_grads)
 
 # Every case in fp32 with both layouts and in each 16-bit type (the kernels see channels_last
 # only: NCHW goes through the layout transform in ops/conv.py).
@@ -37,13 +37,13 @@ def _ids(v):
 
 def _check_conv(backend, name, dtype, layout):
     device = require_backend(backend, dtype)
-    x, w, b, args = _make(CASES[name], dtype, device, layout)
+    x, w, b, args = make_case(CASES[name], dtype, device, layout)
     grad_seed = torch.randn(F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape)
-    ours, ours_grads = _grads(lambda *t: pk.grouped_conv2d(*t, **args, backend=backend), (x, w, b),
+    ours, ours_grads = run_with_grads(lambda *t: pk.grouped_conv2d(*t, **args, backend=backend), (x, w, b),
                               grad_seed)
-    ref, ref_grads = _grads(lambda *t: F.conv2d(*t, **args),
+    ref, ref_grads = run_with_grads(lambda *t: F.conv2d(*t, **args),
                             (x.cpu().double(), w.cpu().double(), b.cpu().double()), grad_seed)
-    lowp, lowp_grads = _grads(lambda *t: F.conv2d(*t, **args), (x.cpu(), w.cpu(), b.cpu()), grad_seed)
+    lowp, lowp_grads = run_with_grads(lambda *t: F.conv2d(*t, **args), (x.cpu(), w.cpu(), b.cpu()), grad_seed)
     assert ours.dtype == dtype
     # NaN-poisoned outputs (conftest): a finite result means every element was written.
     assert_all_finite(ours, *ours_grads)
@@ -70,11 +70,11 @@ def test_cuda_grouped_conv2d_matches_fp64(name, dtype, layout):
 
 def test_simt_strided_input():
     device = require_backend("simt")
-    x, w, b, args = _make(CASES["3x3_s2_odd_batch1"], torch.float32, device, "strided")
+    x, w, b, args = make_case(CASES["3x3_s2_odd_batch1"], torch.float32, device, "strided")
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     grad_seed = torch.randn(F.conv2d(x.double(), w.double(), None, **args).shape)
-    ours, ours_grads = _grads(lambda *t: pk.grouped_conv2d(*t, **args, backend="simt"), (x, w, b), grad_seed)
-    ref, ref_grads = _grads(lambda *t: F.conv2d(*t, **args), (x.double(), w.double(), b.double()), grad_seed)
+    ours, ours_grads = run_with_grads(lambda *t: pk.grouped_conv2d(*t, **args, backend="simt"), (x, w, b), grad_seed)
+    ref, ref_grads = run_with_grads(lambda *t: F.conv2d(*t, **args), (x.double(), w.double(), b.double()), grad_seed)
     assert_close(ours, ref, ours, torch.float32, "strided forward")
     for g, r in zip(ours_grads, ref_grads):
         assert_close(g, r, g, torch.float32, "strided grads")
@@ -84,7 +84,7 @@ def test_simt_strided_input():
 def test_simt_weight_grad_any_split_count(splits):
     """Every fp32 slab is written, including empty ones (40 slabs of a 25-pixel range)."""
     device = require_backend("simt")
-    x, w, _, args = _make(CASES["pe_3x3_3ch_per_group"], torch.float32, device, "nchw")
+    x, w, _, args = make_case(CASES["pe_3x3_3ch_per_group"], torch.float32, device, "nchw")
     x = x[:1, :, :5, :5].contiguous()
     grad = torch.randn(1, w.shape[0], 5, 5)
     ours = conv_ops.csrc_conv_weight_grad("simt", grad, x, w.shape, (1, 1), (1, 1, 1, 1), (1, 1),
@@ -106,7 +106,7 @@ FUSED_CASES = [(name, torch.float32) for name in OPTION_SETS] + \
 def _check_fused(backend, options, dtype, layout):
     device = require_backend(backend, dtype)
     opts = OPTION_SETS[options]
-    x, w, b, tensors, args = _fused_inputs(dtype, device, layout, opts)
+    x, w, b, tensors, args = fused_inputs(dtype, device, layout, opts)
     flags = {k: opts[k] for k in ("in_activation", "activation", "channel_stats") if k in opts}
 
     def ours(x, w, b, *rest, names):
@@ -116,7 +116,7 @@ def _check_fused(backend, options, dtype, layout):
     def reference(x, w, b, *rest, names):
         kw = {k: None for k in tensors}
         kw.update(zip(names, rest))
-        return _fused_reference(x, w, b, kw["in_scale"], kw["in_shift"], kw["out_scale"],
+        return fused_reference(x, w, b, kw["in_scale"], kw["in_shift"], kw["out_scale"],
                                 kw["out_shift"], kw["residual"], args, opts)
 
     outputs = 3 if opts.get("channel_stats") else 1
@@ -124,11 +124,11 @@ def _check_fused(backend, options, dtype, layout):
     seeds = [torch.randn(out_shape, dtype=torch.float64)] + \
         [torch.randn(w.shape[0], dtype=torch.float64) for _ in range(outputs - 1)]
     cpu = {k: None if v is None else v.cpu() for k, v in tensors.items()}
-    ours_out, ours_grads = _fused_run(lambda *t: ours(*t[:-1], names=t[-1]), x, w, b, tensors, seeds)
-    ref_out, ref_grads = _fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu().double(),
+    ours_out, ours_grads = fused_run(lambda *t: ours(*t[:-1], names=t[-1]), x, w, b, tensors, seeds)
+    ref_out, ref_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu().double(),
                                     w.cpu().double(), b.cpu().double(),
                                     {k: None if v is None else v.double() for k, v in cpu.items()}, seeds)
-    low_out, low_grads = _fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu(), w.cpu(),
+    low_out, low_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu(), w.cpu(),
                                     b.cpu(), cpu, seeds)
     assert len(ours_out) == outputs
     assert_all_finite(*ours_out, *ours_grads)
@@ -153,7 +153,7 @@ def test_cuda_fused_conv2d_matches_fp64(options, dtype):
 def test_simt_fused_float32_vectors_with_half_activations():
     """Folded BatchNorm parameters stay float32 with fp16 activations (what ConvBNAct2d passes)."""
     require_backend("simt", torch.float16)
-    x, w, b, _, args = _fused_inputs(torch.float16, torch.device("cpu"), "channels_last", {})
+    x, w, b, _, args = fused_inputs(torch.float16, torch.device("cpu"), "channels_last", {})
     c_in, c_out = x.shape[1], w.shape[0]
     vectors = dict(in_scale=torch.randn(c_in) * 0.5 + 1, in_shift=torch.randn(c_in) * 0.5,
                    out_scale=torch.randn(c_out) * 0.5 + 1, out_shift=torch.randn(c_out) * 0.5)
@@ -187,7 +187,7 @@ def test_cuda_agrees_with_triton(dtype):
     require_backend("cuda", dtype)
     require_backend("triton", dtype)
     opts = OPTION_SETS["everything"]
-    x, w, b, tensors, args = _fused_inputs(dtype, torch.device("cuda"), "channels_last", opts,
+    x, w, b, tensors, args = fused_inputs(dtype, torch.device("cuda"), "channels_last", opts,
                                            "pe_1x1_split_wgrad")
     flags = dict(in_activation="relu", activation="relu", channel_stats=True)
     results = {}

@@ -16,6 +16,7 @@ from packed_kernels.triton import conv as tc
 from packed_kernels.triton import conv_tuning
 
 from conftest import require_backend
+from conv_cases import CASES, OPTION_SETS, fused_inputs, fused_reference, fused_run, make_case, run_with_grads
 from helpers import assert_all_finite, assert_close
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -24,41 +25,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @pytest.fixture(autouse=True)
 def _no_autotune(monkeypatch):
     monkeypatch.setenv("PACKED_KERNELS_AUTOTUNE", "0")
-
-
-# name: (batch, c_in, c_out, (h, w), kernel, stride, padding, dilation, groups)
-CASES = {
-    "pe_3x3_3ch_per_group": (1, 12, 12, (7, 7), 3, 1, 1, 1, 4),
-    "pe_1x1_split_wgrad": (2, 16, 32, (16, 16), 1, 1, 0, 1, 4),
-    "downsample_1x1_s2_odd": (1, 8, 16, (7, 5), 1, 2, 0, 1, 2),
-    "3x3_s2_odd_batch1": (1, 8, 8, (7, 7), 3, 2, 1, 1, 2),
-    "stem_7x7_s2": (1, 3, 8, (9, 9), 7, 2, 3, 1, 1),
-    "same_even_kernel_dilated": (2, 6, 4, (6, 7), (4, 2), 1, "same", 2, 2),
-    "depthwise_dilated": (1, 6, 6, (7, 7), 3, 1, 2, 2, 6),
-    "dense_multi_chunk_multi_tile": (1, 40, 136, (3, 3), 1, 1, 0, 1, 1),
-    "asymmetric_everything": (2, 4, 6, (8, 6), (3, 2), (2, 1), (2, 0), (1, 2), 2),
-}
-
-
-def _make(case, dtype, device, layout):
-    n, c_in, c_out, hw, k, stride, padding, dilation, groups = case
-    kh, kw = (k, k) if isinstance(k, int) else k
-    x = torch.randn(n, c_in, *hw, dtype=dtype)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    elif layout == "strided":  # every other column of a wider map: no dense layout
-        x = torch.randn(n, c_in, hw[0], 2 * hw[1], dtype=dtype)[..., ::2]
-    w = torch.randn(c_out, c_in // groups, kh, kw, dtype=dtype) / (c_in // groups * kh * kw) ** 0.5
-    b = torch.randn(c_out, dtype=dtype)
-    return x.to(device), w.to(device), b.to(device), dict(stride=stride, padding=padding,
-                                                         dilation=dilation, groups=groups)
-
-
-def _grads(fn, tensors, grad_seed):
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    out.backward(grad_seed.to(out.dtype).to(out.device))
-    return out.detach(), [leaf.grad for leaf in leaves]
 
 
 # Both layouts in fp32; the 16-bit types one layout each (the kernels read the layout through
@@ -71,14 +37,14 @@ DTYPE_LAYOUTS = [(torch.float32, "nchw"), (torch.float32, "channels_last"),
 @pytest.mark.parametrize("name", list(CASES))
 def test_grouped_conv2d_matches_fp64(name, dtype, layout):
     device = require_backend("triton", dtype)
-    x, w, b, args = _make(CASES[name], dtype, device, layout)
+    x, w, b, args = make_case(CASES[name], dtype, device, layout)
     grad_seed = torch.randn(F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape)
 
-    ours, ours_grads = _grads(lambda *t: pk.grouped_conv2d(*t, **args, backend="triton"),
+    ours, ours_grads = run_with_grads(lambda *t: pk.grouped_conv2d(*t, **args, backend="triton"),
                               (x, w, b), grad_seed)
-    ref, ref_grads = _grads(lambda *t: F.conv2d(*t, **args), (x.cpu().double(), w.cpu().double(),
+    ref, ref_grads = run_with_grads(lambda *t: F.conv2d(*t, **args), (x.cpu().double(), w.cpu().double(),
                                                              b.cpu().double()), grad_seed)
-    lowp, lowp_grads = _grads(lambda *t: F.conv2d(*t, **args), (x.cpu(), w.cpu(), b.cpu()), grad_seed)
+    lowp, lowp_grads = run_with_grads(lambda *t: F.conv2d(*t, **args), (x.cpu(), w.cpu(), b.cpu()), grad_seed)
 
     assert ours.dtype == dtype
     assert ours.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
@@ -92,7 +58,7 @@ def test_grouped_conv2d_matches_fp64(name, dtype, layout):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
 def test_non_contiguous_input_and_grad(dtype):
     device = require_backend("triton", dtype)
-    x, w, b, args = _make(CASES["3x3_s2_odd_batch1"], dtype, device, "strided")
+    x, w, b, args = make_case(CASES["3x3_s2_odd_batch1"], dtype, device, "strided")
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     ours = pk.grouped_conv2d(x, w, b, **args, backend="triton")
     ref = F.conv2d(x.cpu().double(), w.cpu().double(), b.cpu().double(), **args)
@@ -116,72 +82,6 @@ def test_non_contiguous_input_and_grad(dtype):
 # fused_conv2d
 # ---------------------------------------------------------------------------------------------
 
-OPTION_SETS = {
-    "prologue": dict(in_scale=True, in_shift=True, in_activation="relu"),
-    "prologue_scale_only": dict(in_scale=True),
-    "epilogue": dict(out_scale=True, out_shift=True, residual=True, activation="relu"),
-    "epilogue_shift_relu": dict(out_shift=True, activation="relu"),
-    "stats": dict(channel_stats=True),
-    "everything": dict(in_scale=True, in_shift=True, in_activation="relu", out_scale=True,
-                       out_shift=True, residual=True, activation="relu", channel_stats=True),
-}
-
-
-def _fused_reference(x, w, b, in_scale, in_shift, out_scale, out_shift, residual, args, options):
-    """The fused op spelled out in plain torch ops (autograd gives the reference gradients)."""
-    def channel(v):
-        return v.reshape(1, -1, 1, 1)
-    u = x
-    if in_scale is not None:
-        u = u * channel(in_scale)
-    if in_shift is not None:
-        u = u + channel(in_shift)
-    if options.get("in_activation") == "relu":
-        u = torch.relu(u)
-    y = F.conv2d(u, w, b, **args)  # zero-pads the transformed activation
-    z = y
-    if out_scale is not None:
-        z = z * channel(out_scale)
-    if out_shift is not None:
-        z = z + channel(out_shift)
-    if residual is not None:
-        z = z + residual
-    if options.get("activation") == "relu":
-        z = torch.relu(z)
-    if options.get("channel_stats"):
-        y32 = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
-        return z, y32.sum((0, 2, 3)), (y32 * y32).sum((0, 2, 3))
-    return (z,)
-
-
-def _fused_inputs(dtype, device, layout, options, case="pe_3x3_3ch_per_group"):
-    x, w, b, args = _make(CASES[case], dtype, device, layout)
-    c_in, c_out = x.shape[1], w.shape[0]
-    out_shape = F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape
-
-    def vec(n, offset):  # scales around 1 (some negative), shifts of both signs
-        return (torch.randn(n) * 0.5 + offset).to(dtype).to(device)
-    tensors = dict(
-        in_scale=vec(c_in, 1.0) if options.get("in_scale") else None,
-        in_shift=vec(c_in, 0.3) if options.get("in_shift") else None,
-        out_scale=vec(c_out, 1.0) if options.get("out_scale") else None,
-        out_shift=vec(c_out, 0.0) if options.get("out_shift") else None,
-        residual=torch.randn(out_shape, dtype=dtype).to(device) if options.get("residual") else None,
-    )
-    if layout == "channels_last" and tensors["residual"] is not None:
-        tensors["residual"] = tensors["residual"].to(memory_format=torch.channels_last)
-    return x, w, b, tensors, args
-
-
-def _fused_run(fn, x, w, b, tensors, seeds):
-    names = [k for k, v in tensors.items() if v is not None]
-    leaves = [t.detach().clone().requires_grad_() for t in [x, w, b] + [tensors[k] for k in names]]
-    outs = fn(*leaves, names)
-    loss = sum((o.double() * s.to(o.device)).sum() for o, s in zip(outs, seeds))
-    loss.backward()
-    return [o.detach() for o in outs], [leaf.grad for leaf in leaves]
-
-
 # Every option set in fp32, and everything at once in each 16-bit type (CI budget).
 FUSED_CASES = [(name, torch.float32) for name in OPTION_SETS] + \
     [("everything", torch.float16), ("everything", torch.bfloat16)]
@@ -192,7 +92,7 @@ def test_fused_conv2d_matches_fp64(options, dtype):
     device = require_backend("triton", dtype)
     opts = OPTION_SETS[options]
     layout = "nchw" if dtype == torch.bfloat16 else "channels_last"
-    x, w, b, tensors, args = _fused_inputs(dtype, device, layout, opts)
+    x, w, b, tensors, args = fused_inputs(dtype, device, layout, opts)
     flags = {k: opts[k] for k in ("in_activation", "activation", "channel_stats") if k in opts}
 
     def ours(x, w, b, *rest, names):
@@ -203,7 +103,7 @@ def test_fused_conv2d_matches_fp64(options, dtype):
     def reference(x, w, b, *rest, names):
         kw = {k: None for k in tensors}
         kw.update(zip(names, rest))
-        return _fused_reference(x, w, b, kw["in_scale"], kw["in_shift"], kw["out_scale"],
+        return fused_reference(x, w, b, kw["in_scale"], kw["in_shift"], kw["out_scale"],
                                 kw["out_shift"], kw["residual"], args, opts)
 
     outputs = 3 if opts.get("channel_stats") else 1
@@ -211,11 +111,11 @@ def test_fused_conv2d_matches_fp64(options, dtype):
     seeds = [torch.randn(out_shape, dtype=torch.float64)] + [torch.randn(w.shape[0], dtype=torch.float64)
                                                             for _ in range(outputs - 1)]
     cpu = {k: None if v is None else v.cpu() for k, v in tensors.items()}
-    ours_out, ours_grads = _fused_run(lambda *t: ours(*t[:-1], names=t[-1]), x, w, b, tensors, seeds)
-    ref_out, ref_grads = _fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu().double(),
+    ours_out, ours_grads = fused_run(lambda *t: ours(*t[:-1], names=t[-1]), x, w, b, tensors, seeds)
+    ref_out, ref_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu().double(),
                                     w.cpu().double(), b.cpu().double(),
                                     {k: None if v is None else v.double() for k, v in cpu.items()}, seeds)
-    low_out, low_grads = _fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu(), w.cpu(),
+    low_out, low_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu(), w.cpu(),
                                     b.cpu(), cpu, seeds)
     assert len(ours_out) == outputs
     assert_all_finite(*ours_out, *ours_grads)
@@ -229,7 +129,7 @@ def test_fused_conv2d_matches_fp64(options, dtype):
 def test_fused_conv2d_stats_grad_only():
     """Gradient flowing only through the channel statistics (what BatchNorm training does)."""
     device = require_backend("triton")
-    x, w, b, _, args = _fused_inputs(torch.float32, device, "nchw", {}, "3x3_s2_odd_batch1")
+    x, w, b, _, args = fused_inputs(torch.float32, device, "nchw", {}, "3x3_s2_odd_batch1")
     xs = [t.clone().requires_grad_() for t in (x, w)]
     _, total, total_sq = pk.fused_conv2d(*xs, None, **args, channel_stats=True, backend="triton")
     (total.sum() + 0.5 * total_sq.sum()).backward()
@@ -244,7 +144,7 @@ def test_fused_conv2d_gradcheck_torch_reference():
     """The closed-form fused backward (shared by every backend) against finite differences."""
     torch.manual_seed(1)
     opts = OPTION_SETS["everything"]
-    x, w, b, tensors, args = _fused_inputs(torch.float64, torch.device("cpu"), "nchw", opts,
+    x, w, b, tensors, args = fused_inputs(torch.float64, torch.device("cpu"), "nchw", opts,
                                            "3x3_s2_odd_batch1")
     x = x[:, :4, :5, :5].contiguous()
     w = w[:4, :2].contiguous()
@@ -444,10 +344,10 @@ def test_packed_resnet_layer_shapes():
         x = torch.randn(1, c_in, *hw).to(memory_format=torch.channels_last)
         w = torch.randn(c_out, c_in // groups, *k) / (c_in // groups * k[0] * k[1]) ** 0.5
         seed = torch.randn(F.conv2d(x.double(), w.double(), None, **args).shape)
-        ours, ours_grads = _grads(lambda *t: pk.grouped_conv2d(*t, **args, backend="triton"),
+        ours, ours_grads = run_with_grads(lambda *t: pk.grouped_conv2d(*t, **args, backend="triton"),
                                   (x.to(device), w.to(device)), seed)
-        ref, ref_grads = _grads(lambda *t: F.conv2d(*t, **args), (x.double(), w.double()), seed)
-        low, low_grads = _grads(lambda *t: F.conv2d(*t, **args), (x, w), seed)
+        ref, ref_grads = run_with_grads(lambda *t: F.conv2d(*t, **args), (x.double(), w.double()), seed)
+        low, low_grads = run_with_grads(lambda *t: F.conv2d(*t, **args), (x, w), seed)
         what = f"{c_in}->{c_out} k{k} s{stride} g{groups} @{hw}"
         assert_close(ours, ref, low, torch.float32, what)
         for g, r, t in zip(ours_grads, ref_grads, low_grads):

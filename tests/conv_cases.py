@@ -1,0 +1,105 @@
+"""Convolution test cases shared by the Triton and the CUDA/simt conv tests: the shape grid, the
+fusion option sets, input builders and the fused op spelled out in plain torch."""
+
+import torch
+import torch.nn.functional as F
+
+# name: (batch, c_in, c_out, (h, w), kernel, stride, padding, dilation, groups)
+CASES = {
+    "pe_3x3_3ch_per_group": (1, 12, 12, (7, 7), 3, 1, 1, 1, 4),
+    "pe_1x1_split_wgrad": (2, 16, 32, (16, 16), 1, 1, 0, 1, 4),
+    "downsample_1x1_s2_odd": (1, 8, 16, (7, 5), 1, 2, 0, 1, 2),
+    "3x3_s2_odd_batch1": (1, 8, 8, (7, 7), 3, 2, 1, 1, 2),
+    "stem_7x7_s2": (1, 3, 8, (9, 9), 7, 2, 3, 1, 1),
+    "same_even_kernel_dilated": (2, 6, 4, (6, 7), (4, 2), 1, "same", 2, 2),
+    "depthwise_dilated": (1, 6, 6, (7, 7), 3, 1, 2, 2, 6),
+    "dense_multi_chunk_multi_tile": (1, 40, 136, (3, 3), 1, 1, 0, 1, 1),
+    "asymmetric_everything": (2, 4, 6, (8, 6), (3, 2), (2, 1), (2, 0), (1, 2), 2),
+}
+
+
+def make_case(case, dtype, device, layout):
+    n, c_in, c_out, hw, k, stride, padding, dilation, groups = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, c_in, *hw, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other column of a wider map: no dense layout
+        x = torch.randn(n, c_in, hw[0], 2 * hw[1], dtype=dtype)[..., ::2]
+    w = torch.randn(c_out, c_in // groups, kh, kw, dtype=dtype) / (c_in // groups * kh * kw) ** 0.5
+    b = torch.randn(c_out, dtype=dtype)
+    return x.to(device), w.to(device), b.to(device), dict(stride=stride, padding=padding,
+                                                         dilation=dilation, groups=groups)
+
+
+def run_with_grads(fn, tensors, grad_seed):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad_seed.to(out.dtype).to(out.device))
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+OPTION_SETS = {
+    "prologue": dict(in_scale=True, in_shift=True, in_activation="relu"),
+    "prologue_scale_only": dict(in_scale=True),
+    "epilogue": dict(out_scale=True, out_shift=True, residual=True, activation="relu"),
+    "epilogue_shift_relu": dict(out_shift=True, activation="relu"),
+    "stats": dict(channel_stats=True),
+    "everything": dict(in_scale=True, in_shift=True, in_activation="relu", out_scale=True,
+                       out_shift=True, residual=True, activation="relu", channel_stats=True),
+}
+
+
+def fused_reference(x, w, b, in_scale, in_shift, out_scale, out_shift, residual, args, options):
+    """The fused op spelled out in plain torch ops (autograd gives the reference gradients)."""
+    def channel(v):
+        return v.reshape(1, -1, 1, 1)
+    u = x
+    if in_scale is not None:
+        u = u * channel(in_scale)
+    if in_shift is not None:
+        u = u + channel(in_shift)
+    if options.get("in_activation") == "relu":
+        u = torch.relu(u)
+    y = F.conv2d(u, w, b, **args)  # zero-pads the transformed activation
+    z = y
+    if out_scale is not None:
+        z = z * channel(out_scale)
+    if out_shift is not None:
+        z = z + channel(out_shift)
+    if residual is not None:
+        z = z + residual
+    if options.get("activation") == "relu":
+        z = torch.relu(z)
+    if options.get("channel_stats"):
+        y32 = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
+        return z, y32.sum((0, 2, 3)), (y32 * y32).sum((0, 2, 3))
+    return (z,)
+
+
+def fused_inputs(dtype, device, layout, options, case="pe_3x3_3ch_per_group"):
+    x, w, b, args = make_case(CASES[case], dtype, device, layout)
+    c_in, c_out = x.shape[1], w.shape[0]
+    out_shape = F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape
+
+    def vec(n, offset):  # scales around 1 (some negative), shifts of both signs
+        return (torch.randn(n) * 0.5 + offset).to(dtype).to(device)
+    tensors = dict(
+        in_scale=vec(c_in, 1.0) if options.get("in_scale") else None,
+        in_shift=vec(c_in, 0.3) if options.get("in_shift") else None,
+        out_scale=vec(c_out, 1.0) if options.get("out_scale") else None,
+        out_shift=vec(c_out, 0.0) if options.get("out_shift") else None,
+        residual=torch.randn(out_shape, dtype=dtype).to(device) if options.get("residual") else None,
+    )
+    if layout == "channels_last" and tensors["residual"] is not None:
+        tensors["residual"] = tensors["residual"].to(memory_format=torch.channels_last)
+    return x, w, b, tensors, args
+
+
+def fused_run(fn, x, w, b, tensors, seeds):
+    names = [k for k, v in tensors.items() if v is not None]
+    leaves = [t.detach().clone().requires_grad_() for t in [x, w, b] + [tensors[k] for k in names]]
+    outs = fn(*leaves, names)
+    loss = sum((o.double() * s.to(o.device)).sum() for o, s in zip(outs, seeds))
+    loss.backward()
+    return [o.detach() for o in outs], [leaf.grad for leaf in leaves]
