@@ -4,6 +4,11 @@ fusion option sets, input builders and the fused op spelled out in plain torch."
 import torch
 import torch.nn.functional as F
 
+import packed_kernels as pk
+
+from conftest import require_backend
+from helpers import assert_all_finite, assert_close
+
 # name: (batch, c_in, c_out, (h, w), kernel, stride, padding, dilation, groups)
 CASES = {
     "pe_3x3_3ch_per_group": (1, 12, 12, (7, 7), 3, 1, 1, 1, 4),
@@ -103,3 +108,45 @@ def fused_run(fn, x, w, b, tensors, seeds):
     loss = sum((o.double() * s.to(o.device)).sum() for o, s in zip(outs, seeds))
     loss.backward()
     return [o.detach() for o in outs], [leaf.grad for leaf in leaves]
+
+
+# Every option set in fp32, and everything at once in each 16-bit type (CI budget).
+FUSED_CASES = [(name, torch.float32) for name in OPTION_SETS] + \
+    [("everything", torch.float16), ("everything", torch.bfloat16)]
+
+
+def check_fused_matches_fp64(backend, options, dtype, layout):
+    """fused_conv2d on `backend`, outputs and every gradient, against float64 and torch's own error."""
+    device = require_backend(backend, dtype)
+    opts = OPTION_SETS[options]
+    x, w, b, tensors, args = fused_inputs(dtype, device, layout, opts)
+    flags = {k: opts[k] for k in ("in_activation", "activation", "channel_stats") if k in opts}
+
+    def ours(x, w, b, *rest, names):
+        out = pk.fused_conv2d(x, w, b, **args, **dict(zip(names, rest)), **flags, backend=backend)
+        return out if isinstance(out, tuple) else (out,)
+
+    def reference(x, w, b, *rest, names):
+        kw = {k: None for k in tensors}
+        kw.update(zip(names, rest))
+        return fused_reference(x, w, b, kw["in_scale"], kw["in_shift"], kw["out_scale"],
+                                kw["out_shift"], kw["residual"], args, opts)
+
+    outputs = 3 if opts.get("channel_stats") else 1
+    out_shape = F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape
+    seeds = [torch.randn(out_shape, dtype=torch.float64)] + \
+        [torch.randn(w.shape[0], dtype=torch.float64) for _ in range(outputs - 1)]
+    cpu = {k: None if v is None else v.cpu() for k, v in tensors.items()}
+    ours_out, ours_grads = fused_run(lambda *t: ours(*t[:-1], names=t[-1]), x, w, b, tensors, seeds)
+    ref_out, ref_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu().double(),
+                                    w.cpu().double(), b.cpu().double(),
+                                    {k: None if v is None else v.double() for k, v in cpu.items()}, seeds)
+    low_out, low_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu(), w.cpu(),
+                                    b.cpu(), cpu, seeds)
+    assert len(ours_out) == outputs
+    assert_all_finite(*ours_out, *ours_grads)
+    for i, (o, r, t) in enumerate(zip(ours_out, ref_out, low_out)):
+        assert_close(o, r, t, dtype, f"{options} output {i}")
+    names = ["input", "weight", "bias"] + [k for k, v in tensors.items() if v is not None]
+    for name, g, r, t in zip(names, ours_grads, ref_grads, low_grads):
+        assert_close(g, r, t, dtype, f"{options} grad {name}")

@@ -21,8 +21,8 @@ from packed_kernels.ops import conv as conv_ops
 
 from conftest import HAS_GPU, REQUIRED, require_backend
 from helpers import assert_all_finite, assert_close
-from conv_cases import (CASES, OPTION_SETS, fused_inputs, fused_reference, fused_run, make_case,
-                        run_with_grads)
+from conv_cases import (CASES, FUSED_CASES, OPTION_SETS, check_fused_matches_fp64,
+                        fused_inputs, make_case, run_with_grads)
 
 # Every case in fp32 with both layouts and in each 16-bit type (the kernels see channels_last
 # only: NCHW goes through the layout transform in ops/conv.py).
@@ -99,55 +99,15 @@ def test_simt_weight_grad_any_split_count(splits):
 # fused_conv2d: every option set in fp32, everything at once in each 16-bit type
 # ---------------------------------------------------------------------------------------------
 
-FUSED_CASES = [(name, torch.float32) for name in OPTION_SETS] + \
-    [("everything", torch.float16), ("everything", torch.bfloat16)]
-
-
-def _check_fused(backend, options, dtype, layout):
-    device = require_backend(backend, dtype)
-    opts = OPTION_SETS[options]
-    x, w, b, tensors, args = fused_inputs(dtype, device, layout, opts)
-    flags = {k: opts[k] for k in ("in_activation", "activation", "channel_stats") if k in opts}
-
-    def ours(x, w, b, *rest, names):
-        out = pk.fused_conv2d(x, w, b, **args, **dict(zip(names, rest)), **flags, backend=backend)
-        return out if isinstance(out, tuple) else (out,)
-
-    def reference(x, w, b, *rest, names):
-        kw = {k: None for k in tensors}
-        kw.update(zip(names, rest))
-        return fused_reference(x, w, b, kw["in_scale"], kw["in_shift"], kw["out_scale"],
-                                kw["out_shift"], kw["residual"], args, opts)
-
-    outputs = 3 if opts.get("channel_stats") else 1
-    out_shape = F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape
-    seeds = [torch.randn(out_shape, dtype=torch.float64)] + \
-        [torch.randn(w.shape[0], dtype=torch.float64) for _ in range(outputs - 1)]
-    cpu = {k: None if v is None else v.cpu() for k, v in tensors.items()}
-    ours_out, ours_grads = fused_run(lambda *t: ours(*t[:-1], names=t[-1]), x, w, b, tensors, seeds)
-    ref_out, ref_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu().double(),
-                                    w.cpu().double(), b.cpu().double(),
-                                    {k: None if v is None else v.double() for k, v in cpu.items()}, seeds)
-    low_out, low_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu(), w.cpu(),
-                                    b.cpu(), cpu, seeds)
-    assert len(ours_out) == outputs
-    assert_all_finite(*ours_out, *ours_grads)
-    for i, (o, r, t) in enumerate(zip(ours_out, ref_out, low_out)):
-        assert_close(o, r, t, dtype, f"{options} output {i}")
-    names = ["input", "weight", "bias"] + [k for k, v in tensors.items() if v is not None]
-    for name, g, r, t in zip(names, ours_grads, ref_grads, low_grads):
-        assert_close(g, r, t, dtype, f"{options} grad {name}")
-
-
 @pytest.mark.parametrize("options, dtype", FUSED_CASES, ids=_ids)
 def test_simt_fused_conv2d_matches_fp64(options, dtype):
-    _check_fused("simt", options, dtype, "nchw" if dtype == torch.bfloat16 else "channels_last")
+    check_fused_matches_fp64("simt", options, dtype, "nchw" if dtype == torch.bfloat16 else "channels_last")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("options, dtype", FUSED_CASES, ids=_ids)
 def test_cuda_fused_conv2d_matches_fp64(options, dtype):
-    _check_fused("cuda", options, dtype, "channels_last")
+    check_fused_matches_fp64("cuda", options, dtype, "channels_last")
 
 
 def test_simt_fused_float32_vectors_with_half_activations():

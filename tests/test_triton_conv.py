@@ -16,7 +16,8 @@ from packed_kernels.triton import conv as tc
 from packed_kernels.triton import conv_tuning
 
 from conftest import require_backend
-from conv_cases import CASES, OPTION_SETS, fused_inputs, fused_reference, fused_run, make_case, run_with_grads
+from conv_cases import (CASES, FUSED_CASES, OPTION_SETS, check_fused_matches_fp64,
+                        fused_inputs, make_case, run_with_grads)
 from helpers import assert_all_finite, assert_close
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -82,48 +83,9 @@ def test_non_contiguous_input_and_grad(dtype):
 # fused_conv2d
 # ---------------------------------------------------------------------------------------------
 
-# Every option set in fp32, and everything at once in each 16-bit type (CI budget).
-FUSED_CASES = [(name, torch.float32) for name in OPTION_SETS] + \
-    [("everything", torch.float16), ("everything", torch.bfloat16)]
-
-
 @pytest.mark.parametrize("options, dtype", FUSED_CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_fused_conv2d_matches_fp64(options, dtype):
-    device = require_backend("triton", dtype)
-    opts = OPTION_SETS[options]
-    layout = "nchw" if dtype == torch.bfloat16 else "channels_last"
-    x, w, b, tensors, args = fused_inputs(dtype, device, layout, opts)
-    flags = {k: opts[k] for k in ("in_activation", "activation", "channel_stats") if k in opts}
-
-    def ours(x, w, b, *rest, names):
-        kw = dict(zip(names, rest))
-        out = pk.fused_conv2d(x, w, b, **args, **kw, **flags, backend="triton")
-        return out if isinstance(out, tuple) else (out,)
-
-    def reference(x, w, b, *rest, names):
-        kw = {k: None for k in tensors}
-        kw.update(zip(names, rest))
-        return fused_reference(x, w, b, kw["in_scale"], kw["in_shift"], kw["out_scale"],
-                                kw["out_shift"], kw["residual"], args, opts)
-
-    outputs = 3 if opts.get("channel_stats") else 1
-    out_shape = F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape
-    seeds = [torch.randn(out_shape, dtype=torch.float64)] + [torch.randn(w.shape[0], dtype=torch.float64)
-                                                            for _ in range(outputs - 1)]
-    cpu = {k: None if v is None else v.cpu() for k, v in tensors.items()}
-    ours_out, ours_grads = fused_run(lambda *t: ours(*t[:-1], names=t[-1]), x, w, b, tensors, seeds)
-    ref_out, ref_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu().double(),
-                                    w.cpu().double(), b.cpu().double(),
-                                    {k: None if v is None else v.double() for k, v in cpu.items()}, seeds)
-    low_out, low_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu(), w.cpu(),
-                                    b.cpu(), cpu, seeds)
-    assert len(ours_out) == outputs
-    assert_all_finite(*ours_out, *ours_grads)
-    for i, (o, r, t) in enumerate(zip(ours_out, ref_out, low_out)):
-        assert_close(o, r, t, dtype, f"{options} output {i}")
-    names = ["input", "weight", "bias"] + [k for k, v in tensors.items() if v is not None]
-    for name, g, r, t in zip(names, ours_grads, ref_grads, low_grads):
-        assert_close(g, r, t, dtype, f"{options} grad {name}")
+    check_fused_matches_fp64("triton", options, dtype, "nchw" if dtype == torch.bfloat16 else "channels_last")
 
 
 def test_fused_conv2d_stats_grad_only():
