@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "batch_norm.h"
 #include "conv.h"
 #include "ensemble.h"
 
@@ -306,6 +307,95 @@ int64_t conv_weight_grad_splits(int64_t batch, int64_t in_channels, int64_t out_
   return pk::conv::weight_grad_splits(s);
 }
 
+// --- batch norm (csrc/kernels/batch_norm.h): contiguous (NCHW) or channels_last activations ----
+
+// The (rows, C, S) view of x; `channels_last` says which of the two layouts x is in.
+pk::batch_norm::Layout bn_layout(const char* op, const at::Tensor& x, bool& channels_last) {
+  TORCH_CHECK(on_backend_device(x), op, ": input must be a ", kDeviceName, " tensor, got ", x.device());
+  TORCH_CHECK(x.dim() >= 2 && x.numel() > 0, op, ": input must be a non-empty tensor of >= 2 dimensions");
+  const int64_t n = x.size(0), c = x.size(1), s = x.numel() / (n * c);
+  if (x.is_contiguous()) {
+    channels_last = false;
+    return {n, c, s, c * s, s};
+  }
+  channels_last = (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                  (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  TORCH_CHECK(channels_last, op, ": input must be contiguous or channels_last contiguous");
+  return {n * s, c, 1, c, 1};
+}
+
+// `t` (optional) has x's shape, dtype, device and layout; returns its data or null.
+const void* bn_like(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& x,
+                    bool channels_last) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), ", input on ", x.device());
+  TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(), ", input ",
+              x.scalar_type());
+  TORCH_CHECK(t->sizes() == x.sizes(), op, ": ", name, " must have shape ", x.sizes(), ", got ", t->sizes());
+  const auto format = !channels_last ? at::MemoryFormat::Contiguous
+                      : x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  TORCH_CHECK(t->is_contiguous(format), op, ": ", name, " must be in the input's memory format");
+  return t->const_data_ptr();
+}
+
+float* bn_vector_out(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& x,
+                     int64_t channels) {
+  if (!t.has_value()) return nullptr;
+  check_fp32_buffer(op, name, *t, x, {channels});
+  return t->mutable_data_ptr<float>();
+}
+
+void batch_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                        const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                        bool training, double eps, bool relu, at::Tensor& out,
+                        const std::optional<at::Tensor>& batch_mean, const std::optional<at::Tensor>& batch_var,
+                        const std::optional<at::Tensor>& batch_invstd) {
+  const char* op = "batch_norm_forward";
+  scalar_type(op, x);
+  bool channels_last = false;
+  const pk::batch_norm::Layout l = bn_layout(op, x, channels_last);
+  const void* res = bn_like(op, "residual", residual, x, channels_last);
+  bn_like(op, "out", out, x, channels_last);
+  const float* rm = optional_vector(op, "running_mean", running_mean, x, l.channels);
+  const float* rv = optional_vector(op, "running_var", running_var, x, l.channels);
+  TORCH_CHECK(training || (rm && rv), op, ": eval mode needs running_mean and running_var");
+  float* bm = bn_vector_out(op, "batch_mean", batch_mean, x, l.channels);
+  float* bv = bn_vector_out(op, "batch_var", batch_var, x, l.channels);
+  float* bi = bn_vector_out(op, "batch_invstd", batch_invstd, x, l.channels);
+  TORCH_CHECK(!training || (bm && bv && bi), op, ": training needs the batch statistics buffers");
+  TORCH_CHECK(!training || l.rows * l.spatial > 1, op, ": expected more than 1 value per channel when training");
+  DeviceScope scope(x);
+  pk::batch_norm::forward(scalar_type(op, x), l, x.const_data_ptr(), res, rm, rv,
+                          optional_vector(op, "weight", weight, x, l.channels),
+                          optional_vector(op, "bias", bias, x, l.channels), training, static_cast<float>(eps),
+                          relu, out.mutable_data_ptr(), bm, bv, bi, scope.stream());
+}
+
+void batch_norm_backward(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& output,
+                         const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+                         bool training, bool relu, at::Tensor& grad_input, at::Tensor& grad_weight,
+                         at::Tensor& grad_bias, const std::optional<at::Tensor>& grad_residual) {
+  const char* op = "batch_norm_backward";
+  scalar_type(op, x);
+  bool channels_last = false;
+  const pk::batch_norm::Layout l = bn_layout(op, x, channels_last);
+  const void* g = bn_like(op, "grad", grad, x, channels_last);
+  const void* y = bn_like(op, "output", output, x, channels_last);
+  TORCH_CHECK(!relu || y, op, ": relu needs the forward output");
+  bn_like(op, "grad_input", grad_input, x, channels_last);
+  bn_like(op, "grad_residual", grad_residual, x, channels_last);
+  check_fp32_buffer(op, "mean", mean, x, {l.channels});
+  check_fp32_buffer(op, "invstd", invstd, x, {l.channels});
+  DeviceScope scope(x);
+  pk::batch_norm::backward(scalar_type(op, x), l, g, x.const_data_ptr(), y, mean.const_data_ptr<float>(),
+                           invstd.const_data_ptr<float>(), optional_vector(op, "weight", weight, x, l.channels),
+                           training, relu, grad_input.mutable_data_ptr(),
+                           bn_vector_out(op, "grad_weight", grad_weight, x, l.channels),
+                           bn_vector_out(op, "grad_bias", grad_bias, x, l.channels),
+                           grad_residual.has_value() ? grad_residual->mutable_data_ptr() : nullptr, scope.stream());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -335,4 +425,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_weight_grad_splits", &conv_weight_grad_splits, py::arg("batch"), py::arg("in_channels"),
         py::arg("out_channels"), py::arg("kernel_h"), py::arg("kernel_w"), py::arg("out_h"),
         py::arg("out_w"), py::arg("groups"));
+  m.def("batch_norm_forward", &batch_norm_forward,
+        "out = relu?(batch_norm(x) + residual); batch statistics written in training",
+        py::arg("x"), py::arg("residual"), py::arg("running_mean"), py::arg("running_var"), py::arg("weight"),
+        py::arg("bias"), py::arg("training"), py::arg("eps"), py::arg("relu"), py::arg("out"),
+        py::arg("batch_mean"), py::arg("batch_var"), py::arg("batch_invstd"));
+  m.def("batch_norm_backward", &batch_norm_backward, py::arg("grad"), py::arg("x"), py::arg("output"),
+        py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("training"), py::arg("relu"),
+        py::arg("grad_input"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("grad_residual"));
 }

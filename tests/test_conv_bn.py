@@ -12,7 +12,7 @@ from packed_kernels.nn import ConvBNAct2d, DeferredBatchNorm
 from conftest import require_backend
 from helpers import assert_all_finite, assert_close
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "simt"]  # simt: the CUDA C++ conv and batch norm on the emulator
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -70,7 +70,7 @@ def compiled(tmp_path_factory):
 
 
 def test_kernel_sources_exist():
-    assert [s.name for s in KERNEL_SOURCES] == ["conv.cu", "ensemble.cu"], "update the expectations below"
+    assert [s.name for s in KERNEL_SOURCES] == ["batch_norm.cu", "conv.cu", "ensemble.cu"], "update the expectations below"
 
 
 @pytest.mark.parametrize("source", [s.name for s in KERNEL_SOURCES] + [SELFTEST_SOURCE.name])

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend
+from .. import _alloc, _backend
 from .._checks import check_float_tensor, check_same_device_dtype
 from ._autograd import unaliased
 
-IMPLEMENTED = ("torch", "triton")  # the CUDA kernels register here as they land
+IMPLEMENTED = ("torch", "triton", "cuda", "simt")
 ACTIVATIONS = (None, "relu")
 
 
@@ -82,9 +82,58 @@ def _triton_engine() -> _Engine:
     return _Engine(tk.forward, tk.backward)
 
 
+def _kernel_layout(t: Tensor) -> Tensor:
+    """t itself when the csrc kernels read it as is (contiguous or channels_last), else a copy."""
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or \
+            (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)):
+        return t
+    return t.contiguous()
+
+
+def _like(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """t in x's layout (a copy only when its strides differ)."""
+    if t is None or x.is_contiguous():
+        return None if t is None else t.contiguous()
+    return t.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+def _fp32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _extension_engine(name: str) -> Callable[[], _Engine]:
+    """The csrc kernels in packed_kernels.<name>; outputs are allocated here (poisonable)."""
+    def load() -> _Engine:
+        ext = _backend.extension(name)
+
+        def forward(input, running_mean, running_var, weight, bias, residual, training, eps, relu):
+            x = _kernel_layout(input)
+            out = _alloc.empty_like(x)
+            stats = [_alloc.empty((x.shape[1],), x, torch.float32) if training else x.new_empty(0, dtype=torch.float32)
+                     for _ in range(3)]
+            ext.batch_norm_forward(x, _like(residual, x), _fp32(running_mean), _fp32(running_var), _fp32(weight),
+                                   _fp32(bias), training, eps, relu, out, *(stats if training else (None,) * 3))
+            return (out, *stats)
+
+        def backward(grad, input, output, mean, invstd, weight, has_residual, training, relu):
+            x = _kernel_layout(input)
+            grad_input = _alloc.empty_like(x)
+            grad_weight, grad_bias = (_alloc.empty((x.shape[1],), x, torch.float32) for _ in range(2))
+            grad_residual = _alloc.empty_like(x) if has_residual else None
+            ext.batch_norm_backward(_like(grad, x), x, _like(output, x) if relu else None, _fp32(mean),
+                                    _fp32(invstd), _fp32(weight), training, relu, grad_input, grad_weight,
+                                    grad_bias, grad_residual)
+            return (grad_input, grad_weight, grad_bias,
+                    grad_residual if has_residual else x.new_empty(0))
+        return _Engine(forward, backward)
+    return load
+
+
 _ENGINES: Dict[str, Callable[[], _Engine]] = {
     "torch": lambda: _Engine(_reference_forward, reference_batch_norm_backward),
     "triton": _triton_engine,
+    "cuda": _extension_engine("_C"),
+    "simt": _extension_engine("_simt"),
 }
 
 

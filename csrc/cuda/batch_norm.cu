@@ -1,0 +1,2 @@
+// The CUDA build of the batch-norm kernels (no torch headers).
+#include "batch_norm.cuh"
