@@ -8,13 +8,23 @@
 #   6. turns the records into report.md + PNG plots.
 # Everything goes under bench/results/<date>-<gpu>/ (one log per step, steps.tsv with each
 # step's exit status). Every step runs even if an earlier one failed; the exit status is 1 if
-# any failed. `bash bench/gpu_check.sh --dry-run` prints the steps without running them.
+# any failed. `bash bench/gpu_check.sh --dry-run` prints the steps without running them;
+# `--only setup,tests` runs just the named steps (a lent GPU machine allows 10 minutes per
+# command: run the check in a few calls into the same GPU_CHECK_OUT folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 PY="${PYTHON:-python3}"
 DRY_RUN=0
-[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+ONLY=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --only) ONLY=",$2,"; shift ;;
+    *) echo "gpu_check: unknown argument $1 (use --dry-run, --only step1,step2)" >&2; exit 2 ;;
+  esac
+  shift
+done
 
 if [[ $DRY_RUN == 0 ]] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu_check: no CUDA GPU visible to torch; this command is for GPU machines" >&2
@@ -33,6 +43,7 @@ FAILED=0
 
 step() {  # step <name> <command...>: run it, log to $OUT/<name>.log, record its status
   local name="$1"; shift
+  [[ -n "$ONLY" && "$ONLY" != *",$name,"* ]] && return 0
   if [[ $DRY_RUN == 1 ]]; then
     printf '%-22s %s\n' "$name" "$*"
     return 0

@@ -1,0 +1,32 @@
+"""bench/gpu_check.sh's step plan, checked through its dry run (the real run needs a GPU)."""
+
+import subprocess
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent / "gpu_check.sh"
+
+
+def _dry_run(*args):
+    result = subprocess.run(["bash", str(SCRIPT), "--dry-run", *args], capture_output=True, text=True)
+    steps = [line.split()[0] for line in result.stdout.splitlines() if line and not line.startswith("(")]
+    return result.returncode, steps
+
+
+def test_dry_run_lists_build_tests_sanitizers_and_benchmarks():
+    rc, steps = _dry_run()
+    assert rc == 0
+    assert steps[0] == "setup"
+    for needed in ("tests", "memcheck", "racecheck", "bench-table", "report"):
+        assert needed in steps
+
+
+def test_only_runs_the_named_steps_in_order():
+    rc, steps = _dry_run("--only", "report,tests")
+    assert rc == 0
+    assert steps == ["tests", "report"]
+
+
+def test_unknown_argument_is_refused():
+    result = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--bogus"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "unknown argument" in result.stderr
