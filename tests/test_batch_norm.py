@@ -12,6 +12,9 @@ from helpers import assert_all_finite, assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", "triton"]
+# Tests that also run the CUDA C++ kernels (on the CPU through simt); the rest of the simt/cuda
+# coverage is in tests/test_cuda_batch_norm.py.
+ALL_BACKENDS = ["torch", "triton", "simt", "cuda"]
 # name -> (shape, channels_last): odd sizes; NCHW, channels_last, 2-D, 3-D; batch 1; 1x1 maps
 LAYOUTS = {
     "nchw": ((3, 5, 7, 3), False),
@@ -111,7 +114,7 @@ def test_float32_parameters_with_half_input(backend):
     assert_close(out, ref, low, torch.float16, "out")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("offset", [1e4, -3e5])
 def test_statistics_stable_for_large_means(backend, offset):
     """|mean| >> std: a naive fp32 sum/sum-of-squares loses every digit of the variance here
@@ -207,7 +210,7 @@ def test_triton_rejects_float64_with_reason():
         pk.batch_norm(torch.randn(4, 3, dtype=torch.float64), None, None, training=True, backend="triton")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 def test_opcheck(backend, training):
     device = require_backend(backend)
@@ -244,7 +247,7 @@ def test_compiles_fullgraph():
 # packed_kernels.nn.BatchNorm2d against torch.nn.BatchNorm2d, step by step
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("momentum, affine, track", [(0.1, True, True), (None, True, True),
                                                      (0.3, False, True), (0.1, True, False)])
 @pytest.mark.parametrize("channels_last", [False, True])
