@@ -56,6 +56,19 @@ def _save(args, record) -> Optional[Path]:
     return path
 
 
+def _override(cfg, args, values=(), lists=None) -> None:
+    """Sets cfg's fields from the options given: `values` by name, `lists` (option -> field) split
+    from comma lists."""
+    for name in values:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    for name, field in (lists or {}).items():
+        value = getattr(args, name)
+        if value:
+            setattr(cfg, field, tuple(value.split(",")))
+
+
 def cmd_table(args) -> int:
     from . import models, table
     device = _device(args)
@@ -65,11 +78,8 @@ def cmd_table(args) -> int:
         cfg.batch, cfg.warmup, cfg.reps, cfg.max_seconds = 2, 1, 2, 5.0
         cfg.precisions = ("fp32",)
         cfg.loader_workers = 0
-    for name in ("batch", "infer_batch", "warmup", "reps", "arch", "image_size", "epoch_images",
-                 "loader_workers"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
+    _override(cfg, args, ("batch", "infer_batch", "warmup", "reps", "arch", "image_size",
+                          "epoch_images", "loader_workers"))
     if args.max_seconds is not None:
         cfg.max_seconds = args.max_seconds or None
     if args.precision:
@@ -99,12 +109,8 @@ def cmd_ensemble(args) -> int:
     from . import ensemble_ops
     device = _device(args)
     cfg = ensemble_ops.EnsembleConfig.for_device(device)
-    for name in ("num_estimators", "batch", "classes", "dtype", "warmup", "reps"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    if args.backends:
-        cfg.backends = tuple(args.backends.split(","))
+    _override(cfg, args, ("num_estimators", "batch", "classes", "dtype", "warmup", "reps"),
+              {"backends": "backends"})
     result = ensemble_ops.run(cfg, device, progress=not args.quiet)
     print(ensemble_ops.format_result(result))
     _save(args, records.make_record("ensemble", device, cfg.as_dict(), result["rows"],
@@ -116,18 +122,8 @@ def cmd_conv(args) -> int:
     from . import conv_sweep
     device = _device(args)
     cfg = conv_sweep.SweepConfig.for_device(device)
-    for name in ("batch", "arch", "warmup", "reps", "limit"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    if args.rows:
-        cfg.rows = tuple(args.rows.split(","))
-    if args.dtype:
-        cfg.dtypes = tuple(args.dtype.split(","))
-    if args.layout:
-        cfg.layouts = tuple(args.layout.split(","))
-    if args.backends:
-        cfg.backends = tuple(args.backends.split(","))
+    _override(cfg, args, ("batch", "arch", "warmup", "reps", "limit"),
+              {"rows": "rows", "dtype": "dtypes", "layout": "layouts", "backends": "backends"})
     result = conv_sweep.run(cfg, device, progress=not args.quiet)
     print(conv_sweep.format_result(result))
     _save(args, records.make_record("conv", device, cfg.as_dict(), result["rows"],
@@ -140,14 +136,8 @@ def cmd_bn(args) -> int:
     from . import bn_ops
     device = _device(args)
     cfg = bn_ops.BNConfig.for_device(device)
-    for name in ("batch", "arch", "warmup", "reps", "limit"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    for name in ("dtype", "layout", "backends"):
-        value = getattr(args, name)
-        if value:
-            setattr(cfg, {"dtype": "dtypes", "layout": "layouts"}.get(name, name), tuple(value.split(",")))
+    _override(cfg, args, ("batch", "arch", "warmup", "reps", "limit"),
+              {"dtype": "dtypes", "layout": "layouts", "backends": "backends"})
     result = bn_ops.run(cfg, device, progress=not args.quiet)
     print(bn_ops.format_result(result))
     _save(args, records.make_record("bn", device, cfg.as_dict(), result["rows"],
