@@ -10,7 +10,9 @@
 # step's exit status). Every step runs even if an earlier one failed; the exit status is 1 if
 # any failed. `bash bench/gpu_check.sh --dry-run` prints the steps without running them;
 # `--only setup,tests` runs just the named steps (a lent GPU machine allows 10 minutes per
-# command: run the check in a few calls into the same GPU_CHECK_OUT folder).
+# command: run the check in a few calls into the same GPU_CHECK_OUT folder). GPU_CHECK_PYTEST_ARGS
+# adds arguments to the tests step's pytest (e.g. "-n 8" where pytest-xdist is installed, or a
+# -k selection to split the suite across calls).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -75,7 +77,8 @@ SAN_ENV=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 PACKED_KERNELS_REQUIRE=cuda)
 step setup        bash scripts/setup.sh
 step environment  "$PY" -c "import json, sys, torch; from bench.env import environment; json.dump(environment(torch.device('cuda')), sys.stdout, indent=1)"
 step nvidia-smi   nvidia-smi -q
-step tests        env PACKED_KERNELS_REQUIRE=cuda,triton "$PY" -m pytest -ra tests --junitxml="$OUT/tests.xml"
+# shellcheck disable=SC2086  # GPU_CHECK_PYTEST_ARGS is a list of arguments: split on purpose
+step tests        env PACKED_KERNELS_REQUIRE=cuda,triton "$PY" -m pytest -ra tests --junitxml="$OUT/tests.xml" ${GPU_CHECK_PYTEST_ARGS:-}
 step memcheck     "${SAN_ENV[@]}" "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no "$PY" "${CUDA_TESTS[@]}"
 step racecheck    "${SAN_ENV[@]}" "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" "${CUDA_TESTS[@]}"
 step bench-ensemble "$PY" -m bench ensemble --quiet --out "$OUT"

@@ -1,5 +1,6 @@
 """bench/gpu_check.sh's step plan, checked through its dry run (the real run needs a GPU)."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -30,3 +31,10 @@ def test_unknown_argument_is_refused():
     result = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--bogus"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "unknown argument" in result.stderr
+
+
+def test_extra_pytest_arguments_reach_the_tests_step():
+    result = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--only", "tests"], capture_output=True,
+                            text=True, env={**os.environ, "GPU_CHECK_PYTEST_ARGS": "-n 8 -k conv"})
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[0].endswith("tests.xml -n 8 -k conv")
