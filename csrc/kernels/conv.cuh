@@ -4,7 +4,9 @@
 // One GEMM kernel, three problems that say how to read A (rows x depth) and B (depth x cols)
 // and where the result goes, per group g:
 //   forward      rows = output pixels (n, oh, ow), cols = output channels, depth = (kh, kw, c_in)
-//   input grad   rows = input pixels (n, ih, iw),  cols = input channels,  depth = (kh, kw, c_out)
+//   input grad   rows = input pixels (n, ih, iw) of one stride phase ((ih + pad) mod stride, the
+//                same along w; grid axis z holds (phase, group)), cols = input channels,
+//                depth = (kh, kw, c_out) over that phase's contributing taps only
 //   weight grad  rows = output channels, cols = (kh, kw, c_in), depth = output pixels, the
 //                depth split over grid axis y into fp32 slabs (summed by the caller)
 // A block computes a 64x64 tile: it stages a 64x32 slice of A and a 32x64 slice of B in shared
@@ -17,6 +19,7 @@
 // statistics of the tile (deterministic: one partial per row tile) and applies the epilogue.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -99,9 +102,10 @@ template <typename T>
 struct ForwardProblem {
   static constexpr bool kAAlongDepth = true;  // which of A's dimensions is contiguous in memory
   static constexpr bool kBAlongDepth = true;
-  struct RowInfo {  // output pixel: its image's first pixel, its top-left input coordinate
+  struct RowInfo {  // output pixel: its image's first pixel, its top-left input coordinate, itself
     index_t image;
     int h, w;
+    index_t pixel;
   };
   struct DepthInfo {  // tap offset and input channel within the group
     int dh, dw, c;
@@ -125,7 +129,7 @@ struct ForwardProblem {
     const index_t n = m / pixels;
     const int rem = static_cast<int>(m - n * pixels);
     return RowInfo{n * geo.H * geo.W, (rem / geo.OW) * geo.stride_h - geo.pad_h,
-                   (rem % geo.OW) * geo.stride_w - geo.pad_w};
+                   (rem % geo.OW) * geo.stride_w - geo.pad_w, m};
   }
   PK_DEVICE DepthInfo depth_info(index_t k) const {
     const int tap = static_cast<int>(k / geo.cin_g);
@@ -153,8 +157,9 @@ struct ForwardProblem {
   PK_DEVICE float pre_epilogue(int g, index_t col, float acc) const {
     return bias != nullptr ? acc + bias[g * geo.cout_g + col] : acc;
   }
-  PK_DEVICE void store(int g, int /*split*/, index_t m, index_t col, float acc) const {
-    const index_t co = g * geo.cout_g + col;
+  PK_DEVICE int bind(unsigned z) { return static_cast<int>(z); }
+  PK_DEVICE void store(int g, int /*split*/, const RowInfo& r, index_t col, float acc) const {
+    const index_t m = r.pixel, co = g * geo.cout_g + col;
     float v = pre_epilogue(g, col, acc);
     if (out_scale != nullptr) v *= out_scale[co];
     if (out_shift != nullptr) v += out_shift[co];
@@ -163,52 +168,99 @@ struct ForwardProblem {
   }
 };
 
+// The input gradient by stride phase. Input row ih reads output row oh through tap kh iff
+// oh * stride = ih + pad - kh * dilation, so only taps with kh * dilation = (ih + pad) mod stride
+// contribute: input rows of one phase (ih + pad) mod stride share them, and they repeat every
+// stride / gcd(stride, dilation) taps. One phase of one dimension, named by its first input row
+// (0 <= first < min(stride, size), so phases without rows never launch):
+struct Phase1D {
+  int first, count;      // the phase's first input row and how many rows it has
+  int tap, taps;         // its first contributing tap and how many there are (0: gradient is zero)
+  int tap_step;          // taps between contributing ones
+  int out_step;          // output rows between the reads of consecutive contributing taps
+  int out_offset;        // output row read by the phase's first row through its first tap
+};
+
+PK_HOST_DEVICE Phase1D phase_1d(int first, int size, int pad, int kernel, int dilation, int stride) {
+  Phase1D p;
+  p.first = first;
+  p.count = (size - first + stride - 1) / stride;
+  const int phase = (first + pad) % stride;
+  int a = stride, b = dilation;  // gcd
+  while (b != 0) {
+    const int t = a % b;
+    a = b;
+    b = t;
+  }
+  p.tap_step = stride / a;
+  p.tap = -1;
+  for (int k = 0; k < p.tap_step && k < kernel; ++k) {
+    if (k * dilation % stride == phase) {
+      p.tap = k;
+      break;
+    }
+  }
+  p.taps = p.tap < 0 ? 0 : (kernel - p.tap + p.tap_step - 1) / p.tap_step;
+  p.out_step = p.tap_step * dilation / stride;  // lcm(stride, dilation) / stride
+  // first + pad and tap * dilation are both congruent to phase: the division is exact.
+  p.out_offset = p.tap < 0 ? 0 : (p.first + pad - p.tap * dilation) / stride;
+  return p;
+}
+
+// Rows are one phase's input pixels, depth its contributing taps only: blockIdx.z enumerates
+// (phase, group), and bind() specialises the problem to the block's phase.
 template <typename T>
 struct InputGradProblem {
   static constexpr bool kAAlongDepth = true;
   static constexpr bool kBAlongDepth = false;
-  struct RowInfo {  // input pixel: its image's first output pixel, its padded coordinate
-    index_t image;
+  struct RowInfo {  // input pixel: its image's first output pixel, the output coordinate it
+    index_t image;  // reads through the phase's first tap, and its own index
     int h, w;
+    index_t pixel;
   };
-  struct DepthInfo {  // tap offset, tap and output channel within the group
+  struct DepthInfo {  // output offset of the tap, the tap, output channel within the group
     int dh, dw, tap, co;
   };
   struct ColInfo {};
   Geometry geo;
   index_t rows, cols, depth;
+  index_t batch;
+  int groups, phase_first;  // blockIdx.z = (phase - phase_first) * groups + g,
+                            // phase = first row * min(stride_w, W) + first column
+  Phase1D ph, pw;
   const T* grad;
   const T* w;
   T* grad_input;
   float* stats;  // unused: no statistics here
 
+  PK_DEVICE int bind(unsigned z) {
+    const int phase = phase_first + static_cast<int>(z) / groups, phases_w = geo.stride_w < geo.W ? geo.stride_w : geo.W;
+    ph = phase_1d(phase / phases_w, geo.H, geo.pad_h, geo.KH, geo.dil_h, geo.stride_h);
+    pw = phase_1d(phase % phases_w, geo.W, geo.pad_w, geo.KW, geo.dil_w, geo.stride_w);
+    rows = batch * ph.count * pw.count;
+    depth = index_t(ph.taps) * pw.taps * geo.cout_g;
+    return static_cast<int>(z) % groups;
+  }
   PK_DEVICE RowInfo row_info(index_t m) const {
-    const index_t pixels = index_t(geo.H) * geo.W;
+    const index_t pixels = index_t(ph.count) * pw.count;
     const index_t n = m / pixels;
     const int rem = static_cast<int>(m - n * pixels);
-    return RowInfo{n * geo.OH * geo.OW, rem / geo.W + geo.pad_h, rem % geo.W + geo.pad_w};
+    const int i = rem / pw.count, j = rem % pw.count;
+    return RowInfo{n * geo.OH * geo.OW, i + ph.out_offset, j + pw.out_offset,
+                   (n * geo.H + ph.first + i * geo.stride_h) * geo.W + pw.first + j * geo.stride_w};
   }
   PK_DEVICE DepthInfo depth_info(index_t k) const {
-    const int tap = static_cast<int>(k / geo.cout_g);
-    return DepthInfo{(tap / geo.KW) * geo.dil_h, (tap % geo.KW) * geo.dil_w, tap,
-                     static_cast<int>(k - index_t(tap) * geo.cout_g)};
+    const int t = static_cast<int>(k / geo.cout_g);
+    const int th = t / pw.taps, tw = t - th * pw.taps;
+    return DepthInfo{th * ph.out_step, tw * pw.out_step,
+                     (ph.tap + th * ph.tap_step) * geo.KW + pw.tap + tw * pw.tap_step,
+                     static_cast<int>(k - index_t(t) * geo.cout_g)};
   }
   PK_DEVICE ColInfo col_info(index_t) const { return ColInfo{}; }
 
-  // Output pixel (oh, ow) reads input pixel (ih, iw) through tap (kh, kw) iff
-  // oh * stride = ih + pad - kh * dilation (and the same along w).
   PK_DEVICE const T* a_source(int g, const RowInfo& r, const DepthInfo& d) const {
-    int oh = r.h - d.dh, ow = r.w - d.dw;
-    if (oh < 0 || ow < 0) return nullptr;
-    if (geo.stride_h != 1) {
-      if (oh % geo.stride_h != 0) return nullptr;
-      oh /= geo.stride_h;
-    }
-    if (geo.stride_w != 1) {
-      if (ow % geo.stride_w != 0) return nullptr;
-      ow /= geo.stride_w;
-    }
-    if (oh >= geo.OH || ow >= geo.OW) return nullptr;
+    const int oh = r.h - d.dh, ow = r.w - d.dw;
+    if (oh < 0 || ow < 0 || oh >= geo.OH || ow >= geo.OW) return nullptr;
     return grad + (r.image + index_t(oh) * geo.OW + ow) * geo.C_out + g * geo.cout_g + d.co;
   }
   template <int V>  // along depth: V output channels of one tap (cout_g % V == 0)
@@ -220,8 +272,8 @@ struct InputGradProblem {
     load_run<V>(w + ((g * geo.cout_g + d.co) * geo.KH * geo.KW + d.tap) * geo.cin_g + col, out);
   }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
-  PK_DEVICE void store(int g, int /*split*/, index_t m, index_t col, float acc) const {
-    grad_input[m * geo.C_in + g * geo.cin_g + col] = from_float<T>(acc);
+  PK_DEVICE void store(int g, int /*split*/, const RowInfo& r, index_t col, float acc) const {
+    grad_input[r.pixel * geo.C_in + g * geo.cin_g + col] = from_float<T>(acc);
   }
 };
 
@@ -277,7 +329,9 @@ struct WeightGradProblem {
     }
   }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
-  PK_DEVICE void store(int g, int split, index_t co, index_t col, float acc) const {
+  PK_DEVICE int bind(unsigned z) { return static_cast<int>(z); }
+  PK_DEVICE void store(int g, int split, const RowInfo& r, index_t col, float acc) const {
+    const index_t co = r.co;
     partials[((index_t(split) * geo.C_out) + g * geo.cout_g + co) * cols + col] = acc;
   }
 };
@@ -287,6 +341,9 @@ struct WeightGradProblem {
 // launcher picks VEC > 1 only where every run of VEC stays inside one tap and is aligned.
 template <typename T, int VEC, typename Problem>
 __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t split_len) {
+  const int g = p.bind(blockIdx.z);
+  const index_t m0 = index_t(blockIdx.x) * kBlockM;
+  if (m0 >= p.rows) return;  // the whole block: a stride phase with fewer rows than the grid has
   constexpr bool kTensorCores = !std::is_same<T, float>::value;
   PK_SHARED(unsigned char, shared_raw, staging_bytes<T>() + 32);
   // wmma wants 32-byte aligned tiles; the portability layer guarantees 16.
@@ -297,10 +354,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   float* const Cs = reinterpret_cast<float*>(shared);
 
   const int tid = threadIdx.x;
-  const int g = blockIdx.z;
   const index_t tiles_n = (p.cols + kBlockN - 1) / kBlockN;
   const int split = static_cast<int>(blockIdx.y / tiles_n);
-  const index_t m0 = index_t(blockIdx.x) * kBlockM;
   const index_t n0 = (blockIdx.y % tiles_n) * kBlockN;
   const index_t k_begin = index_t(split) * split_len;
   const index_t k_end = k_begin + split_len < p.depth ? k_begin + split_len : p.depth;
@@ -431,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
     const int r = e / kBlockN, c = e % kBlockN;  // along the output's contiguous dimension
     const index_t m = m0 + r, n = n0 + c;
-    if (m < p.rows && n < p.cols) p.store(g, split, m, n, Cs[r * kLdC + c]);
+    if (m < p.rows && n < p.cols) p.store(g, split, row_info[r], n, Cs[r * kLdC + c]);
   }
 }
 
@@ -479,13 +534,13 @@ bool vectorizable(const Geometry& geo, const void* first, const void* second) {
 }
 
 template <typename T, typename Problem>
-void launch_gemm(const Problem& p, bool vectorized, int groups, index_t splits, index_t split_len,
+void launch_gemm(const Problem& p, bool vectorized, index_t grid_z, index_t splits, index_t split_len,
                  Stream stream) {
   const index_t tiles_m = ceil_div(p.rows, kBlockM), tiles_n = ceil_div(p.cols, kBlockN);
-  if (tiles_m > 0x7fffffff || tiles_n * splits > 65535)
+  if (tiles_m > 0x7fffffff || tiles_n * splits > 65535 || grid_z > 65535)
     throw std::invalid_argument("pk::conv: the problem exceeds the launch grid");
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n * splits),
-                  static_cast<unsigned>(groups));
+                  static_cast<unsigned>(grid_z));
   if (vectorized) {
     launch(gemm_kernel<T, kVec16<T>, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
   } else {
@@ -518,14 +573,26 @@ template <typename T>
 void input_grad(const Shape& s, const void* grad, const void* w, void* grad_input, Stream stream) {
   InputGradProblem<T> p;
   p.geo = geometry(s);
-  p.rows = s.batch * s.height * s.width;
+  p.batch = s.batch;
+  // The grid covers the largest phase (the one starting at row and column 0); rows and depth
+  // become the block's phase's in bind().
+  p.rows = s.batch * ceil_div(s.height, s.stride_h) * ceil_div(s.width, s.stride_w);
   p.cols = p.geo.cin_g;
   p.depth = s.kernel_h * s.kernel_w * p.geo.cout_g;
+  p.groups = s.groups;
   p.grad = static_cast<const T*>(grad);
   p.w = static_cast<const T*>(w);
   p.grad_input = static_cast<T*>(grad_input);
   p.stats = nullptr;
-  launch_gemm<T>(p, vectorizable<T>(p.geo, grad, w), s.groups, 1, p.depth, stream);
+  const bool vectorized = vectorizable<T>(p.geo, grad, w);
+  const index_t phases_h = std::min<index_t>(s.stride_h, s.height), phases_w = std::min<index_t>(s.stride_w, s.width);
+  if (phases_h * phases_w > 0x7fffffff) throw std::invalid_argument("pk::conv: too many stride phases");
+  const int phases = static_cast<int>(phases_h * phases_w);
+  const int phases_per_launch = std::max(1, std::min(phases, 65535 / s.groups));
+  for (p.phase_first = 0; p.phase_first < phases; p.phase_first += phases_per_launch) {
+    const int count = std::min(phases_per_launch, phases - p.phase_first);
+    launch_gemm<T>(p, vectorized, index_t(count) * s.groups, 1, p.depth, stream);
+  }
 }
 
 // Slabs after the first start at multiples of kBlockK; a slab whose range is empty writes zeros.
