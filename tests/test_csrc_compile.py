@@ -2,8 +2,8 @@
 
 nvcc compiles every csrc/cuda/*.cu (every kernel instantiation the extension ships) and the
 emulator's self-test kernels for sm_80/86/89/90 with -Xptxas -v; registers, spills and shared
-memory are read from ptxas. A spill fails, and the tensor-core tile interface must produce mma
-instructions."""
+memory are read from ptxas. A spill fails, the tensor-core tile interface must produce mma
+instructions, and the pipelined conv kernels and pk/async_copy.h must produce cp.async."""
 
 from __future__ import annotations
 
@@ -97,10 +97,14 @@ def test_ensemble_kernels_fit_their_launch_bounds(compiled):
 CONV_THREADS = 128  # conv.cuh's kThreads (its __launch_bounds__)
 
 
+# Per problem: fp32 (16-byte, scalar loads) + per 16-bit type (cp.async pipeline, scalar loads,
+# and for the problems with a prologue the register-staged 16-byte path).
+CONV_KERNELS_PER_ARCH = {"forward": 2 + 2 * 3, "input_grad": 2 + 2 * 2, "weight_grad": 2 + 2 * 3}
+
+
 def test_conv_kernels_fit_their_launch_bounds(compiled):
     kernels = parse_ptxas_verbose(compiled["conv.cu"])
-    # (forward, input grad, weight grad) x 3 dtypes x (16-byte, scalar loads) x 4 archs
-    assert len(kernels) == 3 * 3 * 2 * len(TARGET_ARCHS)
+    assert len(kernels) == sum(CONV_KERNELS_PER_ARCH.values()) * len(TARGET_ARCHS)
     for k in kernels:
         assert k["registers"] * CONV_THREADS <= REGISTERS_PER_SM, k
 
@@ -115,12 +119,34 @@ def _ptx_entries(ptx: str) -> dict:
 
 def test_conv_half_paths_use_tensor_cores(compiled):
     entries = _ptx_entries(compiled["conv.ptx"])
-    assert len(entries) == 18, sorted(entries)
+    assert len(entries) == sum(CONV_KERNELS_PER_ARCH.values()), sorted(entries)
     for name, body in entries.items():
         # mangled element types: __half (6__half), __nv_bfloat16 (13__nv_bfloat16), float (If)
         sixteen_bit = "6__half" in name or "13__nv_bfloat16" in name
         uses_mma = "mma.sync" in body
         assert uses_mma == sixteen_bit, f"{name}: tensor cores {'missing' if sixteen_bit else 'used for fp32'}"
+
+
+def test_conv_pipelined_kernels_use_cp_async(compiled):
+    """gemm_kernel<T, VEC, STAGES, Problem>: the STAGES = 3 instantiations (mangled "Li3E" after
+    the VEC argument) copy with cp.async (zero-filling form, groups, waits); the others don't."""
+    entries = _ptx_entries(compiled["conv.ptx"])
+    pipelined = {name for name in entries if "Li8ELi3E" in name}
+    assert len(pipelined) == 2 * 3, sorted(entries)  # (half, bfloat16) x 3 problems
+    for name, body in entries.items():
+        if name in pipelined:
+            assert "cp.async.cg.shared.global" in body, f"{name}: no cp.async"
+            assert "cp.async.commit_group" in body and "cp.async.wait_group 1" in body, name
+            assert "cp.async.wait_group 0" in body, name
+        else:
+            assert "cp.async" not in body, f"{name}: cp.async outside the pipelined kernels"
+
+
+def test_async_copy_wrapper_emits_cp_async(compiled):
+    entries = _ptx_entries(compiled["ptx"])
+    body = next(b for n, b in entries.items() if "async_pipeline_kernel" in n)
+    for instruction in ("cp.async.cg.shared.global", "cp.async.commit_group", "cp.async.wait_group 0"):
+        assert instruction in body, instruction
 
 
 def test_tile_interface_uses_tensor_cores(compiled):

@@ -35,9 +35,9 @@ def _ids(v):
     return str(v).replace("torch.", "")
 
 
-def _check_conv(backend, name, dtype, layout):
+def _check_conv(backend, name, dtype, layout, case=None):
     device = require_backend(backend, dtype)
-    x, w, b, args = make_case(CASES[name], dtype, device, layout)
+    x, w, b, args = make_case(CASES[name] if case is None else case, dtype, device, layout)
     grad_seed = torch.randn(F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape)
     ours, ours_grads = run_with_grads(lambda *t: pk.grouped_conv2d(*t, **args, backend=backend), (x, w, b),
                               grad_seed)
@@ -66,6 +66,20 @@ def test_simt_grouped_conv2d_matches_fp64(name, dtype, layout):
 @pytest.mark.parametrize("name", list(CASES))
 def test_cuda_grouped_conv2d_matches_fp64(name, dtype, layout):
     _check_conv("cuda", name, dtype, layout)
+
+
+# 16-bit channels_last with 8k channels per group: the cp.async pipeline (forward, input grad,
+# weight grad) over more K slices than it has stages, with tails, padding taps and row tails.
+PIPELINE_CASES = {
+    "pipeline_3x3_grouped": (2, 48, 48, (9, 7), 3, 1, 1, 1, 2),        # depth 216: 7 slices
+    "pipeline_3x3_s2_dilated": (1, 16, 32, (11, 10), 3, 2, 2, 2, 1),   # strided input grad, zero phases
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=_ids)
+@pytest.mark.parametrize("name", list(PIPELINE_CASES))
+def test_simt_pipelined_16bit_conv_matches_fp64(name, dtype):
+    _check_conv("simt", name, dtype, "channels_last", PIPELINE_CASES[name])
 
 
 def test_simt_strided_input():
@@ -295,6 +309,8 @@ SELFTEST_BOUNDS = {
     "float16": dict(forward=2 * 2.0 ** -11, stats=1e-5, input_grad=2 * 2.0 ** -11, weight_grad=1e-5),
     "bfloat16": dict(forward=2 * 2.0 ** -8, stats=1e-5, input_grad=2 * 2.0 ** -8, weight_grad=1e-5),
 }
+for _bounds in SELFTEST_BOUNDS.values():  # without prologue/epilogue: same output precisions
+    _bounds.update(forward_plain=_bounds["forward"], weight_grad_plain=_bounds["weight_grad"])
 
 
 @pytest.fixture(scope="module")

@@ -101,6 +101,10 @@ def check_transpose(out):
     assert int(out["mismatches"]) == 0  # 2-D shared tile, 2-D blocks and grid, partial edge tiles
 
 
+def check_async_pipeline(out):
+    assert int(out["mismatches"]) == 0  # cp.async stages with waits and barriers, zero-fill
+
+
 def check_half_conversions(out):
     assert int(out["mismatches"]) == 0  # every bit pattern round-trips; ties round to even
 
@@ -114,14 +118,14 @@ CHECKS = {"block_sum": check_block_sum, "warp_ops": check_warp_ops, "warp_exchan
           "block_allreduce": check_block_allreduce, "barrier_votes": check_barrier_votes,
           "histogram": check_histogram,
           "tile_mma": check_tile_mma, "transpose": check_transpose,
-          "half_conversions": check_half_conversions,
+          "half_conversions": check_half_conversions, "async_pipeline": check_async_pipeline,
           "ensemble": check_ensemble}
 
 
 @pytest.mark.parametrize("case", sorted(CHECKS))
 def test_emulator_gives_the_reference_answer(selftest, case):
     """Shared-memory reduction with barriers, warp shuffles and votes, block reductions, atomics,
-    tensor-core tiles, a 2-D shared-memory transpose, half/bfloat16 conversions, and the real ensemble kernels (under ASan and
+    tensor-core tiles, a 2-D shared-memory transpose, a cp.async pipeline, half/bfloat16 conversions, and the real ensemble kernels (under ASan and
     UBSan: no report allowed)."""
     CHECKS[case](results(selftest, case))
 
@@ -134,6 +138,12 @@ def test_missing_barrier_gives_a_wrong_answer(selftest):
     assert not float(out["max_rel_error"]) < 1e-3, out
 
 
+def test_missing_async_wait_gives_a_wrong_answer(selftest):
+    # cp.async copies land at a random time up to the wait that covers them: reading a stage
+    # after the barrier but without the wait must not pass (with it: check_async_pipeline).
+    assert int(results(selftest, "missing_async_wait")["mismatches"]) > 0
+
+
 def test_missing_syncwarp_gives_a_wrong_answer(selftest):
     # Lanes of a warp are not in lockstep (nor on a GPU since Volta): reading a neighbour's
     # shared-memory slot without __syncwarp must not pass.
@@ -144,6 +154,7 @@ def test_missing_syncwarp_gives_a_wrong_answer(selftest):
     ("early_exit", "__syncthreads() reached by 63 of 64 threads"),
     ("divergent_warp_op", "different warp ops"),
     ("tile_misaligned", "pk::tile::load(A): pointer not 32-byte aligned"),
+    ("async_not_waited", "cp.async copies it never waited for"),
 ])
 def test_misuse_stops_the_launch_with_a_message(selftest, case, message):
     assert message in results(selftest, case)["fault"]

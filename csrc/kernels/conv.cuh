@@ -9,11 +9,15 @@
 //                depth = (kh, kw, c_out) over that phase's contributing taps only
 //   weight grad  rows = output channels, cols = (kh, kw, c_in), depth = output pixels, the
 //                depth split over grid axis y into fp32 slabs (summed by the caller)
-// A block computes a 64x64 tile: it stages a 64x32 slice of A and a 32x64 slice of B in shared
-// memory (padding taps, tails and out-of-range rows load as zero; 16-byte loads where the
-// channels per group allow; row/column/depth coordinates decoded once into shared memory), then
+// A block computes a 64x64 tile over K slices of 32: a 64x32 slice of A and a 32x64 slice of B
+// are staged in shared memory (padding taps, tails and out-of-range rows as zero; row/column
+// coordinates decoded once and depth coordinates once per slice into shared memory), then
 //   half/bfloat16: 4 warps, each 32x32 of 16x16x16 tensor-core tiles (pk/tile.h), fp32 accumulators;
 //   float:         FMA, each thread 8x4 outputs.
+// Staging: 16-bit operands with channels per group a multiple of 8 and no prologue go through a
+// 3-stage cp.async pipeline (pk/async_copy.h; 16-byte copies into tiles stored the way memory is
+// contiguous, one barrier per slice); a prologue, fp32, or other channel counts stage each slice
+// through registers (16-byte loads where the channels per group allow, scalar otherwise).
 // The accumulators go through shared memory to the epilogue, which writes coalesced along the
 // contiguous dimension (channels, NHWC) and, in the forward, adds bias, reduces the channel
 // statistics of the tile (deterministic: one partial per row tile) and applies the epilogue.
@@ -27,6 +31,7 @@
 #include <type_traits>
 
 #include "conv.h"
+#include "pk/async_copy.h"
 #include "pk/simt.h"
 #include "pk/tile.h"
 #include "pk/types.h"
@@ -40,16 +45,10 @@ using index_t = long long;
 
 constexpr int kThreads = 128;
 constexpr int kBlockM = 64, kBlockN = 64, kBlockK = 32;
-// Row padding of the staged tiles: 16-bit rows stay a multiple of 8 elements (wmma's leading
-// dimension rule), every 16-row fragment stays 32-byte aligned, and rows start on other banks.
-constexpr int kLdA = kBlockK + 8, kLdB = kBlockN + 8, kLdC = kBlockN + 4;
-
-template <typename T>
-constexpr std::size_t staging_bytes() {
-  const std::size_t ab = sizeof(T) * (kBlockM * kLdA + kBlockK * kLdB);
-  const std::size_t c = sizeof(float) * kBlockM * kLdC;
-  return ab > c ? ab : c;  // the accumulator tile reuses the staging buffers after the main loop
-}
+constexpr int kLdC = kBlockN + 4;  // the fp32 accumulator tile's row stride
+// Pipeline depth of the cp.async path: 3 stages of 16-bit A and B tiles take 30 KB, within the
+// 48 KB of static shared memory every launch gets (4 would need opt-in dynamic memory).
+constexpr int kAsyncStages = 3;
 
 PK_DEVICE float activate(float v, int activation) {
   return activation == static_cast<int>(Activation::kRelu) ? fmaxf(v, 0.0f) : v;
@@ -62,7 +61,7 @@ struct PrologueView {
   const float* shift;
   int activation;
 
-  PK_DEVICE bool identity() const { return scale == nullptr && shift == nullptr && activation == 0; }
+  PK_HOST_DEVICE bool identity() const { return scale == nullptr && shift == nullptr && activation == 0; }
   PK_DEVICE T apply(T v, index_t c) const {
     if (identity()) return v;
     float u = to_float(v);
@@ -138,21 +137,32 @@ struct ForwardProblem {
   }
   PK_DEVICE ColInfo col_info(index_t) const { return ColInfo{}; }
 
+  static constexpr bool kPrologue = true;  // may have one
+  PK_HOST_DEVICE bool has_prologue() const { return !prologue.identity(); }
+  PK_DEVICE const T* a_base() const { return x; }
+  PK_DEVICE const T* b_base() const { return w; }
+  // Where A's and B's runs start in memory; nullptr for a padding tap (zeros).
+  PK_DEVICE const T* a_source(int g, const RowInfo& r, const DepthInfo& d) const {
+    const int ih = r.h + d.dh, iw = r.w + d.dw;
+    const bool inside = ih >= 0 && ih < geo.H && iw >= 0 && iw < geo.W;
+    return inside ? x + (r.image + index_t(ih) * geo.W + iw) * geo.C_in + g * geo.cin_g + d.c : nullptr;
+  }
+  PK_DEVICE const T* b_source(int g, index_t k, const DepthInfo&, index_t col, const ColInfo&) const {
+    return w + (g * geo.cout_g + col) * depth + k;
+  }
   // A run of V elements along depth: V channels of one tap (cin_g % V == 0).
   template <int V>
   PK_DEVICE void a(int g, const RowInfo& r, const DepthInfo& d, T (&out)[V]) const {
-    const int ih = r.h + d.dh, iw = r.w + d.dw;
-    const bool inside = ih >= 0 && ih < geo.H && iw >= 0 && iw < geo.W;
-    const index_t c = g * geo.cin_g + d.c;
-    load_run<V>(inside ? x + (r.image + index_t(ih) * geo.W + iw) * geo.C_in + c : nullptr, out);
-    if (inside && !prologue.identity()) {
+    const T* const src = a_source(g, r, d);
+    load_run<V>(src, out);
+    if (src != nullptr && !prologue.identity()) {  // padding stays zero
 #pragma unroll
-      for (int j = 0; j < V; ++j) out[j] = prologue.apply(out[j], c + j);
+      for (int j = 0; j < V; ++j) out[j] = prologue.apply(out[j], g * geo.cin_g + d.c + j);
     }
   }
   template <int V>  // along depth
-  PK_DEVICE void b(int g, index_t k, const DepthInfo&, index_t col, const ColInfo&, T (&out)[V]) const {
-    load_run<V>(w + (g * geo.cout_g + col) * depth + k, out);
+  PK_DEVICE void b(int g, index_t k, const DepthInfo& d, index_t col, const ColInfo& c, T (&out)[V]) const {
+    load_run<V>(b_source(g, k, d, col, c), out);
   }
   PK_DEVICE float pre_epilogue(int g, index_t col, float acc) const {
     return bias != nullptr ? acc + bias[g * geo.cout_g + col] : acc;
@@ -258,6 +268,9 @@ struct InputGradProblem {
   }
   PK_DEVICE ColInfo col_info(index_t) const { return ColInfo{}; }
 
+  static constexpr bool kPrologue = false;
+  PK_DEVICE const T* a_base() const { return grad; }
+  PK_DEVICE const T* b_base() const { return w; }
   PK_DEVICE const T* a_source(int g, const RowInfo& r, const DepthInfo& d) const {
     const int oh = r.h - d.dh, ow = r.w - d.dw;
     if (oh < 0 || ow < 0 || oh >= geo.OH || ow >= geo.OW) return nullptr;
@@ -267,9 +280,12 @@ struct InputGradProblem {
   PK_DEVICE void a(int g, const RowInfo& r, const DepthInfo& d, T (&out)[V]) const {
     load_run<V>(a_source(g, r, d), out);
   }
+  PK_DEVICE const T* b_source(int g, index_t, const DepthInfo& d, index_t col, const ColInfo&) const {
+    return w + ((g * geo.cout_g + d.co) * geo.KH * geo.KW + d.tap) * geo.cin_g + col;
+  }
   template <int V>  // along columns (input channels)
-  PK_DEVICE void b(int g, index_t, const DepthInfo& d, index_t col, const ColInfo&, T (&out)[V]) const {
-    load_run<V>(w + ((g * geo.cout_g + d.co) * geo.KH * geo.KW + d.tap) * geo.cin_g + col, out);
+  PK_DEVICE void b(int g, index_t k, const DepthInfo& d, index_t col, const ColInfo& c, T (&out)[V]) const {
+    load_run<V>(b_source(g, k, d, col, c), out);
   }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
   PK_DEVICE void store(int g, int /*split*/, const RowInfo& r, index_t col, float acc) const {
@@ -313,19 +329,29 @@ struct WeightGradProblem {
                    static_cast<int>(col - index_t(tap) * geo.cin_g)};
   }
 
-  template <int V>  // along rows (output channels)
-  PK_DEVICE void a(int g, const RowInfo& r, const DepthInfo& d, T (&out)[V]) const {
-    load_run<V>(grad + d.p * geo.C_out + g * geo.cout_g + r.co, out);
+  static constexpr bool kPrologue = true;  // may have one
+  PK_HOST_DEVICE bool has_prologue() const { return !prologue.identity(); }
+  PK_DEVICE const T* a_base() const { return grad; }
+  PK_DEVICE const T* b_base() const { return x; }
+  PK_DEVICE const T* a_source(int g, const RowInfo& r, const DepthInfo& d) const {
+    return grad + d.p * geo.C_out + g * geo.cout_g + r.co;
   }
-  template <int V>  // along columns: V input channels of one tap (cin_g % V == 0)
-  PK_DEVICE void b(int g, index_t, const DepthInfo& d, index_t, const ColInfo& c, T (&out)[V]) const {
+  PK_DEVICE const T* b_source(int g, index_t, const DepthInfo& d, index_t, const ColInfo& c) const {
     const int ih = d.h + c.dh, iw = d.w + c.dw;
     const bool inside = ih >= 0 && ih < geo.H && iw >= 0 && iw < geo.W;
-    const index_t ci = g * geo.cin_g + c.c;
-    load_run<V>(inside ? x + (d.image + index_t(ih) * geo.W + iw) * geo.C_in + ci : nullptr, out);
-    if (inside && !prologue.identity()) {
+    return inside ? x + (d.image + index_t(ih) * geo.W + iw) * geo.C_in + g * geo.cin_g + c.c : nullptr;
+  }
+  template <int V>  // along rows (output channels)
+  PK_DEVICE void a(int g, const RowInfo& r, const DepthInfo& d, T (&out)[V]) const {
+    load_run<V>(a_source(g, r, d), out);
+  }
+  template <int V>  // along columns: V input channels of one tap (cin_g % V == 0)
+  PK_DEVICE void b(int g, index_t k, const DepthInfo& d, index_t col, const ColInfo& c, T (&out)[V]) const {
+    const T* const src = b_source(g, k, d, col, c);
+    load_run<V>(src, out);
+    if (src != nullptr && !prologue.identity()) {  // padding stays zero
 #pragma unroll
-      for (int j = 0; j < V; ++j) out[j] = prologue.apply(out[j], ci + j);
+      for (int j = 0; j < V; ++j) out[j] = prologue.apply(out[j], g * geo.cin_g + c.c + j);
     }
   }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
@@ -336,21 +362,72 @@ struct WeightGradProblem {
   }
 };
 
+// A staged operand tile in shared memory: A is kBlockM rows x kBlockK depth, B kBlockK depth x
+// kBlockN columns; `i` is A's row or B's column. 16-bit tiles are stored contiguous along the
+// dimension that is contiguous in memory, so a run of 16 bytes is one copy (cp.async's unit) and
+// wmma reads the tile in the matching layout; fp32 tiles are stored the way the FMA loop reads
+// them without bank conflicts (A row-major, B depth-major). Rows are padded by 8 elements: 16-bit
+// rows stay a multiple of 8 elements (wmma's leading-dimension rule), every 16-row fragment
+// stays 32-byte aligned, and rows start on other banks.
+template <bool kDepthContiguous, int kExtent>
+struct TileLayout {
+  static constexpr bool kAlongDepth = kDepthContiguous;
+  static constexpr int kLd = kDepthContiguous ? kBlockK + 8 : kExtent + 8;
+  static constexpr int kElements = (kDepthContiguous ? kExtent : kBlockK) * kLd;
+  PK_HOST_DEVICE static constexpr int at(int i, int k) { return kDepthContiguous ? i * kLd + k : k * kLd + i; }
+};
+
+template <typename T, typename Problem, int STAGES>
+struct Tiles {
+  static constexpr bool kTensorCores = !std::is_same<T, float>::value;
+  using A = TileLayout<kTensorCores ? Problem::kAAlongDepth : true, kBlockM>;
+  using B = TileLayout<kTensorCores ? Problem::kBAlongDepth : false, kBlockN>;
+  using FragmentA = tile::FragmentA<T, typename std::conditional<A::kAlongDepth, tile::RowMajor, tile::ColMajor>::type>;
+  using FragmentB = tile::FragmentB<T, typename std::conditional<B::kAlongDepth, tile::ColMajor, tile::RowMajor>::type>;
+  static constexpr int kStageElements = A::kElements + B::kElements;
+  static_assert(kStageElements * sizeof(T) % 32 == 0, "every stage's tiles start 32-byte aligned");
+  static constexpr std::size_t kStagingBytes = sizeof(T) * STAGES * kStageElements;
+  static constexpr std::size_t kAccumulatorBytes = sizeof(float) * kBlockM * kLdC;
+  // The accumulator tile reuses the staging buffers after the main loop.
+  static constexpr std::size_t kSharedBytes = kStagingBytes > kAccumulatorBytes ? kStagingBytes : kAccumulatorBytes;
+};
+
+// Run e of an operand tile of extent kExtent (along i) with runs of VEC elements: its first
+// element (i, k). Consecutive runs walk the dimension contiguous in memory (coalesced).
+template <bool kAlongDepth, int kExtent, int VEC>
+PK_DEVICE void run_start(int e, int& i, int& k) {
+  if (kAlongDepth) {
+    i = e / (kBlockK / VEC);
+    k = e % (kBlockK / VEC) * VEC;
+  } else {
+    k = e / (kExtent / VEC);
+    i = e % (kExtent / VEC) * VEC;
+  }
+}
+
 // At least 1 block per SM: with ptxas's own occupancy target the bf16 forward spilled on sm_90.
 // VEC: elements per load along each operand's contiguous dimension (16 bytes, or 1); the
 // launcher picks VEC > 1 only where every run of VEC stays inside one tap and is aligned.
-template <typename T, int VEC, typename Problem>
+// STAGES: 1 stages each K slice through registers (loads, prologue, store to shared memory,
+// compute); > 1 (16-bit, 16-byte runs, no prologue) is a cp.async pipeline that keeps STAGES - 1
+// slices in flight while the tensor cores work on the oldest. The prologue needs the loaded
+// values in registers (and padding taps must stay zero, not become act(shift)), so a problem
+// with a prologue takes the register path instead of a second pass over the shared tile.
+template <typename T, int VEC, int STAGES, typename Problem>
 __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t split_len) {
+  using Config = Tiles<T, Problem, STAGES>;
+  using TileA = typename Config::A;
+  using TileB = typename Config::B;
+  constexpr bool kTensorCores = Config::kTensorCores;
+  static_assert(STAGES == 1 || (kTensorCores && VEC * sizeof(T) == 16), "cp.async moves 16-byte runs");
   const int g = p.bind(blockIdx.z);
   const index_t m0 = index_t(blockIdx.x) * kBlockM;
   if (m0 >= p.rows) return;  // the whole block: a stride phase with fewer rows than the grid has
-  constexpr bool kTensorCores = !std::is_same<T, float>::value;
-  PK_SHARED(unsigned char, shared_raw, staging_bytes<T>() + 32);
+  PK_SHARED(unsigned char, shared_raw, Config::kSharedBytes + 32);
   // wmma wants 32-byte aligned tiles; the portability layer guarantees 16.
   unsigned char* const shared = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<std::uintptr_t>(shared_raw) + 31) & ~std::uintptr_t(31));
-  T* const As = reinterpret_cast<T*>(shared);
-  T* const Bs = As + kBlockM * kLdA;
+  T* const staging = reinterpret_cast<T*>(shared);  // STAGES x (A tile, B tile)
   float* const Cs = reinterpret_cast<float*>(shared);
 
   const int tid = threadIdx.x;
@@ -376,56 +453,32 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
   }
 
+  // Decoded indices: rows and columns once, depth per K slice in two slots (the pipeline decodes
+  // a slice one step before it issues the slice's copies).
   PK_SHARED(typename Problem::RowInfo, row_info, kBlockM);
   PK_SHARED(typename Problem::ColInfo, col_info, kBlockN);
-  PK_SHARED(typename Problem::DepthInfo, depth_info, kBlockK);
+  PK_SHARED(typename Problem::DepthInfo, depth_info, 2 * kBlockK);
   for (int r = tid; r < kBlockM; r += kThreads) row_info[r] = p.row_info(m0 + r);
   for (int c = tid; c < kBlockN; c += kThreads) col_info[c] = p.col_info(n0 + c);
+  const index_t steps = k_end > k_begin ? (k_end - k_begin + kBlockK - 1) / kBlockK : 0;
+  auto decode = [&](index_t step) {
+    if (step >= steps) return;
+    const index_t k0 = k_begin + step * kBlockK;
+    typename Problem::DepthInfo* const slot = depth_info + (step % 2) * kBlockK;
+    for (int kk = tid; kk < kBlockK; kk += kThreads) slot[kk] = p.depth_info(k0 + kk);
+  };
 
-  for (index_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
-    for (int kk = tid; kk < kBlockK; kk += kThreads) depth_info[kk] = p.depth_info(k0 + kk);
-    __syncthreads();  // the decoded indices are written and the previous step's mma is done
-    // Stage runs of VEC elements; consecutive threads walk the dimension contiguous in memory.
-    // A run lies wholly inside or outside the tile's valid range (the extents are multiples of VEC).
-    for (int e = tid; e < kBlockM * kBlockK / VEC; e += kThreads) {
-      constexpr bool kAlong = Problem::kAAlongDepth;
-      const int r = kAlong ? e / (kBlockK / VEC) : e % (kBlockM / VEC) * VEC;
-      const int kk = kAlong ? e % (kBlockK / VEC) * VEC : e / (kBlockM / VEC);
-      T run[VEC];
-      if (m0 + r < p.rows && k0 + kk < k_end) {
-        p.template a<VEC>(g, row_info[r], depth_info[kk], run);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) run[j] = zero;
-      }
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) As[(r + (kAlong ? 0 : j)) * kLdA + kk + (kAlong ? j : 0)] = run[j];
-    }
-    for (int e = tid; e < kBlockK * kBlockN / VEC; e += kThreads) {
-      constexpr bool kAlong = Problem::kBAlongDepth;
-      const int kk = kAlong ? e % (kBlockK / VEC) * VEC : e / (kBlockN / VEC);
-      const int c = kAlong ? e / (kBlockK / VEC) : e % (kBlockN / VEC) * VEC;
-      const index_t k = k0 + kk, n = n0 + c;
-      T run[VEC];
-      if (n < p.cols && k < k_end) {
-        p.template b<VEC>(g, k, depth_info[kk], n, col_info[c], run);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) run[j] = zero;
-      }
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) Bs[(kk + (kAlong ? j : 0)) * kLdB + c + (kAlong ? 0 : j)] = run[j];
-    }
-    __syncthreads();
+  // The tensor-core or FMA work on one staged slice.
+  auto compute = [&](const T* As, const T* Bs) {
     if constexpr (kTensorCores) {
 #pragma unroll
       for (int kk = 0; kk < kBlockK; kk += tile::kK) {
-        tile::FragmentA<T, tile::RowMajor> a[2];
-        tile::FragmentB<T, tile::RowMajor> b[2];
+        typename Config::FragmentA a[2];
+        typename Config::FragmentB b[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) tile::load(a[i], As + (warp_m * 32 + i * 16) * kLdA + kk, kLdA);
+        for (int i = 0; i < 2; ++i) tile::load(a[i], As + TileA::at(warp_m * 32 + i * 16, kk), TileA::kLd);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) tile::load(b[j], Bs + kk * kLdB + warp_n * 32 + j * 16, kLdB);
+        for (int j = 0; j < 2; ++j) tile::load(b[j], Bs + TileB::at(warp_n * 32 + j * 16, kk), TileB::kLd);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -437,19 +490,109 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       for (int kk = 0; kk < kBlockK; ++kk) {
         float a[8], b[4];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) a[i] = to_float(As[(ty + 8 * i) * kLdA + kk]);
+        for (int i = 0; i < 8; ++i) a[i] = to_float(As[TileA::at(ty + 8 * i, kk)]);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = to_float(Bs[kk * kLdB + tx + 16 * j]);
+        for (int j = 0; j < 4; ++j) b[j] = to_float(Bs[TileB::at(tx + 16 * j, kk)]);
 #pragma unroll
         for (int i = 0; i < 8; ++i)
 #pragma unroll
           for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
       }
     }
-    // No barrier here: the next step's first barrier comes before it overwrites the tiles, and
-    // its decoded indices are written after every thread passed this step's second barrier.
+  };
+
+  if constexpr (STAGES == 1) {
+    T* const As = staging;
+    T* const Bs = staging + TileA::kElements;
+    for (index_t step = 0; step < steps; ++step) {
+      const index_t k0 = k_begin + step * kBlockK;
+      const typename Problem::DepthInfo* const slot = depth_info + (step % 2) * kBlockK;
+      decode(step);
+      __syncthreads();  // the decoded indices are written and the previous step's compute is done
+      // A run lies wholly inside or outside the tile's valid range (the extents are multiples of VEC).
+      for (int e = tid; e < kBlockM * kBlockK / VEC; e += kThreads) {
+        constexpr bool kAlong = Problem::kAAlongDepth;
+        int r, kk;
+        run_start<kAlong, kBlockM, VEC>(e, r, kk);
+        T run[VEC];
+        if (m0 + r < p.rows && k0 + kk < k_end) {
+          p.template a<VEC>(g, row_info[r], slot[kk], run);
+        } else {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) run[j] = zero;
+        }
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) As[TileA::at(r + (kAlong ? 0 : j), kk + (kAlong ? j : 0))] = run[j];
+      }
+      for (int e = tid; e < kBlockK * kBlockN / VEC; e += kThreads) {
+        constexpr bool kAlong = Problem::kBAlongDepth;
+        int c, kk;
+        run_start<kAlong, kBlockN, VEC>(e, c, kk);
+        const index_t k = k0 + kk, n = n0 + c;
+        T run[VEC];
+        if (n < p.cols && k < k_end) {
+          p.template b<VEC>(g, k, slot[kk], n, col_info[c], run);
+        } else {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) run[j] = zero;
+        }
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) Bs[TileB::at(c + (kAlong ? 0 : j), kk + (kAlong ? j : 0))] = run[j];
+      }
+      __syncthreads();
+      compute(As, Bs);
+      // No barrier here: the next step's first barrier comes before it overwrites the tiles, and
+      // its decoded indices go to the other slot.
+    }
+  } else {
+    // Copies of slice `step` into stage step % STAGES, from the decoded slot step % 2; out-of-
+    // range runs and padding taps are zero-filled (their source is the operand's base, unread).
+    auto issue = [&](index_t step) {
+      if (step < steps) {
+        const index_t k0 = k_begin + step * kBlockK;
+        const typename Problem::DepthInfo* const slot = depth_info + (step % 2) * kBlockK;
+        T* const As = staging + (step % STAGES) * Config::kStageElements;
+        T* const Bs = As + TileA::kElements;
+        static_assert(kBlockM * kBlockK / VEC % kThreads == 0 && kBlockK * kBlockN / VEC % kThreads == 0,
+                      "every thread issues the same number of copies");
+#pragma unroll
+        for (int t = 0; t < kBlockM * kBlockK / VEC / kThreads; ++t) {
+          int r, kk;
+          run_start<Problem::kAAlongDepth, kBlockM, VEC>(tid + t * kThreads, r, kk);
+          const T* src = m0 + r < p.rows && k0 + kk < k_end ? p.a_source(g, row_info[r], slot[kk]) : nullptr;
+          async_copy_16(As + TileA::at(r, kk), src != nullptr ? src : p.a_base(), src != nullptr);
+        }
+#pragma unroll
+        for (int t = 0; t < kBlockK * kBlockN / VEC / kThreads; ++t) {
+          int c, kk;
+          run_start<Problem::kBAlongDepth, kBlockN, VEC>(tid + t * kThreads, c, kk);
+          const index_t k = k0 + kk, n = n0 + c;
+          const T* src = n < p.cols && k < k_end ? p.b_source(g, k, slot[kk], n, col_info[c]) : nullptr;
+          async_copy_16(Bs + TileB::at(c, kk), src != nullptr ? src : p.b_base(), src != nullptr);
+        }
+      }
+      async_commit();  // one group per step, empty past the end: the wait below counts steps
+    };
+    // Prologue: slices 0 .. STAGES-2 in flight, slice STAGES-1 decoded.
+    for (int s = 0; s < STAGES - 1; ++s) {
+      decode(s);
+      __syncthreads();  // slice s decoded; slice s - 2 (same slot) issued by every thread
+      issue(s);
+    }
+    decode(STAGES - 1);
+    for (index_t step = 0; step < steps; ++step) {
+      async_wait<STAGES - 2>();  // this thread's copies of slice `step` have landed
+      // Every thread's copies of slice `step` landed, every thread is done computing step - 1
+      // (whose stage the next issue overwrites), and slice step + STAGES - 1 is decoded.
+      __syncthreads();
+      issue(step + STAGES - 1);
+      decode(step + STAGES);  // its slot was last read by the issue of step + STAGES - 2, above the barrier
+      const T* const As = staging + (step % STAGES) * Config::kStageElements;
+      compute(As, As + TileA::kElements);
+    }
+    async_wait<0>();  // only empty groups are left; the accumulators overwrite the stages next
   }
-  __syncthreads();  // every mma is done before the accumulators overwrite the staging tiles
+  __syncthreads();  // every compute is done before the accumulators overwrite the staging tiles
 
   // The accumulators go to shared memory, over the staging tiles.
   if constexpr (kTensorCores) {
@@ -541,10 +684,19 @@ void launch_gemm(const Problem& p, bool vectorized, index_t grid_z, index_t spli
     throw std::invalid_argument("pk::conv: the problem exceeds the launch grid");
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n * splits),
                   static_cast<unsigned>(grid_z));
-  if (vectorized) {
-    launch(gemm_kernel<T, kVec16<T>, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
+  constexpr int kVec = kVec16<T>;
+  if (!vectorized) {
+    launch(gemm_kernel<T, 1, 1, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
+  } else if constexpr (std::is_same<T, float>::value) {  // FMA: register-staged
+    launch(gemm_kernel<T, kVec, 1, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
   } else {
-    launch(gemm_kernel<T, 1, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
+    if constexpr (Problem::kPrologue) {
+      if (p.has_prologue()) {  // applied in registers: the register-staged path
+        launch(gemm_kernel<T, kVec, 1, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
+        return;
+      }
+    }
+    launch(gemm_kernel<T, kVec, kAsyncStages, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
   }
 }
 

@@ -65,6 +65,14 @@ struct StackPool {
   }
 };
 
+// A cp.async copy not landed yet: its data (read at issue) and the group it belongs to.
+struct PendingCopy {
+  void* dst;
+  std::size_t bytes;
+  unsigned char data[16];
+  std::uint64_t group;  // 0 until committed
+};
+
 struct Fiber {
   ucontext_t context;
   ThreadCoords coords;
@@ -79,6 +87,10 @@ struct Fiber {
   unsigned int ballot = 0;
   unsigned char in[kMaxExchangeBytes];
   unsigned char out[kMaxExchangeBytes];
+  std::vector<PendingCopy> pending;  // cp.async copies issued and not landed
+  std::uint64_t groups_committed = 0;
+  std::uint64_t newest_copy_group = 0;  // the group of the last copy issued (landed or not)
+  std::uint64_t waited_through = 0;     // every group up to this one was waited for
 };
 
 struct Warp {
@@ -108,6 +120,7 @@ struct Launch {
   Fiber* current = nullptr;
   std::string fault;
   int barrier_count = 0;  // true predicates at the last released barrier
+  std::mt19937_64 copy_rng;  // when cp.async copies land
   void* scheduler_fake_stack = nullptr;
   const void* scheduler_stack_bottom = nullptr;
   std::size_t scheduler_stack_size = 0;
@@ -173,6 +186,8 @@ void record_fault(Launch& l, const std::string& message) {
   std::abort();  // the scheduler never resumes a faulted fiber
 }
 
+std::string block_name(const Fiber& f);
+
 void fiber_entry() {
   Launch& l = *t_launch;
   Fiber& f = *l.current;
@@ -180,6 +195,11 @@ void fiber_entry() {
   __sanitizer_finish_switch_fiber(nullptr, &l.scheduler_stack_bottom, &l.scheduler_stack_size);
 #endif
   l.body(l.arg);
+  if (f.newest_copy_group > f.waited_through) {
+    record_fault(l, block_name(f) + ": exits with cp.async copies it never waited for "
+                                    "(pk::async_wait<0>() missing)");
+    f.pending.clear();
+  }
   f.state = State::kDone;
   yield(l, f, /*forever=*/true);
   std::abort();
@@ -241,6 +261,10 @@ void run_block(Launch& l, uint3 block_idx, uint3 block_dim, uint3 grid_dim) {
     f.state = State::kRunnable;
     f.stack = &t_stacks.stacks[i];
     f.fake_stack = nullptr;
+    f.pending.clear();
+    f.groups_committed = 0;
+    f.newest_copy_group = 0;
+    f.waited_through = 0;
     f.coords.thread_idx = {i % block_dim.x, (i / block_dim.x) % block_dim.y, i / (block_dim.x * block_dim.y)};
     f.coords.block_idx = block_idx;
     f.coords.block_dim = block_dim;
@@ -262,6 +286,7 @@ void run_block(Launch& l, uint3 block_idx, uint3 block_dim, uint3 grid_dim) {
   const std::uint64_t linear_block =
       block_idx.x + std::uint64_t(grid_dim.x) * (block_idx.y + std::uint64_t(grid_dim.y) * block_idx.z);
   std::mt19937_64 rng(t_seed ^ (linear_block * 0x9E3779B97F4A7C15ULL));
+  l.copy_rng.seed(t_seed ^ (linear_block * 0xC2B2AE3D27D4EB4FULL) ^ t_launch_count);
   // Neighbouring blocks and successive launches start the order cycle at different points, so a
   // kernel with a single barrier still meets every order.
   std::uint64_t phase = linear_block + t_launch_count;
@@ -429,6 +454,52 @@ void* dynamic_shared_storage() {
     abandon(l, *l.current);
   }
   return l.dynamic_shared;
+}
+
+void async_copy(void* dst, const void* src, std::size_t bytes) {
+  Launch& l = current_launch("pk::async_copy");
+  Fiber& f = *l.current;
+  PendingCopy c{dst, bytes, {}, 0};
+  if (bytes > sizeof c.data) {
+    record_fault(l, block_name(f) + ": an async copy of more than 16 bytes");
+    abandon(l, f);
+  }
+  if (src) {
+    std::memcpy(c.data, src, bytes);
+  } else {
+    std::memset(c.data, 0, bytes);
+  }
+  f.newest_copy_group = f.groups_committed + 1;
+  if (l.copy_rng() & 1) {
+    std::memcpy(dst, c.data, bytes);  // landed at once
+  } else {
+    f.pending.push_back(c);
+  }
+}
+
+void async_commit() {
+  Launch& l = current_launch("pk::async_commit");
+  Fiber& f = *l.current;
+  ++f.groups_committed;
+  for (PendingCopy& c : f.pending)
+    if (c.group == 0) c.group = f.groups_committed;
+}
+
+void async_wait(int pending_groups) {
+  Launch& l = current_launch("pk::async_wait");
+  Fiber& f = *l.current;
+  const std::uint64_t newest_landed =
+      f.groups_committed > std::uint64_t(pending_groups) ? f.groups_committed - pending_groups : 0;
+  f.waited_through = std::max(f.waited_through, newest_landed);
+  std::vector<PendingCopy> still;
+  for (const PendingCopy& c : f.pending) {
+    if (c.group != 0 && c.group <= newest_landed) {
+      std::memcpy(c.dst, c.data, c.bytes);
+    } else {
+      still.push_back(c);
+    }
+  }
+  f.pending.swap(still);
 }
 
 void report_fault(const char* message) {

@@ -7,7 +7,9 @@
 // Usage: conv_selftest <float32|float16|bfloat16> <odd|aligned>; prints key=value lines:
 //   vectorized = whether the launchers took the 16-byte path ("aligned": channels per group a
 //   multiple of 8, "odd": 3 per group, the scalar path);
-//   forward, stats, input_grad, weight_grad = relative L2 error vs the reference.
+//   forward, stats, input_grad, weight_grad = relative L2 error vs the reference;
+//   forward_plain, weight_grad_plain: the same without prologue and epilogue (with 16-bit types
+//   and the 16-byte path: the cp.async pipeline, as input_grad always is).
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -97,6 +99,8 @@ int run(bool aligned) {
   }
   std::vector<double> ref_y(y_size, 0.0), ref_out(y_size), ref_stats(2 * s.out_channels, 0.0);
   std::vector<double> ref_gx(x_size, 0.0), ref_gw(w_size, 0.0);
+  // Without prologue and epilogue (the 16-bit, 16-byte path then runs the cp.async pipeline).
+  std::vector<double> ref_plain_y(y_size, 0.0), ref_plain_gw(w_size, 0.0);
   for (long n = 0; n < s.batch; ++n)
     for (long oh = 0; oh < s.out_height; ++oh)
       for (long ow = 0; ow < s.out_width; ++ow)
@@ -113,6 +117,8 @@ int run(bool aligned) {
                 ref_y[yi] += x_hat[xi] * value(w[wi]);
                 ref_gx[xi] += value(grad[yi]) * value(w[wi]);
                 ref_gw[wi] += value(grad[yi]) * x_hat[xi];
+                ref_plain_y[yi] += value(x[xi]) * value(w[wi]);
+                ref_plain_gw[wi] += value(grad[yi]) * value(x[xi]);
               }
             }
           const double y = ref_y[yi] + value(bias[co]);
@@ -146,12 +152,24 @@ int run(bool aligned) {
   for (int k = 0; k < splits; ++k)
     for (long i = 0; i < w_size; ++i) our_gw[i] += partials[k * w_size + i];
 
+  const pk::conv::Prologue no_pro{nullptr, nullptr, pk::conv::Activation::kNone};
+  const pk::conv::Epilogue no_epi{nullptr, nullptr, nullptr, nullptr, pk::conv::Activation::kNone};
+  std::vector<T> plain_y(y_size, pk::from_float<T>(NAN));
+  pk::conv::forward(dtype, s, x.data(), w.data(), no_pro, no_epi, plain_y.data(), nullptr, nullptr);
+  std::vector<float> plain_partials(splits * w_size, NAN);
+  pk::conv::weight_grad(dtype, s, grad.data(), x.data(), no_pro, plain_partials.data(), splits, nullptr);
+  std::vector<double> our_plain_gw(w_size, 0.0);
+  for (int k = 0; k < splits; ++k)
+    for (long i = 0; i < w_size; ++i) our_plain_gw[i] += plain_partials[k * w_size + i];
+
   std::printf("vectorized=%d\n", int(pk::conv::detail::vectorizable<T>(pk::conv::detail::geometry(s),
                                                                       x.data(), w.data())));
   std::printf("forward=%.3e\n", relative_error(as_double(y), ref_out));
   std::printf("stats=%.3e\n", relative_error(our_stats, ref_stats));
   std::printf("input_grad=%.3e\n", relative_error(as_double(gx), ref_gx));
   std::printf("weight_grad=%.3e\n", relative_error(our_gw, ref_gw));
+  std::printf("forward_plain=%.3e\n", relative_error(as_double(plain_y), ref_plain_y));
+  std::printf("weight_grad_plain=%.3e\n", relative_error(our_plain_gw, ref_plain_gw));
   return 0;
 }
 

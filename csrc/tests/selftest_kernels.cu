@@ -22,4 +22,7 @@ void* const selftest_kernels[] = {
     reinterpret_cast<void*>(selftest::oob_global_write_kernel),
     reinterpret_cast<void*>(selftest::early_exit_kernel),
     reinterpret_cast<void*>(selftest::divergent_warp_op_kernel),
+    reinterpret_cast<void*>(selftest::async_pipeline_kernel<true>),
+    reinterpret_cast<void*>(selftest::async_pipeline_kernel<false>),
+    reinterpret_cast<void*>(selftest::async_not_waited_kernel),
 };

@@ -4,6 +4,7 @@
 // emulator and the sanitizers must catch them.
 #pragma once
 
+#include "pk/async_copy.h"
 #include "pk/reduce.h"
 #include "pk/simt.h"
 #include "pk/tile.h"
@@ -140,6 +141,38 @@ __global__ void oob_shared_write_kernel(float* out) {
 __global__ void oob_global_write_kernel(float* out, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i <= n) out[i] = 1.0f;  // off by one
+}
+
+// A two-stage cp.async pipeline (pk/async_copy.h): step s copies 16 bytes per thread into stage
+// s % 2 (every third step zero-filled instead) while the block reads the previous step's stage,
+// each thread its neighbour's chunk. kWait=false drops the wait before the barrier: the emulator
+// lands some copies only at a later wait, so the reads see poisoned or stale data.
+constexpr int kCopyThreads = 32;
+template <bool kWait>
+__global__ void async_pipeline_kernel(const float* x, float* out, int steps) {
+  PK_SHARED(float, stages, 2 * kCopyThreads * 4);
+  const int t = threadIdx.x;
+  const float* const src = x + blockIdx.x * steps * kCopyThreads * 4;
+  auto issue = [&](int s) {
+    if (s < steps) pk::async_copy_16(stages + (s % 2) * kCopyThreads * 4 + t * 4, src + (s * kCopyThreads + t) * 4, s % 3 != 2);
+    pk::async_commit();
+  };
+  issue(0);
+  for (int s = 0; s < steps; ++s) {
+    if (kWait) pk::async_wait<0>();
+    __syncthreads();  // step s landed for every thread; every read of step s - 1 is done
+    issue(s + 1);     // into the stage step s - 1 used
+    const float* const chunk = stages + (s % 2) * kCopyThreads * 4 + (t + 1) % kCopyThreads * 4;
+    for (int j = 0; j < 4; ++j) out[((blockIdx.x * steps + s) * kCopyThreads + t) * 4 + j] = chunk[j];
+  }
+  pk::async_wait<0>();
+}
+// Issues a copy and exits without waiting for it (the emulator reports it).
+__global__ void async_not_waited_kernel(const float* x, float* out) {
+  PK_SHARED(float, chunk, 4);
+  if (threadIdx.x == 0) pk::async_copy_16(chunk, x, true);
+  pk::async_commit();
+  out[threadIdx.x] = 1.0f;
 }
 
 // Barrier misuse a GPU would hang on or leave undefined.

@@ -323,6 +323,40 @@ void case_oob_global() {
   std::printf("fault=none\n");
 }
 
+// Mismatches of the two-stage cp.async pipeline kernel (zero-filled every third step).
+int async_pipeline_mismatches(bool wait) {
+  const int blocks = 3, steps = 7, n = blocks * steps * selftest::kCopyThreads * 4;
+  Array<float> x(random_floats(n)), out(n, NAN);
+  if (wait)
+    pk::launch(selftest::async_pipeline_kernel<true>, dim3(blocks), dim3(selftest::kCopyThreads), 0, nullptr,
+               static_cast<const float*>(x.data), out.data, steps);
+  else
+    pk::launch(selftest::async_pipeline_kernel<false>, dim3(blocks), dim3(selftest::kCopyThreads), 0, nullptr,
+               static_cast<const float*>(x.data), out.data, steps);
+  finish();
+  int mismatches = 0;
+  for (int b = 0; b < blocks; ++b)
+    for (int s = 0; s < steps; ++s)
+      for (int t = 0; t < selftest::kCopyThreads; ++t)
+        for (int j = 0; j < 4; ++j) {
+          const int source = ((b * steps + s) * selftest::kCopyThreads + (t + 1) % selftest::kCopyThreads) * 4 + j;
+          const float expected = s % 3 == 2 ? 0.0f : x[source];
+          mismatches += out[((b * steps + s) * selftest::kCopyThreads + t) * 4 + j] != expected;
+        }
+  return mismatches;
+}
+
+void case_async_pipeline() { std::printf("mismatches=%d\n", async_pipeline_mismatches(true)); }
+
+void case_missing_async_wait() { std::printf("mismatches=%d\n", async_pipeline_mismatches(false)); }
+
+void case_async_not_waited() {
+  Array<float> x(4, 1.0f), out(32);
+  expect_fault([&] {
+    pk::launch(selftest::async_not_waited_kernel, dim3(1), dim3(32), 0, nullptr, static_cast<const float*>(x.data), out.data);
+  });
+}
+
 void case_early_exit() {
   Array<float> out(64);
   expect_fault([&] { pk::launch(selftest::early_exit_kernel, dim3(1), dim3(64), 0, nullptr, out.data); });
@@ -439,6 +473,9 @@ int main(int argc, char** argv) {
       {"oob_shared", case_oob_shared},
       {"oob_global", case_oob_global},
       {"early_exit", case_early_exit},
+      {"async_pipeline", case_async_pipeline},
+      {"missing_async_wait", case_missing_async_wait},
+      {"async_not_waited", case_async_not_waited},
       {"divergent_warp_op", case_divergent_warp_op},
       {"half_conversions", case_half_conversions},
       {"ensemble", case_ensemble},
@@ -451,7 +488,8 @@ int main(int argc, char** argv) {
   }
   const std::string name = argv[1];
   const bool emulator_only = name == "missing_barrier" || name == "missing_syncwarp" || name == "tile_misaligned" || name == "oob_shared" ||
-                             name == "oob_global" || name == "early_exit" || name == "divergent_warp_op";
+                             name == "oob_global" || name == "early_exit" || name == "divergent_warp_op" ||
+                             name == "missing_async_wait" || name == "async_not_waited";
   if (kOnGpu && emulator_only) {
     std::printf("skipped=emulator only\n");
     return 0;

@@ -12,7 +12,8 @@
 //  - device helpers are PK_DEVICE (host+device ones PK_HOST_DEVICE);
 //  - half/bfloat16 are pk::half / pk::bfloat16 (pk/types.h); do math in float through
 //    pk::to_float / pk::from_float<T>;
-//  - tensor-core tiles go through pk/tile.h.
+//  - tensor-core tiles go through pk/tile.h, asynchronous global -> shared copies through
+//    pk/async_copy.h.
 #pragma once
 
 #include <cstddef>

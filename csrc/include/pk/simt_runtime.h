@@ -63,6 +63,14 @@ void* dynamic_shared_storage();
 // skips the faulty access, and the launch stops and throws when this thread next yields or ends.
 void report_fault(const char* message);
 
+// cp.async (pk/async_copy.h): the calling thread's copy of `bytes` (<= 16) from src (nullptr:
+// zeros) to dst. The source is read now; the destination is written either now or at the
+// async_wait that covers the copy, at random (seeded like the resume orders). async_commit
+// closes a group; async_wait(n) lands every copy of the groups older than the n newest.
+void async_copy(void* dst, const void* src, std::size_t bytes);
+void async_commit();
+void async_wait(int pending_groups);
+
 // Settings for tests: the seed of the shuffled resume orders.
 void set_seed(std::uint64_t seed);
 
