@@ -345,12 +345,33 @@ float* bn_vector_out(const char* op, const char* name, const std::optional<at::T
   return t->mutable_data_ptr<float>();
 }
 
+// The fp32 scratch the kernels need for x (call it with x's device current: DeviceScope).
+int64_t bn_workspace_floats(const char* op, const at::Tensor& x, const pk::batch_norm::Layout& l) {
+  return pk::batch_norm::workspace_floats(scalar_type(op, x), l);
+}
+
+float* bn_workspace(const char* op, const std::optional<at::Tensor>& t, const at::Tensor& x,
+                    const pk::batch_norm::Layout& l) {
+  TORCH_CHECK(t.has_value(), op, ": training needs the workspace (batch_norm_workspace_floats)");
+  check_fp32_buffer(op, "workspace", *t, x, {bn_workspace_floats(op, x, l)});
+  return t->mutable_data_ptr<float>();
+}
+
+// fp32 elements of the workspace that batch_norm_forward (training) and _backward take for x.
+int64_t batch_norm_workspace_floats(const at::Tensor& x) {
+  const char* op = "batch_norm_workspace_floats";
+  bool channels_last = false;
+  const pk::batch_norm::Layout l = bn_layout(op, x, channels_last);
+  DeviceScope scope(x);
+  return bn_workspace_floats(op, x, l);
+}
+
 void batch_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                         const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                         bool training, double eps, bool relu, at::Tensor& out,
                         const std::optional<at::Tensor>& batch_mean, const std::optional<at::Tensor>& batch_var,
-                        const std::optional<at::Tensor>& batch_invstd) {
+                        const std::optional<at::Tensor>& batch_invstd, const std::optional<at::Tensor>& workspace) {
   const char* op = "batch_norm_forward";
   scalar_type(op, x);
   bool channels_last = false;
@@ -366,16 +387,18 @@ void batch_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& re
   TORCH_CHECK(!training || (bm && bv && bi), op, ": training needs the batch statistics buffers");
   TORCH_CHECK(!training || l.rows * l.spatial > 1, op, ": expected more than 1 value per channel when training");
   DeviceScope scope(x);
+  float* ws = training ? bn_workspace(op, workspace, x, l) : nullptr;
   pk::batch_norm::forward(scalar_type(op, x), l, x.const_data_ptr(), res, rm, rv,
                           optional_vector(op, "weight", weight, x, l.channels),
                           optional_vector(op, "bias", bias, x, l.channels), training, static_cast<float>(eps),
-                          relu, out.mutable_data_ptr(), bm, bv, bi, scope.stream());
+                          relu, out.mutable_data_ptr(), bm, bv, bi, ws, scope.stream());
 }
 
 void batch_norm_backward(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& output,
                          const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
                          bool training, bool relu, at::Tensor& grad_input, at::Tensor& grad_weight,
-                         at::Tensor& grad_bias, const std::optional<at::Tensor>& grad_residual) {
+                         at::Tensor& grad_bias, const std::optional<at::Tensor>& grad_residual,
+                         const std::optional<at::Tensor>& workspace) {
   const char* op = "batch_norm_backward";
   scalar_type(op, x);
   bool channels_last = false;
@@ -388,12 +411,14 @@ void batch_norm_backward(const at::Tensor& grad, const at::Tensor& x, const std:
   check_fp32_buffer(op, "mean", mean, x, {l.channels});
   check_fp32_buffer(op, "invstd", invstd, x, {l.channels});
   DeviceScope scope(x);
+  float* ws = bn_workspace(op, workspace, x, l);
   pk::batch_norm::backward(scalar_type(op, x), l, g, x.const_data_ptr(), y, mean.const_data_ptr<float>(),
                            invstd.const_data_ptr<float>(), optional_vector(op, "weight", weight, x, l.channels),
                            training, relu, grad_input.mutable_data_ptr(),
                            bn_vector_out(op, "grad_weight", grad_weight, x, l.channels),
                            bn_vector_out(op, "grad_bias", grad_bias, x, l.channels),
-                           grad_residual.has_value() ? grad_residual->mutable_data_ptr() : nullptr, scope.stream());
+                           grad_residual.has_value() ? grad_residual->mutable_data_ptr() : nullptr, ws,
+                           scope.stream());
 }
 
 }  // namespace
@@ -429,8 +454,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = relu?(batch_norm(x) + residual); batch statistics written in training",
         py::arg("x"), py::arg("residual"), py::arg("running_mean"), py::arg("running_var"), py::arg("weight"),
         py::arg("bias"), py::arg("training"), py::arg("eps"), py::arg("relu"), py::arg("out"),
-        py::arg("batch_mean"), py::arg("batch_var"), py::arg("batch_invstd"));
+        py::arg("batch_mean"), py::arg("batch_var"), py::arg("batch_invstd"), py::arg("workspace"));
+  m.def("batch_norm_workspace_floats", &batch_norm_workspace_floats,
+        "fp32 elements of the scratch batch_norm_forward (training) and batch_norm_backward take for x",
+        py::arg("x"));
   m.def("batch_norm_backward", &batch_norm_backward, py::arg("grad"), py::arg("x"), py::arg("output"),
         py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("training"), py::arg("relu"),
-        py::arg("grad_input"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("grad_residual"));
+        py::arg("grad_input"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("grad_residual"),
+        py::arg("workspace"));
 }

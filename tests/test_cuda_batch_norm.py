@@ -50,7 +50,25 @@ def test_forward_backward_against_float64(backend, dtype, layout, training, affi
     if training and shape[0] * torch.Size(shape[2:]).numel() == 1:
         pytest.skip("one value per channel: training raises (tested below)")
     device = require_backend(backend, dtype)
-    x = _randn(shape, dtype, device, 0.5, 2.0).contiguous(memory_format=memory_format).requires_grad_(True)
+    _check_against_float64(backend, dtype, device, shape, memory_format, training, affine, residual, relu)
+
+
+def _misaligned(t):
+    """t's values in t's layout, starting one element past an aligned address (no 16-byte chunks)."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buffer[1:].as_strided(t.shape, t.stride())
+    view.copy_(t)
+    return view
+
+
+def _check_against_float64(backend, dtype, device, shape, memory_format, training, affine, residual, relu,
+                           misaligned=False):
+    """pk.batch_norm forward (+ running statistics) and backward against torch in float64."""
+    x = _randn(shape, dtype, device, 0.5, 2.0).contiguous(memory_format=memory_format)
+    if misaligned:
+        x = _misaligned(x)
+        assert x.data_ptr() % 16 != 0 and x.is_contiguous(memory_format=memory_format)
+    x.requires_grad_(True)
     c = shape[1]
     w = (torch.rand(c, dtype=torch.float64) + 0.5).to(dtype).to(device).requires_grad_(True) if affine else None
     b = _randn(c, dtype, device).requires_grad_(True) if affine else None
@@ -106,19 +124,102 @@ def test_kernels_reject_bad_buffers():
     ext = _backend.extension("_simt")
     x = torch.randn(4, 3, 2, 2)
     stats = [torch.empty(3) for _ in range(3)]
+    workspace = torch.empty(ext.batch_norm_workspace_floats(x))
     with pytest.raises(RuntimeError, match="out must be in the input's memory format"):
         ext.batch_norm_forward(x, None, None, None, None, None, True, 1e-5, False,
-                               torch.empty_like(x, memory_format=torch.channels_last), *stats)
+                               torch.empty_like(x, memory_format=torch.channels_last), *stats, workspace)
     with pytest.raises(RuntimeError, match="float32"):
         ext.batch_norm_forward(x, None, None, None, torch.ones(3, dtype=torch.float16), None, True, 1e-5, False,
-                               torch.empty_like(x), *stats)
+                               torch.empty_like(x), *stats, workspace)
     with pytest.raises(RuntimeError, match="more than 1 value"):
         x1 = torch.randn(1, 3)
-        ext.batch_norm_forward(x1, None, None, None, None, None, True, 1e-5, False, torch.empty_like(x1), *stats)
+        ext.batch_norm_forward(x1, None, None, None, None, None, True, 1e-5, False, torch.empty_like(x1), *stats,
+                               workspace)
     with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
         x64 = x.double()
-        ext.batch_norm_forward(x64, None, None, None, None, None, True, 1e-5, False, torch.empty_like(x64), *stats)
+        ext.batch_norm_forward(x64, None, None, None, None, None, True, 1e-5, False, torch.empty_like(x64), *stats,
+                               workspace)
+    with pytest.raises(RuntimeError, match="workspace"):
+        ext.batch_norm_forward(x, None, None, None, None, None, True, 1e-5, False, torch.empty_like(x), *stats,
+                               torch.empty(1))
+    with pytest.raises(RuntimeError, match="workspace"):
+        ext.batch_norm_backward(x, x, None, stats[0], stats[1], None, True, False, torch.empty_like(x),
+                                stats[0].clone(), stats[1].clone(), None, None)
 
 
 def test_simt_and_cuda_listed_as_implemented():
     assert {"cuda", "simt"} <= set(bn_ops.IMPLEMENTED)
+
+
+# Shapes whose reduction spans several splits and channel blocks with partial tails (the simt
+# build plans for 2 SMs: 8 reduction CTAs): (shape, memory format, dtype) -> the path it takes.
+TILED = {
+    # channels_last, 16-byte chunks: 2 channel blocks of 64 (the last holds 8), 3 splits of 60 rows
+    "cl_vec_fp16": ((2, 72, 9, 10), torch.channels_last, torch.bfloat16),
+    # channels_last, odd C (scalar): 2 channel blocks of 32 (the last holds 5), 4 splits of 27 rows
+    "cl_odd_c_fp32": ((3, 37, 5, 7), torch.channels_last, torch.float32),
+    # (N, C) with C not a multiple of the vector: scalar, 3 channel blocks, 3 splits
+    "2d_scalar_fp16": ((50, 70), torch.contiguous_format, torch.float16),
+    # NCHW, 16-byte chunks: 576 chunks per channel in 2 splits of 288
+    "nchw_vec_fp32": ((3, 3, 32, 24), torch.contiguous_format, torch.float32),
+    # NCHW, odd H*W (scalar): 1155 values per channel in 3 splits of 385
+    "nchw_odd_s_fp16": ((5, 2, 11, 21), torch.contiguous_format, torch.float16),
+    # (N, C, L), fp16 16-byte chunks: 2 splits
+    "ncl_vec_fp16": ((6, 2, 776), torch.contiguous_format, torch.float16),
+}
+
+
+@pytest.mark.parametrize("case", list(TILED))
+@pytest.mark.parametrize("training", [True, False])
+def test_split_and_channel_block_tails(case, training):
+    shape, memory_format, dtype = TILED[case]
+    device = require_backend("simt", dtype)
+    _check_against_float64("simt", dtype, device, shape, memory_format, training, True, True, True)
+
+
+@pytest.mark.parametrize("shape, memory_format", [((4, 64, 3, 5), torch.channels_last),
+                                                  ((3, 2, 16, 33), torch.contiguous_format)])
+def test_misaligned_input_takes_the_scalar_path(shape, memory_format):
+    """C (or H*W) allows 16-byte chunks but x starts 2 bytes past an aligned address."""
+    device = require_backend("simt", torch.float16)
+    _check_against_float64("simt", torch.float16, device, shape, memory_format, True, True, True, True,
+                           misaligned=True)
+
+
+@pytest.mark.parametrize("shape, memory_format", [((2, 40, 9, 10), torch.channels_last),
+                                                  ((3, 3, 32, 24), torch.contiguous_format)])
+def test_results_are_bitwise_deterministic(shape, memory_format):
+    """Two runs (different simt resume orders) give the same bits: every merge has a fixed order."""
+    device = require_backend("simt")
+    x = _randn(shape, torch.float32, device, 3.0, 2.0).contiguous(memory_format=memory_format)
+    c = shape[1]
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    r = _randn(shape, torch.float32, device).contiguous(memory_format=memory_format)
+    grad = _randn(shape, torch.float32, device).contiguous(memory_format=memory_format)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, b, r)]
+        rm, rv = torch.zeros(c), torch.ones(c)
+        out = pk.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], True, residual=leaves[3],
+                            activation="relu", backend="simt")
+        runs.append([out, rm, rv, *torch.autograd.grad(out, leaves, grad)])
+    for name, first, second in zip(["out", "running_mean", "running_var", "dx", "dw", "db", "dr"], *runs):
+        assert torch.equal(first, second), name
+
+
+@pytest.mark.parametrize("shape, memory_format", [((2, 40, 9, 10), torch.channels_last),
+                                                  ((3, 3, 32, 24), torch.contiguous_format)])
+@pytest.mark.parametrize("offset", [1e4, -3e5])
+def test_split_statistics_stable_for_large_means(shape, memory_format, offset):
+    """|mean| >> std over several splits: the partials are merged by Chan's formula, never by
+    sums of squares (which lose every digit of the variance here)."""
+    device = require_backend("simt")
+    x = (torch.randn(shape, dtype=torch.float64) + offset).float().contiguous(memory_format=memory_format)
+    c = shape[1]
+    rm, rv = torch.zeros(c), torch.ones(c)
+    pk.batch_norm(x.to(device), rm, rv, training=True, momentum=1.0, backend="simt")
+    dims = [d for d in range(x.dim()) if d != 1]
+    var64 = x.double().var(dims)
+    # 1e-6: a few float32 roundings of the centred sums, as test_batch_norm's single-split case
+    assert ((rv.double() - var64).abs() / var64).max() < 1e-6
+    assert ((rm.double() - x.double().mean(dims)).abs()).max() < 4e-7 * abs(offset)

@@ -21,21 +21,27 @@ struct Layout {
   std::int64_t rows, channels, spatial, stride_row, stride_c;
 };
 
+// fp32 elements of the scratch buffer that forward (training) and backward need for their
+// per-split partial statistics, on the current device (it depends on the number of SMs).
+std::int64_t workspace_floats(ScalarType dtype, const Layout& layout);
+
 // out = relu?((x - mean) * invstd * weight + bias + residual). Training: mean/invstd from the
 // batch, and batch_mean, batch_var (unbiased) and batch_invstd are written; eval: from
-// running_mean/running_var.
+// running_mean/running_var. `workspace` holds workspace_floats() fp32 (training only).
 void forward(ScalarType dtype, const Layout& layout, const void* x, const void* residual,
              const float* running_mean, const float* running_var, const float* weight,
              const float* bias, bool training, float eps, bool relu, void* out, float* batch_mean,
-             float* batch_var, float* batch_invstd, Stream stream);
+             float* batch_var, float* batch_invstd, float* workspace, Stream stream);
 
 // With g = grad masked by output > 0 (relu) and x_hat = (x - mean) * invstd:
 //   grad_weight = sum g x_hat, grad_bias = sum g, grad_residual = g (when non-null),
 //   grad_input = weight invstd (g - [training] (sum g + x_hat sum g x_hat) / count).
+// grad_weight and grad_bias are required (the elementwise pass reads the sums from them);
+// `workspace` holds workspace_floats() fp32.
 void backward(ScalarType dtype, const Layout& layout, const void* grad, const void* x,
               const void* output, const float* mean, const float* invstd, const float* weight,
               bool training, bool relu, void* grad_input, float* grad_weight, float* grad_bias,
-              void* grad_residual, Stream stream);
+              void* grad_residual, float* workspace, Stream stream);
 
 }  // namespace batch_norm
 }  // namespace pk

@@ -106,13 +106,17 @@ def _extension_engine(name: str) -> Callable[[], _Engine]:
     def load() -> _Engine:
         ext = _backend.extension(name)
 
+        def workspace(x):  # the kernels' per-split partial statistics (fp32)
+            return _alloc.empty((ext.batch_norm_workspace_floats(x),), x, torch.float32)
+
         def forward(input, running_mean, running_var, weight, bias, residual, training, eps, relu):
             x = _kernel_layout(input)
             out = _alloc.empty_like(x)
             stats = [_alloc.empty((x.shape[1],), x, torch.float32) if training else x.new_empty(0, dtype=torch.float32)
                      for _ in range(3)]
             ext.batch_norm_forward(x, _like(residual, x), _fp32(running_mean), _fp32(running_var), _fp32(weight),
-                                   _fp32(bias), training, eps, relu, out, *(stats if training else (None,) * 3))
+                                   _fp32(bias), training, eps, relu, out, *(stats if training else (None,) * 3),
+                                   workspace(x) if training else None)
             return (out, *stats)
 
         def backward(grad, input, output, mean, invstd, weight, has_residual, training, relu):
@@ -122,7 +126,7 @@ def _extension_engine(name: str) -> Callable[[], _Engine]:
             grad_residual = _alloc.empty_like(x) if has_residual else None
             ext.batch_norm_backward(_like(grad, x), x, _like(output, x) if relu else None, _fp32(mean),
                                     _fp32(invstd), _fp32(weight), training, relu, grad_input, grad_weight,
-                                    grad_bias, grad_residual)
+                                    grad_bias, grad_residual, workspace(x))
             return (grad_input, grad_weight, grad_bias,
                     grad_residual if has_residual else x.new_empty(0))
         return _Engine(forward, backward)
