@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Type
+from typing import Callable, List, Optional, Type, Union
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.conv_bn import DeferredBatchNorm, conv_bn_act, fusable_conv, materialize
 
 # Blocks per stage, as torch-uncertainty 0.13 (and the ResNet papers) define them.
 RESNET_BLOCKS = {
@@ -54,3 +57,40 @@ def make_norm(norm: Type[nn.Module], num_features: int, relu: bool) -> nn.Module
     if fuses(norm):
         return norm(num_features, activation="relu" if relu else None)
     return norm(num_features)
+
+
+def conv_norm_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, norm: nn.Module, fused: bool,
+                  residual: Optional[Tensor] = None, relu: bool = True, defer: bool = False,
+                  activation_fn: Callable = F.relu) -> Union[Tensor, DeferredBatchNorm]:
+    """act(norm(conv(x)) [+ residual]). `fused` (the norm fuses(), built by make_norm): on
+    conv_bn_act when the conv can run there (BN in the conv epilogue at inference, statistics
+    from the epilogue in training, deferred into the next conv's prologue with `defer`), else
+    the norm module's own BN (+ residual) + ReLU pass (its `activation` says whether it applies
+    ReLU); unfused: the modules one after another. An unfused result is always a tensor."""
+    if fused and fusable_conv(conv):
+        return conv_bn_act(x, conv, norm, residual, "relu" if relu else None, defer)
+    out = conv(materialize(x))
+    if fused:
+        return norm(out, residual=residual)
+    out = norm(out)
+    if residual is not None:
+        out = out + residual
+    return activation_fn(out) if relu else out
+
+
+def dropout_active(dropout: nn.Module) -> bool:
+    return dropout.training and dropout.p > 0
+
+
+def dropout_between(dropout: nn.Module, x: Union[Tensor, DeferredBatchNorm]):
+    """Dropout between two convolutions. When it is a no-op (eval, or p = 0) a deferred batch
+    norm stays deferred into the next conv's prologue; an active one needs the activation."""
+    return dropout(materialize(x)) if dropout_active(dropout) else x
+
+
+def shortcut_forward(shortcut: nn.Sequential, x: Tensor, fused: bool) -> Tensor:
+    """A ResNet shortcut: identity (empty), or Sequential(conv, norm) with no activation."""
+    if len(shortcut) == 0:
+        return x
+    conv, norm = shortcut
+    return conv_norm_act(x, conv, norm, fused, relu=False)

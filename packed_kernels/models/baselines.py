@@ -28,14 +28,12 @@ import math
 from typing import Optional, Type
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.packed import STOCK, GroupedConv2d, autocast_operands
 from ..ops.conv import grouped_conv2d
-from ._common import (BASIC_BLOCK_ARCHS, NARROW_ARCHS, check_style, default_norm, fuses,
-                      make_norm, resnet_blocks)
-from .resnet import PackedResNet, packed_resnet
+from ._common import BASIC_BLOCK_ARCHS, NARROW_ARCHS, default_norm, resnet_blocks
+from .resnet import BasicBlock, Bottleneck, PackedResNet, ResNetLayout, packed_resnet
 
 
 def resnet(in_channels: int, num_classes: int, arch: int, conv_bias: bool = False,
@@ -84,8 +82,7 @@ def mimo_resnet(in_channels: int, num_classes: int, arch: int, num_estimators: i
                 groups: int = 1, style: str = "imagenet",
                 normalization_layer: Optional[Type[nn.Module]] = None) -> MIMOResNet:
     num_blocks = resnet_blocks(arch)
-    from .resnet import _BasicBlock, _Bottleneck
-    block = _BasicBlock if arch in BASIC_BLOCK_ARCHS else _Bottleneck
+    block = BasicBlock if arch in BASIC_BLOCK_ARCHS else Bottleneck
     in_planes = 16 if arch in NARROW_ARCHS else 64
     return MIMOResNet(num_estimators, block=block, num_blocks=num_blocks,
                       in_channels=in_channels * num_estimators,
@@ -180,65 +177,37 @@ class BatchLinear(nn.Module):
         return out.reshape(m * b, -1)
 
 
-class _BatchBasicBlock(nn.Module):
-    expansion = 1
+class BatchLayers:
+    """The layers of a BatchEnsemble ResNet (torch-uncertainty's batched_resnet): BatchConv2d
+    (shared weight, per-member rank-1 factors and biases), norms over `planes` channels, a
+    shared GroupedConv2d projection in the basic block's shortcut but a BatchConv2d in the
+    bottleneck's (as upstream), a BatchLinear head."""
 
-    def __init__(self, in_planes, planes, stride, num_estimators, conv_bias, dropout_rate, groups,
-                 normalization_layer) -> None:
-        super().__init__()
-        self.fused = fuses(normalization_layer)  # BN (+ residual) + ReLU in one pass, as PE's
-        self.conv1 = BatchConv2d(in_planes, planes, 3, num_estimators, stride=stride, padding=1,
-                                 groups=groups, bias=conv_bias)
-        self.bn1 = make_norm(normalization_layer, planes, relu=True)
-        self.dropout = nn.Dropout2d(p=dropout_rate)
-        self.conv2 = BatchConv2d(planes, planes, 3, num_estimators, padding=1, groups=groups,
-                                 bias=conv_bias)
-        self.bn2 = make_norm(normalization_layer, planes, relu=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:  # a shared (not batched) projection, as upstream
-            self.shortcut = nn.Sequential(
-                GroupedConv2d(in_planes, planes, 1, stride=stride, groups=groups, bias=conv_bias),
-                normalization_layer(planes))
+    def __init__(self, num_estimators: int, groups: int, conv_bias: bool) -> None:
+        self.num_estimators, self.groups, self.conv_bias = num_estimators, groups, conv_bias
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fused:
-            return self.bn2(self.conv2(self.dropout(self.bn1(self.conv1(x)))), residual=self.shortcut(x))
-        out = F.relu(self.dropout(self.bn1(self.conv1(x))))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+    def width(self, planes: int) -> int:
+        return planes
 
+    def conv(self, in_planes: int, planes: int, kernel_size: int, stride: int = 1, padding: int = 0,
+             split: bool = True) -> nn.Module:
+        return BatchConv2d(in_planes, planes, kernel_size, self.num_estimators, stride=stride,
+                           padding=padding, groups=self.groups, bias=self.conv_bias)
 
-class _BatchBottleneck(nn.Module):
-    expansion = 4
+    def shortcut_conv(self, in_planes: int, planes: int, stride: int, bottleneck: bool) -> nn.Module:
+        if bottleneck:
+            return self.conv(in_planes, planes, 1, stride=stride)
+        return GroupedConv2d(in_planes, planes, 1, stride=stride, groups=self.groups, bias=self.conv_bias)
 
-    def __init__(self, in_planes, planes, stride, num_estimators, conv_bias, dropout_rate, groups,
-                 normalization_layer) -> None:
-        super().__init__()
-        self.fused = fuses(normalization_layer)
-        self.conv1 = BatchConv2d(in_planes, planes, 1, num_estimators, groups=groups, bias=conv_bias)
-        self.bn1 = make_norm(normalization_layer, planes, relu=True)
-        self.conv2 = BatchConv2d(planes, planes, 3, num_estimators, stride=stride, padding=1,
-                                 groups=groups, bias=conv_bias)
-        self.bn2 = make_norm(normalization_layer, planes, relu=True)
-        self.dropout = nn.Dropout2d(p=dropout_rate)
-        self.conv3 = BatchConv2d(planes, 4 * planes, 1, num_estimators, groups=groups, bias=conv_bias)
-        self.bn3 = make_norm(normalization_layer, 4 * planes, relu=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != 4 * planes:
-            self.shortcut = nn.Sequential(
-                BatchConv2d(in_planes, 4 * planes, 1, num_estimators, stride=stride, groups=groups,
-                            bias=conv_bias),
-                normalization_layer(4 * planes))
+    def stem_conv(self, in_channels: int, planes: int, **geometry) -> nn.Module:
+        return BatchConv2d(in_channels, planes, num_estimators=self.num_estimators, groups=self.groups,
+                           bias=False, **geometry)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fused:
-            out = self.dropout(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
-            return self.bn3(self.conv3(out), residual=self.shortcut(x))
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.dropout(self.bn2(self.conv2(out))))
-        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+    def head(self, features: int, num_classes: int) -> nn.Module:
+        return BatchLinear(features, num_classes, self.num_estimators)
 
 
-class BatchedResNet(nn.Module):
+class BatchedResNet(ResNetLayout):
     """BatchEnsemble ResNet: input (B, C, H, W) is repeated M times; output (M*B, classes)."""
 
     def __init__(self, in_channels: int, num_classes: int, arch: int, num_estimators: int,
@@ -246,50 +215,16 @@ class BatchedResNet(nn.Module):
                  groups: int = 1, style: str = "imagenet",
                  normalization_layer: Optional[Type[nn.Module]] = None) -> None:
         super().__init__()
-        style = check_style(style)
-        norm = normalization_layer or default_norm()
         num_blocks = resnet_blocks(arch)
-        block = _BatchBasicBlock if arch in BASIC_BLOCK_ARCHS else _BatchBottleneck
-        base = int((16 if arch in NARROW_ARCHS else 64) * width_multiplier)
+        block = BasicBlock if arch in BASIC_BLOCK_ARCHS else Bottleneck
         self.num_estimators = num_estimators
-        self.in_planes = base
-        stem = dict(kernel_size=7, stride=2, padding=3) if style == "imagenet" else \
-            dict(kernel_size=3, stride=1, padding=1)
-        self.conv1 = BatchConv2d(in_channels, base, num_estimators=num_estimators, groups=groups,
-                                 bias=False, **stem)
-        self.stem_fused = fuses(norm)
-        self.bn1 = make_norm(norm, base, relu=True)
-        self.optional_pool = (nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-                              if style == "imagenet" else nn.Identity())
-        common = dict(num_estimators=num_estimators, conv_bias=conv_bias, dropout_rate=dropout_rate,
-                      groups=groups, normalization_layer=norm)
-        self.layer1 = self._make_layer(block, base, num_blocks[0], 1, common)
-        self.layer2 = self._make_layer(block, base * 2, num_blocks[1], 2, common)
-        self.layer3 = self._make_layer(block, base * 4, num_blocks[2], 2, common)
-        if len(num_blocks) == 4:
-            self.layer4 = self._make_layer(block, base * 8, num_blocks[3], 2, common)
-            widest = base * 8
-        else:
-            self.layer4 = nn.Identity()
-            widest = base * 4
-        self.final_dropout = nn.Dropout(p=dropout_rate)
-        self.pool = nn.AdaptiveAvgPool2d(output_size=1)
-        self.flatten = nn.Flatten(1)
-        self.linear = BatchLinear(widest * block.expansion, num_classes, num_estimators)
-
-    def _make_layer(self, block, planes, num_blocks, stride, common) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(block(self.in_planes, planes, s, **common))
-            self.in_planes = planes * block.expansion
-        return nn.Sequential(*layers)
+        self._build_layout(BatchLayers(num_estimators, groups, conv_bias), block, num_blocks,
+                           in_channels, num_classes,
+                           int((16 if arch in NARROW_ARCHS else 64) * width_multiplier), style,
+                           normalization_layer or default_norm(), dropout_rate)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.repeat(self.num_estimators, *([1] * (x.dim() - 1)))
-        out = self.bn1(self.conv1(x))
-        out = self.optional_pool(out if self.stem_fused else F.relu(out))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.linear(self.final_dropout(self.flatten(self.pool(out))))
+        return super().forward(x.repeat(self.num_estimators, *([1] * (x.dim() - 1))))
 
 
 def batched_resnet(in_channels: int, num_classes: int, arch: int, num_estimators: int,

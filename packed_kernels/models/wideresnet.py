@@ -8,8 +8,9 @@ from typing import Callable, Optional, Type
 from torch import Tensor, nn
 from torch.nn.functional import relu
 
+from ..nn.conv_bn import conv_bn_act
 from ..nn.packed import PackedConv2d, PackedLinear
-from ._common import check_style, default_norm, fuses, make_norm
+from ._common import check_style, conv_norm_act, default_norm, dropout_active, fuses, make_norm
 
 
 class _WideBasicBlock(nn.Module):
@@ -18,8 +19,8 @@ class _WideBasicBlock(nn.Module):
                  activation_fn: Callable, normalization_layer: Type[nn.Module]) -> None:
         super().__init__()
         self.activation_fn = activation_fn
-        # packed_kernels' BatchNorm2d applies the ReLU in its own pass (the residual is added
-        # before bn2 here, so only the ReLU folds in)
+        # packed_kernels' BatchNorm2d: the fused conv + BN path (nn.conv_bn.conv_bn_act) and
+        # ReLU in the BN pass
         self.fused = fuses(normalization_layer) and activation_fn is relu
         norm = (lambda c: make_norm(normalization_layer, c, relu=True)) if self.fused else normalization_layer
         packed = dict(alpha=alpha, num_estimators=num_estimators, gamma=gamma, groups=groups,
@@ -34,10 +35,17 @@ class _WideBasicBlock(nn.Module):
         self.bn2 = norm(int(alpha * planes))
 
     def forward(self, x: Tensor) -> Tensor:
-        act = (lambda t: t) if self.fused else self.activation_fn
-        out = act(self.bn1(self.dropout(self.conv1(x))))
-        out = self.conv2(out) + self.shortcut(x)
-        return act(self.bn2(out))
+        if not self.fused:
+            out = self.activation_fn(self.bn1(self.dropout(self.conv1(x))))
+            out = self.conv2(out) + self.shortcut(x)
+            return self.activation_fn(self.bn2(out))
+        if dropout_active(self.dropout):  # dropout before bn1: its statistics are after it
+            out = self.bn1(self.dropout(self.conv1(x)))
+        else:  # bn1 + ReLU from conv1's epilogue: folded (eval) or into conv2's prologue
+            out = conv_bn_act(x, self.conv1, self.bn1, defer=True)
+        # the shortcut joins before bn2: conv2's epilogue adds it, then one BN + ReLU pass
+        out = conv_bn_act(out, self.conv2, None, residual=self.shortcut(x), activation=None)
+        return self.bn2(out)
 
 
 class PackedWideResNet(nn.Module):
@@ -86,8 +94,8 @@ class PackedWideResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def feats_forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(self.conv1(x))
-        out = self.optional_pool(out if self.stem_fused else self.activation_fn(out))
+        out = conv_norm_act(x, self.conv1, self.bn1, self.stem_fused, activation_fn=self.activation_fn)
+        out = self.optional_pool(out)
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.final_dropout(self.flatten(self.pool(out)))
 

@@ -1,7 +1,7 @@
 """Drop-in modules: Packed-Ensembles layers (torch-uncertainty compatible) and the ensemble head."""
 
 from .batch_norm import BatchNorm2d
-from .conv_bn import ConvBNAct2d, DeferredBatchNorm
+from .conv_bn import ConvBNAct2d, DeferredBatchNorm, conv_bn_act
 from .convert import convert
 from .ensemble import EnsembleMean, predict, repeat_targets
 from .packed import GroupedConv2d, PackedConv1d, PackedConv2d, PackedLinear, set_backend
@@ -9,6 +9,7 @@ from .packed import GroupedConv2d, PackedConv1d, PackedConv2d, PackedLinear, set
 __all__ = [
     "BatchNorm2d",
     "ConvBNAct2d",
+    "conv_bn_act",
     "DeferredBatchNorm",
     "convert",
     "EnsembleMean",

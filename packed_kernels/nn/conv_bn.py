@@ -1,4 +1,6 @@
-"""ConvBNAct2d: Conv2d -> BatchNorm2d -> [+ residual] -> ReLU as fused kernels.
+"""Conv2d -> BatchNorm2d -> [+ residual] -> ReLU as fused kernels: conv_bn_act() on existing
+conv and batch-norm modules (what the models' blocks call), and ConvBNAct2d, a module holding
+the pair.
 
 Inference: BatchNorm is folded into the convolution's epilogue (per-channel scale and shift),
 with the residual add and ReLU in the same kernel: one launch per block.
@@ -6,8 +8,8 @@ with the residual add and ReLU in the same kernel: one launch per block.
 Training: the convolution's epilogue also returns per-channel sum and sum of squares of its
 output (channel_stats), which are the BatchNorm batch statistics without another pass over the
 activation. BatchNorm + ReLU is then either
-  - deferred (`defer=True`, no residual): the block returns a DeferredBatchNorm (the raw conv
-    output and its normalisation), which the next ConvBNAct2d applies in its convolution's
+  - deferred (`defer=True`, no residual): it returns a DeferredBatchNorm (the raw conv output
+    and its normalisation), which the next conv_bn_act / ConvBNAct2d applies in its convolution's
     prologue while loading, so the activation is written once and read once; or
   - applied in one elementwise pass (pk.batch_norm with the given statistics) together with the
     residual add and ReLU.
@@ -20,18 +22,20 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.batch_norm import IMPLEMENTED as BATCH_NORM_BACKENDS
 from ..ops.batch_norm import batch_norm
 from ..ops.conv import fused_conv2d
 from .batch_norm import BatchNorm2d
+from .packed import STOCK, PackedConv2d, autocast_operands
 
 
 class DeferredBatchNorm:
     """A BatchNorm (+ activation) not applied yet: act((raw - mean) * invstd * weight + bias).
 
-    The next ConvBNAct2d folds it into its prologue; materialize() applies it in one pass."""
+    The next conv_bn_act folds it into its prologue; materialize() applies it in one pass."""
 
     def __init__(self, raw: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
                  bias: Optional[Tensor], eps: float, activation: Optional[str], backend: Optional[str]):
@@ -71,6 +75,113 @@ def _bn_backend(backend: Optional[str]) -> Optional[str]:
 
 def materialize(x: Union[Tensor, DeferredBatchNorm]) -> Tensor:
     return x.materialize() if isinstance(x, DeferredBatchNorm) else x
+
+
+def fusable_conv(conv: nn.Module) -> bool:
+    """Whether conv_bn_act can run `conv`: an nn.Conv2d (GroupedConv2d included) or a
+    PackedConv2d that is not `last` (whose output is rearranged to estimator-major rows)."""
+    if isinstance(conv, PackedConv2d):
+        return not conv.last
+    return isinstance(conv, nn.Conv2d)
+
+
+def _conv_module_parts(conv: nn.Module):
+    """(the nn.Conv2d holding weight/bias/geometry, the module's own backend)."""
+    if not fusable_conv(conv):
+        raise TypeError(f"conv_bn_act: conv must be an nn.Conv2d, GroupedConv2d or a PackedConv2d "
+                        f"that is not `last`, got {type(conv).__name__}"
+                        + (" with last=True" if isinstance(conv, PackedConv2d) else ""))
+    inner = conv.conv if isinstance(conv, PackedConv2d) else conv
+    return inner, getattr(conv, "backend", None)
+
+
+def _batch_moments(y: Tensor, total: Tensor, total_sq: Tensor):
+    """(mean, biased variance) per channel from the conv epilogue's sums, and the count."""
+    count = y.numel() // y.shape[1]
+    if count <= 1:
+        raise ValueError(f"conv_bn_act: expected more than 1 value per channel when training, got "
+                         f"a conv output of shape {tuple(y.shape)}")
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0.0)  # biased, as BN normalises with
+    return mean, var, count
+
+
+def _stock(x, conv: nn.Module, bn: Optional[nn.Module], residual: Optional[Tensor],
+           activation: Optional[str]) -> Tensor:
+    """backend "stock": torch's own modules one after another (the speed table's baseline)."""
+    out = conv(materialize(x))
+    if bn is not None:
+        out = nn.BatchNorm2d.forward(bn, out)  # F.batch_norm, whatever the module's class
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if activation == "relu" else out
+
+
+def conv_bn_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, bn: Optional[nn.BatchNorm2d],
+                residual: Optional[Tensor] = None, activation: Optional[str] = "relu",
+                defer: bool = False, *, backend: Optional[str] = None
+                ) -> Union[Tensor, DeferredBatchNorm]:
+    """act(bn(conv(x)) [+ residual]) on fused_conv2d, with existing modules' parameters/buffers.
+
+    conv: an nn.Conv2d, GroupedConv2d or PackedConv2d (its inner conv's weight, bias and
+    geometry; padding_mode and autocast handled as PackedConv2d does). bn: an nn.BatchNorm2d
+    (packed_kernels' or torch's; its running statistics and num_batches_tracked move exactly as
+    the module's own forward would move them), or None for conv [+ residual] -> act alone.
+    x: a tensor or a DeferredBatchNorm, applied in this conv's prologue.
+    Inference folds BN into the conv epilogue (one launch with the residual and activation);
+    training takes the batch statistics from the conv epilogue and returns, with `defer`, a
+    DeferredBatchNorm for the next conv's prologue, else applies BN [+ residual] + act in one
+    batch-norm pass. backend: None uses the conv module's own (`.backend`, see set_backend);
+    "stock" runs torch's modules unfused."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"conv_bn_act: activation must be None or 'relu', got {activation!r}")
+    if defer and residual is not None:
+        raise ValueError("conv_bn_act: a residual cannot be deferred (it is not per-channel); "
+                         "call with defer=False")
+    inner, own_backend = _conv_module_parts(conv)
+    backend = own_backend if backend is None else backend
+    if bn is not None and bn.num_features != inner.out_channels:
+        raise ValueError(f"conv_bn_act: the batch norm has {bn.num_features} features but the conv "
+                         f"has {inner.out_channels} output channels")
+    if backend == STOCK:
+        return _stock(x, conv, bn, residual, activation)
+    padding = inner.padding
+    if inner.padding_mode != "zeros":  # the prologue zero-pads: pad the normalised input instead
+        x = F.pad(materialize(x), inner._reversed_padding_repeated_twice, mode=inner.padding_mode)
+        padding = 0
+    raw = x.raw if isinstance(x, DeferredBatchNorm) else x
+    raw, weight, bias, residual = autocast_operands(raw, inner.weight, inner.bias, residual)
+    prologue = {}
+    if isinstance(x, DeferredBatchNorm):
+        in_scale, in_shift = x.scale_shift()
+        prologue = dict(in_scale=in_scale, in_shift=in_shift, in_activation=x.activation)
+    geometry = dict(stride=inner.stride, padding=padding, dilation=inner.dilation, groups=inner.groups,
+                    backend=backend)
+    if bn is None:
+        return fused_conv2d(raw, weight, bias, **geometry, **prologue, residual=residual,
+                            activation=activation)
+    factor = BatchNorm2d.exponential_average_factor(bn)  # counts the batch, as bn.forward would
+    if not (bn.training or bn.running_mean is None):
+        # inference: BN folded into the epilogue, with the residual and activation
+        dtype = _vector_dtype(raw)
+        scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(dtype)
+        shift = -bn.running_mean.to(dtype) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(dtype)
+        return fused_conv2d(raw, weight, bias, **geometry, **prologue, out_scale=scale,
+                            out_shift=shift, residual=residual, activation=activation)
+    y, total, total_sq = fused_conv2d(raw, weight, bias, **geometry, **prologue, channel_stats=True)
+    mean, var, count = _batch_moments(y, total, total_sq)
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():  # as torch.nn.BatchNorm2d, with the unbiased batch variance
+            bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+            bn.running_var.mul_(1.0 - factor).add_(
+                (var * (count / (count - 1))).to(bn.running_var.dtype), alpha=factor)
+    bn_backend = bn.backend if isinstance(bn, BatchNorm2d) else _bn_backend(backend)
+    pending = DeferredBatchNorm(y, mean, var, bn.weight, bn.bias, bn.eps, activation, bn_backend)
+    return pending if defer else pending.materialize(residual)
 
 
 class ConvBNAct2d(nn.Module):
@@ -120,54 +231,9 @@ class ConvBNAct2d(nn.Module):
                 state_dict[prefix + ours + key[len(prefix + theirs):]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _conv_args(self):
-        c = self.conv
-        return dict(stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
-                    backend=self.backend)
-
     def forward(self, x: Union[Tensor, DeferredBatchNorm], residual: Optional[Tensor] = None,
                 defer: bool = False) -> Union[Tensor, DeferredBatchNorm]:
-        if isinstance(x, DeferredBatchNorm):
-            raw = x.raw
-            in_scale, in_shift = x.scale_shift()
-            prologue = dict(in_scale=in_scale, in_shift=in_shift, in_activation=x.activation)
-        else:
-            raw, prologue = x, {}
-        if defer and residual is not None:
-            raise ValueError("ConvBNAct2d: a residual cannot be deferred (it is not per-channel); "
-                             "call with defer=False")
-        bn = self.bn
-        weight, bias = self.conv.weight, self.conv.bias
-        factor = bn.exponential_average_factor()
-        use_batch_stats = bn.training or bn.running_mean is None
-        if not use_batch_stats:
-            # inference: BN folded into the epilogue, with the residual and activation
-            dtype = _vector_dtype(raw)
-            scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight.to(dtype)
-            shift = -bn.running_mean.to(dtype) * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias.to(dtype)
-            return fused_conv2d(raw, weight, bias, **self._conv_args(), **prologue,
-                                out_scale=scale, out_shift=shift,
-                                residual=residual, activation=self.activation)
-        y, total, total_sq = fused_conv2d(raw, weight, bias, **self._conv_args(), **prologue,
-                                          channel_stats=True)
-        count = y.numel() // y.shape[1]
-        if count <= 1:
-            raise ValueError(f"ConvBNAct2d: expected more than 1 value per channel when training, got "
-                             f"a conv output of shape {tuple(y.shape)}")
-        mean = total / count
-        var = (total_sq / count - mean * mean).clamp_min(0.0)  # biased, as BN normalises with
-        if bn.training and bn.track_running_stats and bn.running_mean is not None:
-            with torch.no_grad():  # as torch.nn.BatchNorm2d, with the unbiased batch variance
-                bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-                bn.running_var.mul_(1.0 - factor).add_(
-                    (var * (count / (count - 1))).to(bn.running_var.dtype), alpha=factor)
-        pending = DeferredBatchNorm(y, mean, var, bn.weight, bn.bias, bn.eps, self.activation,
-                                    _bn_backend(self.backend))
-        return pending if defer else pending.materialize(residual)
+        return conv_bn_act(x, self.conv, self.bn, residual, self.activation, defer, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
