@@ -10,6 +10,7 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import packed_kernels as pk
 from packed_kernels import _backend
@@ -129,11 +130,34 @@ def run(cfg: BNConfig, device, progress: bool = True) -> Dict[str, object]:
     return {"rows": rows, "copy_bandwidth": copy, "block_rows": block_rows(cfg, device)}
 
 
+class _CountPackedOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: Dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("packed_kernels::"):
+            key = name.split("::")[1]
+            self.calls[key] = self.calls.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def packed_kernel_calls(fn, *args) -> Dict[str, int]:
+    """packed_kernels op name -> calls made by one fn(*args): shows which path a row timed."""
+    with _CountPackedOps() as counter:
+        fn(*args)
+    return counter.calls
+
+
 def block_rows(cfg: BNConfig, device) -> List[Dict[str, object]]:
-    """One PE-(2,4,1) ResNet block (cfg.block, e.g. "layer2.1") on its real input shape, timed
-    whole: inference forward and training forward+backward, the stock modules (Conv2d,
-    BatchNorm2d, ReLU, add on cuDNN) vs the packed_kernels model's block (fused BN + residual
-    + ReLU ops). fp16 autocast on a GPU, fp32 on the CPU."""
+    """One PE-(2,4,1) ResNet block of packed_kernels.models (cfg.block, e.g. "layer2.1", a
+    ResNet-50 bottleneck) on its real input shape, timed whole: inference forward and training
+    forward+backward, the model built with torch.nn.BatchNorm2d and run on torch's modules
+    (Conv2d, BatchNorm2d, ReLU, add on cuDNN) vs the model's own block on the fused conv + BN
+    path (BN in the conv epilogues at inference; in training statistics from the epilogues and
+    BN + ReLU in the next conv's prologue). fp16 autocast on a GPU, fp32 on the CPU. Each row
+    records the packed_kernels op calls of one step ("kernel_calls")."""
     from . import models as zoo_rows
     device = torch.device(device)
     rows = []
@@ -175,6 +199,7 @@ def block_rows(cfg: BNConfig, device) -> List[Dict[str, object]]:
                        "precision": "fp16 autocast" if device.type == "cuda" else "fp32",
                        "device": device_label(device)}
                 try:
+                    out["kernel_calls"] = packed_kernel_calls(fn, 0)
                     out["time"] = measure(fn, device, warmup=cfg.warmup, reps=cfg.reps).as_dict()
                 except Exception as exc:
                     out["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -220,8 +245,10 @@ def format_result(result: Dict[str, object]) -> str:
                 lines.append(f"  {r['layout']:13} {r['pass']:23} {r['impl']:15} failed: {r['error']}  {r['device']}")
                 continue
             t = r["time"]
+            calls = ", ".join(f"{k} x{v}" for k, v in r.get("kernel_calls", {}).items()
+                              if not k.endswith("_backward"))
             lines.append(f"  {r['layout']:13} {r['pass']:23} {r['impl']:15} {t['median'] * 1e6:11.1f} us "
-                         f"[{t['q1'] * 1e6:.1f}-{t['q3'] * 1e6:.1f}]  {r['device']}")
+                         f"[{t['q1'] * 1e6:.1f}-{t['q3'] * 1e6:.1f}]  {calls or 'torch modules'}  {r['device']}")
         for sp in block_speedups(blocks):
             lines.append(f"  packed_kernels block vs stock, {sp['layout']}, {sp['pass']}: {sp['speedup']:.2f}×  {sp['device']}")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import packed_kernels as pk
-from packed_kernels.models import PackedResNet
+from packed_kernels.models import PackedResNet, PackedWideResNet
 from packed_kernels.models.resnet import BasicBlock, Bottleneck, PackedLayers
 from packed_kernels.nn import repeat_targets
 
@@ -79,6 +79,19 @@ def test_fused_model_matches_torch_batch_norm(block, dropout_rate):
     # too ill-conditioned for any error comparison)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
     _check_against_torch_batch_norm(fused, plain, "torch", x,
+                                    lambda out: F.cross_entropy(out, repeat_targets(y, M)),
+                                    torch.randn(3, 3, 8, 8))
+
+
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.3], ids=["deferred", "dropout"])
+def test_fused_wide_resnet_matches_torch_batch_norm(dropout_rate):
+    """Wide-ResNet-10x1: dropout sits between conv1 and bn1, the shortcut joins before bn2."""
+    def build(norm):
+        return PackedWideResNet(10, 1, 3, 5, True, dropout_rate, M, alpha=2, gamma=1, style="cifar",
+                                normalization_layer=norm)
+    y = torch.randint(0, 5, (4,))
+    _check_against_torch_batch_norm(build(pk.nn.BatchNorm2d), build(nn.BatchNorm2d), "torch",
+                                    torch.randn(4, 3, 8, 8),
                                     lambda out: F.cross_entropy(out, repeat_targets(y, M)),
                                     torch.randn(3, 3, 8, 8))
 
