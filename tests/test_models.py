@@ -79,6 +79,56 @@ def test_baseline_parameter_counts_match_torch_uncertainty(arch, style, single, 
     assert _count(lambda: deep_ensemble_resnet(3, 10, arch, 4, style=style)) == 4 * single
 
 
+def _expected_resnet_keys(arch, batch_ensemble, conv_bias):
+    """torch-uncertainty 0.13's state_dict keys, in order, for its packed_resnet / batched_resnet
+    layout: a PackedConv2d holds `conv`; a BatchConv2d holds `conv` plus r_group, s_group and a
+    per-member bias; the BatchEnsemble basic block's projection is a plain (grouped) Conv2d."""
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+
+    def conv(name, bias=conv_bias, batched=batch_ensemble):
+        if not batched:
+            return [f"{name}.conv.weight"] + ([f"{name}.conv.bias"] if bias else [])
+        # a module's own parameters come before its children's in a state_dict
+        return [f"{name}.r_group", f"{name}.s_group"] + ([f"{name}.bias"] if bias else []) + [f"{name}.conv.weight"]
+
+    def norm(name):
+        return [f"{name}.{k}" for k in bn]
+
+    bottleneck = arch not in (18, 20, 34, 44, 56, 110)
+    expansion = 4 if bottleneck else 1
+    stages = [2, 2, 2, 2] if arch == 18 else [3, 4, 6, 3]
+    keys = conv("conv1", bias=conv_bias and not batch_ensemble) + norm("bn1")
+    in_planes = 64
+    for i, (n, planes) in enumerate(zip(stages, (64, 128, 256, 512))):
+        for j in range(n):
+            b = f"layer{i + 1}.{j}"
+            for c in range(1, (4 if bottleneck else 3)):
+                keys += conv(f"{b}.conv{c}") + norm(f"{b}.bn{c}")
+            if (i > 0 and j == 0) or in_planes != planes * expansion:
+                if batch_ensemble and not bottleneck:
+                    keys += [f"{b}.shortcut.0.weight"] + ([f"{b}.shortcut.0.bias"] if conv_bias else [])
+                else:
+                    keys += conv(f"{b}.shortcut.0")
+                keys += norm(f"{b}.shortcut.1")
+            in_planes = planes * expansion
+    if batch_ensemble:
+        return keys + ["linear.r_group", "linear.s_group", "linear.bias", "linear.linear.weight"]
+    return keys + ["linear.weight", "linear.bias"]
+
+
+@pytest.mark.parametrize("arch", [18, 50])
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_resnet_state_dict_keys_follow_torch_uncertainty(arch, conv_bias):
+    """PE and BatchEnsemble share one layout in packed_kernels (models/resnet.py) but keep
+    torch-uncertainty's own module names, with either norm layer."""
+    for norm in (None, nn.BatchNorm2d):
+        with torch.device("meta"):
+            pe = packed_resnet(3, 10, arch, 2, 2, 1, conv_bias=conv_bias, normalization_layer=norm)
+            be = batched_resnet(3, 10, arch, 2, conv_bias=conv_bias, normalization_layer=norm)
+        assert list(pe.state_dict()) == _expected_resnet_keys(arch, False, conv_bias)
+        assert list(be.state_dict()) == _expected_resnet_keys(arch, True, conv_bias)
+
+
 def test_invalid_model_configurations_raise():
     with pytest.raises(ValueError, match="architecture"):
         packed_resnet(3, 10, 42, 4, 2, 1)
