@@ -221,3 +221,54 @@ def test_bad_arguments():
         ConvBNAct2d.from_modules(nn.Conv2d(4, 4, 3, padding_mode="reflect"), nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match="features"):
         ConvBNAct2d.from_modules(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(5))
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_conv_bn_act_on_existing_modules(padding_mode, monkeypatch):
+    """The functional form on a PackedConv2d (its inner conv, padding_mode and backend) and a
+    torch.nn.BatchNorm2d: the modules' own results and running statistics, over a training
+    step with a deferred BN into a second conv, then eval; bn=None; "stock"; bad convs."""
+    from packed_kernels.nn import PackedConv2d, conv_bn_act
+    first = PackedConv2d(8, 8, 3, alpha=2, num_estimators=2, gamma=2, padding=1,
+                         minimum_channels_per_group=1, padding_mode=padding_mode, bias=True)
+    second = PackedConv2d(8, 4, 3, alpha=2, num_estimators=2, padding=1, padding_mode=padding_mode)
+    bn1, bn2 = nn.BatchNorm2d(16), nn.BatchNorm2d(8)
+    with torch.no_grad():
+        for bn in (bn1, bn2):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    ref_modules = copy.deepcopy(nn.ModuleList([first, bn1, second, bn2]))
+    x, residual = torch.randn(3, 16, 5, 5), torch.randn(3, 8, 5, 5)
+
+    def ours(inp):
+        pending = conv_bn_act(inp, first, bn1, defer=True)
+        return conv_bn_act(pending, second, bn2, residual=residual)
+
+    def theirs(inp):
+        f, b1, s, b2 = ref_modules
+        return torch.relu(b2(s(torch.relu(b1(f(inp))))) + residual)
+
+    for training in (True, False):
+        for m in (first, bn1, second, bn2, ref_modules):
+            m.train(training)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+        for got, want in zip((bn1, bn2), ref_modules[1::2]):
+            torch.testing.assert_close(got.running_mean, want.running_mean)
+            torch.testing.assert_close(got.running_var, want.running_var)
+            assert int(got.num_batches_tracked) == int(want.num_batches_tracked) == 1
+    # bn=None: conv + residual (+ activation) in the epilogue
+    torch.testing.assert_close(conv_bn_act(x, first, None, residual=x, activation=None),
+                               first(x) + x, rtol=1e-5, atol=1e-5)
+    pk.nn.set_backend(first, "stock")
+    calls = []
+    from packed_kernels.nn import conv_bn as module
+    real = module.fused_conv2d
+    monkeypatch.setattr(module, "fused_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.testing.assert_close(conv_bn_act(x, first, bn1), torch.relu(bn1(first(x))))
+    assert calls == []  # stock: torch's modules, no fused op
+    with pytest.raises(TypeError, match="last"):
+        conv_bn_act(x, PackedConv2d(8, 4, 1, alpha=2, num_estimators=2, last=True), nn.BatchNorm2d(8))
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        conv_bn_act(x, nn.Linear(3, 3), bn1)
+    with pytest.raises(ValueError, match="features"):
+        conv_bn_act(x, second, bn1)
