@@ -53,20 +53,20 @@ def test_forward_backward_against_float64(backend, dtype, layout, training, affi
     _check_against_float64(backend, dtype, device, shape, memory_format, training, affine, residual, relu)
 
 
-def _misaligned(t):
-    """t's values in t's layout, starting one element past an aligned address (no 16-byte chunks)."""
-    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    view = buffer[1:].as_strided(t.shape, t.stride())
+def _misaligned(t, offset):
+    """t's values in t's layout, starting `offset` elements past an aligned address."""
+    buffer = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = buffer[offset:].as_strided(t.shape, t.stride())
     view.copy_(t)
     return view
 
 
 def _check_against_float64(backend, dtype, device, shape, memory_format, training, affine, residual, relu,
-                           misaligned=False):
+                           misaligned=0):
     """pk.batch_norm forward (+ running statistics) and backward against torch in float64."""
     x = _randn(shape, dtype, device, 0.5, 2.0).contiguous(memory_format=memory_format)
     if misaligned:
-        x = _misaligned(x)
+        x = _misaligned(x, misaligned)
         assert x.data_ptr() % 16 != 0 and x.is_contiguous(memory_format=memory_format)
     x.requires_grad_(True)
     c = shape[1]
@@ -155,13 +155,19 @@ def test_simt_and_cuda_listed_as_implemented():
 # build plans for 2 SMs: 8 reduction CTAs): (shape, memory format, dtype) -> the path it takes.
 TILED = {
     # channels_last, 16-byte chunks: 2 channel blocks of 64 (the last holds 8), 3 splits of 60 rows
-    "cl_vec_fp16": ((2, 72, 9, 10), torch.channels_last, torch.bfloat16),
+    "cl_vec_bf16": ((2, 72, 9, 10), torch.channels_last, torch.bfloat16),
+    # channels_last, 8-byte chunks (C % 8 != 0): 1 partial channel block, 5 splits of 28 rows
+    "cl_8byte_fp16": ((2, 36, 7, 10), torch.channels_last, torch.float16),
     # channels_last, odd C (scalar): 2 channel blocks of 32 (the last holds 5), 4 splits of 27 rows
     "cl_odd_c_fp32": ((3, 37, 5, 7), torch.channels_last, torch.float32),
-    # (N, C) with C not a multiple of the vector: scalar, 3 channel blocks, 3 splits
+    # (N, C) with C % 4 != 0: scalar, 2 channel blocks (the last holds 6), 4 splits of 13 rows
     "2d_scalar_fp16": ((50, 70), torch.contiguous_format, torch.float16),
+    # (N, C), 8-byte chunks of fp32: 3 channel blocks (the last holds 6), 2 splits of 20 rows
+    "2d_8byte_fp32": ((40, 70), torch.contiguous_format, torch.float32),
     # NCHW, 16-byte chunks: 576 chunks per channel in 2 splits of 288
     "nchw_vec_fp32": ((3, 3, 32, 24), torch.contiguous_format, torch.float32),
+    # NCHW, 14x14 fp16: 8-byte chunks, 539 per channel in 2 splits
+    "nchw_8byte_fp16": ((11, 2, 14, 14), torch.contiguous_format, torch.float16),
     # NCHW, odd H*W (scalar): 1155 values per channel in 3 splits of 385
     "nchw_odd_s_fp16": ((5, 2, 11, 21), torch.contiguous_format, torch.float16),
     # (N, C, L), fp16 16-byte chunks: 2 splits
@@ -179,11 +185,13 @@ def test_split_and_channel_block_tails(case, training):
 
 @pytest.mark.parametrize("shape, memory_format", [((4, 64, 3, 5), torch.channels_last),
                                                   ((3, 2, 16, 33), torch.contiguous_format)])
-def test_misaligned_input_takes_the_scalar_path(shape, memory_format):
-    """C (or H*W) allows 16-byte chunks but x starts 2 bytes past an aligned address."""
+@pytest.mark.parametrize("offset", [1, 4])
+def test_misaligned_input(shape, memory_format, offset):
+    """C (or H*W) allows 16-byte chunks but x starts 2 bytes (scalar path) or 8 bytes (8-byte
+    chunks) past a 16-byte boundary."""
     device = require_backend("simt", torch.float16)
     _check_against_float64("simt", torch.float16, device, shape, memory_format, True, True, True, True,
-                           misaligned=True)
+                           misaligned=offset)
 
 
 @pytest.mark.parametrize("shape, memory_format", [((2, 40, 9, 10), torch.channels_last),

@@ -3,8 +3,8 @@
 // batch_norm.h.
 //
 // Work split: a 2-D grid of (channel block, split of the reduction axis) CTAs, sized to a few
-// CTAs per SM, each reading coalesced, 16-byte vectorised chunks (scalar when the contiguous run
-// or a pointer forbids it):
+// CTAs per SM, each reading coalesced, 16-byte vectorised chunks (8-byte or scalar ones when the
+// contiguous run or a pointer forbids them):
 //   channels_last (S == 1): a CTA covers 128 bytes of consecutive channels (64 fp16 / 32 fp32)
 //     and a contiguous range of rows; threads run along the channels, VEC channels each.
 //   NCHW (S > 1): a CTA covers one channel and a contiguous range of its rows*S values, walked
@@ -40,7 +40,6 @@ using index_t = long long;
 // Every kernel: __launch_bounds__(kThreads, 1). Without the minimum-blocks hint ptxas capped the
 // channels_last backward reduction at 64-80 registers and spilled.
 constexpr int kThreads = 256;
-constexpr int kUnroll = 2;           // chunks each thread loads before using them (bytes in flight)
 constexpr int kRowBytes = 128;       // channels_last: bytes of a row one CTA covers
 constexpr int kMinPasses = 2;        // a split gives every thread at least this many chunks
 constexpr int kReduceCtasPerSm = 4;  // reduction grids (their partials live in the workspace)
@@ -53,6 +52,14 @@ constexpr int kEmulatedMultiprocessors = 2;  // small grids: tests still see sev
 
 template <typename T>
 constexpr int kBlockChannels = kRowBytes / int(sizeof(T));
+
+// Chunks each thread loads before using them, per stream: 32 bytes in flight (16 for 2-byte
+// scalars), so that narrow chunks still keep enough bytes in flight to cover DRAM latency.
+// channels_last scalars (odd C, rare) take 4: 8 needed over 120 registers there.
+template <typename T, int VEC, bool kChannelsLast>
+constexpr int kUnroll = VEC * int(sizeof(T)) >= 16           ? 2
+                        : VEC * int(sizeof(T)) >= 8 || kChannelsLast ? 4
+                                                                 : 8;
 
 // Unsigned division by a runtime constant as a multiply-high and a shift (n < 2^31, d < 2^31):
 // q = (mulhi(n, m) + n) >> s with s = ceil(log2 d), m = 2^32 (2^s - d) / d + 1.
@@ -185,16 +192,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < VEC; ++i) mean[i] = m2[i] = shift[i] = 0.0f;
     if (w.active) {
       load<VEC>(x + w.base, shift);
-      for (index_t u = w.first; u < w.end; u += kUnroll * W::step) {
-        Vec<T, VEC> v[kUnroll];
-        bool ok[kUnroll];
+      for (index_t u = w.first; u < w.end; u += kUnroll<T, VEC, kChannelsLast> * W::step) {
+        Vec<T, VEC> v[kUnroll<T, VEC, kChannelsLast>];
+        bool ok[kUnroll<T, VEC, kChannelsLast>];
 #pragma unroll
-        for (int k = 0; k < kUnroll; ++k) {
+        for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
           ok[k] = u + k * W::step < w.end;
           if (ok[k]) v[k] = load_raw<VEC>(x + w.offset(g, u + k * W::step));
         }
 #pragma unroll
-        for (int k = 0; k < kUnroll; ++k) {
+        for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
           if (!ok[k]) continue;
           count += 1.0f;
           const float inv = 1.0f / count;
@@ -236,16 +243,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Per thread: Chan's merge of each chunk's own (VEC, mean, M2) into a running Welford.
     const float shift = to_float(x[w.base]);
     Welford acc{0.0f, 0.0f, 0.0f};
-    for (index_t u = w.first; u < w.end; u += kUnroll * W::step) {
-      Vec<T, VEC> raw[kUnroll];
-      bool ok[kUnroll];
+    for (index_t u = w.first; u < w.end; u += kUnroll<T, VEC, kChannelsLast> * W::step) {
+      Vec<T, VEC> raw[kUnroll<T, VEC, kChannelsLast>];
+      bool ok[kUnroll<T, VEC, kChannelsLast>];
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
+      for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
         ok[k] = u + k * W::step < w.end;
         if (ok[k]) raw[k] = load_raw<VEC>(x + w.offset(g, u + k * W::step));
       }
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
+      for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
         if (!ok[k]) continue;
         float v[VEC], sum = 0.0f;
 #pragma unroll
@@ -333,19 +340,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     scale[i] = invstd * (weight ? weight[c] : 1.0f);
     beta[i] = bias ? bias[c] : 0.0f;
   }
-  for (index_t u = w.first; u < w.end; u += kUnroll * W::step) {
-    Vec<T, VEC> v[kUnroll], r[kUnroll];
-    index_t o[kUnroll];
-    bool ok[kUnroll];
+  for (index_t u = w.first; u < w.end; u += kUnroll<T, VEC, kChannelsLast> * W::step) {
+    Vec<T, VEC> v[kUnroll<T, VEC, kChannelsLast>], r[kUnroll<T, VEC, kChannelsLast>];
+    index_t o[kUnroll<T, VEC, kChannelsLast>];
+    bool ok[kUnroll<T, VEC, kChannelsLast>];
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
+    for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
       ok[k] = u + k * W::step < w.end;
       o[k] = ok[k] ? w.offset(g, u + k * W::step) : 0;
       if (ok[k]) v[k] = load_raw<VEC>(x + o[k]);
       if (ok[k] && residual) r[k] = load_raw<VEC>(residual + o[k]);
     }
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
+    for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
       if (!ok[k]) continue;
       float y[VEC];
 #pragma unroll
@@ -386,11 +393,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     sum_g[i] = sum_gx[i] = 0.0f;
   }
   if (w.active) {
-    for (index_t u = w.first; u < w.end; u += kUnroll * W::step) {
-      Vec<T, VEC> gv[kUnroll], yv[kUnroll], xv[kUnroll];
-      bool ok[kUnroll];
+    for (index_t u = w.first; u < w.end; u += kUnroll<T, VEC, kChannelsLast> * W::step) {
+      Vec<T, VEC> gv[kUnroll<T, VEC, kChannelsLast>], yv[kUnroll<T, VEC, kChannelsLast>], xv[kUnroll<T, VEC, kChannelsLast>];
+      bool ok[kUnroll<T, VEC, kChannelsLast>];
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
+      for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
         ok[k] = u + k * W::step < w.end;
         if (ok[k]) {
           const index_t o = w.offset(g, u + k * W::step);
@@ -400,7 +407,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
+      for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
         if (!ok[k]) continue;
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
@@ -494,12 +501,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     mean_g[i] = training ? sum_g_in[c] * inv_count : 0.0f;
     k_x[i] = training ? scale[i] * invstd * (sum_gx_in[c] * inv_count) : 0.0f;
   }
-  for (index_t u = w.first; u < w.end; u += kUnroll * W::step) {
-    Vec<T, VEC> gv[kUnroll], yv[kUnroll], xv[kUnroll];
-    index_t o[kUnroll];
-    bool ok[kUnroll];
+  for (index_t u = w.first; u < w.end; u += kUnroll<T, VEC, kChannelsLast> * W::step) {
+    Vec<T, VEC> gv[kUnroll<T, VEC, kChannelsLast>], yv[kUnroll<T, VEC, kChannelsLast>], xv[kUnroll<T, VEC, kChannelsLast>];
+    index_t o[kUnroll<T, VEC, kChannelsLast>];
+    bool ok[kUnroll<T, VEC, kChannelsLast>];
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
+    for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
       ok[k] = u + k * W::step < w.end;
       o[k] = ok[k] ? w.offset(g, u + k * W::step) : 0;
       if (ok[k]) gv[k] = load_raw<VEC>(grad + o[k]);
@@ -507,7 +514,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (ok[k] && training) xv[k] = load_raw<VEC>(x + o[k]);
     }
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
+    for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
       if (!ok[k]) continue;
       float gk[VEC], dx[VEC];
 #pragma unroll
@@ -600,20 +607,30 @@ void dispatch_dtype(ScalarType dtype, F&& f) {
   throw std::invalid_argument("batch_norm kernels support float32, float16 and bfloat16");
 }
 
-// Calls f(T{}, integral_constant<int, VEC>, integral_constant<bool, channels_last>): 16-byte
-// chunks when the contiguous run (C or S) divides into them and every pointer is aligned.
+// True when chunks of `vec` elements never cross the contiguous run (C or S) and every pointer
+// is aligned to a chunk.
+template <typename T>
+bool chunks_fit(const Layout& l, std::initializer_list<const void*> pointers, int vec) {
+  const index_t run = l.spatial == 1 ? l.channels : l.spatial;
+  bool fit = run % vec == 0;
+  for (const void* p : pointers) fit = fit && reinterpret_cast<std::uintptr_t>(p) % (vec * sizeof(T)) == 0;
+  return fit;
+}
+
+template <int VEC, typename F>
+void with_layout(const Layout& l, F&& f) {
+  if (l.spatial == 1) return f(std::integral_constant<int, VEC>{}, std::true_type{});
+  return f(std::integral_constant<int, VEC>{}, std::false_type{});
+}
+
+// Calls f(integral_constant<int, VEC>, integral_constant<bool, channels_last>): 16-byte chunks
+// where they fit, else 8-byte ones (e.g. 14x14 fp16 maps), else scalars.
 template <typename T, typename F>
 void dispatch_shape(const Layout& l, std::initializer_list<const void*> pointers, F&& f) {
-  constexpr int kVec = kVec16<T>;
-  const index_t run = l.spatial == 1 ? l.channels : l.spatial;
-  bool vectorised = run % kVec == 0;
-  for (const void* p : pointers)
-    vectorised = vectorised && reinterpret_cast<std::uintptr_t>(p) % (kVec * sizeof(T)) == 0;
-  const bool channels_last = l.spatial == 1;
-  if (vectorised && channels_last) return f(std::integral_constant<int, kVec>{}, std::true_type{});
-  if (vectorised) return f(std::integral_constant<int, kVec>{}, std::false_type{});
-  if (channels_last) return f(std::integral_constant<int, 1>{}, std::true_type{});
-  return f(std::integral_constant<int, 1>{}, std::false_type{});
+  constexpr int kWide = kVec16<T>, kNarrow = kVec16<T> / 2;
+  if (chunks_fit<T>(l, pointers, kWide)) return with_layout<kWide>(l, f);
+  if (chunks_fit<T>(l, pointers, kNarrow)) return with_layout<kNarrow>(l, f);
+  return with_layout<1>(l, f);
 }
 
 }  // namespace detail
