@@ -83,7 +83,8 @@ def fused_reference(x, w, b, in_scale, in_shift, out_scale, out_shift, residual,
 
 
 def fused_inputs(dtype, device, layout, options, case="pe_3x3_3ch_per_group"):
-    x, w, b, args = make_case(CASES[case], dtype, device, layout)
+    """`case`: a name in CASES or a case tuple."""
+    x, w, b, args = make_case(CASES[case] if isinstance(case, str) else case, dtype, device, layout)
     c_in, c_out = x.shape[1], w.shape[0]
     out_shape = F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape
 
@@ -115,11 +116,11 @@ FUSED_CASES = [(name, torch.float32) for name in OPTION_SETS] + \
     [("everything", torch.float16), ("everything", torch.bfloat16)]
 
 
-def check_fused_matches_fp64(backend, options, dtype, layout):
+def check_fused_matches_fp64(backend, options, dtype, layout, case="pe_3x3_3ch_per_group"):
     """fused_conv2d on `backend`, outputs and every gradient, against float64 and torch's own error."""
     device = require_backend(backend, dtype)
     opts = OPTION_SETS[options]
-    x, w, b, tensors, args = fused_inputs(dtype, device, layout, opts)
+    x, w, b, tensors, args = fused_inputs(dtype, device, layout, opts, case)
     flags = {k: opts[k] for k in ("in_activation", "activation", "channel_stats") if k in opts}
 
     def ours(x, w, b, *rest, names):

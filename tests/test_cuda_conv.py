@@ -82,6 +82,13 @@ def test_simt_pipelined_16bit_conv_matches_fp64(name, dtype):
     _check_conv("simt", name, dtype, "channels_last", PIPELINE_CASES[name])
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=_ids)
+def test_simt_pipelined_16bit_fused_matches_fp64(dtype):
+    """The prologue applied by each thread to its own cp.async copies (forward: x; weight grad:
+    x again), with the epilogue and statistics, padding taps kept zero."""
+    check_fused_matches_fp64("simt", "everything", dtype, "channels_last", PIPELINE_CASES["pipeline_3x3_s2_dilated"])
+
+
 def test_simt_strided_input():
     device = require_backend("simt")
     x, w, b, args = make_case(CASES["3x3_s2_odd_batch1"], torch.float32, device, "strided")

@@ -14,10 +14,11 @@
 // coordinates decoded once and depth coordinates once per slice into shared memory), then
 //   half/bfloat16: 4 warps, each 32x32 of 16x16x16 tensor-core tiles (pk/tile.h), fp32 accumulators;
 //   float:         FMA, each thread 8x4 outputs.
-// Staging: 16-bit operands with channels per group a multiple of 8 and no prologue go through a
-// 3-stage cp.async pipeline (pk/async_copy.h; 16-byte copies into tiles stored the way memory is
-// contiguous, one barrier per slice); a prologue, fp32, or other channel counts stage each slice
-// through registers (16-byte loads where the channels per group allow, scalar otherwise).
+// Staging: 16-bit operands with channels per group a multiple of 8 go through a 3-stage cp.async
+// pipeline (pk/async_copy.h; 16-byte copies into tiles stored the way memory is contiguous, one
+// barrier per slice, a prologue applied by each thread to its own copies after its wait); fp32
+// or other channel counts stage each slice through registers (16-byte loads where the channels
+// per group allow, scalar otherwise).
 // The accumulators go through shared memory to the epilogue, which writes coalesced along the
 // contiguous dimension (channels, NHWC) and, in the forward, adds bias, reduces the channel
 // statistics of the tile (deterministic: one partial per row tile) and applies the epilogue.
@@ -150,15 +151,23 @@ struct ForwardProblem {
   PK_DEVICE const T* b_source(int g, index_t k, const DepthInfo&, index_t col, const ColInfo&) const {
     return w + (g * geo.cout_g + col) * depth + k;
   }
+  // The prologue on a run of A as loaded (padding taps stay zero); false where it changes nothing.
+  template <int V>
+  PK_DEVICE bool prologue_a(int g, const RowInfo& r, const DepthInfo& d, T (&run)[V]) const {
+    if (prologue.identity() || a_source(g, r, d) == nullptr) return false;
+#pragma unroll
+    for (int j = 0; j < V; ++j) run[j] = prologue.apply(run[j], g * geo.cin_g + d.c + j);
+    return true;
+  }
+  template <int V>
+  PK_DEVICE bool prologue_b(int, index_t, const DepthInfo&, index_t, const ColInfo&, T (&)[V]) const {
+    return false;
+  }
   // A run of V elements along depth: V channels of one tap (cin_g % V == 0).
   template <int V>
   PK_DEVICE void a(int g, const RowInfo& r, const DepthInfo& d, T (&out)[V]) const {
-    const T* const src = a_source(g, r, d);
-    load_run<V>(src, out);
-    if (src != nullptr && !prologue.identity()) {  // padding stays zero
-#pragma unroll
-      for (int j = 0; j < V; ++j) out[j] = prologue.apply(out[j], g * geo.cin_g + d.c + j);
-    }
+    load_run<V>(a_source(g, r, d), out);
+    prologue_a<V>(g, r, d, out);
   }
   template <int V>  // along depth
   PK_DEVICE void b(int g, index_t k, const DepthInfo& d, index_t col, const ColInfo& c, T (&out)[V]) const {
@@ -341,18 +350,26 @@ struct WeightGradProblem {
     const bool inside = ih >= 0 && ih < geo.H && iw >= 0 && iw < geo.W;
     return inside ? x + (d.image + index_t(ih) * geo.W + iw) * geo.C_in + g * geo.cin_g + c.c : nullptr;
   }
+  template <int V>
+  PK_DEVICE bool prologue_a(int, const RowInfo&, const DepthInfo&, T (&)[V]) const {
+    return false;
+  }
+  // The prologue on a run of B as loaded (padding taps stay zero); false where it changes nothing.
+  template <int V>
+  PK_DEVICE bool prologue_b(int g, index_t k, const DepthInfo& d, index_t col, const ColInfo& c, T (&run)[V]) const {
+    if (prologue.identity() || b_source(g, k, d, col, c) == nullptr) return false;
+#pragma unroll
+    for (int j = 0; j < V; ++j) run[j] = prologue.apply(run[j], g * geo.cin_g + c.c + j);
+    return true;
+  }
   template <int V>  // along rows (output channels)
   PK_DEVICE void a(int g, const RowInfo& r, const DepthInfo& d, T (&out)[V]) const {
     load_run<V>(a_source(g, r, d), out);
   }
   template <int V>  // along columns: V input channels of one tap (cin_g % V == 0)
   PK_DEVICE void b(int g, index_t k, const DepthInfo& d, index_t col, const ColInfo& c, T (&out)[V]) const {
-    const T* const src = b_source(g, k, d, col, c);
-    load_run<V>(src, out);
-    if (src != nullptr && !prologue.identity()) {  // padding stays zero
-#pragma unroll
-      for (int j = 0; j < V; ++j) out[j] = prologue.apply(out[j], g * geo.cin_g + c.c + j);
-    }
+    load_run<V>(b_source(g, k, d, col, c), out);
+    prologue_b<V>(g, k, d, col, c, out);
   }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
   PK_DEVICE int bind(unsigned z) { return static_cast<int>(z); }
@@ -409,10 +426,11 @@ PK_DEVICE void run_start(int e, int& i, int& k) {
 // VEC: elements per load along each operand's contiguous dimension (16 bytes, or 1); the
 // launcher picks VEC > 1 only where every run of VEC stays inside one tap and is aligned.
 // STAGES: 1 stages each K slice through registers (loads, prologue, store to shared memory,
-// compute); > 1 (16-bit, 16-byte runs, no prologue) is a cp.async pipeline that keeps STAGES - 1
-// slices in flight while the tensor cores work on the oldest. The prologue needs the loaded
-// values in registers (and padding taps must stay zero, not become act(shift)), so a problem
-// with a prologue takes the register path instead of a second pass over the shared tile.
+// compute); > 1 (16-bit, 16-byte runs) is a cp.async pipeline that keeps STAGES - 1 slices in
+// flight while the tensor cores work on the oldest. cp.async cannot transform what it copies, so
+// there a prologue runs on the shared tile: each thread transforms the runs it copied itself
+// between its wait (which makes its own copies visible to it) and the barrier (which publishes
+// them), with no extra barrier; padding taps stay zero.
 template <typename T, int VEC, int STAGES, typename Problem>
 __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t split_len) {
   using Config = Tiles<T, Problem, STAGES>;
@@ -453,18 +471,21 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
   }
 
-  // Decoded indices: rows and columns once, depth per K slice in two slots (the pipeline decodes
-  // a slice one step before it issues the slice's copies).
+  // Decoded indices: rows and columns once, depth per K slice (the pipeline decodes a slice one
+  // step before it issues the slice's copies).
   PK_SHARED(typename Problem::RowInfo, row_info, kBlockM);
   PK_SHARED(typename Problem::ColInfo, col_info, kBlockN);
-  PK_SHARED(typename Problem::DepthInfo, depth_info, 2 * kBlockK);
+  // Slot ring: a slice's decoded depth is read by its issue and, with a prologue, once more after
+  // its wait, STAGES - 1 steps later.
+  constexpr int kSlots = STAGES > 2 ? STAGES : 2;
+  PK_SHARED(typename Problem::DepthInfo, depth_info, kSlots * kBlockK);
   for (int r = tid; r < kBlockM; r += kThreads) row_info[r] = p.row_info(m0 + r);
   for (int c = tid; c < kBlockN; c += kThreads) col_info[c] = p.col_info(n0 + c);
   const index_t steps = k_end > k_begin ? (k_end - k_begin + kBlockK - 1) / kBlockK : 0;
   auto decode = [&](index_t step) {
     if (step >= steps) return;
     const index_t k0 = k_begin + step * kBlockK;
-    typename Problem::DepthInfo* const slot = depth_info + (step % 2) * kBlockK;
+    typename Problem::DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
     for (int kk = tid; kk < kBlockK; kk += kThreads) slot[kk] = p.depth_info(k0 + kk);
   };
 
@@ -506,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
     T* const Bs = staging + TileA::kElements;
     for (index_t step = 0; step < steps; ++step) {
       const index_t k0 = k_begin + step * kBlockK;
-      const typename Problem::DepthInfo* const slot = depth_info + (step % 2) * kBlockK;
+      const typename Problem::DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
       decode(step);
       __syncthreads();  // the decoded indices are written and the previous step's compute is done
       // A run lies wholly inside or outside the tile's valid range (the extents are multiples of VEC).
@@ -545,12 +566,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       // its decoded indices go to the other slot.
     }
   } else {
-    // Copies of slice `step` into stage step % STAGES, from the decoded slot step % 2; out-of-
-    // range runs and padding taps are zero-filled (their source is the operand's base, unread).
+    // Copies of slice `step` into stage step % STAGES, from its decoded slot; out-of-range runs
+    // and padding taps are zero-filled (their source is the operand's base, unread).
     auto issue = [&](index_t step) {
       if (step < steps) {
         const index_t k0 = k_begin + step * kBlockK;
-        const typename Problem::DepthInfo* const slot = depth_info + (step % 2) * kBlockK;
+        const typename Problem::DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
         T* const As = staging + (step % STAGES) * Config::kStageElements;
         T* const Bs = As + TileA::kElements;
         static_assert(kBlockM * kBlockK / VEC % kThreads == 0 && kBlockK * kBlockN / VEC % kThreads == 0,
@@ -579,14 +600,46 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       __syncthreads();  // slice s decoded; slice s - 2 (same slot) issued by every thread
       issue(s);
     }
+    // The prologue on the runs this thread copied for slice `step` (the same runs issue() took).
+    auto transform_own = [&](index_t step) {
+      if constexpr (Problem::kPrologue) {
+        const index_t k0 = k_begin + step * kBlockK;
+        const typename Problem::DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
+        T* const As = staging + (step % STAGES) * Config::kStageElements;
+        T* const Bs = As + TileA::kElements;
+#pragma unroll
+        for (int t = 0; t < kBlockM * kBlockK / VEC / kThreads; ++t) {
+          int r, kk;
+          run_start<Problem::kAAlongDepth, kBlockM, VEC>(tid + t * kThreads, r, kk);
+          if (m0 + r >= p.rows || k0 + kk >= k_end) continue;
+          Vec<T, VEC>* const run = reinterpret_cast<Vec<T, VEC>*>(As + TileA::at(r, kk));
+          Vec<T, VEC> v = *run;
+          if (p.template prologue_a<VEC>(g, row_info[r], slot[kk], v.v)) *run = v;
+        }
+#pragma unroll
+        for (int t = 0; t < kBlockK * kBlockN / VEC / kThreads; ++t) {
+          int c, kk;
+          run_start<Problem::kBAlongDepth, kBlockN, VEC>(tid + t * kThreads, c, kk);
+          const index_t k = k0 + kk, n = n0 + c;
+          if (n >= p.cols || k >= k_end) continue;
+          Vec<T, VEC>* const run = reinterpret_cast<Vec<T, VEC>*>(Bs + TileB::at(c, kk));
+          Vec<T, VEC> v = *run;
+          if (p.template prologue_b<VEC>(g, k, slot[kk], n, col_info[c], v.v)) *run = v;
+        }
+      }
+    };
+    bool with_prologue = false;
+    if constexpr (Problem::kPrologue) with_prologue = p.has_prologue();
     decode(STAGES - 1);
     for (index_t step = 0; step < steps; ++step) {
       async_wait<STAGES - 2>();  // this thread's copies of slice `step` have landed
-      // Every thread's copies of slice `step` landed, every thread is done computing step - 1
-      // (whose stage the next issue overwrites), and slice step + STAGES - 1 is decoded.
+      if (with_prologue) transform_own(step);
+      // Every thread's copies of slice `step` landed (and are transformed), every thread is done
+      // computing step - 1 (whose stage the next issue overwrites), slice step + STAGES - 1 is decoded.
       __syncthreads();
       issue(step + STAGES - 1);
-      decode(step + STAGES);  // its slot was last read by the issue of step + STAGES - 2, above the barrier
+      // Its slot (step's, in a ring of STAGES) was last read by transform_own(step), above the barrier.
+      decode(step + STAGES);
       const T* const As = staging + (step % STAGES) * Config::kStageElements;
       compute(As, As + TileA::kElements);
     }
@@ -690,12 +743,6 @@ void launch_gemm(const Problem& p, bool vectorized, index_t grid_z, index_t spli
   } else if constexpr (std::is_same<T, float>::value) {  // FMA: register-staged
     launch(gemm_kernel<T, kVec, 1, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
   } else {
-    if constexpr (Problem::kPrologue) {
-      if (p.has_prologue()) {  // applied in registers: the register-staged path
-        launch(gemm_kernel<T, kVec, 1, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
-        return;
-      }
-    }
     launch(gemm_kernel<T, kVec, kAsyncStages, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
   }
 }
