@@ -2,9 +2,10 @@
 // nvcc and the SIMT emulator (pk/simt.h). Semantics: packed_kernels/ops/batch_norm.py; layout:
 // batch_norm.h.
 //
-// Work split: a 2-D grid of (channel block, split of the reduction axis) CTAs, sized to a few
-// CTAs per SM, each reading coalesced, 16-byte vectorised chunks (8-byte or scalar ones when the
-// contiguous run or a pointer forbids them):
+// Work split: a 2-D grid of (channel block, split of the reduction axis) CTAs, sized to one full
+// wave (the kernel's resident CTAs per SM x SMs; equal splits, so no tail wave), each reading
+// coalesced, 16-byte vectorised chunks (8-byte or scalar ones when the contiguous run or a
+// pointer forbids them):
 //   channels_last (S == 1): a CTA covers 128 bytes of consecutive channels (64 fp16 / 32 fp32)
 //     and a contiguous range of rows; threads run along the channels, VEC channels each.
 //   NCHW (S > 1): a CTA covers one channel and a contiguous range of its rows*S values, walked
@@ -42,12 +43,15 @@ using index_t = long long;
 constexpr int kThreads = 256;
 constexpr int kRowBytes = 128;       // channels_last: bytes of a row one CTA covers
 constexpr int kMinPasses = 2;        // a split gives every thread at least this many chunks
-constexpr int kReduceCtasPerSm = 4;  // reduction grids (their partials live in the workspace)
-constexpr int kElementwiseCtasPerSm = 8;
 constexpr int kFinalizeChannels = 32;                        // finalize: channels per CTA (x) ...
 constexpr int kFinalizeLanes = kThreads / kFinalizeChannels;  // ... times lanes over the splits
+// Grids are one full wave: as many CTAs as fit on the SMs at once (registers, shared memory),
+// at most 2048 threads per SM (sm_80/90; 1536 on sm_86/89), which bounds the workspace.
 #ifdef PK_SIMT_ENABLED
-constexpr int kEmulatedMultiprocessors = 2;  // small grids: tests still see several splits
+constexpr int kEmulatedMultiprocessors = 2;  // 2 x 4 CTAs: small tests still see several splits
+constexpr int kMaxResidentCtas = 4;
+#else
+constexpr int kMaxResidentCtas = 2048 / kThreads;
 #endif
 
 template <typename T>
@@ -545,6 +549,20 @@ inline int multiprocessors() {
 #endif
 }
 
+// CTAs of `kernel` (kThreads each) resident on one SM at once.
+template <typename... Params>
+int resident_ctas(void (*kernel)(Params...)) {
+#ifdef PK_SIMT_ENABLED
+  (void)kernel;
+  return kMaxResidentCtas;
+#else
+  int count = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kernel, kThreads, 0) != cudaSuccess || count < 1)
+    throw std::runtime_error("batch_norm kernels: cannot query the kernels' occupancy");
+  return count < kMaxResidentCtas ? count : kMaxResidentCtas;
+#endif
+}
+
 inline void check_layout(const Layout& l) {
   if (l.rows < 1 || l.channels < 1 || l.spatial < 1)
     throw std::invalid_argument("batch_norm kernels: unsupported sizes");
@@ -564,7 +582,7 @@ index_t channel_blocks(const Layout& l) {
 // The most splits a reduction grid uses (the workspace holds 2 x splits x C partials).
 template <typename T>
 index_t max_reduce_splits(const Layout& l) {
-  const index_t target = index_t(kReduceCtasPerSm) * multiprocessors();
+  const index_t target = index_t(kMaxResidentCtas) * multiprocessors();
   const index_t splits = ceil_div(target, channel_blocks<T>(l));
   return splits > 1 ? splits : 1;
 }
@@ -575,7 +593,7 @@ struct Plan {
   index_t splits;
 };
 
-// Splits of the reduction axis: about ctas_per_sm CTAs per SM over all channel blocks, each
+// Splits of the reduction axis: ctas_per_sm CTAs per SM over all channel blocks (one wave), each
 // split at least kMinPasses chunks per thread; the splits' sizes differ by at most the last one.
 template <typename T, int VEC, bool kChannelsLast>
 Plan make_plan(const Layout& l, int ctas_per_sm) {
@@ -663,7 +681,8 @@ void forward(ScalarType dtype, const Layout& l, const void* x, const void* resid
       constexpr bool CL = decltype(channels_last)::value;
       const T* xt = static_cast<const T*>(x);
       if (training) {
-        const detail::Plan p = detail::make_plan<T, VEC, CL>(l, detail::kReduceCtasPerSm);
+        const detail::Plan p =
+            detail::make_plan<T, VEC, CL>(l, detail::resident_ctas(detail::stats_kernel<T, VEC, CL>));
         float* part_mean = workspace;
         float* part_m2 = workspace + p.splits * l.channels;
         launch(detail::stats_kernel<T, VEC, CL>, p.grid, dim3(detail::kThreads), 0, stream, xt, p.geometry,
@@ -674,7 +693,8 @@ void forward(ScalarType dtype, const Layout& l, const void* x, const void* resid
                static_cast<const float*>(part_m2), l.channels, l.stride_c, p.splits, p.geometry.units,
                p.geometry.per_split, static_cast<float>(CL ? 1 : VEC), eps, batch_mean, batch_var, batch_invstd);
       }
-      const detail::Plan p = detail::make_plan<T, VEC, CL>(l, detail::kElementwiseCtasPerSm);
+      const detail::Plan p =
+          detail::make_plan<T, VEC, CL>(l, detail::resident_ctas(detail::normalize_kernel<T, VEC, CL>));
       launch(detail::normalize_kernel<T, VEC, CL>, p.grid, dim3(detail::kThreads), 0, stream, xt,
              static_cast<const T*>(residual), training ? static_cast<const float*>(batch_mean) : running_mean,
              training ? static_cast<const float*>(batch_invstd) : running_var, weight, bias, p.geometry,
@@ -699,7 +719,8 @@ void backward(ScalarType dtype, const Layout& l, const void* grad, const void* x
       const T* gt = static_cast<const T*>(grad);
       const T* xt = static_cast<const T*>(x);
       const T* yt = static_cast<const T*>(output);
-      const detail::Plan r = detail::make_plan<T, VEC, CL>(l, detail::kReduceCtasPerSm);
+      const detail::Plan r =
+          detail::make_plan<T, VEC, CL>(l, detail::resident_ctas(detail::backward_reduce_kernel<T, VEC, CL>));
       float* part_g = workspace;
       float* part_gx = workspace + r.splits * l.channels;
       launch(detail::backward_reduce_kernel<T, VEC, CL>, r.grid, dim3(detail::kThreads), 0, stream, gt, xt, yt,
@@ -708,7 +729,8 @@ void backward(ScalarType dtype, const Layout& l, const void* grad, const void* x
              dim3(static_cast<unsigned>(detail::ceil_div(l.channels, detail::kFinalizeChannels))),
              dim3(detail::kThreads), 0, stream, static_cast<const float*>(part_g), static_cast<const float*>(part_gx),
              static_cast<detail::index_t>(l.channels), r.splits, grad_weight, grad_bias);
-      const detail::Plan p = detail::make_plan<T, VEC, CL>(l, detail::kElementwiseCtasPerSm);
+      const detail::Plan p =
+          detail::make_plan<T, VEC, CL>(l, detail::resident_ctas(detail::backward_elementwise_kernel<T, VEC, CL>));
       launch(detail::backward_elementwise_kernel<T, VEC, CL>, p.grid, dim3(detail::kThreads), 0, stream, gt, xt,
              yt, mean, invstd, weight, static_cast<const float*>(grad_bias), static_cast<const float*>(grad_weight),
              p.geometry, 1.0f / static_cast<float>(l.rows * l.spatial), training, relu,
