@@ -447,6 +447,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dilation"), py::arg("groups"), py::arg("partials"));
   m.def("conv_forward_row_tiles", &conv_forward_row_tiles, py::arg("batch"), py::arg("out_h"),
         py::arg("out_w"));
+  m.def("conv_forward_rows_per_tile", &pk::conv::forward_rows_per_tile);
   m.def("conv_weight_grad_splits", &conv_weight_grad_splits, py::arg("batch"), py::arg("in_channels"),
         py::arg("out_channels"), py::arg("kernel_h"), py::arg("kernel_w"), py::arg("out_h"),
         py::arg("out_w"), py::arg("groups"));

@@ -219,10 +219,10 @@ def test_cuda_agrees_with_triton(dtype):
     results = {}
     for backend in ("cuda", "triton"):
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-        out, total, total_sq = pk.fused_conv2d(*leaves, **args, **tensors, **flags, backend=backend)
+        out, mean, var = pk.fused_conv2d(*leaves, **args, **tensors, **flags, backend=backend)
         out.float().square().sum().backward()
-        results[backend] = [out, total, total_sq] + [t.grad for t in leaves]
-    for name, c, t in zip(("out", "sum", "sum_sq", "grad input", "grad weight", "grad bias"),
+        results[backend] = [out, mean, var] + [t.grad for t in leaves]
+    for name, c, t in zip(("out", "mean", "var", "grad input", "grad weight", "grad bias"),
                           results["cuda"], results["triton"]):
         # Both accumulate in fp32 over the same products; they differ in summation order and in
         # where 16-bit rounding happens, so compare at the dtype's resolution.
@@ -312,9 +312,11 @@ SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "
 # (2^-11 half, 2^-8 bfloat16) of the exact value, so 2u; the channel statistics and the
 # weight-grad partials stay fp32.
 SELFTEST_BOUNDS = {
-    "float32": dict(forward=1e-5, stats=1e-5, input_grad=1e-5, weight_grad=1e-5),
-    "float16": dict(forward=2 * 2.0 ** -11, stats=1e-5, input_grad=2 * 2.0 ** -11, weight_grad=1e-5),
-    "bfloat16": dict(forward=2 * 2.0 ** -8, stats=1e-5, input_grad=2 * 2.0 ** -8, weight_grad=1e-5),
+    "float32": dict(forward=1e-5, mean=1e-5, var=1e-5, input_grad=1e-5, weight_grad=1e-5),
+    "float16": dict(forward=2 * 2.0 ** -11, mean=1e-5, var=1e-5, input_grad=2 * 2.0 ** -11,
+                    weight_grad=1e-5),
+    "bfloat16": dict(forward=2 * 2.0 ** -8, mean=1e-5, var=1e-5, input_grad=2 * 2.0 ** -8,
+                     weight_grad=1e-5),
 }
 for _bounds in SELFTEST_BOUNDS.values():  # without prologue/epilogue: same output precisions
     _bounds.update(forward_plain=_bounds["forward"], weight_grad_plain=_bounds["weight_grad"])

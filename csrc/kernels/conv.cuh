@@ -21,7 +21,8 @@
 // per group allow, scalar otherwise).
 // The accumulators go through shared memory to the epilogue, which writes coalesced along the
 // contiguous dimension (channels, NHWC) and, in the forward, adds bias, reduces the channel
-// statistics of the tile (deterministic: one partial per row tile) and applies the epilogue.
+// statistics of the tile (sum and M2 about the tile mean; deterministic: one partial per row
+// tile) and applies the epilogue.
 #pragma once
 
 #include <algorithm>
@@ -663,20 +664,25 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   }
   __syncthreads();
 
-  if (p.stats != nullptr) {  // forward only: per-column sum and sum of squares of this row tile
+  if (p.stats != nullptr) {
+    // Forward only: per column of this row tile, the sum of y and its M2 about the tile's own
+    // mean (two passes over the tile in shared memory: no cancellation when |mean| >> std).
+    // One thread per column; the caller merges the tiles with Chan's formula.
     const index_t valid_rows = p.rows - m0 < kBlockM ? p.rows - m0 : kBlockM;
     for (int c = tid; c < kBlockN; c += kThreads) {
       const index_t n = n0 + c;
       if (n >= p.cols) continue;
-      float sum = 0.0f, sum_sq = 0.0f;
+      float sum = 0.0f;
+      for (int r = 0; r < valid_rows; ++r) sum += p.pre_epilogue(g, n, Cs[r * kLdC + c]);
+      const float mean = sum / static_cast<float>(valid_rows);
+      float m2 = 0.0f;
       for (int r = 0; r < valid_rows; ++r) {
-        const float v = p.pre_epilogue(g, n, Cs[r * kLdC + c]);
-        sum += v;
-        sum_sq += v * v;
+        const float d = p.pre_epilogue(g, n, Cs[r * kLdC + c]) - mean;
+        m2 = fmaf(d, d, m2);
       }
       float* const out = p.stats + index_t(blockIdx.x) * 2 * p.geo.C_out + g * p.geo.cout_g + n;
       out[0] = sum;
-      out[p.geo.C_out] = sum_sq;
+      out[p.geo.C_out] = m2;
     }
   }
   for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
@@ -822,6 +828,8 @@ void weight_grad(const Shape& s, const void* grad, const void* x, const Prologue
 std::int64_t forward_row_tiles(const Shape& s) {
   return detail::ceil_div(s.batch * s.out_height * s.out_width, detail::kBlockM);
 }
+
+std::int64_t forward_rows_per_tile() { return detail::kBlockM; }
 
 int weight_grad_splits(const Shape& s) {
   // Enough blocks to fill a large GPU twice over, while every slab keeps >= 8 depth steps.

@@ -45,10 +45,14 @@ struct Epilogue {
 
 // Row tiles of the forward GEMM: the first dimension of its channel-statistics partials.
 std::int64_t forward_row_tiles(const Shape& s);
+// Rows (output pixels) per forward row tile: tile t holds min(this, rows - t * this) of them.
+std::int64_t forward_rows_per_tile();
 
 // y = epilogue(conv(prologue(x), w)). With stats != nullptr, stats is a (forward_row_tiles, 2,
-// C_out) fp32 buffer that receives, per row tile, the sum and sum of squares of y (before the
-// epilogue's scale/shift/residual/activation, after the bias); the caller sums over row tiles.
+// C_out) fp32 buffer that receives, per row tile t, the sum of y over the tile's valid rows c_t
+// (kBlockM, fewer in the last tile) and M2_t, the sum of squared deviations from the tile's own
+// mean sum/c_t (y before the epilogue's scale/shift/residual/activation, after the bias). The
+// caller merges tiles with Chan's formula: mean = sum/n, M2 = sum M2_t + sum c_t (mean_t - mean)^2.
 void forward(ScalarType dtype, const Shape& s, const void* x, const void* w, const Prologue& pro,
              const Epilogue& epi, void* y, float* stats, Stream stream);
 

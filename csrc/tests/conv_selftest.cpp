@@ -7,7 +7,8 @@
 // Usage: conv_selftest <float32|float16|bfloat16> <odd|aligned>; prints key=value lines:
 //   vectorized = whether the launchers took the 16-byte path ("aligned": channels per group a
 //   multiple of 8, "odd": 3 per group, the scalar path);
-//   forward, stats, input_grad, weight_grad = relative L2 error vs the reference;
+//   forward, mean, var, input_grad, weight_grad = relative L2 error vs the reference (mean and
+//   var: the channel statistics, the kernel's per-tile (sum, M2) merged with Chan's formula);
 //   forward_plain, weight_grad_plain: the same without prologue and epilogue (with 16-bit types
 //   and the 16-byte path: the cp.async pipeline, as input_grad always is).
 #include <cmath>
@@ -131,15 +132,29 @@ int run(bool aligned) {
                      : std::is_same<T, pk::half>::value ? pk::ScalarType::kFloat16
                                                         : pk::ScalarType::kBFloat16;
   const long row_tiles = pk::conv::forward_row_tiles(s);
+  const long rows = s.batch * s.out_height * s.out_width, tile_rows = pk::conv::forward_rows_per_tile();
+  std::vector<double> ref_mean(s.out_channels), ref_var(s.out_channels);
+  for (long co = 0; co < s.out_channels; ++co) {
+    ref_mean[co] = ref_stats[co] / rows;
+    ref_var[co] = ref_stats[s.out_channels + co] / rows - ref_mean[co] * ref_mean[co];
+  }
   std::vector<T> y(y_size, pk::from_float<T>(NAN));
   std::vector<float> stats(row_tiles * 2 * s.out_channels, NAN);
   const pk::conv::Prologue pro{in_scale.data(), in_shift.data(), pk::conv::Activation::kRelu};
   const pk::conv::Epilogue epi{bias.data(), out_scale.data(), out_shift.data(), residual.data(),
                                pk::conv::Activation::kRelu};
   pk::conv::forward(dtype, s, x.data(), w.data(), pro, epi, y.data(), stats.data(), nullptr);
-  std::vector<double> our_stats(2 * s.out_channels, 0.0);
-  for (long t = 0; t < row_tiles; ++t)
-    for (long i = 0; i < 2 * s.out_channels; ++i) our_stats[i] += stats[t * 2 * s.out_channels + i];
+  std::vector<double> our_mean(s.out_channels, 0.0), our_var(s.out_channels, 0.0);
+  for (long co = 0; co < s.out_channels; ++co) {
+    for (long t = 0; t < row_tiles; ++t) our_mean[co] += stats[t * 2 * s.out_channels + co];
+    our_mean[co] /= rows;
+    for (long t = 0; t < row_tiles; ++t) {
+      const long count = rows - t * tile_rows < tile_rows ? rows - t * tile_rows : tile_rows;
+      const double deviation = stats[t * 2 * s.out_channels + co] / count - our_mean[co];
+      our_var[co] += stats[(t * 2 + 1) * s.out_channels + co] + count * deviation * deviation;
+    }
+    our_var[co] /= rows;
+  }
 
   std::vector<T> gx(x_size, pk::from_float<T>(NAN));
   pk::conv::input_grad(dtype, s, grad.data(), w.data(), gx.data(), nullptr);
@@ -165,7 +180,8 @@ int run(bool aligned) {
   std::printf("vectorized=%d\n", int(pk::conv::detail::vectorizable<T>(pk::conv::detail::geometry(s),
                                                                       x.data(), w.data())));
   std::printf("forward=%.3e\n", relative_error(as_double(y), ref_out));
-  std::printf("stats=%.3e\n", relative_error(our_stats, ref_stats));
+  std::printf("mean=%.3e\n", relative_error(our_mean, ref_mean));
+  std::printf("var=%.3e\n", relative_error(our_var, ref_var));
   std::printf("input_grad=%.3e\n", relative_error(as_double(gx), ref_gx));
   std::printf("weight_grad=%.3e\n", relative_error(our_gw, ref_gw));
   std::printf("forward_plain=%.3e\n", relative_error(as_double(plain_y), ref_plain_y));

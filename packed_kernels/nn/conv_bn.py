@@ -5,9 +5,9 @@ the pair.
 Inference: BatchNorm is folded into the convolution's epilogue (per-channel scale and shift),
 with the residual add and ReLU in the same kernel: one launch per block.
 
-Training: the convolution's epilogue also returns per-channel sum and sum of squares of its
-output (channel_stats), which are the BatchNorm batch statistics without another pass over the
-activation. BatchNorm + ReLU is then either
+Training: the convolution's epilogue also returns the per-channel mean and biased variance of
+its output (channel_stats, computed stably from per-tile M2s), which are the BatchNorm batch
+statistics without another pass over the activation. BatchNorm + ReLU is then either
   - deferred (`defer=True`, no residual): it returns a DeferredBatchNorm (the raw conv output
     and its normalisation), which the next conv_bn_act / ConvBNAct2d applies in its convolution's
     prologue while loading, so the activation is written once and read once; or
@@ -95,15 +95,13 @@ def _conv_module_parts(conv: nn.Module):
     return inner, getattr(conv, "backend", None)
 
 
-def _batch_moments(y: Tensor, total: Tensor, total_sq: Tensor):
-    """(mean, biased variance) per channel from the conv epilogue's sums, and the count."""
+def _batch_count(y: Tensor) -> int:
+    """Values per channel of the conv output (BN's training statistics need more than one)."""
     count = y.numel() // y.shape[1]
     if count <= 1:
         raise ValueError(f"conv_bn_act: expected more than 1 value per channel when training, got "
                          f"a conv output of shape {tuple(y.shape)}")
-    mean = total / count
-    var = (total_sq / count - mean * mean).clamp_min(0.0)  # biased, as BN normalises with
-    return mean, var, count
+    return count
 
 
 def _stock(x, conv: nn.Module, bn: Optional[nn.Module], residual: Optional[Tensor],
@@ -172,8 +170,9 @@ def conv_bn_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, bn: Option
             shift = shift + bn.bias.to(dtype)
         return fused_conv2d(raw, weight, bias, **geometry, **prologue, out_scale=scale,
                             out_shift=shift, residual=residual, activation=activation)
-    y, total, total_sq = fused_conv2d(raw, weight, bias, **geometry, **prologue, channel_stats=True)
-    mean, var, count = _batch_moments(y, total, total_sq)
+    # var is biased, as BN normalises with (stable: per-tile M2s merged by Chan's formula)
+    y, mean, var = fused_conv2d(raw, weight, bias, **geometry, **prologue, channel_stats=True)
+    count = _batch_count(y)
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():  # as torch.nn.BatchNorm2d, with the unbiased batch variance
             bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)

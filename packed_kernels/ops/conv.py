@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import _alloc, _backend
 from .._checks import check_float_tensor, check_positive_int, check_same_device_dtype
+from .._tile_stats import merge_tile_moments
 from ._autograd import unaliased
 
 IntPair = Union[int, Sequence[int]]
@@ -156,8 +157,9 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def reference_channel_stats(y: Tensor) -> Tuple[Tensor, Tensor]:
-    y = y.to(_stats_dtype(y.dtype))
-    return y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))
+    """Per-channel (mean, biased variance) of y over (N, H, W), fp32 (fp64 for fp64)."""
+    var, mean = torch.var_mean(y.to(_stats_dtype(y.dtype)), (0, 2, 3), correction=0)
+    return mean, var
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def _ohwi(weight: Tensor) -> Tensor:
 def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
                       prologue=(None, None, None), epilogue=(None, None, None, None),
                       channel_stats=False):
-    """(out, sum, sum of squares) like _conv_forward, on the csrc kernels."""
+    """(out, mean, var) like _conv_forward, on the csrc kernels."""
     ext = _backend.extension(_CSRC_EXTENSIONS[backend])
     in_scale, in_shift, in_activation = prologue
     out_scale, out_shift, residual, activation = epilogue
@@ -198,7 +200,7 @@ def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, g
     out_h, out_w = _output_hw(input.shape[2:], weight, stride, padding, dilation)
     y = _alloc.empty((n, c_out, out_h, out_w), x, memory_format=torch.channels_last)
     stats = None
-    if channel_stats:  # one fp32 partial per row tile, summed here (deterministic)
+    if channel_stats:  # one fp32 (sum, M2) partial per row tile, merged here (deterministic)
         stats = _alloc.empty((ext.conv_forward_row_tiles(n, out_h, out_w), 2, c_out), x,
                              dtype=torch.float32)
     ext.conv_forward(x, _ohwi(weight), _vector(bias), _vector(in_scale), _vector(in_shift),
@@ -208,8 +210,8 @@ def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, g
     out = y.contiguous(memory_format=_format_of(input))
     if stats is None:
         return out, None, None
-    totals = stats.sum(0)
-    return out, totals[0], totals[1]
+    return (out, *merge_tile_moments(stats[:, 0], stats[:, 1], n * out_h * out_w,
+                                     ext.conv_forward_rows_per_tile()))
 
 
 def csrc_conv_input_grad(backend, grad, weight, input_shape, stride, padding, dilation, groups,
@@ -246,7 +248,8 @@ def csrc_conv_weight_grad(backend, grad, input, weight_shape, stride, padding, d
 
 def _conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
                   prologue=(None, None, None), epilogue=(None, None, None, None), channel_stats=False):
-    """(out, sum, sum of squares) of act(conv(prologue(x)) + bias) ...; stats None if not asked."""
+    """(out, mean, var) of act(conv(prologue(x)) + bias) ...: mean and biased variance of the
+    pre-epilogue y per output channel (fp32, fp64 for fp64), None if not asked."""
     fmt = _format_of(input)
     if backend == "triton":
         from ..triton import conv as tc
@@ -257,9 +260,9 @@ def _conv_forward(backend, input, weight, bias, stride, padding, dilation, group
                                  prologue, epilogue, channel_stats)
     y = reference_conv2d(reference_prologue(input, *prologue), weight, bias, stride, padding,
                          dilation, groups)
-    sums = reference_channel_stats(y) if channel_stats else (None, None)
+    stats = reference_channel_stats(y) if channel_stats else (None, None)
     out = reference_epilogue(y, *epilogue).contiguous(memory_format=fmt)
-    return (out, *sums)
+    return (out, *stats)
 
 
 def _conv_grads(backend, grad, input, weight, stride, padding, dilation, groups,
@@ -356,13 +359,13 @@ def _fused_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], in_s
                      padding: Sequence[int], dilation: Sequence[int], groups: int,
                      in_activation: Optional[str], activation: Optional[str], channel_stats: bool,
                      backend: str) -> tuple[Tensor, Tensor]:
-    """(out, stats): stats is (2, C_out) [sum; sum of squares], or (0, C_out) when not asked
-    (a custom op returns a fixed structure)."""
-    out, total, total_sq = _conv_forward(
+    """(out, stats): stats is (2, C_out) [mean; biased variance] of the pre-epilogue y, or
+    (0, C_out) when not asked (a custom op returns a fixed structure)."""
+    out, mean, var = _conv_forward(
         backend, input, weight, bias, stride, padding, dilation, groups,
         (in_scale, in_shift, in_activation), (out_scale, out_shift, residual, activation), channel_stats)
     if channel_stats:
-        stats = torch.stack((total, total_sq))
+        stats = torch.stack((mean, var))
     else:
         stats = input.new_empty((0, weight.shape[0]), dtype=_stats_dtype(input.dtype))
     return unaliased((out, stats), (input, weight, bias, in_scale, in_shift, out_scale,
@@ -391,7 +394,7 @@ def _fused_conv2d_backward_op(
         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
         in_activation: Optional[str], activation: Optional[str], channel_stats: bool, backend: str,
         need_input: bool, need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of (out, sum y, sum y^2) for y = conv(x_hat) + bias, x_hat = act(x s + b),
+    """Gradients of (out, mean y, var y) for y = conv(x_hat) + bias, x_hat = act(x s + b),
     out = act(y s' + b' + r). The convolutions run on `backend`; the per-channel glue is torch.
     Returns (input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual) grads,
     empty where that argument was None."""
@@ -410,9 +413,11 @@ def _fused_conv2d_backward_op(
             y = out
         y = y.to(compute)
     grad_y = grad_z if out_scale is None else grad_z * _per_channel(out_scale.to(compute))
-    if channel_stats:
-        grad_sum, grad_sum_sq = grad_stats.to(compute)
-        grad_y = grad_y + _per_channel(grad_sum) + 2 * y * _per_channel(grad_sum_sq)
+    if channel_stats:  # d mean/dy = 1/n, d var/dy = 2 (y - mean)/n per channel
+        grad_mean, grad_var = grad_stats.to(compute)
+        count = y.numel() // y.shape[1]
+        centred = y - y.mean(reduce, keepdim=True)
+        grad_y = grad_y + _per_channel(grad_mean / count) + centred * _per_channel(2 * grad_var / count)
     grad_y_conv = grad_y.to(input.dtype)
     prologue = (in_scale, in_shift, in_activation)
     grad_x_hat, grad_weight = _conv_grads(backend, grad_y_conv, input, weight, stride, padding,
@@ -563,9 +568,11 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     x_hat = in_act(input * in_scale + in_shift) (per channel; the conv zero-pads x_hat, so
     this is conv(relu(bn(x))) with BN folded into in_scale/in_shift).
 
-    Returns `out`, or with channel_stats=True `(out, sum, sum_sq)`: per output channel, the sum
-    and sum of squares of y over (N, H, W) in fp32 (fp64 for fp64 input) — BatchNorm batch
-    statistics of y without reading it again. Differentiable in every tensor argument."""
+    Returns `out`, or with channel_stats=True `(out, mean, var)`: per output channel, the mean
+    and biased (population) variance of y over (N, H, W) in fp32 (fp64 for fp64 input) —
+    BatchNorm's batch statistics of y without reading it again, computed stably (per-tile
+    two-pass M2 merged with Chan's formula; no E[y^2] - mean^2 cancellation when
+    |mean| >> std). Differentiable in every tensor argument."""
     op = "fused_conv2d"
     stride, padding4, dilation = conv_geometry(op, input, weight, bias, stride, padding, dilation, groups)
     for name, value in (("in_scale", in_scale), ("in_shift", in_shift)):

@@ -17,8 +17,10 @@ Fusion hooks (all constexpr-gated, so the plain conv pays nothing):
   prologue  x_hat = act(x * in_scale[c] + in_shift[c]) while loading; padding stays zero
             after it (padding applies to the transformed activation, as conv(relu(bn(x))));
   epilogue  out = act(y * out_scale[c] + out_shift[c] + residual), y = conv + bias;
-  stats     per-output-channel sum and sum of squares of y in fp32, written per row-block
-            (deterministic, no atomics) and summed by the launcher.
+  stats     per-output-channel sum of y and M2 (squared deviations from the row block's own
+            mean: two passes over the tile in registers) in fp32, written per row block
+            (deterministic, no atomics); the launcher merges the blocks into mean and variance
+            (Chan's formula, packed_kernels/_tile_stats.py), stable when |mean| >> std.
 Accumulation is fp32 (tl.dot); fp32 inputs use TF32 only when the caller allows it.
 """
 
@@ -33,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._tile_stats import merge_tile_moments
 from . import conv_tuning
 
 ACTIVATIONS = {None: 0, "relu": 1}  # name -> the ACT constexpr of the kernels
@@ -139,11 +142,13 @@ def _conv_forward_kernel(
     if HAS_BIAS:
         y += tl.load(bias_ptr + co, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
-    if STATS:  # [row block, 2, COUT] partial sums of the pre-epilogue output
-        y_valid = tl.where(out_ok, y, 0.0)
+    if STATS:  # [row block, 2, COUT]: sum and M2 about the block's mean of the pre-epilogue y
         stats_row = stats_ptr + pid_m.to(tl.int64) * 2 * COUT + co
-        tl.store(stats_row, tl.sum(y_valid, 0), mask=col_ok)
-        tl.store(stats_row + COUT, tl.sum(y_valid * y_valid, 0), mask=col_ok)
+        tile_sum = tl.sum(tl.where(out_ok, y, 0.0), 0)
+        tl.store(stats_row, tile_sum, mask=col_ok)
+        tile_mean = tile_sum / tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        deviation = tl.where(out_ok, y - tile_mean[None, :], 0.0)  # second pass, in registers
+        tl.store(stats_row + COUT, tl.sum(deviation * deviation, 0), mask=col_ok)
     if HAS_OUT_AFFINE:
         y = y * tl.load(out_scale_ptr + co, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         y += tl.load(out_shift_ptr + co, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -365,8 +370,8 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
                  memory_format=torch.contiguous_format, prologue: Prologue = Prologue(),
                  epilogue: Epilogue = Epilogue(), channel_stats: bool = False):
-    """y = epilogue(conv(prologue(x)) + bias) in `memory_format`; returns (y, sum, sum of
-    squares), the fp32 per-channel sums of the pre-epilogue output (None, None without
+    """y = epilogue(conv(prologue(x)) + bias) in `memory_format`; returns (y, mean, var), the
+    fp32 per-channel mean and biased variance of the pre-epilogue output (None, None without
     channel_stats)."""
     x = _nhwc(x)
     w_k = _kernel_weight(weight)
@@ -391,7 +396,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     y = _to_format(y, memory_format)
     if not channel_stats:
         return y, None, None
-    return y, partial[:, 0].sum(0), partial[:, 1].sum(0)
+    return (y, *merge_tile_moments(partial[:, 0], partial[:, 1], m, config.block_m))
 
 
 def _launch_forward(config, partial, x, w_k, bias, y, stride, padding, dilation, groups,
