@@ -175,41 +175,56 @@ TILED = {
 }
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(TILED))
 @pytest.mark.parametrize("training", [True, False])
-def test_split_and_channel_block_tails(case, training):
+def test_split_and_channel_block_tails(backend, case, training):
     shape, memory_format, dtype = TILED[case]
-    device = require_backend("simt", dtype)
-    _check_against_float64("simt", dtype, device, shape, memory_format, training, True, True, True)
+    device = require_backend(backend, dtype)
+    _check_against_float64(backend, dtype, device, shape, memory_format, training, True, True, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, memory_format", [((32, 256, 28, 28), torch.channels_last),
+                                                  ((32, 128, 14, 14), torch.contiguous_format),
+                                                  ((16, 2048, 7, 7), torch.channels_last),
+                                                  ((16, 512, 7, 7), torch.contiguous_format)])
+def test_model_sized_shapes_on_gpu(shape, memory_format):
+    """The real GPU plan (hundreds of splits, one wave over the SMs) on ResNet-like shapes, fp16."""
+    device = require_backend("cuda", torch.float16)
+    _check_against_float64("cuda", torch.float16, device, shape, memory_format, True, True, True, True)
 
 
 @pytest.mark.parametrize("shape, memory_format", [((4, 64, 3, 5), torch.channels_last),
                                                   ((3, 2, 16, 33), torch.contiguous_format)])
 @pytest.mark.parametrize("offset", [1, 4])
-def test_misaligned_input(shape, memory_format, offset):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_misaligned_input(backend, shape, memory_format, offset):
     """C (or H*W) allows 16-byte chunks but x starts 2 bytes (scalar path) or 8 bytes (8-byte
     chunks) past a 16-byte boundary."""
-    device = require_backend("simt", torch.float16)
-    _check_against_float64("simt", torch.float16, device, shape, memory_format, True, True, True, True,
+    device = require_backend(backend, torch.float16)
+    _check_against_float64(backend, torch.float16, device, shape, memory_format, True, True, True, True,
                            misaligned=offset)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape, memory_format", [((2, 40, 9, 10), torch.channels_last),
                                                   ((3, 3, 32, 24), torch.contiguous_format)])
-def test_results_are_bitwise_deterministic(shape, memory_format):
-    """Two runs (different simt resume orders) give the same bits: every merge has a fixed order."""
-    device = require_backend("simt")
+def test_results_are_bitwise_deterministic(backend, shape, memory_format):
+    """Two runs (other simt resume orders; other CTA schedules on a GPU) give the same bits:
+    every merge has a fixed order."""
+    device = require_backend(backend)
     x = _randn(shape, torch.float32, device, 3.0, 2.0).contiguous(memory_format=memory_format)
     c = shape[1]
-    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    w, b = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
     r = _randn(shape, torch.float32, device).contiguous(memory_format=memory_format)
     grad = _randn(shape, torch.float32, device).contiguous(memory_format=memory_format)
     runs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_(True) for t in (x, w, b, r)]
-        rm, rv = torch.zeros(c), torch.ones(c)
+        rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
         out = pk.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], True, residual=leaves[3],
-                            activation="relu", backend="simt")
+                            activation="relu", backend=backend)
         runs.append([out, rm, rv, *torch.autograd.grad(out, leaves, grad)])
     for name, first, second in zip(["out", "running_mean", "running_var", "dx", "dw", "db", "dr"], *runs):
         assert torch.equal(first, second), name
@@ -218,16 +233,17 @@ def test_results_are_bitwise_deterministic(shape, memory_format):
 @pytest.mark.parametrize("shape, memory_format", [((2, 40, 9, 10), torch.channels_last),
                                                   ((3, 3, 32, 24), torch.contiguous_format)])
 @pytest.mark.parametrize("offset", [1e4, -3e5])
-def test_split_statistics_stable_for_large_means(shape, memory_format, offset):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_split_statistics_stable_for_large_means(backend, shape, memory_format, offset):
     """|mean| >> std over several splits: the partials are merged by Chan's formula, never by
     sums of squares (which lose every digit of the variance here)."""
-    device = require_backend("simt")
+    device = require_backend(backend)
     x = (torch.randn(shape, dtype=torch.float64) + offset).float().contiguous(memory_format=memory_format)
     c = shape[1]
-    rm, rv = torch.zeros(c), torch.ones(c)
-    pk.batch_norm(x.to(device), rm, rv, training=True, momentum=1.0, backend="simt")
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    pk.batch_norm(x.to(device), rm, rv, training=True, momentum=1.0, backend=backend)
     dims = [d for d in range(x.dim()) if d != 1]
     var64 = x.double().var(dims)
     # 1e-6: a few float32 roundings of the centred sums, as test_batch_norm's single-split case
-    assert ((rv.double() - var64).abs() / var64).max() < 1e-6
-    assert ((rm.double() - x.double().mean(dims)).abs()).max() < 4e-7 * abs(offset)
+    assert ((rv.cpu().double() - var64).abs() / var64).max() < 1e-6
+    assert ((rm.cpu().double() - x.double().mean(dims)).abs()).max() < 4e-7 * abs(offset)
