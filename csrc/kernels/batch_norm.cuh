@@ -20,6 +20,7 @@
 // depend on CTA scheduling: two runs are bitwise equal.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -188,6 +189,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     stats_kernel(const T* __restrict__ x, Geometry g, float* __restrict__ part_mean, float* __restrict__ part_m2) {
   using W = Walk<T, VEC, kChannelsLast>;
   const W w(g);
+  constexpr int kChunks = kUnroll<T, VEC, kChannelsLast>;
   const index_t split = blockIdx.y;
   if constexpr (kChannelsLast) {
     // Per thread: Welford over its rows for each of its VEC channels (one shared count).
@@ -196,16 +198,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < VEC; ++i) mean[i] = m2[i] = shift[i] = 0.0f;
     if (w.active) {
       load<VEC>(x + w.base, shift);
-      for (index_t u = w.first; u < w.end; u += kUnroll<T, VEC, kChannelsLast> * W::step) {
-        Vec<T, VEC> v[kUnroll<T, VEC, kChannelsLast>];
-        bool ok[kUnroll<T, VEC, kChannelsLast>];
+      for (index_t u = w.first; u < w.end; u += kChunks * W::step) {
+        Vec<T, VEC> v[kChunks];
+        bool ok[kChunks];
 #pragma unroll
-        for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
+        for (int k = 0; k < kChunks; ++k) {
           ok[k] = u + k * W::step < w.end;
           if (ok[k]) v[k] = load_raw<VEC>(x + w.offset(g, u + k * W::step));
         }
 #pragma unroll
-        for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
+        for (int k = 0; k < kChunks; ++k) {
           if (!ok[k]) continue;
           count += 1.0f;
           const float inv = 1.0f / count;
@@ -247,16 +249,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Per thread: Chan's merge of each chunk's own (VEC, mean, M2) into a running Welford.
     const float shift = to_float(x[w.base]);
     Welford acc{0.0f, 0.0f, 0.0f};
-    for (index_t u = w.first; u < w.end; u += kUnroll<T, VEC, kChannelsLast> * W::step) {
-      Vec<T, VEC> raw[kUnroll<T, VEC, kChannelsLast>];
-      bool ok[kUnroll<T, VEC, kChannelsLast>];
+    for (index_t u = w.first; u < w.end; u += kChunks * W::step) {
+      Vec<T, VEC> raw[kChunks];
+      bool ok[kChunks];
 #pragma unroll
-      for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
+      for (int k = 0; k < kChunks; ++k) {
         ok[k] = u + k * W::step < w.end;
         if (ok[k]) raw[k] = load_raw<VEC>(x + w.offset(g, u + k * W::step));
       }
 #pragma unroll
-      for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
+      for (int k = 0; k < kChunks; ++k) {
         if (!ok[k]) continue;
         float v[VEC], sum = 0.0f;
 #pragma unroll
@@ -334,6 +336,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      T* __restrict__ out) {
   using W = Walk<T, VEC, kChannelsLast>;
   const W w(g);
+  constexpr int kChunks = kUnroll<T, VEC, kChannelsLast>;
   if (!w.active) return;  // no barriers below
   float mean[VEC], scale[VEC], beta[VEC];
 #pragma unroll
@@ -344,19 +347,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     scale[i] = invstd * (weight ? weight[c] : 1.0f);
     beta[i] = bias ? bias[c] : 0.0f;
   }
-  for (index_t u = w.first; u < w.end; u += kUnroll<T, VEC, kChannelsLast> * W::step) {
-    Vec<T, VEC> v[kUnroll<T, VEC, kChannelsLast>], r[kUnroll<T, VEC, kChannelsLast>];
-    index_t o[kUnroll<T, VEC, kChannelsLast>];
-    bool ok[kUnroll<T, VEC, kChannelsLast>];
+  for (index_t u = w.first; u < w.end; u += kChunks * W::step) {
+    Vec<T, VEC> v[kChunks], r[kChunks];
+    index_t o[kChunks];
+    bool ok[kChunks];
 #pragma unroll
-    for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
+    for (int k = 0; k < kChunks; ++k) {
       ok[k] = u + k * W::step < w.end;
       o[k] = ok[k] ? w.offset(g, u + k * W::step) : 0;
       if (ok[k]) v[k] = load_raw<VEC>(x + o[k]);
       if (ok[k] && residual) r[k] = load_raw<VEC>(residual + o[k]);
     }
 #pragma unroll
-    for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
+    for (int k = 0; k < kChunks; ++k) {
       if (!ok[k]) continue;
       float y[VEC];
 #pragma unroll
@@ -387,6 +390,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                            bool relu, float* __restrict__ part_g, float* __restrict__ part_gx) {
   using W = Walk<T, VEC, kChannelsLast>;
   const W w(g);
+  constexpr int kChunks = kUnroll<T, VEC, kChannelsLast>;
   const index_t split = blockIdx.y;
   constexpr int kSums = kChannelsLast ? VEC : 1;  // NCHW: the VEC values share a channel
   // sum g x_hat = invstd sum g (x - mean): invstd is applied once, after the loop
@@ -397,11 +401,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     sum_g[i] = sum_gx[i] = 0.0f;
   }
   if (w.active) {
-    for (index_t u = w.first; u < w.end; u += kUnroll<T, VEC, kChannelsLast> * W::step) {
-      Vec<T, VEC> gv[kUnroll<T, VEC, kChannelsLast>], yv[kUnroll<T, VEC, kChannelsLast>], xv[kUnroll<T, VEC, kChannelsLast>];
-      bool ok[kUnroll<T, VEC, kChannelsLast>];
+    for (index_t u = w.first; u < w.end; u += kChunks * W::step) {
+      Vec<T, VEC> gv[kChunks], yv[kChunks], xv[kChunks];
+      bool ok[kChunks];
 #pragma unroll
-      for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
+      for (int k = 0; k < kChunks; ++k) {
         ok[k] = u + k * W::step < w.end;
         if (ok[k]) {
           const index_t o = w.offset(g, u + k * W::step);
@@ -411,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
 #pragma unroll
-      for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
+      for (int k = 0; k < kChunks; ++k) {
         if (!ok[k]) continue;
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
@@ -493,6 +497,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                 bool relu, T* __restrict__ grad_input, T* __restrict__ grad_residual) {
   using W = Walk<T, VEC, kChannelsLast>;
   const W w(g);
+  constexpr int kChunks = kUnroll<T, VEC, kChannelsLast>;
   if (!w.active) return;  // no barriers below
   // grad_input = scale (g - mean_g) - (x - mean) * k,  k = scale invstd mean(g x_hat)
   float mean[VEC], scale[VEC], mean_g[VEC], k_x[VEC];
@@ -505,12 +510,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     mean_g[i] = training ? sum_g_in[c] * inv_count : 0.0f;
     k_x[i] = training ? scale[i] * invstd * (sum_gx_in[c] * inv_count) : 0.0f;
   }
-  for (index_t u = w.first; u < w.end; u += kUnroll<T, VEC, kChannelsLast> * W::step) {
-    Vec<T, VEC> gv[kUnroll<T, VEC, kChannelsLast>], yv[kUnroll<T, VEC, kChannelsLast>], xv[kUnroll<T, VEC, kChannelsLast>];
-    index_t o[kUnroll<T, VEC, kChannelsLast>];
-    bool ok[kUnroll<T, VEC, kChannelsLast>];
+  for (index_t u = w.first; u < w.end; u += kChunks * W::step) {
+    Vec<T, VEC> gv[kChunks], yv[kChunks], xv[kChunks];
+    index_t o[kChunks];
+    bool ok[kChunks];
 #pragma unroll
-    for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
+    for (int k = 0; k < kChunks; ++k) {
       ok[k] = u + k * W::step < w.end;
       o[k] = ok[k] ? w.offset(g, u + k * W::step) : 0;
       if (ok[k]) gv[k] = load_raw<VEC>(grad + o[k]);
@@ -518,7 +523,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (ok[k] && training) xv[k] = load_raw<VEC>(x + o[k]);
     }
 #pragma unroll
-    for (int k = 0; k < kUnroll<T, VEC, kChannelsLast>; ++k) {
+    for (int k = 0; k < kChunks; ++k) {
       if (!ok[k]) continue;
       float gk[VEC], dx[VEC];
 #pragma unroll
@@ -549,17 +554,27 @@ inline int multiprocessors() {
 #endif
 }
 
-// CTAs of `kernel` (kThreads each) resident on one SM at once.
-template <typename... Params>
-int resident_ctas(void (*kernel)(Params...)) {
+// CTAs of kKernel (kThreads each) resident on one SM at once; cached per device.
+template <auto kKernel>
+int resident_ctas() {
 #ifdef PK_SIMT_ENABLED
-  (void)kernel;
   return kMaxResidentCtas;
 #else
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int> cached[kCachedDevices];  // static storage: zero (not yet known)
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) throw std::runtime_error("batch_norm kernels: no current device");
+  const bool cacheable = device >= 0 && device < kCachedDevices;
+  if (cacheable) {
+    const int known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
   int count = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kernel, kThreads, 0) != cudaSuccess || count < 1)
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kKernel, kThreads, 0) != cudaSuccess || count < 1)
     throw std::runtime_error("batch_norm kernels: cannot query the kernels' occupancy");
-  return count < kMaxResidentCtas ? count : kMaxResidentCtas;
+  count = count < kMaxResidentCtas ? count : kMaxResidentCtas;
+  if (cacheable) cached[device].store(count, std::memory_order_relaxed);
+  return count;
 #endif
 }
 
@@ -682,7 +697,7 @@ void forward(ScalarType dtype, const Layout& l, const void* x, const void* resid
       const T* xt = static_cast<const T*>(x);
       if (training) {
         const detail::Plan p =
-            detail::make_plan<T, VEC, CL>(l, detail::resident_ctas(detail::stats_kernel<T, VEC, CL>));
+            detail::make_plan<T, VEC, CL>(l, detail::resident_ctas<detail::stats_kernel<T, VEC, CL>>());
         float* part_mean = workspace;
         float* part_m2 = workspace + p.splits * l.channels;
         launch(detail::stats_kernel<T, VEC, CL>, p.grid, dim3(detail::kThreads), 0, stream, xt, p.geometry,
@@ -694,7 +709,7 @@ void forward(ScalarType dtype, const Layout& l, const void* x, const void* resid
                p.geometry.per_split, static_cast<float>(CL ? 1 : VEC), eps, batch_mean, batch_var, batch_invstd);
       }
       const detail::Plan p =
-          detail::make_plan<T, VEC, CL>(l, detail::resident_ctas(detail::normalize_kernel<T, VEC, CL>));
+          detail::make_plan<T, VEC, CL>(l, detail::resident_ctas<detail::normalize_kernel<T, VEC, CL>>());
       launch(detail::normalize_kernel<T, VEC, CL>, p.grid, dim3(detail::kThreads), 0, stream, xt,
              static_cast<const T*>(residual), training ? static_cast<const float*>(batch_mean) : running_mean,
              training ? static_cast<const float*>(batch_invstd) : running_var, weight, bias, p.geometry,
@@ -720,7 +735,7 @@ void backward(ScalarType dtype, const Layout& l, const void* grad, const void* x
       const T* xt = static_cast<const T*>(x);
       const T* yt = static_cast<const T*>(output);
       const detail::Plan r =
-          detail::make_plan<T, VEC, CL>(l, detail::resident_ctas(detail::backward_reduce_kernel<T, VEC, CL>));
+          detail::make_plan<T, VEC, CL>(l, detail::resident_ctas<detail::backward_reduce_kernel<T, VEC, CL>>());
       float* part_g = workspace;
       float* part_gx = workspace + r.splits * l.channels;
       launch(detail::backward_reduce_kernel<T, VEC, CL>, r.grid, dim3(detail::kThreads), 0, stream, gt, xt, yt,
@@ -730,7 +745,7 @@ void backward(ScalarType dtype, const Layout& l, const void* grad, const void* x
              dim3(detail::kThreads), 0, stream, static_cast<const float*>(part_g), static_cast<const float*>(part_gx),
              static_cast<detail::index_t>(l.channels), r.splits, grad_weight, grad_bias);
       const detail::Plan p =
-          detail::make_plan<T, VEC, CL>(l, detail::resident_ctas(detail::backward_elementwise_kernel<T, VEC, CL>));
+          detail::make_plan<T, VEC, CL>(l, detail::resident_ctas<detail::backward_elementwise_kernel<T, VEC, CL>>());
       launch(detail::backward_elementwise_kernel<T, VEC, CL>, p.grid, dim3(detail::kThreads), 0, stream, gt, xt,
              yt, mean, invstd, weight, static_cast<const float*>(grad_bias), static_cast<const float*>(grad_weight),
              p.geometry, 1.0f / static_cast<float>(l.rows * l.spatial), training, relu,
