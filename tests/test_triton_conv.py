@@ -272,8 +272,10 @@ def packed_resnet_conv_shapes(arch: int, gamma: int, image: int, width: float):
     from packed_kernels.models.resnet import packed_resnet
     from packed_kernels.nn.packed import PackedConv2d
 
+    # torch's BatchNorm2d: the unfused blocks call each PackedConv2d (the fused ones read its
+    # weights into fused_conv2d without calling it, so the hooks below would see nothing)
     model = packed_resnet(3, 10, arch, num_estimators=4, alpha=2, gamma=gamma, style="cifar",
-                          width_multiplier=width)
+                          width_multiplier=width, normalization_layer=torch.nn.BatchNorm2d)
     shapes = {}
 
     def record(module, args):
