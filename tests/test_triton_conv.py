@@ -245,6 +245,37 @@ def test_vector_width():
     assert c_in % 8 == 0 and c_out % 8 == 0
 
 
+def test_no_tuning_during_cuda_graph_capture(tmp_path, monkeypatch):
+    """A shape first seen inside a CUDA-graph capture gets the heuristic without a benchmark
+    (benchmarking synchronises, an error in a capture) and is not cached; a cached one is used."""
+    monkeypatch.setenv("PACKED_KERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PACKED_KERNELS_AUTOTUNE", "1")
+    monkeypatch.setattr(conv_tuning, "_memory", {})
+    monkeypatch.setattr(conv_tuning, "_loaded_from", [])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "capturing GPU")
+
+
+    class CudaActivation:  # what pick() reads of a CUDA tensor, on a machine without one
+        device, dtype = torch.device("cuda", 0), torch.float16
+
+        def is_contiguous(self, memory_format=torch.contiguous_format):
+            return memory_format == torch.contiguous_format
+
+    x = CudaActivation()
+
+    def no_benchmark(config):
+        raise AssertionError("benchmarked during a capture")
+
+    assert conv_tuning.pick("forward", x, 9, 64, 64, True, no_benchmark) == \
+        conv_tuning.heuristic("forward", torch.float16, 9, 64, 64, True)
+    assert conv_tuning._memory == {}
+    cached = conv_tuning.candidates("forward", torch.float16)[0]
+    conv_tuning._store(conv_tuning.shape_class("forward", torch.float16, "nchw", torch.device("cuda", 0),
+                                               9, 64, 64) + "|aligned=True", cached)
+    assert conv_tuning.pick("forward", x, 9, 64, 64, True, no_benchmark) == cached
+
+
 def test_tuning_cache_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("PACKED_KERNELS_CACHE_DIR", str(tmp_path))
     config = conv_tuning.candidates("forward", torch.float16)[-1]

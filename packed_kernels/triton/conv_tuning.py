@@ -7,7 +7,8 @@ what the compile-for-target check compiles, so nothing reaches a GPU uncompiled-
 Switches:
   PACKED_KERNELS_AUTOTUNE=0     never benchmark configs, use the heuristic (tests set this);
                                 autotuning only ever runs on CUDA tensors, never under the
-                                interpreter, whatever this says
+                                interpreter, whatever this says, nor during a CUDA-graph
+                                capture (a shape first seen there gets the heuristic, uncached)
   PACKED_KERNELS_CACHE_DIR=dir  where conv_tuning.json lives (default ~/.cache/packed_kernels)
 """
 
@@ -185,6 +186,8 @@ def pick(kernel: str, activation: torch.Tensor, rows: int, cols: int, depth: int
         _load()
         if key in _memory:
             return TileConfig(*_memory[key])
+    if torch.cuda.is_current_stream_capturing():
+        return default  # benchmarking synchronises, which a CUDA-graph capture forbids
     best, best_ms = default, float("inf")
     for config in candidates(kernel, activation.dtype, aligned):
         try:
