@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -395,59 +396,104 @@ def _fused_conv2d_backward_op(
         in_activation: Optional[str], activation: Optional[str], channel_stats: bool, backend: str,
         need_input: bool, need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (out, mean y, var y) for y = conv(x_hat) + bias, x_hat = act(x s + b),
-    out = act(y s' + b' + r). The convolutions run on `backend`; the per-channel glue is torch.
+    out = act(y s' + b' + r). The convolutions run on `backend`; the per-channel glue (masks,
+    the stats gradient, per-channel sums) runs as two fused Triton passes on CUDA tensors when
+    Triton is usable (whatever the conv backend), else in torch (_epilogue_glue/_prologue_glue).
     Returns (input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual) grads,
     empty where that argument was None."""
-    compute = _stats_dtype(input.dtype)  # fp32 glue for 16-bit types
-    reduce = (0, 2, 3)
     epilogue = _has_epilogue(out_scale, out_shift, residual, activation)
-    grad_z = grad_out.to(compute)
-    if activation == "relu":
-        grad_z = grad_z * (out > 0)  # relu(z) > 0 iff z > 0
-    y = None
+    triton_glue = _use_triton_glue(input)
+    y = mean_y = None
     if out_scale is not None or channel_stats:
         if epilogue:  # recompute the pre-epilogue output rather than keep it alive
-            y, _, _ = _conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
-                                    (in_scale, in_shift, in_activation))
+            # the kernel backends fuse y's statistics into the conv: the Triton glue's centring
+            # mean then costs no extra pass over y
+            fused_mean = triton_glue and channel_stats and backend != "torch"
+            y, mean_y, _ = _conv_forward(backend, input, weight, bias, stride, padding, dilation,
+                                         groups, (in_scale, in_shift, in_activation),
+                                         channel_stats=fused_mean)
         else:
             y = out
-        y = y.to(compute)
-    grad_y = grad_z if out_scale is None else grad_z * _per_channel(out_scale.to(compute))
-    if channel_stats:  # d mean/dy = 1/n, d var/dy = 2 (y - mean)/n per channel
-        grad_mean, grad_var = grad_stats.to(compute)
-        count = y.numel() // y.shape[1]
-        centred = y - y.mean(reduce, keepdim=True)
-        grad_y = grad_y + _per_channel(grad_mean / count) + centred * _per_channel(2 * grad_var / count)
-    grad_y_conv = grad_y.to(input.dtype)
+    if triton_glue:
+        from ..triton import conv_glue
+        grad_y_conv, grad_residual, sum_grad_y, sum_grad_zy, sum_grad_z = conv_glue.epilogue_backward(
+            grad_out, out, y, out_scale, grad_stats if channel_stats else None, residual,
+            activation == "relu", need_sums=bias is not None or out_shift is not None, mean=mean_y)
+    else:
+        grad_y_conv, grad_residual, sum_grad_y, sum_grad_zy, sum_grad_z = _epilogue_glue(
+            grad_out, out, y, out_scale, grad_stats if channel_stats else None, residual,
+            activation, input.dtype, bias is not None, out_shift is not None)
     prologue = (in_scale, in_shift, in_activation)
     grad_x_hat, grad_weight = _conv_grads(backend, grad_y_conv, input, weight, stride, padding,
                                           dilation, groups, prologue, need_input, need_weight)
 
-    grad_input = grad_in_scale = grad_in_shift = None
+    grad_input = sum_grad_ux = sum_grad_u = None
     if grad_x_hat is not None:
-        grad_u = grad_x_hat
-        if in_activation == "relu" or in_scale is not None or in_shift is not None:
-            grad_u = grad_x_hat.to(compute)
-        if in_activation == "relu":  # recompute u = x s + b rather than store it
-            u = reference_prologue(input.to(compute), *(None if t is None else t.to(compute)
-                                                        for t in (in_scale, in_shift)), None)
-            grad_u = grad_u * (u > 0)
-        grad_input = grad_u if in_scale is None else grad_u * _per_channel(in_scale.to(compute))
-        grad_input = grad_input.to(input.dtype).contiguous(memory_format=_format_of(input))
-        if in_scale is not None:
-            grad_in_scale = (grad_u * input.to(compute)).sum(reduce).to(in_scale.dtype)
-        if in_shift is not None:
-            grad_in_shift = grad_u.sum(reduce).to(in_shift.dtype)
-    grads = (
-        grad_input, grad_weight,
-        None if bias is None else grad_y.sum(reduce).to(bias.dtype),
-        grad_in_scale, grad_in_shift,
-        None if out_scale is None else (grad_z * y).sum(reduce).to(out_scale.dtype),
-        None if out_shift is None else grad_z.sum(reduce).to(out_shift.dtype),
-        None if residual is None else grad_z.to(residual.dtype).contiguous(memory_format=_format_of(residual)),
-    )
+        glue = conv_glue.prologue_backward if triton_glue else _prologue_glue
+        grad_input, sum_grad_ux, sum_grad_u = glue(grad_x_hat, input, in_scale, in_shift,
+                                                   in_activation == "relu")
+
+    def cast(total, like):
+        return None if like is None or total is None else total.to(like.dtype)
+
+    grads = (grad_input, grad_weight, cast(sum_grad_y, bias), cast(sum_grad_ux, in_scale),
+             cast(sum_grad_u, in_shift), cast(sum_grad_zy, out_scale), cast(sum_grad_z, out_shift),
+             grad_residual)
     return unaliased(grads, (grad_out, grad_stats, out, input, weight, bias, in_scale,
                              in_shift, out_scale, out_shift, residual), input)
+
+
+# Forces the Triton glue wherever Triton can run, the interpreter on the CPU included (tests).
+FORCE_TRITON_GLUE = os.environ.get("PACKED_KERNELS_TRITON_GLUE", "0") not in ("", "0")
+
+
+def _use_triton_glue(input: Tensor) -> bool:
+    if input.device.type != "cuda" and not FORCE_TRITON_GLUE:
+        return False
+    return _backend.unavailable_reason("triton", input.device, input.dtype) is None
+
+
+def _epilogue_glue(grad_out, out, y, out_scale, grad_stats, residual, activation, dtype,
+                   need_sum_grad_y=True, need_sum_grad_z=True):
+    """Torch reference of conv_glue.epilogue_backward: (grad_y in `dtype`, grad_residual,
+    sum grad_y, sum grad_z * y, sum grad_z), sums in fp32 (fp64 for fp64)."""
+    compute = _stats_dtype(dtype)
+    reduce = (0, 2, 3)
+    grad_z = grad_out.to(compute)
+    if activation == "relu":
+        grad_z = grad_z * (out > 0)  # relu(z) > 0 iff z > 0
+    if y is not None:
+        y = y.to(compute)
+    grad_y = grad_z if out_scale is None else grad_z * _per_channel(out_scale.to(compute))
+    if grad_stats is not None:  # d mean/dy = 1/n, d var/dy = 2 (y - mean)/n per channel
+        grad_mean, grad_var = grad_stats.to(compute)
+        count = y.numel() // y.shape[1]
+        centred = y - y.mean(reduce, keepdim=True)
+        grad_y = grad_y + _per_channel(grad_mean / count) + centred * _per_channel(2 * grad_var / count)
+    grad_residual = None
+    if residual is not None:
+        grad_residual = grad_z.to(residual.dtype).contiguous(memory_format=_format_of(residual))
+    return (grad_y.to(dtype), grad_residual, grad_y.sum(reduce) if need_sum_grad_y else None,
+            None if out_scale is None else (grad_z * y).sum(reduce),
+            grad_z.sum(reduce) if need_sum_grad_z else None)
+
+
+def _prologue_glue(grad_x_hat, input, in_scale, in_shift, relu):
+    """Torch reference of conv_glue.prologue_backward: (grad_input, sum grad_u * x,
+    sum grad_u), grad_u = grad_x_hat masked by x s + b > 0 under relu."""
+    compute = _stats_dtype(input.dtype)
+    reduce = (0, 2, 3)
+    grad_u = grad_x_hat
+    if relu or in_scale is not None or in_shift is not None:
+        grad_u = grad_x_hat.to(compute)
+    if relu:  # recompute u = x s + b rather than store it
+        u = reference_prologue(input.to(compute), *(None if t is None else t.to(compute)
+                                                    for t in (in_scale, in_shift)), None)
+        grad_u = grad_u * (u > 0)
+    grad_input = grad_u if in_scale is None else grad_u * _per_channel(in_scale.to(compute))
+    grad_input = grad_input.to(input.dtype).contiguous(memory_format=_format_of(input))
+    return (grad_input, None if in_scale is None else (grad_u * input.to(compute)).sum(reduce),
+            None if in_shift is None else grad_u.sum(reduce))
 
 
 @_fused_conv2d_backward_op.register_fake
@@ -572,7 +618,10 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     and biased (population) variance of y over (N, H, W) in fp32 (fp64 for fp64 input) —
     BatchNorm's batch statistics of y without reading it again, computed stably (per-tile
     two-pass M2 merged with Chan's formula; no E[y^2] - mean^2 cancellation when
-    |mean| >> std). Differentiable in every tensor argument."""
+    |mean| >> std). Differentiable in every tensor argument: the backward runs the conv
+    gradients on the same backend, and the per-channel glue (activation masks, the statistics'
+    gradient, grad_residual, grad_input, the vectors' gradients) as two fused Triton passes on
+    CUDA tensors (triton/conv_glue.py), in torch on the CPU."""
     op = "fused_conv2d"
     stride, padding4, dilation = conv_geometry(op, input, weight, bias, stride, padding, dilation, groups)
     for name, value in (("in_scale", in_scale), ("in_shift", in_shift)):
