@@ -199,7 +199,7 @@ def _backward(ctx, grad, _grad_mean, _grad_var, _grad_invstd):
         grad, input, output, mean, invstd, weight, *ctx.args)
     g_running_mean = g_running_var = None
     if not training and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-        # Statistics given as tensors with gradients (e.g. computed from a conv's channel sums):
+        # Statistics given as tensors with gradients (e.g. a conv epilogue's mean and variance):
         # d/d mean = -gamma invstd sum g,  d/d var = -gamma invstd^2 sum(g x_hat) / 2
         gamma_invstd = invstd if weight is None else invstd * weight.to(invstd.dtype)
         g_running_mean = -gamma_invstd * g_bias
