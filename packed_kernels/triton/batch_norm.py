@@ -353,33 +353,27 @@ _STATS_PTRS = ("part_", "mean_ptr", "var_ptr", "invstd_ptr", "sum_g")  # always 
 
 
 def _signature(kernel, dtype: str, stat_dtype: str = "fp32"):
-    signature = {}
-    constexprs = {p.name for p in kernel.params if p.is_constexpr}
-    for arg in kernel.arg_names:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            if arg.startswith(_STATS_PTRS):
-                signature[arg] = "*fp32"
-            elif arg in ("spread_ptr", "weight_ptr", "bias_ptr"):
-                signature[arg] = f"*{stat_dtype}"
-            else:
-                signature[arg] = f"*{dtype}"
-        elif arg in _FLOAT_SCALARS:
-            signature[arg] = "fp32"
-        else:
-            signature[arg] = "i32"
-    return signature
+    from .compile_case import kernel_signature
+
+    def pointer(arg):
+        if arg.startswith(_STATS_PTRS):
+            return "*fp32"
+        return f"*{stat_dtype}" if arg in ("spread_ptr", "weight_ptr", "bias_ptr") else f"*{dtype}"
+    return kernel_signature(kernel, pointer, lambda arg: "fp32" if arg in _FLOAT_SCALARS else "i32")
+
+
+def tile_shapes():
+    """Every (BLOCK_N, BLOCK_C, BLOCK_S) the launchers can pick (what compile_cases compiles)."""
+    return [blocks(1, c, 1) for c in CHANNEL_BLOCKS] + [blocks(1, 1, b) for b in SPATIAL_BLOCKS]
 
 
 def compile_cases():
     """Every tile shape the launchers can pick, for each dtype, for the compile-for-target check."""
     from .compile_case import CompileCase
 
-    shapes = [blocks(1, c, 1) for c in CHANNEL_BLOCKS] + [blocks(1, 1, b) for b in SPATIAL_BLOCKS]
     cases = []
     for dtype in ("fp32", "fp16", "bf16"):
-        for bn, bc, bs in shapes:
+        for bn, bc, bs in tile_shapes():
             tile = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_S=bs)
             tag = f"{dtype},N={bn},C={bc},S={bs}"
             # all options on: the variants with fewer options generate a subset of this code

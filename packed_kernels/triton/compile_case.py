@@ -1,6 +1,6 @@
 """What the compile-for-target check needs to know about one kernel configuration."""
 
-from typing import Any, Dict, NamedTuple
+from typing import Any, Callable, Dict, NamedTuple
 
 
 class CompileCase(NamedTuple):
@@ -11,3 +11,13 @@ class CompileCase(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     expects_mma: bool = False  # fp16/bf16 GEMM-like kernels must use tensor cores
+
+
+def kernel_signature(kernel, pointer_type: Callable[[str], str],
+                     scalar_type: Callable[[str], str] = lambda name: "i32") -> Dict[str, str]:
+    """A @triton.jit kernel's signature for triton.compile: "constexpr" for its constexpr
+    arguments, pointer_type(name) for `*_ptr` arguments, scalar_type(name) for the others."""
+    constexprs = {p.name for p in kernel.params if p.is_constexpr}
+    return {arg: "constexpr" if arg in constexprs
+            else pointer_type(arg) if arg.endswith("_ptr") else scalar_type(arg)
+            for arg in kernel.arg_names}

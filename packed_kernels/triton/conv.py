@@ -531,22 +531,15 @@ def compile_cases():
     """Every (kernel, tile config, vector width, dtype) the launchers or the autotuner can
     pick, with the fusion hooks all off and all on (the two ends of every constexpr branch),
     for the compile-for-target check. fp32 cases use TF32 (what cuDNN's default allows)."""
-    from .compile_case import CompileCase
+    from .compile_case import CompileCase, kernel_signature
 
     cases = []
     for dtype_name, dtype in _DTYPES.items():
-        ptr = f"*{dtype_name}"
         precision = "tf32" if dtype == torch.float32 else "ieee"
         for kernel_name, kernel in _KERNELS.items():
             params = inspect.signature(kernel.fn).parameters
-            signature = {}
-            for name, param in params.items():
-                if "constexpr" in str(param.annotation):
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name] = "*fp32" if name == "stats_ptr" else ptr
-                else:
-                    signature[name] = "i32"
+            signature = kernel_signature(
+                kernel, lambda name: "*fp32" if name == "stats_ptr" else f"*{dtype_name}")
             flags = [f for f in _FUSION_FLAGS if f in params]
             for aligned in (True, False):
                 vec = 16 // dtype.itemsize if aligned else 1

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .. import _alloc
 from ..ops.conv import _format_of
-from .batch_norm import CHANNEL_BLOCKS, REDUCE_WARPS, SPATIAL_BLOCKS, _channel_sum, _layout_of, _tile, blocks
+from .batch_norm import REDUCE_WARPS, _channel_sum, _layout_of, _tile, tile_shapes
 
 # the epilogue pass keeps grad_z, y and grad_y alive per element: 8 warps (16 elements a thread
 # in a 4096-element tile) keep it within registers where 4 spill
@@ -246,18 +246,10 @@ _FP32_PTRS = ("part_", "grad_stats_ptr", "mean_ptr", "out_scale_ptr", "in_scale_
 
 def _signature(kernel, dtype: str):
     """Activations in `dtype`, per-channel vectors and partial sums fp32 (folded BatchNorm)."""
-    constexprs = {p.name for p in kernel.params if p.is_constexpr}
-    signature = {}
-    for arg in kernel.arg_names:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            signature[arg] = "*fp32" if arg.startswith(_FP32_PTRS) else f"*{dtype}"
-        elif arg == "inv_count":
-            signature[arg] = "fp32"
-        else:
-            signature[arg] = "i32"
-    return signature
+    from .compile_case import kernel_signature
+
+    return kernel_signature(kernel, lambda arg: "*fp32" if arg.startswith(_FP32_PTRS) else f"*{dtype}",
+                            lambda arg: "fp32" if arg == "inv_count" else "i32")
 
 
 def compile_cases():
@@ -265,10 +257,9 @@ def compile_cases():
     with fewer options generate a subset of that code)."""
     from .compile_case import CompileCase
 
-    shapes = [blocks(1, c, 1) for c in CHANNEL_BLOCKS] + [blocks(1, 1, b) for b in SPATIAL_BLOCKS]
     cases = []
     for dtype in ("fp32", "fp16", "bf16"):
-        for bn, bc, bs in shapes:
+        for bn, bc, bs in tile_shapes():
             tile = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_S=bs)
             tag = f"{dtype},N={bn},C={bc},S={bs}"
             cases.append(CompileCase(f"conv_glue.sum[{tag}]", _sum_kernel,

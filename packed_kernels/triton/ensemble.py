@@ -264,20 +264,14 @@ _SCALAR_TYPES = {"inv_m": "fp32", "stride_m": "i64"}  # the other scalars are i3
 def compile_cases():
     """Every configuration the launchers can pick (the largest BLOCK_C for each BLOCK_M: the
     register-heaviest), for each supported dtype, for the compile-for-target check."""
-    from .compile_case import CompileCase
+    from .compile_case import CompileCase, kernel_signature
 
     cases = []
     for dtype in ("fp32", "fp16", "bf16"):
         for name, (kernel, tile) in _KERNELS.items():
+            signature = kernel_signature(kernel, lambda arg: f"*{dtype}",
+                                         lambda arg: _SCALAR_TYPES.get(arg, "i32"))
             for block_m in ESTIMATOR_BLOCKS:
-                signature = {}
-                for arg in kernel.arg_names:
-                    if arg.endswith("_ptr"):
-                        signature[arg] = f"*{dtype}"
-                    elif arg in ("BLOCK_M", "BLOCK_C"):
-                        signature[arg] = "constexpr"
-                    else:
-                        signature[arg] = _SCALAR_TYPES.get(arg, "i32")
                 constexprs = {"BLOCK_M": block_m, "BLOCK_C": max(16, tile // block_m)}
                 cases.append(CompileCase(f"ensemble.{name}[{dtype},BLOCK_M={block_m}]", kernel,
                                          signature, constexprs, num_warps=NUM_WARPS))
