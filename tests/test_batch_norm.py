@@ -7,8 +7,9 @@ import torch.nn.functional as F
 import packed_kernels as pk
 from packed_kernels.ops import batch_norm as bn_ops
 
+from bn_cases import check_against_float64, leaves
 from conftest import require_backend
-from helpers import assert_all_finite, assert_close
+from helpers import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", "triton"]
@@ -33,18 +34,6 @@ def _make(layout, dtype, device, mean=0.5, std=2.0):
     return x.to(memory_format=torch.channels_last) if channels_last else x
 
 
-def _reference(x, rm, rv, w, b, r, training, eps, relu):
-    out = F.batch_norm(x, rm, rv, w, b, training, 0.1, eps)
-    if r is not None:
-        out = out + r
-    return torch.relu(out) if relu else out
-
-
-def _leaves(tensors, dtype, device=None):
-    return [None if t is None else
-            t.detach().to(dtype).to(device or t.device).requires_grad_(t.requires_grad) for t in tensors]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -52,48 +41,10 @@ def _leaves(tensors, dtype, device=None):
 @pytest.mark.parametrize("affine, residual, relu", [(True, True, True), (False, False, False)])
 def test_forward_backward_against_float64(backend, dtype, layout, training, affine, residual, relu):
     device = require_backend(backend, dtype)
-    x = _make(layout, dtype, device).requires_grad_(True)
-    c = x.shape[1]
-    w = (torch.rand(c, dtype=torch.float64) + 0.5).to(dtype).to(device).requires_grad_(affine) if affine else None
-    b = torch.randn(c, dtype=torch.float64).to(dtype).to(device).requires_grad_(affine) if affine else None
-    r = torch.randn(x.shape, dtype=torch.float64).to(dtype).to(device).requires_grad_(True) if residual else None
-    if r is not None and x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
-        r = r.detach().contiguous().requires_grad_(True)  # a residual in the other layout
-    # running statistics stay float32, as in a module under autocast
-    rm = (torch.randn(c, dtype=torch.float64) * 0.5).float().to(device)
-    rv = (torch.rand(c, dtype=torch.float64) + 0.5).float().to(device)
-    rm_ours, rv_ours = rm.clone(), rv.clone()
-
-    out = pk.batch_norm(x, rm_ours, rv_ours, w, b, training, 0.1, 1e-5, residual=r,
-                        activation="relu" if relu else None, backend=backend)
-    assert out.dtype == dtype and out.shape == x.shape
-    assert out.is_contiguous(memory_format=torch.channels_last if LAYOUTS[layout][1] else
-                             torch.contiguous_format), "the output keeps the input's layout"
-    assert_all_finite(out)
-
-    inputs = [x, w, b, r]
-    ref_in = _leaves(inputs, torch.float64, "cpu")
-    rm64, rv64 = rm.double().cpu(), rv.double().cpu()
-    ref = _reference(ref_in[0], rm64, rv64, *ref_in[1:], training, 1e-5, relu)
-    low_in = _leaves(inputs, dtype, "cpu")
-    rm_low, rv_low = rm.cpu().to(dtype), rv.cpu().to(dtype)
-    low = _reference(low_in[0], rm_low, rv_low, *low_in[1:], training, 1e-5, relu)
-    assert_close(out, ref, low, dtype, "out")
-    if training:  # float32 statistics: judged at float32 against the float64 update
-        assert_close(rm_ours, rm64, rm_low.float(), torch.float32, "running_mean")
-        assert_close(rv_ours, rv64, rv_low.float(), torch.float32, "running_var")
-    else:
-        assert torch.equal(rm_ours, rm) and torch.equal(rv_ours, rv)
-
-    grad = torch.randn(x.shape, dtype=torch.float64)
-    wants = [t for t in inputs if t is not None and t.requires_grad]
-    ours = torch.autograd.grad(out, wants, grad.to(dtype).to(device))
-    refs = torch.autograd.grad(ref, [t for t in ref_in if t is not None and t.requires_grad], grad)
-    lows = torch.autograd.grad(low, [t for t in low_in if t is not None and t.requires_grad], grad.to(dtype))
-    for name, g_ours, g_ref, g_low in zip("xwbr", ours, refs, lows):
-        assert g_ours.dtype == dtype and g_ours.shape == g_ref.shape
-        assert_all_finite(g_ours)
-        assert_close(g_ours, g_ref, g_low, dtype, f"grad {name}")
+    channels_last = LAYOUTS[layout][1]
+    check_against_float64(backend, _make(layout, dtype, device),
+                          torch.channels_last if channels_last else torch.contiguous_format,
+                          training, affine, residual, relu)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,7 +58,7 @@ def test_float32_parameters_with_half_input(backend):
     gx, gw, gb = torch.autograd.grad(out, (x, w, b), torch.randn_like(out))
     assert (out.dtype, gx.dtype, gw.dtype, gb.dtype) == (torch.float16, torch.float16, torch.float32,
                                                          torch.float32)
-    x64, w64, b64 = _leaves([x, w, b], torch.float64, "cpu")
+    x64, w64, b64 = leaves([x, w, b], torch.float64)
     ref = torch.relu(F.batch_norm(x64, None, None, w64, b64, True))
     low = torch.relu(F.batch_norm(x.detach().cpu().float(), None, None, w.detach().cpu(),
                                   b.detach().cpu(), True)).half()
@@ -323,7 +274,7 @@ def test_given_statistics_get_gradients(backend):
     out = pk.batch_norm(x, mean, var, w, None, False, activation="relu", backend=backend)
     grad = torch.randn_like(out)
     ours = torch.autograd.grad(out, (x, mean, var, w), grad)
-    x64, m64, v64, w64 = _leaves([x, mean, var, w], torch.float64, "cpu")
+    x64, m64, v64, w64 = leaves([x, mean, var, w], torch.float64)
     shape = (1, -1, 1, 1)
     ref = torch.relu((x64 - m64.view(shape)) * torch.rsqrt(v64.view(shape) + 1e-5) * w64.view(shape))
     refs = torch.autograd.grad(ref, (x64, m64, v64, w64), grad.double().cpu())
@@ -352,11 +303,11 @@ def test_multi_tile_shapes(backend, shape, channels_last):
     out = pk.batch_norm(x, rm, rv, w, None, True, residual=r, activation="relu", backend=backend)
     grad = torch.randn(shape, dtype=torch.float64)
     ours = torch.autograd.grad(out, (x, w, r), grad.float().to(device))
-    x64, w64, r64 = _leaves([x, w, r], torch.float64, "cpu")
+    x64, w64, r64 = leaves([x, w, r], torch.float64)
     rm64, rv64 = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
     ref = torch.relu(F.batch_norm(x64, rm64, rv64, w64, None, True) + r64)
     refs = torch.autograd.grad(ref, (x64, w64, r64), grad)
-    xl, wl, rl = _leaves([x, w, r], torch.float32, "cpu")
+    xl, wl, rl = leaves([x, w, r], torch.float32)
     rml, rvl = torch.zeros(c), torch.ones(c)
     low = torch.relu(F.batch_norm(xl, rml, rvl, wl, None, True) + rl)
     lows = torch.autograd.grad(low, (xl, wl, rl), grad.float())

@@ -5,14 +5,13 @@ few hundred elements: the emulator runs every thread."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import packed_kernels as pk
 from packed_kernels import _backend
 from packed_kernels.ops import batch_norm as bn_ops
 
+from bn_cases import check_against_float64, randn
 from conftest import require_backend
-from helpers import assert_all_finite, assert_close
 
 BACKENDS = ["simt", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -24,20 +23,6 @@ LAYOUTS = {
     "channels_last_3d": ((2, 3, 2, 3, 2), torch.channels_last_3d),
     "batch1_1x1": ((1, 4, 1, 1), torch.channels_last),  # eval only: one value per channel
 }
-
-
-def _randn(shape, dtype, device, mean=0.0, std=1.0):
-    return (torch.randn(shape, dtype=torch.float64) * std + mean).to(dtype).to(device)
-
-
-def _reference(x, rm, rv, w, b, r, training, relu):
-    out = F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
-    out = out + r if r is not None else out
-    return torch.relu(out) if relu else out
-
-
-def _leaves(tensors, dtype):
-    return [None if t is None else t.detach().cpu().to(dtype).requires_grad_(t.requires_grad) for t in tensors]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -63,49 +48,11 @@ def _misaligned(t, offset):
 
 def _check_against_float64(backend, dtype, device, shape, memory_format, training, affine, residual, relu,
                            misaligned=0):
-    """pk.batch_norm forward (+ running statistics) and backward against torch in float64."""
-    x = _randn(shape, dtype, device, 0.5, 2.0).contiguous(memory_format=memory_format)
+    x = randn(shape, dtype, device, 0.5, 2.0).contiguous(memory_format=memory_format)
     if misaligned:
         x = _misaligned(x, misaligned)
         assert x.data_ptr() % 16 != 0 and x.is_contiguous(memory_format=memory_format)
-    x.requires_grad_(True)
-    c = shape[1]
-    w = (torch.rand(c, dtype=torch.float64) + 0.5).to(dtype).to(device).requires_grad_(True) if affine else None
-    b = _randn(c, dtype, device).requires_grad_(True) if affine else None
-    r = _randn(shape, dtype, device).requires_grad_(True) if residual else None  # NCHW: the other layout too
-    rm = (torch.randn(c, dtype=torch.float64) * 0.5).float().to(device)
-    rv = (torch.rand(c, dtype=torch.float64) + 0.5).float().to(device)
-    rm_ours, rv_ours = rm.clone(), rv.clone()
-
-    out = pk.batch_norm(x, rm_ours, rv_ours, w, b, training, 0.1, 1e-5, residual=r,
-                        activation="relu" if relu else None, backend=backend)
-    assert out.dtype == dtype and out.shape == x.shape
-    assert out.is_contiguous(memory_format=memory_format), "the output keeps the input's layout"
-    assert_all_finite(out)  # outputs are NaN-poisoned before launch
-
-    inputs = [x, w, b, r]
-    ref_in, low_in = _leaves(inputs, torch.float64), _leaves(inputs, dtype)
-    # copies: the references update their running statistics in place
-    rm64, rv64 = rm.cpu().double(), rv.cpu().double()
-    rm_low, rv_low = rm.cpu().to(dtype, copy=True), rv.cpu().to(dtype, copy=True)
-    ref = _reference(ref_in[0], rm64, rv64, *ref_in[1:], training, relu)
-    low = _reference(low_in[0], rm_low, rv_low, *low_in[1:], training, relu)
-    assert_close(out, ref, low, dtype, "out")
-    if training:  # float32 statistics: judged at float32 against the float64 update
-        assert_close(rm_ours, rm64, rm_low.float(), torch.float32, "running_mean")
-        assert_close(rv_ours, rv64, rv_low.float(), torch.float32, "running_var")
-    else:
-        assert torch.equal(rm_ours, rm) and torch.equal(rv_ours, rv)
-
-    grad = torch.randn(shape, dtype=torch.float64)
-    wants = [t for t in inputs if t is not None]
-    ours = torch.autograd.grad(out, wants, grad.to(dtype).to(device).contiguous(memory_format=memory_format))
-    refs = torch.autograd.grad(ref, [t for t in ref_in if t is not None], grad)
-    lows = torch.autograd.grad(low, [t for t in low_in if t is not None], grad.to(dtype))
-    for name, g_ours, g_ref, g_low in zip("xwbr", ours, refs, lows):
-        assert g_ours.dtype == dtype and g_ours.shape == g_ref.shape
-        assert_all_finite(g_ours)
-        assert_close(g_ours, g_ref, g_low, dtype, f"grad {name}")
+    check_against_float64(backend, x, memory_format, training, affine, residual, relu)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -214,11 +161,11 @@ def test_results_are_bitwise_deterministic(backend, shape, memory_format):
     """Two runs (other simt resume orders; other CTA schedules on a GPU) give the same bits:
     every merge has a fixed order."""
     device = require_backend(backend)
-    x = _randn(shape, torch.float32, device, 3.0, 2.0).contiguous(memory_format=memory_format)
+    x = randn(shape, torch.float32, device, 3.0, 2.0).contiguous(memory_format=memory_format)
     c = shape[1]
     w, b = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
-    r = _randn(shape, torch.float32, device).contiguous(memory_format=memory_format)
-    grad = _randn(shape, torch.float32, device).contiguous(memory_format=memory_format)
+    r = randn(shape, torch.float32, device).contiguous(memory_format=memory_format)
+    grad = randn(shape, torch.float32, device).contiguous(memory_format=memory_format)
     runs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_(True) for t in (x, w, b, r)]
