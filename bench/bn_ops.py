@@ -17,6 +17,7 @@ from packed_kernels import _backend
 from packed_kernels.ops.batch_norm import IMPLEMENTED as BN_BACKENDS
 
 from .conv_sweep import DTYPES, model_conv_cases
+from . import records
 from .env import device_label
 from .timing import copy_bandwidth, measure, rotation_count
 
@@ -46,10 +47,7 @@ class BNConfig:
         return cfg
 
     def as_dict(self) -> Dict[str, object]:
-        d = dict(self.__dict__)
-        for k in ("rows", "dtypes", "layouts", "backends"):
-            d[k] = list(d[k])
-        return d
+        return records.config_dict(self)
 
 
 def activation_shapes(cfg: BNConfig) -> List[Tuple[int, int, int]]:

@@ -23,6 +23,7 @@ from packed_kernels.ops import conv as conv_ops
 from packed_kernels.ops.conv import IMPLEMENTED as CONV_BACKENDS, conv_geometry
 
 from . import models as zoo_rows
+from . import records
 from .env import device_label
 from .timing import copy_bandwidth, matmul_peak, measure, rotation_count
 
@@ -137,10 +138,7 @@ class SweepConfig:
         return cfg
 
     def as_dict(self) -> Dict[str, object]:
-        d = dict(self.__dict__)
-        for k in ("rows", "dtypes", "layouts", "backends"):
-            d[k] = list(d[k])
-        return d
+        return records.config_dict(self)
 
 
 def _traffic(case: ConvCase, batch: int, itemsize: int) -> Dict[str, int]:

@@ -15,6 +15,7 @@ import torch
 import packed_kernels as pk
 from packed_kernels import _backend
 
+from . import records
 from .env import device_label
 from .timing import copy_bandwidth, measure, rotation_count
 
@@ -40,9 +41,7 @@ class EnsembleConfig:
         return cfg
 
     def as_dict(self) -> Dict[str, object]:
-        d = dict(self.__dict__)
-        d["backends"] = list(self.backends)
-        return d
+        return records.config_dict(self)
 
 
 def usable_backends(device: torch.device, dtype: torch.dtype) -> List[str]:

@@ -35,6 +35,11 @@ def run_dir(device, *, record: Optional[bool] = None, base: Optional[Path] = Non
     return root / f"{now_utc():%Y-%m-%d}-{device_slug(device)}"
 
 
+def config_dict(config) -> Dict[str, object]:
+    """A benchmark config's fields for its record, tuples as lists (as JSON reads them back)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()}
+
+
 def make_record(kind: str, device, config: Dict[str, object], rows: List[Dict[str, object]],
                 extra: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     if kind not in KINDS:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import packed_kernels as pk
 
 from . import models as zoo_rows
+from . import records
 from .env import device_label
 from .models import MODELS, PAPER, Row
 from .timing import measure
@@ -49,8 +50,7 @@ class TableConfig:
     ours_backend: str = "auto"  # engine of the packed_kernels rows' layers (models.build_model)
 
     def as_dict(self) -> Dict[str, object]:
-        d = dict(self.__dict__)
-        d["precisions"] = list(self.precisions)
+        d = records.config_dict(self)
         d["infer_batch"] = self.infer_batch or self.batch
         return d
 
