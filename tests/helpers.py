@@ -6,7 +6,11 @@ is at most twice torch's own error at that precision on the same inputs, plus a 
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -67,3 +71,31 @@ def parse_ptxas_verbose(text: str) -> list:
         if (found := _SMEM.search(line)):
             current["smem"] = int(found.group(1))
     return kernels
+
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+
+
+def build_sanitized_selftest(source: Path, binary: Path, required: bool) -> Path:
+    """Compiles a csrc/tests self-test against the SIMT emulator with ASan + UBSan. Without a C++
+    compiler: fails when the simt backend is required (CI), else skips."""
+    import pytest
+
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        message = f"no C++ compiler (g++) to build {source.name}"
+        if required:
+            pytest.fail(message)
+        pytest.skip(message)
+    command = [compiler, "-std=c++17", "-O1", "-g", "-DPK_SIMT=1", *SANITIZE, f"-I{CSRC / 'include'}",
+               f"-I{CSRC / 'kernels'}", f"-I{CSRC / 'tests'}", str(source),
+               str(CSRC / "simt" / "runtime.cpp"), "-o", str(binary)]
+    built = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, f"building the sanitized {source.name} failed:\n{built.stderr[-4000:]}"
+    return binary
+
+
+def run_sanitized(binary: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=600, env=env)

@@ -6,9 +6,6 @@ own error at that precision). The shape grid and fusion option sets are the Trit
 (tests/conv_cases.py): tiny but odd shapes on which every kernel path runs (several row and
 column tiles, K tails, masked taps, strides, dilation, asymmetric padding, split weight-grad)."""
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from packed_kernels import _backend
 from packed_kernels.ops import conv as conv_ops
 
 from conftest import HAS_GPU, REQUIRED, require_backend
-from helpers import assert_all_finite, assert_close
+from helpers import CSRC, assert_all_finite, assert_close, build_sanitized_selftest, run_sanitized
 from conv_cases import (CASES, FUSED_CASES, OPTION_SETS, check_fused_matches_fp64,
                         fused_inputs, make_case, run_with_grads)
 
@@ -305,8 +302,6 @@ def test_simt_fused_opcheck():
 # the kernels under AddressSanitizer and UBSan (csrc/tests/conv_selftest.cpp, outside Python)
 # ---------------------------------------------------------------------------------------------
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
 # Relative L2 error bounds. fp32 results: fp32 accumulation over <= 12 products. 16-bit
 # outputs (forward, input grad) are rounded to the dtype once: within its unit roundoff u
 # (2^-11 half, 2^-8 bfloat16) of the exact value, so 2u; the channel statistics and the
@@ -324,27 +319,14 @@ for _bounds in SELFTEST_BOUNDS.values():  # without prologue/epilogue: same outp
 
 @pytest.fixture(scope="module")
 def conv_selftest(tmp_path_factory) -> Path:
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        message = "no C++ compiler (g++) to build the sanitized conv self-test"
-        if "simt" in REQUIRED:
-            pytest.fail(message)
-        pytest.skip(message)
-    binary = tmp_path_factory.mktemp("conv") / "conv_selftest"
-    command = [compiler, "-std=c++17", "-O1", "-g", "-DPK_SIMT=1", *SANITIZE, f"-I{CSRC / 'include'}",
-               f"-I{CSRC / 'kernels'}", str(CSRC / "tests" / "conv_selftest.cpp"),
-               str(CSRC / "simt" / "runtime.cpp"), "-o", str(binary)]
-    built = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert built.returncode == 0, f"building the sanitized conv self-test failed:\n{built.stderr[-4000:]}"
-    return binary
+    return build_sanitized_selftest(CSRC / "tests" / "conv_selftest.cpp",
+                                    tmp_path_factory.mktemp("conv") / "conv_selftest", "simt" in REQUIRED)
 
 
 @pytest.mark.parametrize("shape", ["odd", "aligned"])  # the scalar and the 16-byte load paths
 @pytest.mark.parametrize("dtype", list(SELFTEST_BOUNDS))
 def test_kernels_under_sanitizers_match_the_reference(conv_selftest, dtype, shape):
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
-    done = subprocess.run([str(conv_selftest), dtype, shape], capture_output=True, text=True,
-                          timeout=600, env=env)
+    done = run_sanitized(conv_selftest, dtype, shape)
     assert done.returncode == 0, f"conv_selftest {dtype} {shape} failed:\n{done.stderr[-4000:]}"
     assert "runtime error" not in done.stderr, done.stderr[-4000:]  # UBSan
     errors = dict(line.split("=", 1) for line in done.stdout.split())

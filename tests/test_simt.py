@@ -19,33 +19,17 @@ import torch
 
 import packed_kernels as pk
 from conftest import REQUIRED, require_backend
-
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+from helpers import CSRC, build_sanitized_selftest, run_sanitized
 
 
 @pytest.fixture(scope="module")
 def selftest(tmp_path_factory) -> Path:
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        message = "no C++ compiler (g++) to build the emulator self-test"
-        if "simt" in REQUIRED:
-            pytest.fail(message)
-        pytest.skip(message)
-    binary = tmp_path_factory.mktemp("simt") / "simt_selftest"
-    command = [compiler, "-std=c++17", "-O1", "-g", "-DPK_SIMT=1", *SANITIZE,
-               f"-I{CSRC / 'include'}", f"-I{CSRC / 'kernels'}", f"-I{CSRC / 'tests'}",
-               str(CSRC / "tests" / "simt_selftest.cpp"), str(CSRC / "simt" / "runtime.cpp"),
-               "-o", str(binary)]
-    built = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert built.returncode == 0, f"building the sanitized self-test failed:\n{built.stderr[-4000:]}"
-    return binary
+    return build_sanitized_selftest(CSRC / "tests" / "simt_selftest.cpp",
+                                    tmp_path_factory.mktemp("simt") / "simt_selftest", "simt" in REQUIRED)
 
 
 def run(binary: Path, case: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
-    return subprocess.run([str(binary), case], capture_output=True, text=True, timeout=600, env=env)
+    return run_sanitized(binary, case)
 
 
 def results(binary: Path, case: str) -> dict:
