@@ -1,5 +1,6 @@
 """What the compile-for-target check needs to know about one kernel configuration."""
 
+import inspect
 from typing import Any, Callable, Dict, NamedTuple
 
 
@@ -17,7 +18,8 @@ def kernel_signature(kernel, pointer_type: Callable[[str], str],
                      scalar_type: Callable[[str], str] = lambda name: "i32") -> Dict[str, str]:
     """A @triton.jit kernel's signature for triton.compile: "constexpr" for its constexpr
     arguments, pointer_type(name) for `*_ptr` arguments, scalar_type(name) for the others."""
-    constexprs = {p.name for p in kernel.params if p.is_constexpr}
-    return {arg: "constexpr" if arg in constexprs
+    # from the Python function: under TRITON_INTERPRET=1 the kernel object has no .params
+    params = inspect.signature(kernel.fn).parameters
+    return {arg: "constexpr" if "constexpr" in str(param.annotation)
             else pointer_type(arg) if arg.endswith("_ptr") else scalar_type(arg)
-            for arg in kernel.arg_names}
+            for arg, param in params.items()}
