@@ -4,6 +4,7 @@
   conv      per-layer grouped-conv sweep: ours vs cuDNN grouped vs dense conv of equal FLOPs
   ensemble  the ensemble-op benchmark (GB/s vs the card's copy bandwidth)
   bn        batch norm + ReLU training forward / forward+backward GB/s vs torch (cuDNN)
+  profile   one training and one inference step of table rows, per kernel (torch.profiler)
   report    records -> markdown table + PNG plots
 
 On a machine without a GPU every command runs a reduced real measurement on the CPU (unless
@@ -125,7 +126,7 @@ def cmd_conv(args) -> int:
     _override(cfg, args, ("batch", "arch", "warmup", "reps", "limit"),
               {"rows": "rows", "dtype": "dtypes", "layout": "layouts", "backends": "backends"})
     result = conv_sweep.run(cfg, device, progress=not args.quiet)
-    print(conv_sweep.format_result(result))
+    print(conv_sweep.format_result(result, with_rows=not args.quiet))  # --quiet: printed as measured
     _save(args, records.make_record("conv", device, cfg.as_dict(), result["rows"],
                                     {"roofline": result["roofline"],
                                      "faster_shape_classes": result["faster_shape_classes"]}))
@@ -143,6 +144,20 @@ def cmd_bn(args) -> int:
     _save(args, records.make_record("bn", device, cfg.as_dict(), result["rows"],
                                     {"copy_bandwidth": result["copy_bandwidth"],
                                      "block_rows": result["block_rows"]}))
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from . import step_profile
+    device = _device(args)
+    cfg = step_profile.ProfileConfig()
+    if device.type != "cuda":  # reduced real run
+        cfg.batch, cfg.precision, cfg.layout, cfg.warmup = 2, "fp32", "nchw", 1
+    _override(cfg, args, ("batch", "precision", "layout", "arch", "top", "ours_backend"))
+    profiles = [step_profile.profile_row(key.strip(), cfg, device)
+                for key in args.rows.split(",") if key.strip()]
+    print(step_profile.format_profiles(profiles, cfg))
+    _save(args, records.make_record("profile", device, cfg.as_dict(), profiles))
     return 0
 
 
@@ -224,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int)
     b.add_argument("--reps", type=int)
     b.set_defaults(func=cmd_bn)
+
+    f = sub.add_parser("profile", help="per-kernel GPU time of one training/inference step")
+    _common(f)
+    f.add_argument("--rows", default="single-stock,pe241-stock,pe241-packed_kernels",
+                   help="comma list of table rows")
+    f.add_argument("--ours-backend", help="conv backend of the packed_kernels rows (default auto)")
+    f.add_argument("--batch", type=int)
+    f.add_argument("--precision", choices=("fp32", "fp16"))
+    f.add_argument("--layout", choices=("nchw", "channels_last"))
+    f.add_argument("--arch", type=int)
+    f.add_argument("--top", type=int, help="kernels listed per step (default 15)")
+    f.set_defaults(func=cmd_profile)
 
     r = sub.add_parser("report", help="records -> report.md + PNG plots")
     r.add_argument("paths", nargs="*", type=Path, help="record files or folders (default bench/results)")

@@ -261,7 +261,8 @@ def faster_shape_classes(rows: List[Dict[str, object]], device) -> Dict[str, Lis
 
 
 def run(cfg: SweepConfig, device, progress: bool = True) -> Dict[str, object]:
-    from tqdm import tqdm
+    """Every (layer, dtype, layout) of `cfg` timed; without `progress` each row is printed as
+    it is measured. Interrupted (SIGINT, a time limit), it returns what it has measured."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -276,9 +277,20 @@ def run(cfg: SweepConfig, device, progress: bool = True) -> Dict[str, object]:
             roofline["matmul"][name] = matmul_peak(device, DTYPES[name])
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
-    copy_gbps = roofline["copy"]["gbps"]
     rows = []
     jobs = [(c, d, l) for d in cfg.dtypes for l in cfg.layouts for c in cases]
+    try:
+        _sweep(cfg, jobs, device, roofline, rows, progress)
+    except KeyboardInterrupt:  # a time limit (SIGINT): keep what was measured
+        rows.append({"layer": "(sweep interrupted)", "dtype": "", "layout": "", "batch": cfg.batch,
+                     "device": device_label(device), "error": "interrupted before the last layer"})
+    return {"rows": rows, "roofline": roofline,
+            "faster_shape_classes": faster_shape_classes(rows, device)}
+
+
+def _sweep(cfg: SweepConfig, jobs, device, roofline, rows: List[Dict[str, object]], progress: bool):
+    from tqdm import tqdm
+    copy_gbps = roofline["copy"]["gbps"]
     torch_engine = "cudnn" if device.type == "cuda" else "torch-cpu"
     for case, dname, layout in tqdm(jobs, desc=f"conv sweep [{device_label(device)}]",
                                     disable=not progress, leave=False):
@@ -329,9 +341,9 @@ def run(cfg: SweepConfig, device, progress: bool = True) -> Dict[str, object]:
                             "tflops": flops / stats.median / 1e12, "gbps": nbytes / stats.median / 1e9,
                             "intensity": flops / nbytes, "roofline_fraction": bound / stats.median})
                 rows.append(row)
+                if not progress:  # no progress bar: each measurement as it lands
+                    print(format_row(row), flush=True)
         del grouped_sets, impls
-    return {"rows": rows, "roofline": roofline,
-            "faster_shape_classes": faster_shape_classes(rows, device)}
 
 
 def speedups(rows: List[Dict[str, object]], baseline: str = "cudnn_grouped"
@@ -365,7 +377,19 @@ def geomean_speedups(sp: List[Dict[str, object]]):
             for k, vals in groups.items()]
 
 
-def format_result(result: Dict[str, object]) -> str:
+def format_row(r: Dict[str, object]) -> str:
+    if "error" in r:
+        return (f"{r['layer']:46} {r['dtype']:5} {r['layout']:13} {r.get('pass', ''):11} "
+                f"{r.get('impl', ''):31} failed: {r['error']}  {r['device']}")
+    impl = f"{r['impl']} ({r['engine']})"
+    return (f"{r['layer']:46} {r['dtype']:5} {r['layout']:13} {r['pass']:11} {impl:31} "
+            f"{r['time']['median'] * 1e6:11.1f} {r['tflops']:8.3f} {r['gbps']:8.1f} "
+            f"{r['roofline_fraction']:5.0%}  {r['device']}")
+
+
+def format_result(result: Dict[str, object], with_rows: bool = True) -> str:
+    """The sweep as text: the roofs, each row (unless already printed as measured), the
+    geometric-mean speed-ups and the shape classes where a kernel beat cuDNN."""
     rows = result["rows"]
     if not rows:
         return "conv sweep: no layers"
@@ -376,15 +400,8 @@ def format_result(result: Dict[str, object]) -> str:
              + f" — {device}" + ("  [CPU NUMBERS]" if device.startswith("cpu") else ""),
              f"{'layer':46} {'dtype':5} {'layout':13} {'pass':11} {'impl (engine)':31} {'median us':>11} "
              f"{'TFLOP/s':>8} {'GB/s':>8} {'roof':>5}  device"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['layer']:46} {r['dtype']:5} {r['layout']:13} {r.get('pass', ''):11} "
-                         f"{r.get('impl', ''):31} failed: {r['error']}  {r['device']}")
-            continue
-        impl = f"{r['impl']} ({r['engine']})"
-        lines.append(f"{r['layer']:46} {r['dtype']:5} {r['layout']:13} {r['pass']:11} {impl:31} "
-                     f"{r['time']['median'] * 1e6:11.1f} {r['tflops']:8.3f} {r['gbps']:8.1f} "
-                     f"{r['roofline_fraction']:5.0%}  {r['device']}")
+    if with_rows:
+        lines.extend(format_row(r) for r in rows)
     sp = speedups(rows)
     if sp:
         lines.append("")

@@ -215,6 +215,9 @@ def run_table(rows: Sequence[Row], cfg: TableConfig, device: torch.device,
         bar.set_postfix_str(f"{row.label} {precision}")
         try:
             results.append(measure_row(row, precision, cfg, device))
+        except KeyboardInterrupt:  # a time limit (SIGINT): keep the rows measured so far
+            _reset_memory(device)
+            break
         except Exception as exc:  # a row that cannot run says why; the others still run
             results.append({"row": row.key, "model": row.model, "name": MODELS[row.model].name,
                             "impl": row.impl, "compiled": row.compiled, "precision": precision,

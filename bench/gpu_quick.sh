@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# What matters most on a GPU, in one call of at most ~8 minutes (a lent H100/H200's lease is
+# 15 minutes, machine start included); bench/gpu_check.sh is the exhaustive check.
+#
+#   build     packed_kernels._C for this GPU's architecture only, in place, in the background
+#             while the Triton/cuDNN steps run (no pip: the lent machines have no network)
+#   table     speed-table rows Single and PE-(2,4,1), stock vs ours, fp16 channels_last, batch 128
+#   table-triton  the PE-(2,4,1) ours row again with every conv forced onto Triton
+#   profile   one training + inference step per row under torch.profiler, per kernel
+#   conv      per-layer timings of every kernel backend vs cuDNN, PE-(2,4,1) layers, fp16 NHWC
+#   tests     the kernel test files on the GPU (cuda + triton required), interrupted at its
+#             time limit with a summary of what ran
+#
+# Each step has a time limit (seconds, estimated from the step's work below); SIGINT at the
+# limit lets Python print what it has. Results: $GPU_QUICK_OUT (default
+# bench/results/<date>-<gpu>-quick/): one log per step, steps.tsv, the JSON records.
+# Tile configs are the heuristic's (PACKED_KERNELS_AUTOTUNE=0): tuning every shape would take
+# the whole lease. `--dry-run` prints the steps and their limits.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PYTHONUNBUFFERED=1 PACKED_KERNELS_AUTOTUNE=0
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/packed_kernels-triton-cache}"
+PY="${PYTHON:-python3}"
+DRY_RUN=0
+[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+[[ $# -gt 0 && $DRY_RUN == 0 ]] && { echo "gpu_quick: unknown argument $1 (use --dry-run)" >&2; exit 2; }
+
+# step limits in seconds; their sum (plus ~20 s of start-up) is the call's expected length
+LIMIT_TABLE=100 LIMIT_TABLE_TRITON=100 LIMIT_PROFILE=50 LIMIT_CONV=110 LIMIT_TESTS=90
+TOTAL=$((LIMIT_TABLE + LIMIT_TABLE_TRITON + LIMIT_PROFILE + LIMIT_CONV + LIMIT_TESTS))
+TEST_FILES=(tests/test_triton_conv.py tests/test_cuda_conv.py tests/test_conv_glue.py
+            tests/test_batch_norm.py tests/test_cuda_batch_norm.py tests/test_ensemble.py
+            tests/test_conv_bn.py tests/test_fused_models.py)
+ROWS="single-stock,pe241-stock,pe241-packed_kernels"
+TABLE_ARGS=(--precision fp16 --layout channels_last --warmup 5 --reps 20 --max-seconds 4 --quiet)
+
+if [[ $DRY_RUN == 1 ]]; then
+  OUT="${GPU_QUICK_OUT:-bench/results/<date>-<gpu>-quick}"
+  GPU_ARCH="<arch>"
+else
+  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_quick: no CUDA GPU visible to torch; this command is for GPU machines" >&2
+    exit 2
+  fi
+  GPU_SLUG="$("$PY" -c "import torch; from bench.env import device_slug; print(device_slug(torch.device('cuda')))")"
+  GPU_ARCH="$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'{a}{b}')")"
+  OUT="${GPU_QUICK_OUT:-bench/results/$(date -u +%Y-%m-%d)-${GPU_SLUG}-quick}"
+  mkdir -p "$OUT"
+fi
+FAILED=0
+
+step() {  # step <name> <limit s> <command...>
+  local name="$1" limit="$2"; shift 2
+  if [[ $DRY_RUN == 1 ]]; then
+    printf '%-13s %4ss  %s\n' "$name" "$limit" "$*"
+    return 0
+  fi
+  echo "== $name (limit ${limit} s): $*"
+  local start=$SECONDS
+  timeout -s INT -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%ss\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$*" >> "$OUT/steps.tsv"
+  [[ $rc != 0 ]] && FAILED=1
+  echo "   exit $rc after $((SECONDS - start)) s"
+}
+
+build() {
+  PACKED_KERNELS_NO_SIMT=1 PACKED_KERNELS_CUDA_ARCHS="$GPU_ARCH" MAX_JOBS=8 \
+    "$PY" setup.py -q build_ext --inplace
+}
+
+if [[ $DRY_RUN == 1 ]]; then
+  printf '%-13s %4s   %s\n' build "bg" "PACKED_KERNELS_NO_SIMT=1 PACKED_KERNELS_CUDA_ARCHS=<arch> $PY setup.py build_ext --inplace"
+else
+  "$PY" -c "import json, sys, torch; from bench.env import environment; json.dump(environment(torch.device('cuda')), sys.stdout, indent=1)" > "$OUT/environment.json" 2>&1
+  nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+  start_build=$SECONDS
+  ( build > "$OUT/build.log" 2>&1; echo "$? $((SECONDS - start_build))" > "$OUT/build.status" ) &
+  BUILD_PID=$!
+fi
+
+step table        "$LIMIT_TABLE"        "$PY" -m bench table --rows "$ROWS" "${TABLE_ARGS[@]}" --out "$OUT"
+step table-triton "$LIMIT_TABLE_TRITON" "$PY" -m bench table --rows pe241-packed_kernels --ours-backend triton "${TABLE_ARGS[@]}" --out "$OUT"
+step profile      "$LIMIT_PROFILE"      "$PY" -m bench profile --rows "$ROWS" --ours-backend triton --out "$OUT"
+[[ $DRY_RUN == 0 ]] && { wait "$BUILD_PID"; echo "== build (background): exit/seconds $(cat "$OUT/build.status")"; }
+step conv         "$LIMIT_CONV"         "$PY" -m bench conv --rows pe241-stock --dtype fp16 --layout channels_last --warmup 3 --reps 10 --quiet --out "$OUT"
+step tests        "$LIMIT_TESTS"        env PACKED_KERNELS_REQUIRE=cuda,triton "$PY" -m pytest -q --maxfail=20 -p no:cacheprovider -n 8 "${TEST_FILES[@]}"
+
+if [[ $DRY_RUN == 1 ]]; then
+  echo "(dry run: at most $TOTAL s of steps plus start-up; results would go to $OUT)"
+  exit 0
+fi
+echo
+echo "gpu_quick: results in $OUT"
+cat "$OUT/steps.tsv"
+grep -E "^(==|Single|PE-|Targets|  PE)" "$OUT/table.log" "$OUT/table-triton.log" 2>/dev/null | cut -c1-220
+grep -E "^(==|packed_kernels speed-up|  (triton|cuda) )" "$OUT/conv.log" 2>/dev/null | cut -c1-200
+grep -E "^== " "$OUT/profile.log" 2>/dev/null | cut -c1-200
+tail -n 5 "$OUT/tests.log" 2>/dev/null
+exit $FAILED
