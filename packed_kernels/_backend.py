@@ -86,6 +86,31 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
     return f"unknown backend {backend!r}"
 
 
+@lru_cache(maxsize=None)
+def _cuda_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+# Machine properties, looked up once per device: constants under torch.compile too (a name
+# query is no tensor op, and dynamo cannot trace it).
+@torch.compiler.assume_constant_result
+def device_name(device: torch.device) -> str:
+    """The GPU's name for CUDA devices, else the device type."""
+    device = torch.device(device)
+    return _cuda_properties(_index(device)).name if device.type == "cuda" else device.type
+
+
+@torch.compiler.assume_constant_result
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's SM count; 4 elsewhere (the interpreter: few programs keep it fast)."""
+    device = torch.device(device)
+    return _cuda_properties(_index(device)).multi_processor_count if device.type == "cuda" else 4
+
+
 def resolve(op: str, requested: Optional[str], device: torch.device, dtype: torch.dtype,
             implemented: Iterable[str], gpu_preference: Iterable[str] = ("triton", "cuda")) -> str:
     """Turn the user's `backend` argument into a concrete backend, or raise a clear error.

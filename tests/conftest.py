@@ -65,3 +65,14 @@ def _poison_outputs():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """float32 results are judged against torch's own float32 error, so TF32 is off (torch's
+    cuDNN convs may use it by default, and the Triton conv follows torch's switch); tests of
+    the TF32 path turn it on themselves."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

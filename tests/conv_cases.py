@@ -30,11 +30,14 @@ def make_case(case, dtype, device, layout):
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     elif layout == "strided":  # every other column of a wider map: no dense layout
-        x = torch.randn(n, c_in, hw[0], 2 * hw[1], dtype=dtype)[..., ::2]
+        x = torch.randn(n, c_in, hw[0], 2 * hw[1], dtype=dtype)
+    x = x.to(device)  # before slicing: a copy to another device makes a strided view dense
+    if layout == "strided":
+        x = x[..., ::2]
     w = torch.randn(c_out, c_in // groups, kh, kw, dtype=dtype) / (c_in // groups * kh * kw) ** 0.5
     b = torch.randn(c_out, dtype=dtype)
-    return x.to(device), w.to(device), b.to(device), dict(stride=stride, padding=padding,
-                                                         dilation=dilation, groups=groups)
+    return x, w.to(device), b.to(device), dict(stride=stride, padding=padding,
+                                              dilation=dilation, groups=groups)
 
 
 def run_with_grads(fn, tensors, grad_seed):

@@ -71,6 +71,9 @@ def test_statistics_stable_for_large_means(backend, offset):
     """|mean| >> std: a naive fp32 sum/sum-of-squares loses every digit of the variance here
     (relative error > 1); ours must stay at float32 rounding level."""
     device = require_backend(backend)
+    if backend == "torch" and device.type == "cuda":
+        pytest.skip("the torch backend is F.batch_norm itself: on CUDA, cuDNN's statistics "
+                    "(relative error 1e-5 to 1e-3 here), not ours to hold to this bound")
     x = (torch.randn(4, 3, 9, 9, dtype=torch.float64) + offset).float()
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
     out = pk.batch_norm(x.to(device), rm, rv, training=True, momentum=1.0, backend=backend)

@@ -269,8 +269,10 @@ def test_digits_demo_smoke(tmp_path, capsys):
                                    "--no-plots"]) == 0
     report = json.loads((tmp_path / "packed-seed0" / "metrics.json").read_text())
     pe = results["PE-(2,4,1)"][0]
-    assert report["test"]["nll"] == pytest.approx(pe["nll"], rel=1e-6)
-    assert report["ood"]["msp"]["auroc"] == pytest.approx(pe["auroc"], rel=1e-6)
+    # rel 1e-5: on a GPU, evaluation batches other than the demo's pick other conv kernels,
+    # whose summation order moves the NLL by ~1e-6 relative (seen on an H200)
+    assert report["test"]["nll"] == pytest.approx(pe["nll"], rel=1e-5)
+    assert report["ood"]["msp"]["auroc"] == pytest.approx(pe["auroc"], rel=1e-5)
 
 
 def test_diabetes_demo_smoke(tmp_path):

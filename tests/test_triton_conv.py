@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import packed_kernels as pk
+from packed_kernels import _backend
 from packed_kernels.ops import conv as conv_ops
 from packed_kernels.triton import conv as tc
 from packed_kernels.triton import conv_tuning
@@ -18,7 +19,7 @@ from packed_kernels.triton import conv_tuning
 from conftest import require_backend
 from conv_cases import (CASES, FUSED_CASES, OPTION_SETS, check_fused_matches_fp64,
                         fused_inputs, make_case, run_with_grads)
-from helpers import assert_all_finite, assert_close
+from helpers import assert_all_finite, assert_close, relative_error
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,6 +55,28 @@ def test_grouped_conv2d_matches_fp64(name, dtype, layout):
     for what, g, r, t in zip(("input", "weight", "bias"), ours_grads, ref_grads, lowp_grads):
         assert_close(g, r, t, dtype, f"{name} grad {what}")
     assert ours_grads[0].is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["pe_3x3_3ch_per_group", "dense_multi_chunk_multi_tile"])
+def test_float32_follows_torch_tf32_switch(name):
+    """With torch.backends.cudnn.allow_tf32 (torch's default) fp32 convs may run on TF32
+    tensor cores, as cuDNN's do; without it they are exact to float32 rounding."""
+    device = require_backend("triton")
+    x, w, b, args = make_case(CASES[name], torch.float32, device, "channels_last")
+    grad_seed = torch.randn(F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape)
+    ref, ref_grads = run_with_grads(lambda *t: F.conv2d(*t, **args), (x.cpu().double(), w.cpu().double(),
+                                                             b.cpu().double()), grad_seed)
+    errors = {}
+    for tf32 in (False, True):
+        torch.backends.cudnn.allow_tf32 = tf32  # conftest restores it
+        out, grads = run_with_grads(lambda *t: pk.grouped_conv2d(*t, **args, backend="triton"),
+                                    (x, w, b), grad_seed)
+        errors[tf32] = max(relative_error(t, r) for t, r in zip((out, *grads), (ref, *ref_grads)))
+    # TF32 keeps 10 mantissa bits: each product is off by up to 2 * 2^-11 ~ 1e-3 relative and
+    # random-sign sums keep the result's error at that order; float32 stays near 1e-6
+    assert errors[False] < 1e-5
+    assert 1e-5 < errors[True] < 2e-3  # the TF32 path really ran, within TF32's rounding
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
@@ -253,7 +276,7 @@ def test_no_tuning_during_cuda_graph_capture(tmp_path, monkeypatch):
     monkeypatch.setattr(conv_tuning, "_memory", {})
     monkeypatch.setattr(conv_tuning, "_loaded_from", [])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "capturing GPU")
+    monkeypatch.setattr(_backend, "device_name", lambda device: "capturing GPU")
 
 
     class CudaActivation:  # what pick() reads of a CUDA tensor, on a machine without one

@@ -551,7 +551,7 @@ CUDA_FASTER_SHAPE_CLASSES: frozenset = frozenset()
 
 
 def shape_class(input: Tensor, weight: Tensor, stride, groups: int) -> tuple:
-    gpu = torch.cuda.get_device_name(input.device) if input.device.type == "cuda" else input.device.type
+    gpu = _backend.device_name(input.device)
     layout = "channels_last" if _format_of(input) == torch.channels_last else "nchw"
     return (gpu, str(input.dtype).replace("torch.", ""), layout, tuple(weight.shape[2:]),
             tuple(stride), input.shape[1] // groups, weight.shape[0] // groups)

@@ -16,13 +16,12 @@ from the saved output (out > 0 exactly when the pre-activation is > 0).
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
+from .. import _alloc, _backend
 
 TILE = 4096  # elements per [BLOCK_N, BLOCK_C, BLOCK_S] tile
 NUM_WARPS = 8  # elementwise kernels: 16 elements per thread
@@ -262,17 +261,12 @@ class _Layout:
     def splits(self, device: torch.device):
         """Programs along the reduction: enough to fill the GPU, each over whole tiles."""
         if device.type == "cuda":
-            target = 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+            target = 4 * _backend.multiprocessors(device)
         else:
             target = 4  # the interpreter: few programs, but still exercise the merge
         splits = max(1, min(self.num_tiles, MAX_SPLITS, triton.cdiv(target, self.num_cb)))
         tiles_per_split = triton.cdiv(self.num_tiles, splits)
         return triton.cdiv(self.num_tiles, tiles_per_split), tiles_per_split
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def blocks(n: int, c: int, s: int):

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
+from .. import _alloc, _backend
 from .._tile_stats import merge_tile_moments
 from . import conv_tuning
 
@@ -483,7 +483,7 @@ def weight_grad_splits(config, weight_shape, groups: int, pixels: int, device: t
     c_out, cin_g, kh, kw = weight_shape
     programs = (triton.cdiv(c_out // groups, config.block_m) * triton.cdiv(cin_g, config.block_n)
                 * kh * kw * groups)
-    target = 2 * conv_tuning.multiprocessors(device)
+    target = 2 * _backend.multiprocessors(device)
     most = max(1, pixels // (4 * config.block_k))
     return max(1, min(most, math.ceil(target / programs)))
 

@@ -24,6 +24,8 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
+from .. import _backend
+
 SHARED_MEMORY_BUDGET = 96 * 1024  # bytes: under sm_86/sm_89's 99 KiB per block, so one list fits all
 
 
@@ -111,12 +113,6 @@ def heuristic(kernel: str, dtype: torch.dtype, rows: int, cols: int, depth: int,
                                     c.block_k > max(bk, 16), abs(c.block_k - bk)))
 
 
-def multiprocessors(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: few programs keep it fast
-
-
 def autotune_enabled() -> bool:
     return os.environ.get("PACKED_KERNELS_AUTOTUNE", "1") not in ("", "0")
 
@@ -158,7 +154,7 @@ def shape_class(kernel: str, dtype: torch.dtype, layout: str, device: torch.devi
                 rows: int, cols: int, depth: int) -> str:
     """Cache key. Channel counts are exact (few distinct values in a network); pixel counts
     are bucketed to powers of two so batch and map size share a tuning."""
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    gpu = _backend.device_name(device)
     if kernel == "weight_grad":
         rows_key, depth_key = rows, triton.next_power_of_2(depth)
     else:
