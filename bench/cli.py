@@ -153,7 +153,7 @@ def cmd_profile(args) -> int:
     cfg = step_profile.ProfileConfig()
     if device.type != "cuda":  # reduced real run
         cfg.batch, cfg.precision, cfg.layout, cfg.warmup = 2, "fp32", "nchw", 1
-    _override(cfg, args, ("batch", "precision", "layout", "arch", "top", "ours_backend"))
+    _override(cfg, args, ("batch", "precision", "layout", "arch", "top", "python_top", "ours_backend"))
     profiles = [step_profile.profile_row(key.strip(), cfg, device)
                 for key in args.rows.split(",") if key.strip()]
     print(step_profile.format_profiles(profiles, cfg))
@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--layout", choices=("nchw", "channels_last"))
     f.add_argument("--arch", type=int)
     f.add_argument("--top", type=int, help="kernels listed per step (default 15)")
+    f.add_argument("--python-top", type=int,
+                   help="also list the step's N Python functions with the most own time (cProfile)")
     f.set_defaults(func=cmd_profile)
 
     r = sub.add_parser("report", help="records -> report.md + PNG plots")

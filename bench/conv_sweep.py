@@ -195,8 +195,8 @@ def _ours_passes(case: ConvCase, sets, backend: Optional[str]) -> Tuple[Dict[str
     x0, w0, _ = sets[0]
     stride, padding4, dilation = conv_geometry("grouped_conv2d", x0, w0, None, case.stride,
                                                case.padding, case.dilation, case.groups)
-    if backend in (None, "auto") and hasattr(conv_ops, "_choose"):  # the op's own auto policy
-        chosen = conv_ops._choose("grouped_conv2d", backend, x0, w0, stride, case.groups)
+    if backend in (None, "auto") and hasattr(conv_ops, "choose_backend"):  # the op's own auto policy
+        chosen = conv_ops.choose_backend("grouped_conv2d", backend, x0, w0, stride, case.groups)
     else:
         chosen = _backend.resolve("grouped_conv2d", backend, x0.device, x0.dtype, CONV_BACKENDS)
     geometry = (list(stride), list(padding4), list(dilation), case.groups)

@@ -30,6 +30,7 @@ class ProfileConfig:
     arch: int = 50
     warmup: int = 3
     top: int = 15
+    python_top: int = 0  # > 0: also the step's top Python functions by own time (cProfile)
     ours_backend: str = "auto"
 
     def as_dict(self) -> Dict[str, object]:
@@ -72,7 +73,7 @@ def profile_row(key: str, cfg: ProfileConfig, device: torch.device) -> Dict[str,
         scaler.update()
 
     def infer_step():
-        with torch.inference_mode(), _autocast(device, cfg.precision):
+        with torch.inference_mode(), _autocast(device, cfg.precision), pk.nn.reuse_inference_operands():
             return pk.ensemble_mean(model(x), m, backend=ensemble_backend)
 
     out = {"row": key, "device": device_label(device)}
@@ -94,8 +95,28 @@ def profile_row(key: str, cfg: ProfileConfig, device: torch.device) -> Dict[str,
                 torch.cuda.synchronize(device)
         table = _kernel_table(prof, 1)
         table["wall_us_per_step"] = wall_us
+        if cfg.python_top:
+            table["python"] = _python_profile(step, device, cfg.python_top)
         out[phase] = table
     return out
+
+
+def _python_profile(step, device: torch.device, top: int) -> List[Dict[str, object]]:
+    """The host side of one step: the functions with the most own time (cProfile)."""
+    import cProfile
+    import pstats
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = [{"function": f"{path.split('site-packages/')[-1]}:{line}({name})", "calls": calls,
+             "own_us": own * 1e6, "cumulative_us": cumulative * 1e6}
+            for (path, line, name), (_, calls, own, cumulative, _) in stats.stats.items()]
+    rows.sort(key=lambda r: -r["own_us"])
+    return rows[:top]
 
 
 def format_profiles(profiles: Sequence[Dict[str, object]], cfg: ProfileConfig) -> str:
@@ -109,4 +130,8 @@ def format_profiles(profiles: Sequence[Dict[str, object]], cfg: ProfileConfig) -
                          f"launches — {p['device']}")
             for k in t["kernels"][:cfg.top]:
                 lines.append(f"  {k['us_per_step']:9.1f} us {k['launches_per_step']:5.0f}x  {k['kernel'][:110]}")
+            if t.get("python"):
+                lines.append(f"  host, one step under cProfile: own us, cumulative us, calls, function")
+                for f in t["python"]:
+                    lines.append(f"  {f['own_us']:9.0f} {f['cumulative_us']:10.0f} {f['calls']:6d}  {f['function'][:120]}")
     return "\n".join(lines)

@@ -168,6 +168,53 @@ def test_inference_folds_into_the_conv(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_operands_are_reused_until_a_parameter_changes(backend, channels_last, monkeypatch):
+    """Without autograd, eval calls reuse the folded BN vectors and the weight laid out for
+    the kernels; any change to a parameter or running statistic (in place, by an optimizer or
+    load_state_dict) rebuilds them, so every call matches the unfused modules."""
+    from packed_kernels._weight_layout import WEIGHT_LAYOUT, kernel_weight
+    from packed_kernels.nn import conv_bn as module
+    device = require_backend(backend)
+    unfused = _pair(8, 12, 3, groups=2).to(device).eval()
+    fused = _fused_from(unfused, backend).to(device).eval()
+    folds = []
+    real_fold = module._folded_batch_norm
+    monkeypatch.setattr(module, "_folded_batch_norm", lambda *a: folds.append(1) or real_fold(*a))
+    x = torch.randn(2, 8, 6, 6, device=device).contiguous(memory_format=_fmt(channels_last))
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), unfused(x), rtol=1e-5, atol=1e-5)
+    check()
+    check()
+    assert len(folds) == 2 and not module._INFERENCE_CACHE  # outside the block: every call
+    with pk.nn.reuse_inference_operands():
+        check()
+        check()
+        assert len(folds) == 3  # the second call reused the operands
+        weight = module._INFERENCE_CACHE[fused.bn][1][0]
+        if backend in WEIGHT_LAYOUT:  # stored as the kernels read it: their layout step copies nothing
+            assert kernel_weight(weight, backend).data_ptr() == weight.data_ptr()
+        changes = (lambda: fused.bn.running_var.mul_(2), lambda: fused.bn.bias.add_(1),
+                   lambda: fused.conv.weight.mul_(-1),
+                   lambda: fused.load_state_dict(_pair(8, 12, 3, groups=2).state_dict()),
+                   lambda: setattr(fused.conv.weight, "data", fused.conv.weight * 2))  # new storage
+        for change in changes:
+            with torch.no_grad():
+                change()
+            unfused.load_state_dict(fused.state_dict())
+            check()
+        assert len(folds) == 3 + len(changes)
+        fused(x.requires_grad_())  # with autograd the operands are built per call, differentiably
+        assert len(folds) == 4 + len(changes)
+    assert not module._INFERENCE_CACHE
+    fused.bn.weight.data.mul_(3)  # unversioned, but outside the block every call folds anew
+    unfused.load_state_dict(fused.state_dict())
+    check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_estimators_never_mix(backend):
     """groups = estimators: changing one estimator's input leaves the others' outputs, gradients
     and running statistics bit-identical."""

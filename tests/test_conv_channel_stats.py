@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import packed_kernels as pk
-from packed_kernels._tile_stats import merge_tile_moments
+from packed_kernels._tile_stats import merge_tile_moments, reference_merge_tile_moments
+from packed_kernels.triton import tile_stats
 
 from conftest import require_backend
 
@@ -72,6 +73,32 @@ def test_merge_of_tile_moments_is_chans_formula():
     mean, var = merge_tile_moments(sums, m2s, values.shape[0], rows_per_tile)
     torch.testing.assert_close(mean, values.mean(0), rtol=1e-14, atol=0)
     torch.testing.assert_close(var, values.var(0, correction=0), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("rows, rows_per_tile, channels", [(77, 16, 5), (131072, 128, 300), (3, 64, 129)])
+def test_triton_merge_matches_the_reference(rows, rows_per_tile, channels):
+    """The one-launch merge: many tiles (several BLOCK_T steps), channels past one BLOCK_C,
+    a single partial tile; partials as the conv kernels lay them out ((tiles, 2, C), fp32)."""
+    device = require_backend("triton")
+    tiles = -(-rows // rows_per_tile)
+    counts = reference_tile_counts(rows, rows_per_tile, tiles)
+    means = torch.randn(tiles, channels, dtype=torch.float64) * 0.1 + 1e3
+    partial = torch.stack((means * counts, torch.rand(tiles, channels, dtype=torch.float64) * counts),
+                          dim=1).float()
+    mean, var = tile_stats.merge_tile_moments(partial[:, 0].to(device), partial[:, 1].to(device),
+                                              rows, rows_per_tile)
+    ref_mean, ref_var = reference_merge_tile_moments(partial[:, 0].double(), partial[:, 1].double(),
+                                                     rows, rows_per_tile)
+    assert mean.dtype == var.dtype == torch.float32
+    # fp32 partials around 1e3 summed over up to 1024 tiles: a few ulps of the mean; the
+    # variance (~1 against a mean ~1e3) inherits the mean's rounding through the deviations
+    assert _relative(mean, ref_mean) <= MEAN_RTOL
+    assert _relative(var, ref_var) <= VAR_RTOL
+
+
+def reference_tile_counts(rows, rows_per_tile, tiles):
+    return torch.tensor([min(rows_per_tile, rows - t * rows_per_tile) for t in range(tiles)],
+                        dtype=torch.float64).unsqueeze(1)
 
 
 def test_mean_and_var_gradcheck():

@@ -202,7 +202,7 @@ def test_fused_bad_options_raise(kwargs, error, match):
 
 def test_backend_choice():
     x, w = _good()
-    assert conv_ops._choose("grouped_conv2d", None, x, w, (1, 1), 2) == "torch"  # CPU: reference
+    assert conv_ops.choose_backend("grouped_conv2d", None, x, w, (1, 1), 2) == "torch"  # CPU: reference
     with pytest.raises(pk.BackendUnavailableError, match="cuda"):
         pk.grouped_conv2d(x, w, groups=2, backend="cuda")
     with pytest.raises(pk.BackendUnavailableError, match="float64"):

@@ -1,7 +1,7 @@
 """Drop-in modules: Packed-Ensembles layers (torch-uncertainty compatible) and the ensemble head."""
 
 from .batch_norm import BatchNorm2d
-from .conv_bn import ConvBNAct2d, DeferredBatchNorm, conv_bn_act
+from .conv_bn import ConvBNAct2d, DeferredBatchNorm, conv_bn_act, reuse_inference_operands
 from .convert import convert
 from .ensemble import EnsembleMean, predict, repeat_targets
 from .packed import GroupedConv2d, PackedConv1d, PackedConv2d, PackedLinear, set_backend
@@ -19,5 +19,6 @@ __all__ = [
     "PackedLinear",
     "predict",
     "repeat_targets",
+    "reuse_inference_operands",
     "set_backend",
 ]

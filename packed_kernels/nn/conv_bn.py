@@ -19,6 +19,8 @@ running statistics match the unfused modules.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -27,7 +29,8 @@ from torch import Tensor, nn
 
 from ..ops.batch_norm import IMPLEMENTED as BATCH_NORM_BACKENDS
 from ..ops.batch_norm import batch_norm
-from ..ops.conv import fused_conv2d
+from .._weight_layout import WEIGHT_LAYOUT, strided_for
+from ..ops.conv import choose_backend, fused_conv2d
 from .batch_norm import BatchNorm2d
 from .packed import STOCK, PackedConv2d, autocast_operands
 
@@ -148,7 +151,7 @@ def conv_bn_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, bn: Option
         x = F.pad(materialize(x), inner._reversed_padding_repeated_twice, mode=inner.padding_mode)
         padding = 0
     raw = x.raw if isinstance(x, DeferredBatchNorm) else x
-    raw, weight, bias, residual = autocast_operands(raw, inner.weight, inner.bias, residual)
+    raw, residual = autocast_operands(raw, residual)
     prologue = {}
     if isinstance(x, DeferredBatchNorm):
         in_scale, in_shift = x.scale_shift()
@@ -156,21 +159,21 @@ def conv_bn_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, bn: Option
     geometry = dict(stride=inner.stride, padding=padding, dilation=inner.dilation, groups=inner.groups,
                     backend=backend)
     if bn is None:
+        weight, bias = autocast_operands(inner.weight, inner.bias)
         return fused_conv2d(raw, weight, bias, **geometry, **prologue, residual=residual,
                             activation=activation)
     factor = BatchNorm2d.exponential_average_factor(bn)  # counts the batch, as bn.forward would
     if not (bn.training or bn.running_mean is None):
         # inference: BN folded into the epilogue, with the residual and activation
-        dtype = _vector_dtype(raw)
-        scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(dtype)
-        shift = -bn.running_mean.to(dtype) * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.to(dtype)
+        if _reuse_depth and not torch.is_grad_enabled():
+            weight, bias, scale, shift = _inference_operands(inner, bn, raw, backend)
+        else:
+            weight, bias = autocast_operands(inner.weight, inner.bias)
+            scale, shift = _folded_batch_norm(bn, _vector_dtype(raw))
         return fused_conv2d(raw, weight, bias, **geometry, **prologue, out_scale=scale,
                             out_shift=shift, residual=residual, activation=activation)
     # var is biased, as BN normalises with (stable: per-tile M2s merged by Chan's formula)
+    weight, bias = autocast_operands(inner.weight, inner.bias)
     y, mean, var = fused_conv2d(raw, weight, bias, **geometry, **prologue, channel_stats=True)
     count = _batch_count(y)
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
@@ -181,6 +184,66 @@ def conv_bn_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, bn: Option
     bn_backend = bn.backend if isinstance(bn, BatchNorm2d) else _bn_backend(backend)
     pending = DeferredBatchNorm(y, mean, var, bn.weight, bn.bias, bn.eps, activation, bn_backend)
     return pending if defer else pending.materialize(residual)
+
+
+def _folded_batch_norm(bn: nn.BatchNorm2d, dtype: torch.dtype):
+    """(scale, shift) with bn(y) = y * scale + shift from the running statistics."""
+    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(dtype)
+    shift = -bn.running_mean.to(dtype) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(dtype)
+    return scale, shift
+
+
+# Per batch-norm module, inside reuse_inference_operands(): (key, operands) of its last call.
+# The key holds every tensor's storage and version, so an optimizer step, load_state_dict or
+# .to() rebuilds them; a loop over batches pays the folding, cast and weight layout once.
+_INFERENCE_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_reuse_depth = 0
+
+
+@contextlib.contextmanager
+def reuse_inference_operands():
+    """Inside, eval-mode conv + BN blocks called without autograd keep their folded BatchNorm
+    vectors and their weights cast and laid out for the kernels from one call to the next (a
+    conv's launches are then its kernel alone), rebuilding them when a parameter or buffer is
+    replaced or changed in place. In-place edits through `.data`, which torch does not count,
+    are not seen: make them outside. Leaving the outermost block drops what was kept."""
+    global _reuse_depth
+    _reuse_depth += 1
+    try:
+        yield
+    finally:
+        _reuse_depth -= 1
+        if not _reuse_depth:
+            _INFERENCE_CACHE.clear()
+
+
+def _inference_operands(inner: nn.Conv2d, bn: nn.BatchNorm2d, raw: Tensor, backend: Optional[str]):
+    """(weight, bias, out_scale, out_shift) for an inference call inside
+    reuse_inference_operands() without autograd: the conv's
+    parameters (in autocast's dtype under autocast), the weight stored as the chosen conv
+    backend's kernels read it, and BN folded into per-channel vectors."""
+    dtype = raw.dtype if torch.is_autocast_enabled(raw.device.type) else inner.weight.dtype
+    chosen = choose_backend("fused_conv2d", backend, raw, inner.weight, inner.stride, inner.groups)
+    tensors = (inner.weight, inner.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    key = (dtype, raw.device, chosen, raw.is_contiguous(memory_format=torch.channels_last),
+           torch.is_inference_mode_enabled(), bn.eps,
+           *((None if t is None else (t.data_ptr(), t._version, t.dtype)) for t in tensors))
+    cached = _INFERENCE_CACHE.get(bn)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    weight = inner.weight.to(dtype)
+    if chosen in WEIGHT_LAYOUT:
+        weight = strided_for(weight, chosen)
+    elif raw.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous(memory_format=torch.channels_last)  # as cuDNN would convert it
+    bias = None if inner.bias is None else inner.bias.to(dtype)
+    operands = (weight, bias, *_folded_batch_norm(bn, _vector_dtype(raw)))
+    _INFERENCE_CACHE[bn] = (key, operands)
+    return operands
 
 
 class ConvBNAct2d(nn.Module):

@@ -12,6 +12,7 @@ from torch import Tensor
 from .. import _alloc, _backend
 from .._checks import check_float_tensor, check_positive_int, check_same_device_dtype
 from .._tile_stats import merge_tile_moments
+from .._weight_layout import kernel_weight
 from ._autograd import unaliased
 
 IntPair = Union[int, Sequence[int]]
@@ -185,10 +186,6 @@ def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
-def _ohwi(weight: Tensor) -> Tensor:
-    return weight.permute(0, 2, 3, 1).contiguous()
-
-
 def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
                       prologue=(None, None, None), epilogue=(None, None, None, None),
                       channel_stats=False):
@@ -204,7 +201,7 @@ def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, g
     if channel_stats:  # one fp32 (sum, M2) partial per row tile, merged here (deterministic)
         stats = _alloc.empty((ext.conv_forward_row_tiles(n, out_h, out_w), 2, c_out), x,
                              dtype=torch.float32)
-    ext.conv_forward(x, _ohwi(weight), _vector(bias), _vector(in_scale), _vector(in_shift),
+    ext.conv_forward(x, kernel_weight(weight, backend), _vector(bias), _vector(in_scale), _vector(in_shift),
                      _ACTIVATION_CODES[in_activation], _vector(out_scale), _vector(out_shift),
                      _nhwc(residual), _ACTIVATION_CODES[activation], list(stride),
                      [padding[0], padding[2]], list(dilation), groups, y, stats)
@@ -220,7 +217,7 @@ def csrc_conv_input_grad(backend, grad, weight, input_shape, stride, padding, di
     """d loss / d (conv input) on the csrc kernels, in `memory_format`."""
     ext = _backend.extension(_CSRC_EXTENSIONS[backend])
     grad_input = _alloc.empty(tuple(input_shape), grad, memory_format=torch.channels_last)
-    ext.conv_input_grad(_nhwc(grad), _ohwi(weight), list(stride), [padding[0], padding[2]],
+    ext.conv_input_grad(_nhwc(grad), kernel_weight(weight, backend), list(stride), [padding[0], padding[2]],
                         list(dilation), groups, grad_input)
     return grad_input.contiguous(memory_format=memory_format)
 
@@ -557,7 +554,7 @@ def shape_class(input: Tensor, weight: Tensor, stride, groups: int) -> tuple:
             tuple(stride), input.shape[1] // groups, weight.shape[0] // groups)
 
 
-def _choose(op: str, backend: Optional[str], input: Tensor, weight: Tensor, stride, groups: int) -> str:
+def choose_backend(op: str, backend: Optional[str], input: Tensor, weight: Tensor, stride, groups: int) -> str:
     """backend=None/"auto": a kernel backend only for the shape classes the benchmark measured
     faster than cuDNN on this GPU (Triton first, then the CUDA C++ kernels), else cuDNN through
     the torch backend; explicit backends as asked."""
@@ -579,7 +576,7 @@ def grouped_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """torch.nn.functional.conv2d semantics, block-diagonal over `groups`."""
     op = "grouped_conv2d"
     stride, padding4, dilation = conv_geometry(op, input, weight, bias, stride, padding, dilation, groups)
-    chosen = _choose(op, backend, input, weight, stride, groups)
+    chosen = choose_backend(op, backend, input, weight, stride, groups)
     return _grouped_conv2d_op(input, weight, bias, list(stride), list(padding4), list(dilation),
                               groups, chosen)
 
@@ -640,7 +637,7 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
         if tuple(residual.shape) != expected:
             raise ValueError(f"{op}: residual must have the output's shape {expected}, got "
                              f"{tuple(residual.shape)}")
-    chosen = _choose(op, backend, input, weight, stride, groups)
+    chosen = choose_backend(op, backend, input, weight, stride, groups)
     out, stats = _fused_conv2d_op(
         input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, list(stride),
         list(padding4), list(dilation), groups, in_activation, activation, channel_stats, chosen)

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .. import _alloc, _backend
 from .._tile_stats import merge_tile_moments
+from .._weight_layout import kernel_weight
 from . import conv_tuning
 
 ACTIVATIONS = {None: 0, "relu": 1}  # name -> the ACT constexpr of the kernels
@@ -337,13 +338,6 @@ def _nhw_strides(t: torch.Tensor):
     return t.stride(0), t.stride(2), t.stride(3)
 
 
-def _kernel_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(C_out, C_in/groups, KH, KW) -> (KH, KW, C_in/groups, C_out): C_out contiguous, so a
-    [K, N] tile of the forward GEMM and a [K, N] tile of the input-grad GEMM both read
-    contiguous runs. Weights are small next to activations: the copy is cheap."""
-    return weight.permute(2, 3, 1, 0).contiguous()
-
-
 def vector_width(dtype: torch.dtype, channel_counts, tensors) -> int:
     """Elements per 16-byte vector when every channel run of every tensor starts 16-byte
     aligned (the kernels then tell Triton so and it emits vector loads), else 1."""
@@ -374,7 +368,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     fp32 per-channel mean and biased variance of the pre-epilogue output (None, None without
     channel_stats)."""
     x = _nhwc(x)
-    w_k = _kernel_weight(weight)
+    w_k = kernel_weight(weight, "triton")  # (KH, KW, C_in/groups, C_out)
     n, c_in, h, w = x.shape
     c_out, cin_g, kh, kw = weight.shape
     cout_g = c_out // groups
@@ -433,7 +427,7 @@ def conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: Seque
                     groups: int, memory_format=torch.contiguous_format) -> torch.Tensor:
     """d loss / d (conv input), the input being the (transformed) activation x_hat."""
     grad = _nhwc(grad)
-    w_k = _kernel_weight(weight)
+    w_k = kernel_weight(weight, "triton")  # (KH, KW, C_in/groups, C_out)
     n, c_in, h, w = input_shape
     c_out, cin_g, kh, kw = weight.shape
     cout_g = c_out // groups

@@ -45,17 +45,18 @@ def predict_logits(model: torch.nn.Module, split: Split, num_estimators: int, *,
     model.eval()
     chunks = []
     try:
-        for start in range(0, len(split), batch_size):
-            x = split.images[start:start + batch_size].to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast_context(device, amp):
-                logits = model(x)
-            b = x.shape[0]
-            if logits.shape[0] != num_estimators * b:
-                raise RuntimeError(f"model returned {logits.shape[0]} rows for a batch of {b} "
-                                   f"with {num_estimators} estimators (expected M*B rows)")
-            chunks.append(logits.float().reshape(num_estimators, b, -1).cpu())
+        with pk.nn.reuse_inference_operands():  # the eval-mode BN folding, once for all batches
+            for start in range(0, len(split), batch_size):
+                x = split.images[start:start + batch_size].to(device)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast_context(device, amp):
+                    logits = model(x)
+                b = x.shape[0]
+                if logits.shape[0] != num_estimators * b:
+                    raise RuntimeError(f"model returned {logits.shape[0]} rows for a batch of {b} "
+                                       f"with {num_estimators} estimators (expected M*B rows)")
+                chunks.append(logits.float().reshape(num_estimators, b, -1).cpu())
     finally:
         model.train(was_training)
     return torch.cat(chunks, dim=1)

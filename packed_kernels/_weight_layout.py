@@ -1,0 +1,27 @@
+"""How each kernel backend reads a conv weight (C_out, C_in/groups, KH, KW): the permutation of
+it that the launchers make contiguous. A weight already strided that way costs them no copy."""
+
+from __future__ import annotations
+
+import torch
+
+WEIGHT_LAYOUT = {
+    "triton": (2, 3, 1, 0),  # (KH, KW, C_in/groups, C_out): C_out contiguous for both GEMMs' tiles
+    "cuda": (0, 2, 3, 1),    # (C_out, KH, KW, C_in/groups): channels_last, as the csrc kernels read
+    "simt": (0, 2, 3, 1),
+}
+
+
+def kernel_weight(weight: torch.Tensor, backend: str) -> torch.Tensor:
+    """The weight as `backend`'s kernels take it (a copy unless it is strided so already)."""
+    return weight.permute(*WEIGHT_LAYOUT[backend]).contiguous()
+
+
+def strided_for(weight: torch.Tensor, backend: str) -> torch.Tensor:
+    """The same (C_out, C_in/groups, KH, KW) values, stored in `backend`'s layout, so that
+    kernel_weight() is free; torch's layout (unchanged) for a backend without one."""
+    layout = WEIGHT_LAYOUT.get(backend)
+    if layout is None:
+        return weight
+    inverse = sorted(range(len(layout)), key=layout.__getitem__)
+    return kernel_weight(weight, backend).permute(*inverse)
