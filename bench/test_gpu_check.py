@@ -38,3 +38,25 @@ def test_extra_pytest_arguments_reach_the_tests_step():
                             text=True, env={**os.environ, "GPU_CHECK_PYTEST_ARGS": "-n 8 -k conv"})
     assert result.returncode == 0
     assert result.stdout.splitlines()[0].endswith("tests.xml -n 8 -k conv")
+
+
+QUICK = Path(__file__).resolve().parent / "gpu_quick.sh"
+
+
+def test_quick_check_fits_one_lease():
+    """gpu_quick.sh: the build in the background, then each step with a time limit; the limits
+    sum to what the dry run states, under 8 minutes."""
+    result = subprocess.run(["bash", str(QUICK), "--dry-run"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    steps = {line.split()[0]: line.split()[1] for line in lines if line and not line.startswith("(")}
+    assert list(steps) == ["build", "table", "table-triton", "profile", "conv", "tests"]
+    limits = [int(limit.rstrip("s")) for name, limit in steps.items() if name != "build"]
+    stated = int(lines[-1].split("at most ")[1].split(" s")[0])
+    assert sum(limits) == stated <= 8 * 60
+    assert "PACKED_KERNELS_CUDA_ARCHS=<arch>" in lines[0]  # this GPU's architecture only
+
+
+def test_quick_check_refuses_unknown_arguments():
+    result = subprocess.run(["bash", str(QUICK), "--bogus"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown argument" in result.stderr

@@ -91,6 +91,24 @@ def measure(fn: Callable[[int], object], device, *, warmup: int = 3, reps: int =
     return summarize(samples, "wall")
 
 
+def kernel_time(fn: Callable[[int], object], device, *, calls: int = 3, start: int = 0) -> Optional[float]:
+    """Seconds of GPU kernel time per call of `fn` (torch.profiler's device events, summed), or
+    None off the GPU. Beside measure()'s events around each call, which also count the host's
+    time when the GPU waits for it, this is the kernels' share alone."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            fn(start + i)
+        synchronize(device)
+    total_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    return total_us / calls / 1e6
+
+
 def rotation_count(bytes_per_input: int, device, *, cache_multiple: float = 3.0,
                    limit: int = 64) -> int:
     """How many distinct input sets to rotate through so their total exceeds the last-level
