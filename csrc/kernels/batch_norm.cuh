@@ -367,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // (x - mean) first: x * scale + (beta - mean * scale) cancels when |mean| >> std
         y[i] = (to_float(v[k].v[i]) - mean[i]) * scale[i] + beta[i];
         if (residual) y[i] += to_float(r[k].v[i]);
-        if (relu) y[i] = y[i] > 0.0f ? y[i] : 0.0f;
+        if (relu && y[i] < 0.0f) y[i] = 0.0f;  // NaN stays NaN, as torch.relu
       }
       store<VEC>(out + o[k], y);
     }
@@ -376,10 +376,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // --- backward --------------------------------------------------------------------------------
 
-// The gradient behind the ReLU: g where the saved output is > 0 (output is read only with relu).
+// The gradient behind the ReLU: 0 where the saved output is <= 0, else g (a NaN output passes
+// g, as torch's relu backward does; output is read only with relu).
 template <int VEC, typename T>
 PK_DEVICE float masked_grad(const Vec<T, VEC>& grad, const Vec<T, VEC>& output, int i, bool relu) {
-  return relu && !(to_float(output.v[i]) > 0.0f) ? 0.0f : to_float(grad.v[i]);
+  return relu && to_float(output.v[i]) <= 0.0f ? 0.0f : to_float(grad.v[i]);
 }
 
 // part_g/part_gx[split * C + c]: sum g and sum g x_hat over the split's values of channel c.

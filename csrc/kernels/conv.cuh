@@ -53,7 +53,7 @@ constexpr int kLdC = kBlockN + 4;  // the fp32 accumulator tile's row stride
 constexpr int kAsyncStages = 3;
 
 PK_DEVICE float activate(float v, int activation) {
-  return activation == static_cast<int>(Activation::kRelu) ? fmaxf(v, 0.0f) : v;
+  return activation == static_cast<int>(Activation::kRelu) && v < 0.0f ? 0.0f : v;  // NaN stays NaN, as torch.relu
 }
 
 // act(x * scale[c] + shift[c]) per input channel; nullptr scale/shift mean identity.

@@ -36,7 +36,8 @@ def reference_batch_norm_backward(grad, input, output, mean, invstd, weight, has
     """(grad_input, grad_weight, grad_bias, grad_residual) as the kernels return them: weight and
     bias gradients in the statistics dtype, an empty grad_residual without a residual.
     `mean`/`invstd` are the batch statistics (training) or the running ones (eval); the ReLU
-    mask is read from `output` (out > 0 exactly where the pre-activation is > 0)."""
+    mask is read from `output` (out <= 0 exactly where the pre-activation is <= 0; a NaN output
+    passes the gradient, as torch's relu backward does)."""
     ct = _stats_dtype(input.dtype)
     dims = [d for d in range(input.dim()) if d != 1]
     shape = [1, -1] + [1] * (input.dim() - 2)
@@ -44,7 +45,7 @@ def reference_batch_norm_backward(grad, input, output, mean, invstd, weight, has
     scale = invstd.to(ct) * (weight.to(ct) if weight is not None else 1.0)
     g = grad.to(ct)
     if relu:
-        g = torch.where(output > 0, g, torch.zeros_like(g))
+        g = torch.where(output <= 0, torch.zeros_like(g), g)
     sum_g = g.sum(dims)
     sum_g_xhat = (g * x_hat).sum(dims)
     if training:

@@ -457,8 +457,8 @@ def _epilogue_glue(grad_out, out, y, out_scale, grad_stats, residual, activation
     compute = _stats_dtype(dtype)
     reduce = (0, 2, 3)
     grad_z = grad_out.to(compute)
-    if activation == "relu":
-        grad_z = grad_z * (out > 0)  # relu(z) > 0 iff z > 0
+    if activation == "relu":  # torch's relu backward: 0 where out <= 0 (a NaN out passes)
+        grad_z = torch.where(out <= 0, 0.0, grad_z)
     if y is not None:
         y = y.to(compute)
     grad_y = grad_z if out_scale is None else grad_z * _per_channel(out_scale.to(compute))
@@ -486,7 +486,7 @@ def _prologue_glue(grad_x_hat, input, in_scale, in_shift, relu):
     if relu:  # recompute u = x s + b rather than store it
         u = reference_prologue(input.to(compute), *(None if t is None else t.to(compute)
                                                     for t in (in_scale, in_shift)), None)
-        grad_u = grad_u * (u > 0)
+        grad_u = torch.where(u <= 0, 0.0, grad_u)
     grad_input = grad_u if in_scale is None else grad_u * _per_channel(in_scale.to(compute))
     grad_input = grad_input.to(input.dtype).contiguous(memory_format=_format_of(input))
     return (grad_input, None if in_scale is None else (grad_u * input.to(compute)).sum(reduce),

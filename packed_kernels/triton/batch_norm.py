@@ -11,7 +11,8 @@ tile-local two-pass statistics of x minus the channel's first value (stable for 
 all fp32), a finalize that merges the
 splits per channel, and one elementwise pass (normalise, + residual, ReLU). Backward is a
 reduction pass (sum g, sum g*x_hat per split) and one elementwise pass; the ReLU mask is read
-from the saved output (out > 0 exactly when the pre-activation is > 0).
+from the saved output (out <= 0 exactly when the pre-activation is <= 0; NaN passes, as in
+torch's relu backward).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def _normalize_kernel(x_ptr, res_ptr, out_ptr, mean_ptr, spread_ptr, weight_ptr,
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: NaN stays NaN, as torch.relu
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -168,7 +169,8 @@ def _normalize_kernel(x_ptr, res_ptr, out_ptr, mean_ptr, spread_ptr, weight_ptr,
 def _masked_grad(grad_ptr, out_ptr, offsets, mask, RELU: tl.constexpr):
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        g = tl.where(tl.load(out_ptr + offsets, mask=mask, other=0.0) > 0, g, 0.0)
+        # torch's relu backward: 0 where the output is <= 0, the gradient elsewhere (NaN too)
+        g = tl.where(tl.load(out_ptr + offsets, mask=mask, other=0.0) <= 0, 0.0, g)
     return g
 
 

@@ -44,8 +44,8 @@ ACTIVATIONS = {None: 0, "relu": 1}  # name -> the ACT constexpr of the kernels
 
 @triton.jit
 def _activate(x, ACT: tl.constexpr):
-    if ACT == 1:
-        x = tl.maximum(x, 0.0)
+    if ACT == 1:  # not tl.maximum: NaN stays NaN, as torch.relu
+        x = tl.where(x < 0.0, 0.0, x)
     return x
 
 

@@ -3,12 +3,12 @@
 For y = conv(x_hat) + bias, x_hat = in_act(x * in_scale + in_shift),
 out = act(y * out_scale + out_shift + residual), stats = (mean y, var y):
   epilogue pass (before the conv gradients):
-    grad_z = grad_out * (out > 0 if act is relu)
+    grad_z = grad_out, 0 where out <= 0 if act is relu (torch's relu backward)
     grad_y = grad_z * out_scale + grad_mean / n + (y - mean) * 2 grad_var / n
     writes grad_y (input dtype: what dgrad/wgrad read) and grad_residual = grad_z, and per split
     and channel sums of grad_y (grad bias), grad_z * y (grad out_scale) and grad_z (grad out_shift)
   prologue pass (after the input-gradient conv):
-    grad_u = grad_x_hat * (x * in_scale + in_shift > 0 if in_act is relu)
+    grad_u = grad_x_hat, 0 where x * in_scale + in_shift <= 0 if in_act is relu
     writes grad_input = grad_u * in_scale, and per split and channel sums of grad_u * x
     (grad in_scale) and grad_u (grad in_shift)
 Each reads every input once and writes every output once, in fp32; the per-split partial sums
@@ -82,8 +82,8 @@ def _epilogue_grad_kernel(grad_out_ptr, out_ptr, y_ptr, out_scale_ptr, grad_stat
     for t in range(t_begin, t_end):
         offsets, mask, _, _ = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb, BLOCK_N, BLOCK_C, BLOCK_S)
         grad_z = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if RELU:  # relu(z) > 0 iff z > 0
-            grad_z = tl.where(tl.load(out_ptr + offsets, mask=mask, other=0.0) > 0, grad_z, 0.0)
+        if RELU:  # as torch's relu backward: 0 where out <= 0 (a NaN output passes the gradient)
+            grad_z = tl.where(tl.load(out_ptr + offsets, mask=mask, other=0.0) <= 0, 0.0, grad_z)
         grad_y = grad_z * scale[None, :, None]
         if HAS_SCALE or STATS:
             y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -130,7 +130,7 @@ def _prologue_grad_kernel(grad_x_hat_ptr, x_ptr, in_scale_ptr, in_shift_ptr, gra
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             if RELU:  # recompute u = x s + b rather than store it
                 u = x * scale[None, :, None] + shift[None, :, None]
-                grad_u = tl.where(u > 0, grad_u, 0.0)
+                grad_u = tl.where(u <= 0, 0.0, grad_u)
             if HAS_SCALE:
                 sum_grad_ux += _channel_sum(grad_u * x)
         if STORE_GRAD_INPUT:
