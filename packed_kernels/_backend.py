@@ -60,6 +60,8 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
         return None
     if dtype not in KERNEL_DTYPES:
         return f"backend {backend!r} supports float32/float16/bfloat16, got {dtype}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available here (no GPU, or no driver)"
     if backend == "triton":
         error = _import_error("triton")
         if error is not None:

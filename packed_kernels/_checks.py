@@ -7,7 +7,9 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_float_tensor(op: str, name: str, value, *, min_dim: int = 1) -> None:
+def check_float_tensor(op: str, name: str, value, *, min_dim: int = 1, allow_empty_batch: bool = False) -> None:
+    """A floating-point tensor of at least `min_dim` dimensions with elements (with
+    `allow_empty_batch`, a batch of 0 samples of a non-empty shape passes, as torch's ops take it)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
@@ -16,7 +18,8 @@ def check_float_tensor(op: str, name: str, value, *, min_dim: int = 1) -> None:
     if value.dim() < min_dim:
         raise ValueError(f"{op}: {name} must have at least {min_dim} dimensions, got shape "
                          f"{tuple(value.shape)}")
-    if value.numel() == 0:
+    if value.numel() == 0 and not (allow_empty_batch and value.shape[0] == 0
+                                   and all(size > 0 for size in value.shape[1:])):
         raise ValueError(f"{op}: {name} is empty (shape {tuple(value.shape)})")
 
 

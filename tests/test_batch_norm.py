@@ -143,13 +143,19 @@ def test_non_contiguous_input(backend):
     (lambda d: dict(input=torch.randn(4, 3, device=d), weight=torch.ones(3, dtype=torch.int64, device=d),
                     training=True), TypeError, "weight must be a floating-point"),
     (lambda d: dict(input=torch.randn(4, device=d), training=True), ValueError, "at least 2 dimensions"),
-    (lambda d: dict(input=torch.randn(0, 3, device=d), training=True), ValueError, "empty"),
+    (lambda d: dict(input=torch.randn(4, 0, device=d), training=True), ValueError, "empty"),  # no channels
     (lambda d: dict(input=torch.randn(4, 3, device=d), residual=torch.randn(4, 3, dtype=torch.float16, device=d),
                     training=True), TypeError, "mixed dtypes"),
     (lambda d: dict(input=torch.randn(4, 3, device=d), residual=torch.randn(4, 2, device=d), training=True),
      ValueError, "residual must have the input's shape"),
     (lambda d: dict(input=torch.randn(4, 3, device=d), training=True, activation="gelu"), ValueError,
      "activation must be"),
+    # refused by torch, so by every backend (the kernels would answer NaN/inf)
+    (lambda d: dict(input=torch.randn(4, 3, device=d), training=True, eps=0.0), ValueError, "eps must be positive"),
+    (lambda d: dict(input=torch.randn(4, 3, device=d), training=True, eps=float("nan")), TypeError, "eps must be"),
+    (lambda d: dict(input=torch.randn(4, 3, device=d), running_mean=torch.zeros(3, device=d),
+                    running_var=torch.ones(3, device=d), training=True, momentum=None), TypeError,
+     "momentum must be a float"),
 ])
 def test_bad_input_raises_before_launch(backend, make_bad, error, match, device):
     kwargs = dict(running_mean=None, running_var=None)

@@ -153,3 +153,22 @@ def test_unknown_and_unavailable_backends_say_why():
         pk.ensemble_mean(x, 4, backend="cuda")
     with pytest.raises(pk.BackendUnavailableError, match="supports float32/float16/bfloat16"):
         pk.ensemble_mean(x.double(), 4, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda", "simt"])
+def test_variation_ratio_is_not_differentiable(backend):
+    """A vote count has no gradient: autograd says so instead of returning zeros."""
+    device = require_backend(backend)
+    x = torch.randn(8, 5, device=device, requires_grad=True)
+    scores = pk.ensemble_scores(x, 4, backend=backend)
+    assert not scores.variation_ratio.requires_grad and scores.entropy.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        scores.variation_ratio.sum().backward()
+
+
+def test_available_backends_answers_for_an_absent_gpu():
+    """Asking about CUDA on a machine without one lists what can run, never raises."""
+    found = pk.available_backends("cuda")
+    assert "torch" in found
+    if not torch.cuda.is_available():
+        assert found == ["torch"]

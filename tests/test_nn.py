@@ -15,6 +15,7 @@ import packed_kernels as pk
 from packed_kernels.nn import (EnsembleMean, GroupedConv2d, PackedConv1d, PackedConv2d,
                                PackedLinear, predict, repeat_targets)
 
+from conftest import require_backend
 from helpers import assert_close, relative_error
 
 # float64 everywhere the comparison is exact math (same weights, same sums): 1e-12 is rounding.
@@ -240,6 +241,8 @@ def test_state_dict_in_torch_uncertainty_layout_loads_strictly():
     (lambda: PackedLinear(4, 5, alpha=1, num_estimators=2), ValueError),
     (lambda: PackedLinear(4, 4, alpha=1, num_estimators=2, implementation="sparse"), ValueError),
     (lambda: PackedLinear(4, 4, alpha=1, num_estimators=2, implementation="dense"), ValueError),
+    (lambda: PackedConv2d(4, 4, 3, alpha=float("nan"), num_estimators=2), ValueError),
+    (lambda: PackedConv2d(4, 4, 3, alpha=float("inf"), num_estimators=2), ValueError),
 ])
 def test_invalid_configurations_raise(make, error):
     with pytest.raises(error, match=r"Packed(Conv[12]d|Linear)"):
@@ -254,6 +257,45 @@ def test_bad_inputs_raise_before_compute():
         PackedLinear(4, 4, alpha=1, num_estimators=2)(torch.randn(2, 5))
     with pytest.raises(ValueError, match="PackedConv1d"):
         PackedConv1d(4, 4, 3, alpha=1, num_estimators=2)(torch.randn(1, 1, 4, 9))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "simt"])
+def test_empty_and_unbatched_inputs_answer_as_torch(backend):
+    """An empty batch gives torch's empty output (and gradients; BatchNorm's running statistics
+    unchanged, its batch count moved); an unbatched input is a batch of one without its dim."""
+    require_backend(backend)
+    torch.manual_seed(0)
+    conv2d = PackedConv2d(4, 8, 3, alpha=2, num_estimators=2, padding=1)
+    conv1d = PackedConv1d(4, 8, 3, alpha=2, num_estimators=2)
+    last = PackedConv2d(4, 6, 3, alpha=2, num_estimators=2, last=True)
+    bn = pk.nn.BatchNorm2d(8)
+    for layer in (conv2d, conv1d, last, bn):
+        layer.backend = backend
+    for layer, shape in ((conv2d, (0, 8, 5, 5)), (conv1d, (0, 8, 7)), (bn, (0, 8, 3, 3))):
+        x = torch.randn(shape, requires_grad=True)
+        stock = copy.deepcopy(layer)
+        stock.backend = "stock" if layer is not bn else None
+        expected = (stock.conv(x) if layer is not bn else nn.BatchNorm2d.forward(stock, x))
+        out = layer(x)
+        assert out.shape == expected.shape
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+    assert torch.equal(bn.running_mean, torch.zeros(8)) and bn.num_batches_tracked == 1
+    for layer, x in ((conv2d, torch.randn(8, 5, 5)), (conv1d, torch.randn(8, 7)), (last, torch.randn(8, 5, 5))):
+        batched = layer(x.unsqueeze(0))
+        torch.testing.assert_close(layer(x), batched if layer is last else batched.squeeze(0))
+    assert last(torch.randn(8, 5, 5)).shape == (2, 6, 3, 3)  # estimator-major: M rows for one sample
+    with pytest.raises(ValueError, match="PackedConv2d: input must have 4 dimensions"):
+        conv2d(torch.randn(1, 1, 8, 5, 5))
+
+
+def test_empty_batch_through_the_fused_models():
+    from packed_kernels.models import packed_resnet
+    model = packed_resnet(3, 10, 18, num_estimators=2, alpha=2, gamma=1, style="cifar")
+    for mode in (model.train, model.eval):
+        mode()
+        out = model(torch.randn(0, 3, 8, 8))
+        assert out.shape == (0, 10)
 
 
 def test_grouped_conv2d_module_keeps_nn_conv2d_state_and_outputs():

@@ -176,6 +176,8 @@ def _good():
     (lambda x, w: (x[0], w, {}), ValueError, "4 dimensions"),
     (lambda x, w: (x, w, {"padding": "same", "stride": 2}), ValueError, "same"),
     (lambda x, w: (x, w, {"bias": torch.randn(5)}), ValueError, "bias"),
+    (lambda x, w: (x, w, {"stride": 1.0}), TypeError, "stride must be an int or a pair"),
+    (lambda x, w: (x, w, {"padding": 0.5}), TypeError, "padding must be an int or a pair"),
 ])
 def test_bad_input_raises_before_launch(fn, bad, error, match):
     x, w = _good()

@@ -144,7 +144,7 @@ def conv_bn_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, bn: Option
     if bn is not None and bn.num_features != inner.out_channels:
         raise ValueError(f"conv_bn_act: the batch norm has {bn.num_features} features but the conv "
                          f"has {inner.out_channels} output channels")
-    if backend == STOCK:
+    if backend == STOCK or x.shape[0] == 0:  # an empty batch: torch's modules answer it
         return _stock(x, conv, bn, residual, activation)
     padding = inner.padding
     if inner.padding_mode != "zeros":  # the prologue zero-pads: pad the normalised input instead

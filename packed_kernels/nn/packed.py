@@ -58,8 +58,8 @@ def check_packed_parameters(layer: str, alpha, gamma, num_estimators) -> None:
         raise ValueError(f"{layer}: you must specify `alpha`")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"{layer}: `alpha` must be a number, got {type(alpha).__name__}")
-    if alpha <= 0:
-        raise ValueError(f"{layer}: `alpha` must be > 0, got {alpha}")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{layer}: `alpha` must be a finite number > 0, got {alpha}")
     if isinstance(gamma, bool) or not isinstance(gamma, int):
         raise TypeError(f"{layer}: `gamma` must be an int, got {type(gamma).__name__}")
     if gamma <= 0:
@@ -128,6 +128,7 @@ class _PackedConvNd(nn.Module):
     state_dict keys are torch-uncertainty's conv.weight / conv.bias) and the `last` rearrange."""
 
     _conv_cls = nn.Conv2d
+    _spatial_dims = 2
     routes_through_packed_ops = True  # set_backend() applies
     backend: Optional[str] = None  # class default: also right for pickles made before it existed
 
@@ -184,8 +185,16 @@ class _PackedConvNd(nn.Module):
         return 0 if self.conv.padding_mode != "zeros" else self.conv.padding
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self._conv_forward(x)
-        return estimator_major(out, self.num_estimators) if self.last else out
+        batched = 2 + self._spatial_dims  # (N, C, *spatial)
+        if not isinstance(x, Tensor) or x.dim() not in (batched - 1, batched):
+            raise ValueError(f"{type(self).__name__}: input must have {batched} dimensions (batched) "
+                             f"or {batched - 1} (unbatched), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        unbatched = x.dim() == batched - 1  # as torch's convs: a batch of one, without its dim
+        out = self._conv_forward(x.unsqueeze(0) if unbatched else x)
+        if self.last:  # estimator-major rows: M of them for one sample
+            return estimator_major(out, self.num_estimators)
+        return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
         return f"num_estimators={self.num_estimators}, first={self.first}, last={self.last}"
@@ -208,14 +217,11 @@ class PackedConv1d(_PackedConvNd):
     """Packed-Ensembles Conv1d, run as a 2-D grouped convolution of height 1."""
 
     _conv_cls = nn.Conv1d
+    _spatial_dims = 1
 
     def _conv_forward(self, x: Tensor) -> Tensor:
-        if x.dim() not in (2, 3):
-            raise ValueError(f"PackedConv1d: input must be (N, C, L) or (C, L), got {tuple(x.shape)}")
         if self.backend == STOCK:
             return self.conv(x)
-        unbatched = x.dim() == 2
-        x = x.unsqueeze(0) if unbatched else x
         x, weight, bias = autocast_operands(self._padded(x), self.conv.weight, self.conv.bias)
         padding = self._padding()
         if not isinstance(padding, str):
@@ -223,7 +229,7 @@ class PackedConv1d(_PackedConvNd):
         out = grouped_conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, (1, self.conv.stride[0]),
                              padding, (1, self.conv.dilation[0]), self.conv.groups,
                              backend=self.backend).squeeze(2)
-        return out.squeeze(0) if unbatched else out
+        return out
 
 
 class PackedLinear(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
@@ -221,7 +222,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                activation: Optional[str] = None, backend: Optional[str] = None) -> Tensor:
     """F.batch_norm(input, ...), then `+ residual`, then `activation` (None or "relu")."""
     op = "batch_norm"
-    check_float_tensor(op, "input", input, min_dim=2)
+    check_float_tensor(op, "input", input, min_dim=2, allow_empty_batch=True)
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
     channels = input.shape[1]
@@ -241,9 +242,22 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if residual is not None and residual.shape != input.shape:
         raise ValueError(f"{op}: residual must have the input's shape {tuple(input.shape)}, "
                          f"got {tuple(residual.shape)}")
-    if training and input.numel() // channels <= 1:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        raise TypeError(f"{op}: eps must be a finite float, got {eps!r}")
+    if training and eps <= 0:  # as torch (every backend: the kernels would answer NaN/inf)
+        raise ValueError(f"{op}: eps must be positive during training, got {eps}")
+    if training and running_mean is not None and (
+            isinstance(momentum, bool) or not isinstance(momentum, (int, float))):
+        raise TypeError(f"{op}: momentum must be a float when running statistics are updated, got "
+                        f"{momentum!r} (nn.BatchNorm2d's momentum=None cumulative average is the "
+                        "module's: pass it 1 / num_batches_tracked)")
+    if training and 0 < input.numel() // channels <= 1:
         raise ValueError(f"{op}: expected more than 1 value per channel when training, got input "
                          f"of shape {tuple(input.shape)}")
+    if input.shape[0] == 0:  # torch's answer: an empty output, running statistics unchanged
+        out = F.batch_norm(input, running_mean, running_var, weight, bias, training, 0.0, eps)
+        out = out if residual is None else out + residual
+        return torch.relu(out) if activation == "relu" else out
     chosen = _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)
     stats = (None, None) if training else (running_mean, running_var)
     out, batch_mean, batch_var, _invstd = _batch_norm_op(

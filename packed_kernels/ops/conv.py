@@ -20,7 +20,12 @@ IMPLEMENTED = ("torch", "triton", "cuda", "simt")
 
 
 def _pair(op: str, name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list, torch.Size)):
+        pair = tuple(value)
+    else:
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
         raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return pair
@@ -30,7 +35,7 @@ def conv_geometry(op: str, input: Tensor, weight: Tensor, bias: Optional[Tensor]
                   dilation, groups):
     """Validate a conv2d call; returns (stride, padding4, dilation) with padding as
     (top, bottom, left, right) so "same" with an even kernel is exact, as in torch."""
-    check_float_tensor(op, "input", input, min_dim=4)
+    check_float_tensor(op, "input", input, min_dim=4, allow_empty_batch=True)
     check_float_tensor(op, "weight", weight, min_dim=4)
     if input.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"{op}: input must be (N, C, H, W) and weight (C_out, C_in/groups, kH, kW), "
@@ -557,7 +562,12 @@ def shape_class(input: Tensor, weight: Tensor, stride, groups: int) -> tuple:
 def choose_backend(op: str, backend: Optional[str], input: Tensor, weight: Tensor, stride, groups: int) -> str:
     """backend=None/"auto": a kernel backend only for the shape classes the benchmark measured
     faster than cuDNN on this GPU (Triton first, then the CUDA C++ kernels), else cuDNN through
-    the torch backend; explicit backends as asked."""
+    the torch backend; explicit backends as asked. An empty batch has nothing to compute: torch
+    answers it, with its empty output and gradients."""
+    if input.shape[0] == 0:
+        if not (backend is None or backend in ("auto", *_backend.BACKENDS)):
+            _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)  # names the bad value
+        return "torch"
     if backend is None or backend == "auto":
         if input.device.type == "cuda":
             measured = shape_class(input, weight, stride, groups)

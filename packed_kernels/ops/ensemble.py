@@ -227,6 +227,7 @@ def _(grad_probs, grad_msp, grad_max_logit, grad_entropy, grad_mutual_informatio
 
 def _scores_setup_context(ctx, inputs, output):
     logits, num_estimators, backend = inputs
+    ctx.mark_non_differentiable(output[5])  # variation_ratio: a vote count, no gradient
     ctx.save_for_backward(logits)
     ctx.num_estimators, ctx.backend = num_estimators, backend
 
