@@ -18,6 +18,8 @@ torch's relu backward).
 from __future__ import annotations
 
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -288,9 +290,15 @@ def _layout_of(input: torch.Tensor):
     return input, _Layout(input)
 
 
+def _dense(vector: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Per-channel vectors are read with stride 1: a strided view or an expanded tensor is copied."""
+    return None if vector is None else vector.contiguous()
+
+
 def forward(input, running_mean, running_var, weight, bias, residual, training: bool, eps: float,
             relu: bool):
     """(out, batch mean, unbiased batch var, invstd); the statistics are empty in eval mode."""
+    running_mean, running_var, weight, bias = map(_dense, (running_mean, running_var, weight, bias))
     x, layout = _layout_of(input)
     out = _alloc.empty_like(x)
     c = layout.c
@@ -320,6 +328,7 @@ def backward(grad, input, output, mean, invstd, weight, has_residual: bool, trai
              relu: bool):
     """(grad_input, sum g * x_hat = grad_weight, sum g = grad_bias, grad_residual or empty);
     `mean`/`invstd` are fp32 per channel (batch statistics in training, running ones in eval)."""
+    mean, invstd, weight = map(_dense, (mean, invstd, weight))
     x, layout = _layout_of(input)
     grad = layout.like(grad)
     out = layout.like(output) if relu else x

@@ -369,6 +369,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     channel_stats)."""
     x = _nhwc(x)
     w_k = kernel_weight(weight, "triton")  # (KH, KW, C_in/groups, C_out)
+    bias = None if bias is None else bias.contiguous()  # read with stride 1
     n, c_in, h, w = x.shape
     c_out, cin_g, kh, kw = weight.shape
     cout_g = c_out // groups
