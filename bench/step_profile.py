@@ -133,7 +133,8 @@ def format_profiles(profiles: Sequence[Dict[str, object]], cfg: ProfileConfig) -
             for k in t["kernels"][:cfg.top]:
                 lines.append(f"  {k['us_per_step']:9.1f} us {k['launches_per_step']:5.0f}x  {k['kernel'][:110]}")
             if t.get("python"):
-                lines.append(f"  host, one step under cProfile: own us, cumulative us, calls, function")
+                lines.append("  host, one step under cProfile: own us, cumulative us, calls, function")
                 for f in t["python"]:
-                    lines.append(f"  {f['own_us']:9.0f} {f['cumulative_us']:10.0f} {f['calls']:6d}  {f['function'][:120]}")
+                    lines.append(f"  {f['own_us']:9.0f} {f['cumulative_us']:10.0f} {f['calls']:6d}  "
+                                 f"{f['function'][:120]}")
     return "\n".join(lines)

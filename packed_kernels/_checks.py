@@ -7,7 +7,8 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_float_tensor(op: str, name: str, value, *, min_dim: int = 1, allow_empty_batch: bool = False) -> None:
+def check_float_tensor(op: str, name: str, value, *, min_dim: int = 1,
+                       allow_empty_batch: bool = False) -> None:
     """A floating-point tensor of at least `min_dim` dimensions with elements (with
     `allow_empty_batch`, a batch of 0 samples of a non-empty shape passes, as torch's ops take it)."""
     if not isinstance(value, torch.Tensor):

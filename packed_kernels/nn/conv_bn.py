@@ -223,9 +223,9 @@ def reuse_inference_operands():
 
 def _inference_operands(inner: nn.Conv2d, bn: nn.BatchNorm2d, raw: Tensor, backend: Optional[str]):
     """(weight, bias, out_scale, out_shift) for an inference call inside
-    reuse_inference_operands() without autograd: the conv's
-    parameters (in autocast's dtype under autocast), the weight stored as the chosen conv
-    backend's kernels read it, and BN folded into per-channel vectors."""
+    reuse_inference_operands() without autograd: the conv's parameters (in autocast's dtype
+    under autocast), the weight stored as the chosen conv backend's kernels read it, and BN
+    folded into per-channel vectors."""
     dtype = raw.dtype if torch.is_autocast_enabled(raw.device.type) else inner.weight.dtype
     chosen = choose_backend("fused_conv2d", backend, raw, inner.weight, inner.stride, inner.groups)
     tensors = (inner.weight, inner.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)

@@ -206,9 +206,9 @@ def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, g
     if channel_stats:  # one fp32 (sum, M2) partial per row tile, merged here (deterministic)
         stats = _alloc.empty((ext.conv_forward_row_tiles(n, out_h, out_w), 2, c_out), x,
                              dtype=torch.float32)
-    ext.conv_forward(x, kernel_weight(weight, backend), _vector(bias), _vector(in_scale), _vector(in_shift),
-                     _ACTIVATION_CODES[in_activation], _vector(out_scale), _vector(out_shift),
-                     _nhwc(residual), _ACTIVATION_CODES[activation], list(stride),
+    ext.conv_forward(x, kernel_weight(weight, backend), _vector(bias), _vector(in_scale),
+                     _vector(in_shift), _ACTIVATION_CODES[in_activation], _vector(out_scale),
+                     _vector(out_shift), _nhwc(residual), _ACTIVATION_CODES[activation], list(stride),
                      [padding[0], padding[2]], list(dilation), groups, y, stats)
     out = y.contiguous(memory_format=_format_of(input))
     if stats is None:
@@ -222,8 +222,8 @@ def csrc_conv_input_grad(backend, grad, weight, input_shape, stride, padding, di
     """d loss / d (conv input) on the csrc kernels, in `memory_format`."""
     ext = _backend.extension(_CSRC_EXTENSIONS[backend])
     grad_input = _alloc.empty(tuple(input_shape), grad, memory_format=torch.channels_last)
-    ext.conv_input_grad(_nhwc(grad), kernel_weight(weight, backend), list(stride), [padding[0], padding[2]],
-                        list(dilation), groups, grad_input)
+    ext.conv_input_grad(_nhwc(grad), kernel_weight(weight, backend), list(stride),
+                        [padding[0], padding[2]], list(dilation), groups, grad_input)
     return grad_input.contiguous(memory_format=memory_format)
 
 

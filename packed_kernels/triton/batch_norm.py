@@ -17,7 +17,6 @@ torch's relu backward).
 
 from __future__ import annotations
 
-
 from typing import Optional
 
 import torch
