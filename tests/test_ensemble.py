@@ -172,3 +172,49 @@ def test_available_backends_answers_for_an_absent_gpu():
     assert "torch" in found
     if not torch.cuda.is_available():
         assert found == ["torch"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda", "simt"])
+def test_a_masked_class_changes_nothing(backend):
+    """A class every estimator masks (logit -inf) has probability 0 and contributes 0 log 0 = 0:
+    every score and gradient equals that of the logits without it (MI finite, not NaN)."""
+    device = require_backend(backend)
+    m, b, c = 4, 3, 6
+    kept = torch.randn(m * b, c)
+    masked = torch.cat((torch.full((m * b, 1), float("-inf")), kept), dim=1).to(device).requires_grad_()
+    kept.requires_grad_()
+    ours = pk.ensemble_scores(masked, m, backend=backend)
+    ref = pk.ensemble_scores(kept, m, backend="torch")
+    torch.testing.assert_close(ours.probs.detach().cpu()[:, 1:], ref.probs.detach(), rtol=1e-5, atol=1e-6)
+    assert (ours.probs[:, 0] == 0).all()
+    for name in ("msp", "max_logit", "entropy", "mutual_information", "variation_ratio"):
+        torch.testing.assert_close(getattr(ours, name).detach().cpu(), getattr(ref, name).detach(),
+                                   rtol=1e-5, atol=1e-6, msg=name)
+    grads = [torch.randn(t.shape) for t in ref[:5]]
+    # any upstream gradient on the masked class's probability moves nothing (p = 0 there)
+    ours_grads = [torch.cat((torch.randn(b, 1), grads[0]), dim=1)] + grads[1:]
+    (g_ours,) = torch.autograd.grad(list(ours[:5]), masked, [g.to(device) for g in ours_grads])
+    (g_ref,) = torch.autograd.grad(list(ref[:5]), kept, grads)
+    assert torch.isfinite(g_ours).all()
+    torch.testing.assert_close(g_ours.cpu()[:, 1:], g_ref, rtol=1e-4, atol=1e-5)
+    assert (g_ours[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda", "simt"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_inf_logit_makes_its_sample_nan(backend, bad):
+    """torch's log-softmax of a row with NaN or +inf is NaN: that sample's probabilities, MSP,
+    entropy and MI are NaN on every backend (never a finite, confident-looking score), its max
+    logit is torch's (NaN, or +inf), and the other samples are untouched."""
+    device = require_backend(backend)
+    m, b, c = 4, 3, 5
+    x = torch.randn(m * b, c)
+    x[2 * b + 1, 3] = bad  # estimator 2, sample 1
+    ours = pk.ensemble_scores(x.to(device), m, backend=backend)
+    ref = pk.ensemble_scores(x, m, backend="torch")
+    for name in ("probs", "msp", "entropy", "mutual_information"):
+        assert torch.isnan(getattr(ref, name)[1]).all(), name  # the case is what it claims
+    for name in ("probs", "msp", "max_logit", "entropy", "mutual_information"):
+        got, want = getattr(ours, name).cpu(), getattr(ref, name)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)

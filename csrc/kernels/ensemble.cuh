@@ -65,7 +65,7 @@ PK_DEVICE void add_chunk(RowStats& s, const float (&x)[VEC], const float (&w)[VE
   for (int i = 0; i < VEC; ++i) {
     const float e = expf(x[i] - s.max);
     s.sum += e;
-    if (kWithDot) s.dot += e * w[i];
+    if (kWithDot && e != 0.0f) s.dot += e * w[i];  // a masked class (x = -inf): 0 log 0 = 0
   }
 }
 
@@ -176,6 +176,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
   }
 }
 
+// The larger of two values, NaN if either is (torch's amax; fmaxf drops NaN).
+PK_DEVICE float nan_max(float a, float b) { return a != a ? a : (b != b ? b : fmaxf(a, b)); }
+
 struct Summary {
   float entropy;
   float msp;
@@ -183,8 +186,7 @@ struct Summary {
 };
 struct MergeSummary {
   PK_DEVICE Summary operator()(const Summary& a, const Summary& b) const {
-    return Summary{a.entropy + b.entropy, a.msp > b.msp ? a.msp : b.msp,
-                   a.max_logit > b.max_logit ? a.max_logit : b.max_logit};
+    return Summary{a.entropy + b.entropy, nan_max(a.msp, b.msp), nan_max(a.max_logit, b.max_logit)};
   }
 };
 
@@ -228,9 +230,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     for (int i = 0; i < VEC; ++i) {
       q[i] *= inv_m;
       mean_x[i] *= inv_m;
-      summary.msp = fmaxf(summary.msp, q[i]);
-      summary.max_logit = fmaxf(summary.max_logit, mean_x[i]);
-      if (q[i] > 0.0f) summary.entropy -= q[i] * logf(q[i]);
+      summary.msp = nan_max(summary.msp, q[i]);
+      summary.max_logit = nan_max(summary.max_logit, mean_x[i]);
+      if (q[i] != 0.0f) summary.entropy -= q[i] * logf(q[i]);  // 0 log 0 = 0; NaN stays
     }
     store_chunk<VEC>(probs + offset, k, 1, q);
   }
@@ -318,7 +320,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
       q[i] *= inv_m;
       mean_x[i] *= inv_m;
       best = MergeBestPair()(best, BestPair{ArgMax{q[i], k * VEC + i}, ArgMax{mean_x[i], k * VEC + i}});
-      gv[i] -= g_log_q * (q[i] > 0.0f ? logf(q[i]) : 0.0f);
+      gv[i] -= g_log_q * (q[i] != 0.0f ? logf(q[i]) : 0.0f);
     }
     for (int m = 0; m < M; ++m) {
       float v[VEC];
@@ -357,7 +359,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     for (int i = 0; i < VEC; ++i) {
       q[i] *= inv_m;
       const int c = k * VEC + i;
-      big_g[i] = gv[i] - g_log_q * (q[i] > 0.0f ? logf(q[i]) : 0.0f) + (c == best.q.index ? g_msp : 0.0f);
+      big_g[i] = gv[i] - g_log_q * (q[i] != 0.0f ? logf(q[i]) : 0.0f) + (c == best.q.index ? g_msp : 0.0f);
       max_logit_term[i] = c == best.mean_x.index ? g_max_logit * inv_m : 0.0f;
     }
     for (int m = 0; m < M; ++m) {
@@ -366,8 +368,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const float p = expf(v[i] - lse[m]);
-        v[i] = p * (big_g[i] - dot[m]) * inv_m + max_logit_term[i] +
-               g_mi * inv_m * p * (v[i] - lse[m] + estimator_entropy[m]);
+        const float p_log_p = p != 0.0f ? p * (v[i] - lse[m] + estimator_entropy[m]) : 0.0f;
+        v[i] = p * (big_g[i] - dot[m]) * inv_m + max_logit_term[i] + g_mi * inv_m * p_log_p;
       }
       store_chunk<VEC>(grad_logits + m * estimator_stride + offset, k, 1, v);
     }

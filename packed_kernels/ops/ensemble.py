@@ -33,6 +33,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _p_log_p(p: Tensor, log_term: Tensor) -> Tensor:
+    """p * log_term with 0 where p == 0: a masked class (logit -inf) has p = 0 and log p = -inf,
+    and contributes nothing (0 log 0 = 0); NaN stays NaN."""
+    return torch.where(p == 0, torch.zeros_like(p), p * log_term)
+
+
 def reference_mean(logits: Tensor, num_estimators: int) -> Tensor:
     x = logits.to(_compute_dtype(logits.dtype))
     x = x.reshape(num_estimators, x.shape[0] // num_estimators, *x.shape[1:])
@@ -49,7 +55,7 @@ def reference_scores(logits: Tensor, num_estimators: int) -> EnsembleScores:
     msp = probs.amax(dim=1)
     max_logit = x.mean(dim=0).amax(dim=1)
     entropy = -torch.special.xlogy(probs, probs).sum(dim=1)
-    estimator_entropy = -(p * log_p).sum(dim=2)  # (M, B)
+    estimator_entropy = -_p_log_p(p, log_p).sum(dim=2)  # (M, B)
     mutual_information = entropy - estimator_entropy.mean(dim=0)
     votes = torch.nn.functional.one_hot(x.argmax(dim=2), x.shape[2]).sum(dim=0)  # (B, C)
     variation_ratio = 1.0 - votes.amax(dim=1).to(x.dtype) / m
@@ -84,14 +90,14 @@ def reference_scores_backward(grads, logits: Tensor, num_estimators: int) -> Ten
     log_p = torch.log_softmax(x, dim=2)
     p = log_p.exp()
     q = p.mean(dim=0)
-    log_q = torch.where(q > 0, q.log(), torch.zeros_like(q))
+    log_q = torch.where(q == 0, torch.zeros_like(q), q.log())  # 0 for a class all estimators mask
     big_g = g_probs - (g_entropy + g_mi)[:, None] * log_q
     big_g = big_g + g_msp[:, None] * torch.nn.functional.one_hot(q.argmax(dim=1), q.shape[1]).to(ct)
     grad = p * (big_g - (p * big_g).sum(dim=2, keepdim=True)) / m
     top_mean_logit = torch.nn.functional.one_hot(x.mean(dim=0).argmax(dim=1), q.shape[1]).to(ct)
     grad = grad + (g_max_logit[:, None] * top_mean_logit / m)
-    estimator_entropy = -(p * log_p).sum(dim=2, keepdim=True)
-    grad = grad + g_mi[:, None] / m * p * (log_p + estimator_entropy)
+    estimator_entropy = -_p_log_p(p, log_p).sum(dim=2, keepdim=True)
+    grad = grad + g_mi[:, None] / m * _p_log_p(p, log_p + estimator_entropy)
     return grad.reshape(logits.shape).to(logits.dtype)
 
 

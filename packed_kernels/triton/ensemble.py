@@ -43,7 +43,8 @@ def _row_statistics(x_ptr, row_base, stride_m, stride_c, M, C,
         scale = tl.exp(run_max - new_max)
         e = tl.exp(x - new_max[:, None])
         run_sum = run_sum * scale + tl.sum(e, 1)
-        run_dot = run_dot * scale + tl.sum(tl.where(mask, e * x, 0.0), 1)
+        # e == 0 for a masked class (x = -inf): 0 log 0 = 0, not 0 * -inf
+        run_dot = run_dot * scale + tl.sum(tl.where(mask & (e != 0.0), e * x, 0.0), 1)
         run_max = new_max
     lse = run_max + tl.log(run_sum)
     entropy = lse - run_dot / run_sum  # H = lse - E_p[x]
@@ -101,6 +102,8 @@ def _scores_forward_kernel(x_ptr, probs_ptr, msp_ptr, max_logit_ptr, entropy_ptr
     msp = 0.0
     max_logit = float("-inf")
     entropy = 0.0
+    nan_p = False
+    nan_x = False
     for c0 in range(0, C, BLOCK_C):
         x, mask, _ = _load_tile(x_ptr, row_base, c0, stride_m, 1, M, C, BLOCK_M, BLOCK_C)
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -109,9 +112,12 @@ def _scores_forward_kernel(x_ptr, probs_ptr, msp_ptr, max_logit_ptr, entropy_ptr
         mean_p = tl.sum(p, 0) * inv_m
         tl.store(probs_ptr + row_base + offs_c, mean_p.to(probs_ptr.dtype.element_ty), mask=valid_c)
         msp = tl.maximum(msp, tl.max(mean_p, 0))
-        entropy -= tl.sum(tl.where(mean_p > 0, mean_p * tl.log(mean_p), 0.0), 0)
+        entropy -= tl.sum(tl.where(mean_p == 0, 0.0, mean_p * tl.log(mean_p)), 0)  # NaN stays
         mean_x = tl.where(valid_c, tl.sum(tl.where(mask, x, 0.0), 0) * inv_m, float("-inf"))
         max_logit = tl.maximum(max_logit, tl.max(mean_x, 0))
+        # the GPU's max drops NaN; torch's amax keeps it
+        nan_p |= tl.sum((mean_p != mean_p).to(tl.int32), 0) > 0
+        nan_x |= tl.sum((mean_x != mean_x).to(tl.int32), 0) > 0
         chunk_best = tl.max(x, 1)
         chunk_class = c0 + tl.argmax(x, 1, tie_break_left=True)
         better = chunk_best > best_logit  # strict: the first maximal class wins, as torch.argmax
@@ -123,6 +129,8 @@ def _scores_forward_kernel(x_ptr, probs_ptr, msp_ptr, max_logit_ptr, entropy_ptr
     modal_votes = tl.max(tl.sum(same_vote.to(tl.int32), 1), 0)
     variation_ratio = 1.0 - modal_votes.to(tl.float32) * inv_m
     out_ty = msp_ptr.dtype.element_ty
+    msp = tl.where(nan_p, float("nan"), msp)
+    max_logit = tl.where(nan_x, float("nan"), max_logit)
     tl.store(msp_ptr + row, msp.to(out_ty))
     tl.store(max_logit_ptr + row, max_logit.to(out_ty))
     tl.store(entropy_ptr + row, entropy.to(out_ty))
@@ -159,7 +167,7 @@ def _scores_backward_kernel(g_probs_ptr, g_msp_ptr, g_max_logit_ptr, g_entropy_p
         valid_c = offs_c < C
         p = tl.where(mask, tl.exp(x - lse[:, None]), 0.0)
         q = tl.sum(p, 0) * inv_m
-        log_q = tl.where(q > 0, tl.log(q), 0.0)
+        log_q = tl.where(q == 0, 0.0, tl.log(q))
         g = tl.load(g_probs_ptr + row_base + offs_c, mask=valid_c, other=0.0).to(tl.float32)
         dot += tl.sum(p * (g - g_log_q * log_q)[None, :], 1)
         q_masked = tl.where(valid_c, q, float("-inf"))
@@ -182,12 +190,12 @@ def _scores_backward_kernel(g_probs_ptr, g_msp_ptr, g_max_logit_ptr, g_entropy_p
         valid_c = offs_c < C
         p = tl.where(mask, tl.exp(x - lse[:, None]), 0.0)
         q = tl.sum(p, 0) * inv_m
-        log_q = tl.where(q > 0, tl.log(q), 0.0)
+        log_q = tl.where(q == 0, 0.0, tl.log(q))
         g = tl.load(g_probs_ptr + row_base + offs_c, mask=valid_c, other=0.0).to(tl.float32)
         big_g = g - g_log_q * log_q + tl.where(offs_c == best_q_class, g_msp, 0.0)
         gx = p * (big_g[None, :] - dot[:, None]) * inv_m
         gx += tl.where(offs_c == best_mean_x_class, g_max_logit * inv_m, 0.0)[None, :]
-        gx += tl.where(mask, p * (x - lse[:, None] + estimator_entropy[:, None]), 0.0) * (g_mi * inv_m)
+        gx += tl.where(mask & (p != 0.0), p * (x - lse[:, None] + estimator_entropy[:, None]), 0.0) * (g_mi * inv_m)
         tl.store(gx_ptr + offsets, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
