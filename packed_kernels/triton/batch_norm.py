@@ -162,17 +162,21 @@ def _normalize_kernel(x_ptr, res_ptr, out_ptr, mean_ptr, spread_ptr, weight_ptr,
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: NaN stays NaN, as torch.relu
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _masked_grad(grad_ptr, out_ptr, offsets, mask, RELU: tl.constexpr):
-    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+def _masked_grad(grad_ptr, out_ptr, offsets, mask, RELU: tl.constexpr, MASK_STORED: tl.constexpr):
+    """torch's relu backward: 0 where the output is <= 0, the gradient elsewhere (NaN too), in
+    fp32. MASK_STORED masks before widening: the same values, and the register allocation that
+    keeps the reduction kernel from spilling (the elementwise one spills that way instead)."""
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
+    if not MASK_STORED:
+        g = g.to(tl.float32)
     if RELU:
-        # torch's relu backward: 0 where the output is <= 0, the gradient elsewhere (NaN too)
-        g = tl.where(tl.load(out_ptr + offsets, mask=mask, other=0.0) <= 0, 0.0, g)
-    return g
+        g = tl.where(tl.load(out_ptr + offsets, mask=mask, other=0.0) <= 0, tl.zeros_like(g), g)
+    return g.to(tl.float32)
 
 
 @triton.jit
@@ -194,7 +198,7 @@ def _backward_reduce_kernel(grad_ptr, x_ptr, out_ptr, mean_ptr, invstd_ptr, part
     for t in range(t_begin, t_end):
         offsets, mask, _, _ = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
                                     BLOCK_N, BLOCK_C, BLOCK_S)
-        g = _masked_grad(grad_ptr, out_ptr, offsets, mask, RELU)
+        g = _masked_grad(grad_ptr, out_ptr, offsets, mask, RELU, MASK_STORED=True)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x_hat = (x - mean[None, :, None]) * invstd[None, :, None]
         sum_g += _channel_sum(g)
@@ -217,7 +221,7 @@ def _backward_elementwise_kernel(grad_ptr, x_ptr, out_ptr, mean_ptr, invstd_ptr,
                                      BLOCK_N, BLOCK_C, BLOCK_S)
     mean, invstd, scale, _ = _channel_affine(mean_ptr, invstd_ptr, weight_ptr, weight_ptr, offs_c, C,
                                              0.0, False, HAS_WEIGHT, False)
-    g = _masked_grad(grad_ptr, out_ptr, offsets, mask, RELU)
+    g = _masked_grad(grad_ptr, out_ptr, offsets, mask, RELU, MASK_STORED=False)
     if HAS_RESIDUAL:
         tl.store(grad_res_ptr + offsets, g.to(grad_res_ptr.dtype.element_ty), mask=mask)
     if TRAINING:

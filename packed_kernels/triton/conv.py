@@ -44,8 +44,8 @@ ACTIVATIONS = {None: 0, "relu": 1}  # name -> the ACT constexpr of the kernels
 
 @triton.jit
 def _activate(x, ACT: tl.constexpr):
-    if ACT == 1:  # not tl.maximum: NaN stays NaN, as torch.relu
-        x = tl.where(x < 0.0, 0.0, x)
+    if ACT == 1:  # NaN stays NaN, as torch.relu (the default maximum drops it)
+        x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return x
 
 
