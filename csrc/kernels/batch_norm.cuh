@@ -182,6 +182,10 @@ PK_DEVICE void store(T* p, const float (&v)[VEC]) {
 
 // --- training forward: partial statistics, finalize ------------------------------------------
 
+// The shift of a channel's sums: its first value, or 0 when that is not finite (x - inf would
+// turn the other values' sums into NaN where torch's mean is inf).
+PK_DEVICE float finite_shift(float first) { return fabsf(first) < INFINITY ? first : 0.0f; }
+
 // part_mean/part_m2[split * C + c]: (mean - shift, M2) of the split's values of channel c, shift
 // = the channel's first value. The split's count follows from the geometry (finalize_kernel).
 template <typename T, int VEC, bool kChannelsLast>
@@ -198,6 +202,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < VEC; ++i) mean[i] = m2[i] = shift[i] = 0.0f;
     if (w.active) {
       load<VEC>(x + w.base, shift);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) shift[i] = finite_shift(shift[i]);
       for (index_t u = w.first; u < w.end; u += kChunks * W::step) {
         Vec<T, VEC> v[kChunks];
         bool ok[kChunks];
@@ -247,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     // Per thread: Chan's merge of each chunk's own (VEC, mean, M2) into a running Welford.
-    const float shift = to_float(x[w.base]);
+    const float shift = finite_shift(to_float(x[w.base]));
     Welford acc{0.0f, 0.0f, 0.0f};
     for (index_t u = w.first; u < w.end; u += kChunks * W::step) {
       Vec<T, VEC> raw[kChunks];
@@ -318,7 +324,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (lane == 0 && c < channels) {
     for (int l = 1; l < kFinalizeLanes; ++l) acc = MergeWelford()(acc, scratch[l * kFinalizeChannels + j]);
-    mean[c] = to_float(x[c * stride_c]) + acc.mean;
+    mean[c] = finite_shift(to_float(x[c * stride_c])) + acc.mean;
     var[c] = acc.m2 / (acc.count - 1.0f);
     invstd[c] = rsqrtf(acc.m2 / acc.count + eps);
   }

@@ -58,6 +58,14 @@ def _channel_sum(x):
 
 
 @triton.jit
+def _shift(x_ptr, offs_c, stride_c, valid):
+    """The channel's first value, or 0 when it is not finite (x - inf would turn the other
+    values' sums into NaN where torch's mean is inf)."""
+    first = tl.load(x_ptr + offs_c.to(tl.int64) * stride_c, mask=valid, other=0.0).to(tl.float32)
+    return tl.where(tl.abs(first) < float("inf"), first, 0.0)
+
+
+@triton.jit
 def _stats_kernel(x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr,
                   N, C, S, stride_n, stride_c, num_sb, num_tiles, tiles_per_split,
                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -67,7 +75,7 @@ def _stats_kernel(x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr,
     cb = tl.program_id(1)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     valid = offs_c < C
-    shift = tl.load(x_ptr + offs_c.to(tl.int64) * stride_c, mask=valid, other=0.0).to(tl.float32)
+    shift = _shift(x_ptr, offs_c, stride_c, valid)
     count = 0.0
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
@@ -121,7 +129,7 @@ def _finalize_kernel(x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, mean_ptr
         n_i = tl.load(part_count_ptr + idx, mask=mask, other=0.0)
         d = tl.load(part_mean_ptr + idx, mask=mask, other=0.0) - mean[None, :]
         m2 += tl.sum(tl.load(part_m2_ptr + idx, mask=mask, other=0.0) + n_i * d * d, 0)
-    shift = tl.load(x_ptr + offs_c.to(tl.int64) * stride_c, mask=valid_c, other=0.0).to(tl.float32)
+    shift = _shift(x_ptr, offs_c, stride_c, valid_c)
     tl.store(mean_ptr + offs_c, shift + mean, mask=valid_c)
     tl.store(var_ptr + offs_c, m2 / (total - 1.0), mask=valid_c)  # unbiased, for running_var
     tl.store(invstd_ptr + offs_c, 1.0 / tl.sqrt(m2 / total + eps), mask=valid_c)
