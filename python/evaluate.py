@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_checkpoint(path: str):
     import torch
+    if os.path.isdir(path):
+        raise RecipeError(f"checkpoint {path!r} is a folder: give its checkpoint.pt")
     if not os.path.isfile(path):
         raise RecipeError(f"checkpoint {path!r} does not exist")
     try:
@@ -56,9 +58,11 @@ def load_checkpoint(path: str):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    state = load_checkpoint(args.checkpoint)
     if args.bins < 1:
         raise RecipeError(f"--bins must be >= 1, got {args.bins}")
+    if args.batch_size < 1:
+        raise RecipeError(f"--batch-size must be >= 1, got {args.batch_size}")
+    state = load_checkpoint(args.checkpoint)
     from train import resolve_device
     from recipes import models
     from recipes.data import load_from_source, load_ood

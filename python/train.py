@@ -111,6 +111,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     cfg = train_config(args)
     cfg.validate()
+    if args.image_size < 1:
+        raise RecipeError(f"--image-size must be >= 1, got {args.image_size}")
+    out = args.out or os.path.join("runs", f"{args.dataset}-{args.model}-{args.method}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RecipeError(f"--out {out!r} is a file, not a folder")
     # Validate the model arguments before loading any data.
     models.make_spec(args.model, args.method, in_channels=1, num_classes=2,
                      num_estimators=args.num_estimators, alpha=args.alpha, gamma=args.gamma)
@@ -133,7 +138,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          synthetic_size=args.synthetic_size)
         torch.manual_seed(args.seed)
         model = models.build_model(spec)
-        out = args.out or os.path.join("runs", f"{args.dataset}-{args.model}-{args.method}")
         if distributed.is_main:
             print(json.dumps({**dataset_summary(dataset), "model": spec["model"],
                               "method": spec["method"], "device": str(device),

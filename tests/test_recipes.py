@@ -225,6 +225,8 @@ def test_bad_input_exits_cleanly_without_traceback(tmp_path, args, message):
     (["--dataset", "imagefolder"], "pass --data-root"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--milestones", "5", "2"], "--milestones must be increasing"),
+    (["--eval-every", "0"], "--eval-every must be >= 1"),
+    (["--image-size", "0"], "--image-size must be >= 1"),
 ])
 def test_bad_arguments_give_a_clear_message(tmp_path, capsys, args, message):
     import train
@@ -239,8 +241,21 @@ def test_evaluate_rejects_a_missing_or_foreign_checkpoint(tmp_path, capsys):
     assert run_cli(evaluate.main, [str(tmp_path / "nope.pt")]) == 2
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     assert run_cli(evaluate.main, [str(tmp_path / "foreign.pt")]) == 2
+    assert run_cli(evaluate.main, [str(tmp_path)]) == 2
+    assert run_cli(evaluate.main, [str(tmp_path / "foreign.pt"), "--batch-size", "0"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "not a checkpoint written by train.py" in err
+    assert "is a folder" in err and "--batch-size must be >= 1" in err
+
+
+def test_train_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    import train
+    (tmp_path / "taken").write_text("not a folder")
+    args = ["--dataset", "synthetic", "--synthetic-size", "16", "8", "--image-size", "8",
+            "--model", "small_cnn", "--epochs", "1", "--out", str(tmp_path / "taken")]
+    assert run_cli(train.main, args) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "not a folder"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,8 @@ class TrainConfig:
             raise RecipeError(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
         if sorted(self.milestones) != list(self.milestones) or any(m < 1 for m in self.milestones):
             raise RecipeError(f"--milestones must be increasing positive epochs, got {self.milestones}")
+        if self.eval_every < 1:
+            raise RecipeError(f"--eval-every must be >= 1, got {self.eval_every}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
