@@ -122,6 +122,6 @@ def format_result(result: Dict[str, object]) -> str:
     target = [r for r in rows if "error" not in r and r["backend"] != "torch"
               and r["op"] == "mean_forward" and r["dtype"] == "fp16"]
     for r in target:
-        lines.append(f"target (issue 2, on an H100): ensemble_mean {r['backend']} >= 80% of copy "
+        lines.append(f"target (on an H100): ensemble_mean {r['backend']} >= 80% of copy "
                      f"bandwidth: {r['fraction_of_copy']:.0%} here  {r['device']}")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one GPU check command (issue 2, item 8). On a machine with a CUDA GPU:
+# The exhaustive GPU check (bench/gpu_quick.sh is the one-lease version). On a CUDA GPU machine:
 #   1. records the environment (GPU, driver, torch/triton/cuDNN versions, commit),
 #   2. builds everything (scripts/setup.sh: packed_kernels._C for sm_80/86/89/90, _simt),
 #   3. runs the whole test suite, `gpu` tests included (a missing cuda/triton backend fails),

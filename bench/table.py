@@ -311,7 +311,7 @@ def format_table(results: List[Dict[str, object]], cfg: Dict[str, object], sourc
     return "\n".join(lines)
 
 
-# The project's goals (issue 8), checked against the rows they name; GPU runs only mean them.
+# The project's goals (README), checked against the rows they name; GPU runs only mean them.
 TARGETS = (
     ("PE-(2,4,1) ours inference vs single stock, fp16", "pe241-packed_kernels", "infer", 1.0, "single"),
     ("PE-(2,4,1) ours training vs single stock, fp16", "pe241-packed_kernels", "train", 0.8, "single"),
@@ -343,11 +343,11 @@ def target_checks(results: List[Dict[str, object]], precision: str = "fp16") -> 
 
 def format_targets(results: List[Dict[str, object]]) -> List[str]:
     if results and all(r["device"].startswith("cpu") for r in results):
-        return ["Targets (issue 8) are GPU goals: not evaluated on CPU numbers."]
+        return ["Targets are GPU goals: not evaluated on CPU numbers."]
     checks = target_checks(results)
     if not checks:
         return []
-    lines = ["Targets (project goals, meaningful on a GPU; issue 8):"]
+    lines = ["Targets (project goals, meaningful on a GPU):"]
     for c in checks:
         status = "met" if c["met"] else "not met"
         lines.append(f"  {c['target']}: {c['value']:.2f}× (goal {c['op']} {c['goal']}×) {status}  {c['device']}")
