@@ -173,7 +173,7 @@ def test_inference_operands_are_reused_until_a_parameter_changes(backend, channe
     """Without autograd, eval calls reuse the folded BN vectors and the weight laid out for
     the kernels; any change to a parameter or running statistic (in place, by an optimizer or
     load_state_dict) rebuilds them, so every call matches the unfused modules."""
-    from packed_kernels._weight_layout import WEIGHT_LAYOUT, kernel_weight
+    from packed_kernels._layouts import WEIGHT_LAYOUT, kernel_weight
     from packed_kernels.nn import conv_bn as module
     device = require_backend(backend)
     unfused = _pair(8, 12, 3, groups=2).to(device).eval()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import packed_kernels as pk
+from packed_kernels._layouts import format_of
 from packed_kernels.ops import conv
 
 from conftest import require_backend
@@ -38,7 +39,7 @@ def _compare(ours, theirs, reference, dtype, what):
         return
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, what
     if ours.dim() == 4:
-        assert conv._format_of(ours) == conv._format_of(theirs), f"{what}: memory format"
+        assert format_of(ours) == format_of(theirs), f"{what}: memory format"
     assert_all_finite(ours)
     if dtype == torch.float32:
         assert relative_error(ours, theirs) <= FP32_RTOL, what
@@ -202,7 +203,7 @@ def test_fused_conv2d_backward_with_triton_glue(layout, dtype, backend, glue_dev
         assert grad.dtype == leaves[name].to(dtype if name in activations else torch.float32).dtype, name
         assert_all_finite(grad)
         if grad.dim() == 4 and name != "weight":
-            assert conv._format_of(grad) == fmt, f"{name}: memory format"
+            assert format_of(grad) == fmt, f"{name}: memory format"
         if dtype == torch.float32:
             assert relative_error(grad, reference[name]) <= FP32_RTOL, name
         else:

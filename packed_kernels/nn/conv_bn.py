@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..ops.batch_norm import IMPLEMENTED as BATCH_NORM_BACKENDS
 from ..ops.batch_norm import batch_norm
-from .._weight_layout import WEIGHT_LAYOUT, strided_for
+from .._layouts import WEIGHT_LAYOUT, strided_for
 from ..ops.conv import choose_backend, fused_conv2d
 from .batch_norm import BatchNorm2d
 from .packed import STOCK, PackedConv2d, autocast_operands

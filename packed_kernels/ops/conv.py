@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import _alloc, _backend
 from .._checks import check_float_tensor, check_positive_int, check_same_device_dtype
 from .._tile_stats import merge_tile_moments
-from .._weight_layout import kernel_weight
+from .._layouts import format_of, kernel_weight
 from ._autograd import unaliased
 
 IntPair = Union[int, Sequence[int]]
@@ -102,15 +102,8 @@ def reference_conv2d_backward(grad: Tensor, input: Tensor, weight: Tensor, has_b
     if grad_input is not None:
         if padded is not input:
             grad_input = grad_input[:, :, top:top + input.shape[2], left:left + input.shape[3]]
-        grad_input = grad_input.contiguous(memory_format=_format_of(input))
+        grad_input = grad_input.contiguous(memory_format=format_of(input))
     return grad_input, grad_weight, grad_bias
-
-
-def _format_of(t: Tensor):
-    """The memory format an output derived from `t` keeps: channels_last iff `t` is."""
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _output_hw(input_hw, weight: Tensor, stride, padding, dilation):
@@ -210,7 +203,7 @@ def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, g
                      _vector(in_shift), _ACTIVATION_CODES[in_activation], _vector(out_scale),
                      _vector(out_shift), _nhwc(residual), _ACTIVATION_CODES[activation], list(stride),
                      [padding[0], padding[2]], list(dilation), groups, y, stats)
-    out = y.contiguous(memory_format=_format_of(input))
+    out = y.contiguous(memory_format=format_of(input))
     if stats is None:
         return out, None, None
     return (out, *merge_tile_moments(stats[:, 0], stats[:, 1], n * out_h * out_w,
@@ -253,7 +246,7 @@ def _conv_forward(backend, input, weight, bias, stride, padding, dilation, group
                   prologue=(None, None, None), epilogue=(None, None, None, None), channel_stats=False):
     """(out, mean, var) of act(conv(prologue(x)) + bias) ...: mean and biased variance of the
     pre-epilogue y per output channel (fp32, fp64 for fp64), None if not asked."""
-    fmt = _format_of(input)
+    fmt = format_of(input)
     if backend == "triton":
         from ..triton import conv as tc
         return tc.conv_forward(input, weight, bias, stride, padding, dilation, groups, fmt,
@@ -276,7 +269,7 @@ def _conv_grads(backend, grad, input, weight, stride, padding, dilation, groups,
         grad_x_hat = grad_weight = None
         if need_input:
             grad_x_hat = tc.conv_input_grad(grad, weight, input.shape, stride, padding, dilation,
-                                            groups, _format_of(input))
+                                            groups, format_of(input))
         if need_weight:
             grad_weight = tc.conv_weight_grad(grad, input, weight.shape, stride, padding, dilation,
                                               groups, tc.Prologue(*prologue))
@@ -285,7 +278,7 @@ def _conv_grads(backend, grad, input, weight, stride, padding, dilation, groups,
         grad_x_hat = grad_weight = None
         if need_input:
             grad_x_hat = csrc_conv_input_grad(backend, grad, weight, input.shape, stride, padding,
-                                              dilation, groups, _format_of(input))
+                                              dilation, groups, format_of(input))
         if need_weight:
             grad_weight = csrc_conv_weight_grad(backend, grad, input, weight.shape, stride, padding,
                                                 dilation, groups, prologue)
@@ -311,7 +304,7 @@ def _grouped_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], st
 def _(input, weight, bias, stride, padding, dilation, groups, backend):
     out_h, out_w = _output_hw(input.shape[2:], weight, stride, padding, dilation)
     return torch.empty((input.shape[0], weight.shape[0], out_h, out_w), dtype=input.dtype,
-                       device=input.device, memory_format=_format_of(input))
+                       device=input.device, memory_format=format_of(input))
 
 
 @torch.library.custom_op("packed_kernels::grouped_conv2d_backward", mutates_args=())
@@ -330,7 +323,7 @@ def _grouped_conv2d_backward_op(grad: Tensor, input: Tensor, weight: Tensor, has
 
 @_grouped_conv2d_backward_op.register_fake
 def _(grad, input, weight, has_bias, stride, padding, dilation, groups, backend):
-    return (torch.empty_like(input, memory_format=_format_of(input)), torch.empty_like(weight),
+    return (torch.empty_like(input, memory_format=format_of(input)), torch.empty_like(weight),
             weight.new_empty(weight.shape[0] if has_bias else 0))
 
 
@@ -380,7 +373,7 @@ def _(input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, s
       dilation, groups, in_activation, activation, channel_stats, backend):
     out_h, out_w = _output_hw(input.shape[2:], weight, stride, padding, dilation)
     out = torch.empty((input.shape[0], weight.shape[0], out_h, out_w), dtype=input.dtype,
-                       device=input.device, memory_format=_format_of(input))
+                       device=input.device, memory_format=format_of(input))
     stats = input.new_empty((2 if channel_stats else 0, weight.shape[0]), dtype=_stats_dtype(input.dtype))
     return out, stats
 
@@ -474,7 +467,7 @@ def _epilogue_glue(grad_out, out, y, out_scale, grad_stats, residual, activation
         grad_y = grad_y + _per_channel(grad_mean / count) + centred * _per_channel(2 * grad_var / count)
     grad_residual = None
     if residual is not None:
-        grad_residual = grad_z.to(residual.dtype).contiguous(memory_format=_format_of(residual))
+        grad_residual = grad_z.to(residual.dtype).contiguous(memory_format=format_of(residual))
     return (grad_y.to(dtype), grad_residual, grad_y.sum(reduce) if need_sum_grad_y else None,
             None if out_scale is None else (grad_z * y).sum(reduce),
             grad_z.sum(reduce) if need_sum_grad_z else None)
@@ -493,7 +486,7 @@ def _prologue_glue(grad_x_hat, input, in_scale, in_shift, relu):
                                                     for t in (in_scale, in_shift)), None)
         grad_u = torch.where(u <= 0, 0.0, grad_u)
     grad_input = grad_u if in_scale is None else grad_u * _per_channel(in_scale.to(compute))
-    grad_input = grad_input.to(input.dtype).contiguous(memory_format=_format_of(input))
+    grad_input = grad_input.to(input.dtype).contiguous(memory_format=format_of(input))
     return (grad_input, None if in_scale is None else (grad_u * input.to(compute)).sum(reduce),
             None if in_shift is None else grad_u.sum(reduce))
 
@@ -504,9 +497,9 @@ def _(grad_out, grad_stats, out, input, weight, bias, in_scale, in_shift, out_sc
       channel_stats, backend, need_input, need_weight):
     def like(t, needed=True, fmt=torch.preserve_format):
         return torch.empty_like(t, memory_format=fmt) if t is not None and needed else input.new_empty(0)
-    return (like(input, need_input, _format_of(input)), like(weight, need_weight), like(bias),
+    return (like(input, need_input, format_of(input)), like(weight, need_weight), like(bias),
             like(in_scale, need_input), like(in_shift, need_input), like(out_scale), like(out_shift),
-            like(residual, True, _format_of(residual) if residual is not None else None))
+            like(residual, True, format_of(residual) if residual is not None else None))
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -554,7 +547,7 @@ CUDA_FASTER_SHAPE_CLASSES: frozenset = frozenset()
 
 def shape_class(input: Tensor, weight: Tensor, stride, groups: int) -> tuple:
     gpu = _backend.device_name(input.device)
-    layout = "channels_last" if _format_of(input) == torch.channels_last else "nchw"
+    layout = "channels_last" if format_of(input) == torch.channels_last else "nchw"
     return (gpu, str(input.dtype).replace("torch.", ""), layout, tuple(weight.shape[2:]),
             tuple(stride), input.shape[1] // groups, weight.shape[0] // groups)
 

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .. import _alloc, _backend
 from .._tile_stats import merge_tile_moments
-from .._weight_layout import kernel_weight
+from .._layouts import kernel_weight
 from . import conv_tuning
 
 ACTIVATIONS = {None: 0, "relu": 1}  # name -> the ACT constexpr of the kernels

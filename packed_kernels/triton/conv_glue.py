@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ..ops.conv import _format_of
+from .._layouts import format_of
 from .batch_norm import REDUCE_WARPS, _channel_sum, _layout_of, _tile, tile_shapes
 
 # the epilogue pass keeps grad_z, y and grad_y alive per element: 8 warps (16 elements a thread
@@ -182,7 +182,7 @@ def epilogue_backward(grad_out: torch.Tensor, out: torch.Tensor, y: Optional[tor
     has_scale, stats = out_scale is not None, grad_stats is not None
     out_scale = _vector(out_scale)
     grad_stats = _vector(grad_stats)
-    fmt = _format_of(out)
+    fmt = format_of(out)
     out = out.contiguous(memory_format=fmt)
     out, layout = _layout_of(out)
     grad_out = layout.like(grad_out)
@@ -208,7 +208,7 @@ def epilogue_backward(grad_out: torch.Tensor, out: torch.Tensor, y: Optional[tor
         STORE_GRAD_Z=store_grad_z, **layout.tile(), num_warps=EPILOGUE_WARPS)
     if residual is not None:
         grad_res = (grad_res if store_grad_z else grad_out).contiguous(
-            memory_format=_format_of(residual))
+            memory_format=format_of(residual))
     return (grad_y, grad_res, part_grad_y.sum(0), part_grad_zy.sum(0) if has_scale else None,
             part_grad_z.sum(0))
 
@@ -219,7 +219,7 @@ def prologue_backward(grad_x_hat: torch.Tensor, input: torch.Tensor, in_scale: O
     and memory format."""
     has_scale, has_shift = in_scale is not None, in_shift is not None
     in_scale, in_shift = _vector(in_scale), _vector(in_shift)
-    fmt = _format_of(input)
+    fmt = format_of(input)
     if not (relu or has_scale or has_shift):
         return grad_x_hat.contiguous(memory_format=fmt), None, None
     x, layout = _layout_of(input.contiguous(memory_format=fmt))

@@ -1,9 +1,17 @@
-"""How each kernel backend reads a conv weight (C_out, C_in/groups, KH, KW): the permutation of
-it that the launchers make contiguous. A weight already strided that way costs them no copy."""
+"""Memory layouts: the format an output keeps (that of its input), and how each kernel backend
+reads a conv weight (C_out, C_in/groups, KH, KW): the permutation of it that the launchers make
+contiguous (a weight already strided that way costs them no copy)."""
 
 from __future__ import annotations
 
 import torch
+
+def format_of(t: torch.Tensor):
+    """The memory format an output derived from `t` keeps: channels_last iff `t` is."""
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
 
 WEIGHT_LAYOUT = {
     "triton": (2, 3, 1, 0),  # (KH, KW, C_in/groups, C_out): C_out contiguous for both GEMMs' tiles
