@@ -9,7 +9,9 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 from functools import lru_cache
 from typing import Iterable, Optional
@@ -111,6 +113,21 @@ def multiprocessors(device: torch.device) -> int:
     """The GPU's SM count; 4 elsewhere (the interpreter: few programs keep it fast)."""
     device = torch.device(device)
     return _cuda_properties(_index(device)).multi_processor_count if device.type == "cuda" else 4
+
+
+def on_input_device(fn):
+    """An op implementation run with its first argument's GPU as the current device: Triton
+    launches on the current device, whatever device the tensors are on."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        first = args[0]
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    # custom_op infers the op's schema from the signature: its annotations evaluated in fn's module
+    run.__signature__ = inspect.signature(fn, eval_str=True)
+    return run
 
 
 def resolve(op: str, requested: Optional[str], device: torch.device, dtype: torch.dtype,

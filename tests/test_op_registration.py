@@ -98,3 +98,45 @@ def test_torch_compile_fullgraph_forward_backward(backend):
     torch.testing.assert_close(out, expected)
     for p, g in zip(model.parameters(), expected_grads):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_op_implementations_run_on_their_inputs_device(monkeypatch):
+    """Triton launches on the current device: every op implementation makes its first input's
+    GPU current (and leaves the current one alone when it already is)."""
+    from packed_kernels import _backend
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+
+    class OnGpu:
+        is_cuda = True
+
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+    seen = []
+    op = _backend.on_input_device(lambda x, y: seen.append(y) or "done")
+    assert op(OnGpu(1), 3) == "done" and entered == [torch.device("cuda", 1)] and seen == [3]
+    op(OnGpu(0), 4)
+    assert len(entered) == 1 and seen == [3, 4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_run_on_a_gpu_that_is_not_current():
+    x = torch.randn(2, 8, 6, 6, device="cuda:1")
+    w = torch.randn(8, 4, 3, 3, device="cuda:1")
+    with torch.cuda.device(0):
+        for backend in ("triton", "cuda"):
+            ours = pk.grouped_conv2d(x, w, padding=1, groups=2, backend=backend)
+            torch.testing.assert_close(ours, torch.nn.functional.conv2d(x, w, padding=1, groups=2),
+                                       rtol=1e-3, atol=1e-3)

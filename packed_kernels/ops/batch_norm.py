@@ -146,6 +146,7 @@ _ENGINES: Dict[str, Callable[[], _Engine]] = {
 # Functional (no mutation) so that it can carry an autograd formula; the public function applies
 # the running-statistics update from the returned batch statistics.
 @torch.library.custom_op("packed_kernels::batch_norm", mutates_args=())
+@_backend.on_input_device
 def _batch_norm_op(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                    training: bool, eps: float, activation: str, backend: str
@@ -163,6 +164,7 @@ def _(input, running_mean, running_var, weight, bias, residual, training, eps, a
 
 
 @torch.library.custom_op("packed_kernels::batch_norm_backward", mutates_args=())
+@_backend.on_input_device
 def _batch_norm_backward_op(grad: Tensor, input: Tensor, output: Optional[Tensor], mean: Tensor,
                             invstd: Tensor, weight: Optional[Tensor], has_residual: bool,
                             training: bool, activation: str, backend: str

@@ -294,6 +294,7 @@ def _conv_grads(backend, grad, input, weight, stride, padding, dilation, groups,
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("packed_kernels::grouped_conv2d", mutates_args=())
+@_backend.on_input_device
 def _grouped_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
                        padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str) -> Tensor:
     out, _, _ = _conv_forward(backend, input, weight, bias, stride, padding, dilation, groups)
@@ -308,6 +309,7 @@ def _(input, weight, bias, stride, padding, dilation, groups, backend):
 
 
 @torch.library.custom_op("packed_kernels::grouped_conv2d_backward", mutates_args=())
+@_backend.on_input_device
 def _grouped_conv2d_backward_op(grad: Tensor, input: Tensor, weight: Tensor, has_bias: bool,
                                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                                 groups: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -349,6 +351,7 @@ _grouped_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("packed_kernels::fused_conv2d", mutates_args=())
+@_backend.on_input_device
 def _fused_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
                      in_shift: Optional[Tensor], out_scale: Optional[Tensor],
                      out_shift: Optional[Tensor], residual: Optional[Tensor], stride: Sequence[int],
@@ -383,6 +386,7 @@ def _has_epilogue(out_scale, out_shift, residual, activation) -> bool:
 
 
 @torch.library.custom_op("packed_kernels::fused_conv2d_backward", mutates_args=())
+@_backend.on_input_device
 def _fused_conv2d_backward_op(
         grad_out: Tensor, grad_stats: Tensor, out: Tensor, input: Tensor,
         weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],

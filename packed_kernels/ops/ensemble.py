@@ -170,6 +170,7 @@ def _engine(backend: str) -> _Engine:
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("packed_kernels::ensemble_mean", mutates_args=())
+@_backend.on_input_device
 def _ensemble_mean_op(logits: Tensor, num_estimators: int, backend: str) -> Tensor:
     return _engine(backend).mean_forward(logits.contiguous(), num_estimators)
 
@@ -180,6 +181,7 @@ def _(logits, num_estimators, backend):
 
 
 @torch.library.custom_op("packed_kernels::ensemble_mean_backward", mutates_args=())
+@_backend.on_input_device
 def _ensemble_mean_backward_op(grad: Tensor, logits: Tensor, num_estimators: int, backend: str) -> Tensor:
     return _engine(backend).mean_backward(grad.contiguous(), logits.contiguous(), num_estimators)
 
@@ -204,6 +206,7 @@ _ensemble_mean_op.register_autograd(_mean_backward, setup_context=_mean_setup_co
 
 
 @torch.library.custom_op("packed_kernels::ensemble_scores", mutates_args=())
+@_backend.on_input_device
 def _ensemble_scores_op(logits: Tensor, num_estimators: int, backend: str
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(_engine(backend).scores_forward(logits.contiguous(), num_estimators))
@@ -217,6 +220,7 @@ def _(logits, num_estimators, backend):
 
 
 @torch.library.custom_op("packed_kernels::ensemble_scores_backward", mutates_args=())
+@_backend.on_input_device
 def _ensemble_scores_backward_op(grad_probs: Tensor, grad_msp: Tensor, grad_max_logit: Tensor,
                                  grad_entropy: Tensor, grad_mutual_information: Tensor,
                                  logits: Tensor, num_estimators: int, backend: str) -> Tensor:
