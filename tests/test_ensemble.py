@@ -218,3 +218,19 @@ def test_a_nan_or_inf_logit_makes_its_sample_nan(backend, bad):
         got, want = getattr(ours, name).cpu(), getattr(ref, name)
         assert torch.equal(torch.isnan(got), torch.isnan(want)), name
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "simt"])
+@pytest.mark.parametrize("m, c", [(32, 2000), (64, 1000), (64, 4000)])
+def test_scores_backward_fits_the_shared_memory_of_a_launch(backend, m, c):
+    """Its per-thread partial sums (dynamic shared memory) plus its static shared memory stay
+    within the 48 KiB a launch gets without an opt-in, for many estimators and classes (the
+    emulator faults like the GPU's launch would)."""
+    device = require_backend(backend)
+    x = torch.randn(m * 2, c, device=device, requires_grad=True)
+    scores = pk.ensemble_scores(x, m, backend=backend)
+    (grad,) = torch.autograd.grad(scores.entropy.sum() + scores.msp.sum(), x)
+    ref_x = x.detach().cpu().double().requires_grad_()
+    ref = pk.ensemble_scores(ref_x, m, backend="torch")
+    (ref_grad,) = torch.autograd.grad(ref.entropy.sum() + ref.msp.sum(), ref_x)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=1e-4, atol=1e-6)

@@ -27,7 +27,10 @@ constexpr int kMaxThreads = 512;
 // Two resident blocks per SM (<= 64 registers a thread): measured spill-free for every kernel
 // here, where ptxas's own choice for 512 threads spilled in scores_backward.
 constexpr int kMinBlocksPerSM = 2;
-constexpr std::size_t kScoresBackwardSharedBytes = 48 * 1024;  // no opt-in needed up to 48 KiB
+// Dynamic shared memory of scores_backward: a launch gets 48 KiB of static + dynamic without an
+// opt-in, and the kernel's static arrays (per-estimator lse/entropy/dot, reduction scratch) take
+// about 2 KiB of it.
+constexpr std::size_t kScoresBackwardSharedBytes = 44 * 1024;
 
 // Online softmax statistics of one estimator row: sum = sum_c exp(x_c - max),
 // dot = sum_c exp(x_c - max) * w_c, argmax = the first class holding the max.

@@ -102,6 +102,10 @@ struct Warp {
   std::size_t size = 0;
 };
 
+// Static + dynamic shared memory of one block without cudaFuncSetAttribute (which pk::launch
+// does not call): the same on every architecture.
+constexpr std::size_t kSharedBytesWithoutOptIn = std::size_t(48) << 10;
+
 struct SharedAllocation {
   const void* site;
   std::size_t bytes;
@@ -357,8 +361,10 @@ void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*body
   if (threads == 0 || threads > kMaxThreadsPerBlock)
     throw std::invalid_argument("simt: a block needs 1 to 1024 threads, got " + std::to_string(threads));
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) throw std::invalid_argument("simt: empty grid");
-  if (dynamic_shared_bytes > (std::size_t(227) << 10))
-    throw std::invalid_argument("simt: more dynamic shared memory than any GPU has");
+  if (dynamic_shared_bytes > kSharedBytesWithoutOptIn)
+    throw std::invalid_argument("simt: " + std::to_string(dynamic_shared_bytes) + " bytes of dynamic "
+                                "shared memory: a launch gets 48 KiB without an opt-in, which "
+                                "pk::launch does not make");
   t_stacks.reserve(threads);
   Launch l;
   l.body = body;
@@ -439,8 +445,16 @@ void sync_warp(unsigned int mask) {
 
 void* shared_storage(const void* site, std::size_t bytes) {
   Launch& l = current_launch("shared memory");
-  for (const SharedAllocation& a : l.shared)
+  std::size_t total = l.dynamic_shared_bytes + bytes;
+  for (const SharedAllocation& a : l.shared) {
     if (a.site == site) return a.data;
+    total += a.bytes;
+  }
+  if (total > kSharedBytesWithoutOptIn) {  // static + dynamic: the launch would fail on a GPU
+    record_fault(l, block_name(*l.current) + ": " + std::to_string(total) + " bytes of static + "
+                        "dynamic shared memory, over the 48 KiB a launch gets without an opt-in");
+    abandon(l, *l.current);
+  }
   l.shared.push_back({site, bytes, allocate_poisoned(bytes)});
   return l.shared.back().data;
 }
