@@ -78,7 +78,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = resolve_device(args.device)
     dataset = load_from_source(data, args.data_root or state.get("data_root"))
     model = models.build_model(spec)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise RecipeError(f"{args.checkpoint!r} holds weights that do not fit its recorded model "
+                          f"({' '.join(str(exc).split())[:240]})") from None
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

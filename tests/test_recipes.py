@@ -464,3 +464,32 @@ def test_torchrun_ddp_two_processes(tmp_path):
     log = read_log(tmp_path / "metrics.jsonl")
     assert log[0]["world_size"] == 2
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2]  # rank 0 logs once
+
+
+def test_damaged_runs_give_one_error_line_or_recover(tmp_path, capsys):
+    """A log line cut short by a kill is dropped on resume; a checkpoint whose weights do not
+    fit, or that is not ours, is refused by train and evaluate with one error line."""
+    import evaluate
+    import train
+    args = ["--dataset", "synthetic", "--synthetic-size", "16", "8", "--image-size", "8",
+            "--model", "small_cnn", "--method", "single", "--epochs", "1", "--no-progress",
+            "--out", str(tmp_path)]
+    assert run_cli(train.main, args) == 0
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"event": "epo')
+    assert run_cli(train.main, args) == 0
+    assert read_log(tmp_path / "metrics.jsonl")[-1]["event"] == "resume"
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    first = next(iter(state["model"]))
+    state["model"][first] = torch.zeros(1)
+    torch.save(state, tmp_path / "checkpoint.pt")
+    assert run_cli(train.main, args) == 2
+    assert run_cli(evaluate.main, [str(tmp_path / "checkpoint.pt"), "--no-plots"]) == 2
+    torch.save({"model": {}}, tmp_path / "checkpoint.pt")
+    assert run_cli(train.main, args) == 2
+    err = capsys.readouterr().err
+    assert err.count("holds weights that do not fit") == 2 and "not a checkpoint written by train.py" in err
+    assert "Traceback" not in err
+    assert run_cli(train.main, [*args[:-2], "--dataset", "digits", "--classes", "3-3",
+                                "--out", str(tmp_path / "one")]) == 2
+    assert "at least 2 classes" in capsys.readouterr().err

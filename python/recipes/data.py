@@ -275,6 +275,8 @@ def load_dataset(name: str, root: Optional[str] = None, *, classes: Optional[Lis
     if classes is not None:
         if max(classes) >= num_classes or min(classes) < 0:
             raise RecipeError(f"--classes {classes} out of range for {name} ({num_classes} classes)")
+        if len(set(classes)) < 2:
+            raise RecipeError(f"--classes needs at least 2 classes to classify, got {classes}")
         train_split, _ = _restrict(train_split, classes)
         test_split, ood = _restrict(test_split, classes)
         num_classes = len(classes)

@@ -104,10 +104,21 @@ def _atomic_save(obj, path: str) -> None:
 
 
 def _read_log(path: str) -> List[dict]:
+    """The log's records; a last line cut short by a kill is dropped (the run redoes it)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise RecipeError(f"{path!r} line {i + 1} is not a JSON record; fix or delete the file, "
+                              f"or pass --fresh") from None
+    return records
 
 
 def _append_log(path: str, record: dict) -> None:
@@ -145,7 +156,14 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, num_estimator
     distributed = distributed or Distributed()
     device = device or torch.device("cpu")
     model_spec = dict(model_spec or {})
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise RecipeError(f"cannot write to {out_dir!r}: {exc.strerror}") from None
     ckpt_path, log_path = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, METRICS)
 
     torch.manual_seed(cfg.seed)
@@ -168,12 +186,19 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, num_estimator
         except Exception as exc:  # a checkpoint is ours or not; any failure means "not usable"
             raise RecipeError(f"cannot read checkpoint {ckpt_path!r}: {exc}; delete it or pass "
                               f"--fresh") from None
+        if not isinstance(state, dict) or not {"config", "model_spec", "model", "epoch"} <= state.keys():
+            raise RecipeError(f"{ckpt_path!r} is not a checkpoint written by train.py; use another "
+                              f"--out or pass --fresh")
         diffs = (_describe_differences(state["config"], cfg.to_dict(), cfg.RESUMABLE_CHANGES)
                  + _describe_differences(state["model_spec"], model_spec))
         if diffs:
             raise RecipeError(f"{ckpt_path!r} was written by a different run ("
                               + "; ".join(diffs) + "); use another --out or pass --fresh")
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # same recorded configuration, other tensors: not ours
+            raise RecipeError(f"{ckpt_path!r} holds weights that do not fit this model ("
+                              f"{' '.join(str(exc).split())[:240]}); use another --out or pass --fresh") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
