@@ -113,6 +113,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg.validate()
     if args.image_size < 1:
         raise RecipeError(f"--image-size must be >= 1, got {args.image_size}")
+    if min(args.synthetic_size) < 1:
+        raise RecipeError(f"--synthetic-size needs at least 1 train and 1 test image, got "
+                          f"{args.synthetic_size}")
     out = args.out or os.path.join("runs", f"{args.dataset}-{args.model}-{args.method}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise RecipeError(f"--out {out!r} is a file, not a folder")

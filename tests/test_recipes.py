@@ -226,6 +226,8 @@ def test_bad_input_exits_cleanly_without_traceback(tmp_path, args, message):
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--milestones", "5", "2"], "--milestones must be increasing"),
     (["--eval-every", "0"], "--eval-every must be >= 1"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--synthetic-size", "0", "0"], "--synthetic-size needs at least 1"),
     (["--image-size", "0"], "--image-size must be >= 1"),
 ])
 def test_bad_arguments_give_a_clear_message(tmp_path, capsys, args, message):

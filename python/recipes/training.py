@@ -58,8 +58,8 @@ class TrainConfig:
             raise RecipeError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise RecipeError(f"--lr must be a positive number, got {self.lr}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise RecipeError("--weight-decay must be >= 0 and --momentum in [0, 1)")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)) or not 0 <= self.momentum < 1:
+            raise RecipeError("--weight-decay must be a finite number >= 0 and --momentum in [0, 1)")
         if self.schedule not in ("step", "cosine"):
             raise RecipeError(f"--schedule must be 'step' or 'cosine', got {self.schedule!r}")
         if self.amp not in ("none", "bf16", "fp16"):
