@@ -1,4 +1,4 @@
-"""Property-based differential tests: drawn shapes, layouts (dense, channels_last, strided views),
+"""Property-based differential tests: drawn shapes, dtypes (the convs), layouts (dense, channels_last, strided views),
 empty batches, NaN/±inf at drawn positions and options, on each backend runnable here, against
 torch's own functions. A result must have torch's NaN positions and, elsewhere, its values.
 CI-sized and seeded (derandomize); HYPOTHESIS_PROFILE=slow draws more."""
@@ -31,13 +31,13 @@ def _runnable(backend):
     return device
 
 
-def _tensor(shape, layout, generator, special=None, special_at=0.0):
-    """float32 values in `layout` ("nchw", "channels_last" or "strided": every other column of
+def _tensor(shape, layout, generator, special=None, special_at=0.0, dtype=torch.float32):
+    """`dtype` values in `layout` ("nchw", "channels_last" or "strided": every other column of
     a wider tensor), with `special` (NaN, ±inf) written at a drawn position."""
     wide = list(shape)
     if layout == "strided":
         wide[-1] *= 2
-    t = torch.randn(wide, generator=generator)
+    t = torch.randn(wide, generator=generator).to(dtype)
     if layout == "strided":
         t = t[..., ::2]
     elif layout == "channels_last" and t.dim() == 4:
@@ -53,18 +53,25 @@ def _to(t, device):
     if t is None or t.device == device:
         return t
     if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
-        base = torch.empty(*t.shape[:-1], 2 * t.shape[-1], device=device)
+        base = torch.empty(*t.shape[:-1], 2 * t.shape[-1], device=device, dtype=t.dtype)
         view = base[..., ::2]
         view.copy_(t)
         return view
     return t.to(device)
 
 
+# Value tolerance by the result's dtype: a few roundings of the output and of the 16-bit
+# intermediates (the prologue's x_hat is stored in the input dtype) over sums of <= 27 terms.
+TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def _agree(ours, ref, what):
+    tol = TOLERANCE[ours.dtype] if ours.dtype in TOLERANCE else 2e-4
     ours, ref = ours.detach().cpu().double(), ref.detach().double()
     assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
     assert torch.equal(torch.isnan(ours), torch.isnan(ref)), f"{what}: NaN positions differ"
-    torch.testing.assert_close(ours, ref, rtol=2e-4, atol=2e-4, equal_nan=True, msg=what)
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol, equal_nan=True, msg=what)
 
 
 special = st.sampled_from([None, "nan", "inf", "-inf"])
@@ -75,23 +82,25 @@ backends = st.sampled_from([b for b in ("torch", "triton", "simt", "cuda") if _r
        cin_g=st.integers(1, 3), cout_g=st.integers(1, 3), size=st.integers(3, 6),
        kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), padding=st.sampled_from([0, 1]),
        layout=st.sampled_from(["nchw", "channels_last", "strided"]), value=special,
-       at=st.floats(0, 1), prologue=st.booleans(), epilogue=st.booleans(), seed=st.integers(0, 2**16))
+       at=st.floats(0, 1), prologue=st.booleans(), epilogue=st.booleans(), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(list(DTYPES)))
 def test_fused_conv2d_agrees_with_torch(backend, n, groups, cin_g, cout_g, size, kernel, stride,
-                                        padding, layout, value, at, prologue, epilogue, seed):
+                                        padding, layout, value, at, prologue, epilogue, seed, dtype):
     device = _runnable(backend)
     g = torch.Generator().manual_seed(seed)
     c_in, c_out = groups * cin_g, groups * cout_g
-    x = _tensor((n, c_in, size, size), layout, g, value, at)
-    w = torch.randn(c_out, cin_g, kernel, kernel, generator=g)
-    b = torch.randn(c_out, generator=g)
-    scale, shift = torch.rand(c_in, generator=g) + 0.5, torch.randn(c_in, generator=g)
+    low = DTYPES[dtype]  # the inputs are in it; the reference computes on their values in fp32
+    x = _tensor((n, c_in, size, size), layout, g, value, at, dtype=low)
+    w = (torch.randn(c_out, cin_g, kernel, kernel, generator=g) / (cin_g * kernel)).to(low)
+    b = torch.randn(c_out, generator=g).to(low)
+    scale, shift = (torch.rand(c_in, generator=g) + 0.5).to(low), torch.randn(c_in, generator=g).to(low)
     args = dict(stride=stride, padding=padding, groups=groups)
     options = {}
-    x_hat = x
+    x_hat = x.float()
     if prologue:
         options.update(in_scale=_to(scale, device), in_shift=_to(shift, device), in_activation="relu")
-        x_hat = torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
-    ref = F.conv2d(x_hat, w, b, **args)
+        x_hat = torch.relu(x_hat * scale.float().view(1, -1, 1, 1) + shift.float().view(1, -1, 1, 1))
+    ref = F.conv2d(x_hat, w.float(), b.float(), **args)
     if epilogue:
         options.update(activation="relu")
         ref = torch.relu(ref)
