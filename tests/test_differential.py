@@ -1,7 +1,7 @@
 """Property-based differential tests: drawn shapes, dtypes (the convs), layouts (dense,
 channels_last, strided views), empty batches, NaN/±inf at drawn positions and options, on each
-backend runnable here, against torch's own functions. A result must have torch's NaN positions and, elsewhere, its values.
-CI-sized and seeded (derandomize); HYPOTHESIS_PROFILE=slow draws more."""
+backend runnable here, against torch's own functions. A result must have torch's NaN positions
+and, elsewhere, its values. CI-sized and seeded (derandomize); HYPOTHESIS_PROFILE=slow draws more."""
 
 import os
 
