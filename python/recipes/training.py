@@ -58,7 +58,7 @@ class TrainConfig:
             raise RecipeError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise RecipeError(f"--lr must be a positive number, got {self.lr}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)) or not 0 <= self.momentum < 1:
+        if not (0 <= self.weight_decay < math.inf) or not 0 <= self.momentum < 1:
             raise RecipeError("--weight-decay must be a finite number >= 0 and --momentum in [0, 1)")
         if self.schedule not in ("step", "cosine"):
             raise RecipeError(f"--schedule must be 'step' or 'cosine', got {self.schedule!r}")
@@ -158,7 +158,7 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, num_estimator
     model_spec = dict(model_spec or {})
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".write-test")
+        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")  # one per process (DDP ranks)
         with open(probe, "w"):
             pass
         os.remove(probe)
@@ -198,7 +198,8 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, num_estimator
             model.load_state_dict(state["model"])
         except RuntimeError as exc:  # same recorded configuration, other tensors: not ours
             raise RecipeError(f"{ckpt_path!r} holds weights that do not fit this model ("
-                              f"{' '.join(str(exc).split())[:240]}); use another --out or pass --fresh") from None
+                              f"{' '.join(str(exc).split())[:240]}); use another --out or pass "
+                              f"--fresh") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
