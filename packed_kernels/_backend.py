@@ -9,11 +9,10 @@ Backends:
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import os
-from functools import lru_cache
+from functools import lru_cache, wraps
 from typing import Iterable, Optional
 
 import torch
@@ -118,7 +117,7 @@ def multiprocessors(device: torch.device) -> int:
 def on_input_device(fn):
     """An op implementation run with its first argument's GPU as the current device: Triton
     launches on the current device, whatever device the tensors are on."""
-    @functools.wraps(fn)
+    @wraps(fn)
     def run(*args, **kwargs):
         first = args[0]
         if first.is_cuda and first.device.index != torch.cuda.current_device():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+
 def format_of(t: torch.Tensor):
     """The memory format an output derived from `t` keeps: channels_last iff `t` is."""
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():

@@ -256,11 +256,11 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if training and 0 < input.numel() // channels <= 1:
         raise ValueError(f"{op}: expected more than 1 value per channel when training, got input "
                          f"of shape {tuple(input.shape)}")
+    chosen = _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)
     if input.shape[0] == 0:  # torch's answer: an empty output, running statistics unchanged
         out = F.batch_norm(input, running_mean, running_var, weight, bias, training, 0.0, eps)
         out = out if residual is None else out + residual
         return torch.relu(out) if activation == "relu" else out
-    chosen = _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)
     stats = (None, None) if training else (running_mean, running_var)
     out, batch_mean, batch_var, _invstd = _batch_norm_op(
         input, *stats, weight, bias, residual, bool(training), float(eps), activation or "", chosen)

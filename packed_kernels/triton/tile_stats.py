@@ -6,7 +6,6 @@ the M2 terms around it (deterministic, no atomics)."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Tuple
 
 import torch
@@ -52,13 +51,13 @@ def _merge_tile_moments_kernel(sums_ptr, m2s_ptr, out_ptr, tiles, C, rows, rows_
 def merge_tile_moments(sums: torch.Tensor, m2s: torch.Tensor, rows: int,
                        rows_per_tile: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased var), fp32, from (tiles, C) fp32 per-tile sums and M2s whose channel
-    stride is 1; the two results are the rows of one (2, C) tensor."""
+    stride is 1; the two results are the rows of one (2, C) tensor. Called inside the conv ops,
+    which make the input's GPU current."""
     tiles, channels = sums.shape
     out = _alloc.empty((2, channels), sums, dtype=torch.float32)
-    with torch.cuda.device(sums.device) if sums.is_cuda else contextlib.nullcontext():
-        _merge_tile_moments_kernel[(triton.cdiv(channels, BLOCK_C),)](
-            sums, m2s, out, tiles, channels, rows, rows_per_tile, sums.stride(0), m2s.stride(0),
-            BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    _merge_tile_moments_kernel[(triton.cdiv(channels, BLOCK_C),)](
+        sums, m2s, out, tiles, channels, rows, rows_per_tile, sums.stride(0), m2s.stride(0),
+        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     return out[0], out[1]
 
 
