@@ -5,6 +5,7 @@
   ensemble  the ensemble-op benchmark (GB/s vs the card's copy bandwidth)
   bn        batch norm + ReLU training forward / forward+backward GB/s vs torch (cuDNN)
   profile   one training and one inference step of table rows, per kernel (torch.profiler)
+  overhead  host time per call that packed_kernels adds over the torch calls it stands for
   report    records -> markdown table + PNG plots
 
 On a machine without a GPU every command runs a reduced real measurement on the CPU (unless
@@ -161,6 +162,17 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_overhead(args) -> int:
+    from . import overhead
+    device = _device(args)
+    cfg = overhead.OverheadConfig()
+    _override(cfg, args, ("calls", "rounds"))
+    rows = overhead.run(cfg, device, args.cases.split(",") if args.cases else None)
+    print(overhead.format_rows(rows, device_label(device)))
+    _save(args, records.make_record("overhead", device, cfg.as_dict(), rows))
+    return 0
+
+
 def cmd_report(args) -> int:
     from . import report
     paths = args.paths or [records.RESULTS_DIR]
@@ -253,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--python-top", type=int,
                    help="also list the step's N Python functions with the most own time (cProfile)")
     f.set_defaults(func=cmd_profile)
+
+    o = sub.add_parser("overhead", help="host time per call added over torch (us)")
+    _common(o)
+    o.add_argument("--cases", help="comma list of case names (default all)")
+    o.add_argument("--calls", type=int, help="calls per round")
+    o.add_argument("--rounds", type=int, help="rounds (the best is kept)")
+    o.set_defaults(func=cmd_overhead)
 
     r = sub.add_parser("report", help="records -> report.md + PNG plots")
     r.add_argument("paths", nargs="*", type=Path, help="record files or folders (default bench/results)")

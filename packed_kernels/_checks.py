@@ -45,3 +45,43 @@ def check_positive_int(op: str, name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{op}: {name} must be >= 1, got {value}")
     return value
+
+
+def _signature_of(value):
+    """What validation reads of an argument: a tensor's type, shape, dtype and device; a
+    scalar's exact type and value (2.0 and True must not pass for 2 and 1); sequences itemwise."""
+    if value is None:
+        return None
+    cls = value.__class__
+    if cls is int or cls is str or cls is bool:
+        return cls, value
+    if isinstance(value, torch.Tensor):
+        return cls, value.shape, value.dtype, value.device
+    if cls is tuple or cls is list:
+        return (cls, *map(_signature_of, value))
+    hash(value)  # unhashable: not cached
+    return cls, value
+
+
+class ValidatedCalls:
+    """Signatures of calls that passed an op's validation, with what it returned: a repeated
+    call (the same shapes, dtypes, devices and arguments) skips the Python checks."""
+
+    def __init__(self, validate, max_entries: int = 4096):
+        self.validate, self.max_entries = validate, max_entries
+        self.entries: dict = {}
+
+    def __call__(self, *args):
+        try:
+            key = tuple(map(_signature_of, args))
+            return self.entries[key]
+        except (KeyError, TypeError):
+            pass
+        result = self.validate(*args)
+        if len(self.entries) >= self.max_entries:
+            self.entries.clear()
+        try:
+            self.entries[tuple(map(_signature_of, args))] = result
+        except TypeError:
+            pass
+        return result

@@ -178,11 +178,11 @@ def test_opcheck(backend, training):
     w, b = torch.rand(4, device=device).requires_grad_(True), torch.randn(4, device=device).requires_grad_(True)
     r = torch.randn_like(x).requires_grad_(True)
     stats = (None, None) if training else (torch.randn(4, device=device), torch.rand(4, device=device) + 0.5)
-    torch.library.opcheck(bn_ops._batch_norm_op, (x, *stats, w, b, r, training, 1e-5, "relu", backend))
+    torch.library.opcheck(bn_ops._batch_norm_op.op, (x, *stats, w, b, r, training, 1e-5, "relu", backend))
     out = pk.batch_norm(x, *stats, w, b, training, residual=r, activation="relu", backend=backend)
     mean = out.new_zeros(4) if not training else x.detach().mean((0, 2, 3))
     invstd = torch.rand(4, device=device) + 0.5
-    torch.library.opcheck(bn_ops._batch_norm_backward_op,
+    torch.library.opcheck(bn_ops._batch_norm_backward_op.op,
                           (torch.randn_like(x), x.detach(), out.detach(), mean, invstd, w.detach(),
                            True, training, "relu", backend))
 

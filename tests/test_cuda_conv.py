@@ -295,7 +295,7 @@ def test_simt_fused_opcheck():
     vec = torch.rand(4) + 0.5
     args = (x, w, vec, vec, vec, vec, vec, torch.randn(1, 4, 4, 5), [1, 1], [1, 1, 1, 1], [1, 1], 2,
             "relu", "relu", True, "simt")
-    torch.library.opcheck(conv_ops._fused_conv2d_op, args)
+    torch.library.opcheck(conv_ops._fused_conv2d_op.op, args)
 
 
 # ---------------------------------------------------------------------------------------------

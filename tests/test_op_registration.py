@@ -23,13 +23,13 @@ def _ensemble_samples(device, dtype):
 def test_opcheck_ensemble_ops(backend, dtype):
     device = require_backend(backend, dtype)
     logits, dense = _ensemble_samples(device, dtype)
-    torch.library.opcheck(ensemble_ops._ensemble_mean_op, (logits, 4, backend))
-    torch.library.opcheck(ensemble_ops._ensemble_mean_op, (dense, 2, backend))
-    torch.library.opcheck(ensemble_ops._ensemble_scores_op, (logits, 4, backend))
+    torch.library.opcheck(ensemble_ops._ensemble_mean_op.op, (logits, 4, backend))
+    torch.library.opcheck(ensemble_ops._ensemble_mean_op.op, (dense, 2, backend))
+    torch.library.opcheck(ensemble_ops._ensemble_scores_op.op, (logits, 4, backend))
     grad = torch.randn(2, 5, device=device, dtype=dtype)
-    torch.library.opcheck(ensemble_ops._ensemble_mean_backward_op, (grad, logits.detach(), 4, backend))
+    torch.library.opcheck(ensemble_ops._ensemble_mean_backward_op.op, (grad, logits.detach(), 4, backend))
     grads = (grad, *(torch.randn(2, device=device, dtype=dtype) for _ in range(4)))
-    torch.library.opcheck(ensemble_ops._ensemble_scores_backward_op, (*grads, logits.detach(), 4, backend))
+    torch.library.opcheck(ensemble_ops._ensemble_scores_backward_op.op, (*grads, logits.detach(), 4, backend))
 
 
 @pytest.mark.parametrize("backend", conv_ops.IMPLEMENTED)
@@ -40,8 +40,8 @@ def test_opcheck_grouped_conv2d(backend, channels_last):
     x = torch.randn(2, 4, 5, 5, device=device).to(memory_format=fmt).requires_grad_(True)
     w = torch.randn(6, 2, 3, 3, device=device, requires_grad=True)
     b = torch.randn(6, device=device, requires_grad=True)
-    torch.library.opcheck(conv_ops._grouped_conv2d_op, (x, w, b, [1, 1], [1, 1, 1, 1], [1, 1], 2, backend))
-    torch.library.opcheck(conv_ops._grouped_conv2d_op, (x, w, None, [2, 1], [0, 1, 1, 2], [1, 1], 2, backend))
+    torch.library.opcheck(conv_ops._grouped_conv2d_op.op, (x, w, b, [1, 1], [1, 1, 1, 1], [1, 1], 2, backend))
+    torch.library.opcheck(conv_ops._grouped_conv2d_op.op, (x, w, None, [2, 1], [0, 1, 1, 2], [1, 1], 2, backend))
 
 
 @pytest.mark.parametrize("backend", bn_ops.IMPLEMENTED)
@@ -53,9 +53,9 @@ def test_opcheck_batch_norm(backend, training):
     weight = torch.randn(4, device=device, requires_grad=True)
     bias = torch.randn(4, device=device, requires_grad=True)
     stats = (None, None) if training else (torch.randn(4, device=device), torch.rand(4, device=device) + 0.5)
-    torch.library.opcheck(bn_ops._batch_norm_op,
+    torch.library.opcheck(bn_ops._batch_norm_op.op,
                           (x, *stats, weight, bias, residual, training, 1e-5, "relu", backend))
-    torch.library.opcheck(bn_ops._batch_norm_op, (x, *stats, None, None, None, training, 1e-5, "", backend))
+    torch.library.opcheck(bn_ops._batch_norm_op.op, (x, *stats, None, None, None, training, 1e-5, "", backend))
 
 
 class _TinyPackedNet(torch.nn.Module):
@@ -140,3 +140,55 @@ def test_kernels_run_on_a_gpu_that_is_not_current():
             ours = pk.grouped_conv2d(x, w, padding=1, groups=2, backend=backend)
             torch.testing.assert_close(ours, torch.nn.functional.conv2d(x, w, padding=1, groups=2),
                                        rtol=1e-3, atol=1e-3)
+
+
+def _fused_call(x, w, scale, shift):
+    y, mean, var = pk.fused_conv2d(x, w, padding=1, groups=2, in_scale=scale, in_shift=shift,
+                                   in_activation="relu", activation="relu", channel_stats=True)
+    return y.sum() + mean.sum() + (var * var).sum()
+
+
+def _fused_leaves():
+    torch.manual_seed(0)
+    return [torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True),
+            torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True),
+            torch.rand(4, dtype=torch.float64, requires_grad=True),
+            torch.randn(4, dtype=torch.float64, requires_grad=True)]
+
+
+def test_eager_calls_skip_the_dispatcher_with_the_same_values_and_gradients(monkeypatch):
+    """Eager calls run the op's implementation (and its autograd formula) without torch's
+    dispatcher; the values and gradients are exactly those of the registered op."""
+    leaves = _fused_leaves()
+    through_op = _fused_call(*leaves)
+    expected = torch.autograd.grad(through_op, leaves)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager call went through the dispatcher")
+    for name in ("_fused_conv2d_op", "_fused_conv2d_backward_op", "_grouped_conv2d_op"):
+        monkeypatch.setattr(getattr(conv_ops, name), "op", refuse)
+    eager = _fused_call(*leaves)
+    grads = torch.autograd.grad(eager, leaves)
+    assert torch.equal(eager, through_op)
+    for got, want in zip(grads, expected):
+        assert torch.equal(got, want)
+    with torch.no_grad():
+        pk.grouped_conv2d(leaves[0], leaves[1], padding=1, groups=2)
+
+
+def test_traced_calls_go_through_the_registered_op():
+    """make_fx / export / torch.compile see the custom op, not its implementation."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    leaves = _fused_leaves()
+    graph = make_fx(lambda *t: torch.autograd.grad(_fused_call(*t), t))(*leaves)
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert "packed_kernels.fused_conv2d.default" in targets
+    assert "packed_kernels.fused_conv2d_backward.default" in targets
+    assert not any("convolution" in t for t in targets)  # the implementation stays inside the op
+
+
+def test_double_backward_through_an_eager_op_raises():
+    leaves = _fused_leaves()
+    grads = torch.autograd.grad(_fused_call(*leaves), leaves, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grads[0].sum(), leaves)

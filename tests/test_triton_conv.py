@@ -187,6 +187,17 @@ def test_bad_input_raises_before_launch(fn, bad, error, match):
         fn(x, w, **kwargs, backend="triton")
 
 
+@pytest.mark.parametrize("fn", [pk.grouped_conv2d, pk.fused_conv2d], ids=["grouped", "fused"])
+@pytest.mark.parametrize("stride", [1.0, True, (1, True), [1, 1.0]])
+def test_remembered_valid_calls_do_not_admit_equal_values_of_other_types(fn, stride):
+    """Repeated valid calls skip the checks; 1.0 or True, equal to 1 and hashed alike, still fail."""
+    x, w = _good()
+    fn(x, w, groups=2, stride=1)
+    fn(x, w, groups=2, stride=[1, 1])
+    with pytest.raises((TypeError, ValueError), match="stride"):
+        fn(x, w, groups=2, stride=stride)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(in_scale=torch.randn(3)), ValueError, "in_scale"),
     (dict(out_shift=torch.randn(4)), ValueError, "out_shift"),
@@ -218,10 +229,10 @@ def test_opcheck():
     vec = torch.rand(4, device=device) + 0.5
     geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 2)
     for backend in ("torch", "triton"):
-        torch.library.opcheck(conv_ops._grouped_conv2d_op, (x, w, vec, *geometry, backend))
+        torch.library.opcheck(conv_ops._grouped_conv2d_op.op, (x, w, vec, *geometry, backend))
         args = (x.requires_grad_(), w, vec, vec, vec, vec, vec, torch.randn(1, 4, 4, 5, device=device),
                 *geometry, "relu", "relu", True, backend)
-        torch.library.opcheck(conv_ops._fused_conv2d_op, args)
+        torch.library.opcheck(conv_ops._fused_conv2d_op.op, args)
         x = x.detach()
 
 

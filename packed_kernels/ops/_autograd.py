@@ -1,10 +1,63 @@
-"""Helpers shared by the custom ops' autograd registrations."""
+"""The custom ops' plumbing: registration with an eager fast path, and output aliasing."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+_any_requires_grad = getattr(torch._C, "_any_requires_grad", None) or (
+    lambda *args: any(isinstance(a, Tensor) and a.requires_grad for a in args))
+
+
+def _traced() -> bool:
+    """Inside torch.compile / torch.export, or under a dispatch-mode tracer (make_fx, fake
+    tensors, functionalization): calls must go through the registered op."""
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
+class LibraryOp:
+    """A torch.library custom op (what torch.compile, export, fake tensors and opcheck see, as
+    `.op`) whose eager calls skip torch's dispatcher: they run the implementation directly, and
+    through an autograd.Function with the op's own setup_context and backward when an input
+    requires grad. Same function and gradients; the dispatcher's ~30 µs per call on a small
+    host CPU is gone."""
+
+    def __init__(self, name: str, impl: Callable):
+        self.name, self.impl = name, impl
+        self.op = torch.library.custom_op(name, mutates_args=())(impl)
+        self._function = None
+        self.__doc__ = impl.__doc__
+
+    def register_fake(self, fake: Callable) -> Callable:
+        self.op.register_fake(fake)
+        return fake
+
+    def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+        impl = self.impl
+        self._function = type(self.name.replace("::", "_"), (torch.autograd.Function,), dict(
+            forward=staticmethod(lambda *args: impl(*args)),
+            setup_context=staticmethod(setup_context),
+            backward=staticmethod(once_differentiable(backward))))
+
+    def __call__(self, *args, **kwargs):
+        if _traced():
+            return self.op(*args, **kwargs)
+        if (self._function is not None and torch.is_grad_enabled()
+                and _any_requires_grad(*args, *kwargs.values())):
+            if kwargs:
+                raise TypeError(f"{self.name}: differentiable calls take positional arguments")
+            return self._function.apply(*args)
+        return self.impl(*args, **kwargs)
+
+
+def library_op(name: str) -> Callable[[Callable], LibraryOp]:
+    """Decorator: registers `impl` as the custom op `name` (schema from its annotations)."""
+    return lambda impl: LibraryOp(name, impl)
 
 
 def unaliased(outputs: Sequence[Optional[Tensor]], inputs: Sequence[Optional[Tensor]], empty_like: Tensor) -> tuple:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _alloc, _backend
 from .._checks import check_float_tensor, check_same_device_dtype
-from ._autograd import unaliased
+from ._autograd import library_op, unaliased
 
 IMPLEMENTED = ("torch", "triton", "cuda", "simt")
 ACTIVATIONS = (None, "relu")
@@ -145,7 +145,7 @@ _ENGINES: Dict[str, Callable[[], _Engine]] = {
 
 # Functional (no mutation) so that it can carry an autograd formula; the public function applies
 # the running-statistics update from the returned batch statistics.
-@torch.library.custom_op("packed_kernels::batch_norm", mutates_args=())
+@library_op("packed_kernels::batch_norm")
 @_backend.on_input_device
 def _batch_norm_op(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
@@ -163,7 +163,7 @@ def _(input, running_mean, running_var, weight, bias, residual, training, eps, a
     return (torch.empty_like(input), *(input.new_empty(stats, dtype=ct) for _ in range(3)))
 
 
-@torch.library.custom_op("packed_kernels::batch_norm_backward", mutates_args=())
+@library_op("packed_kernels::batch_norm_backward")
 @_backend.on_input_device
 def _batch_norm_backward_op(grad: Tensor, input: Tensor, output: Optional[Tensor], mean: Tensor,
                             invstd: Tensor, weight: Optional[Tensor], has_residual: bool,

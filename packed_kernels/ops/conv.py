@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,10 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _alloc, _backend
-from .._checks import check_float_tensor, check_positive_int, check_same_device_dtype
+from .._checks import ValidatedCalls, check_float_tensor, check_positive_int, check_same_device_dtype
 from .._tile_stats import merge_tile_moments
 from .._layouts import format_of, kernel_weight
-from ._autograd import unaliased
+from ._autograd import library_op, unaliased
 
 IntPair = Union[int, Sequence[int]]
 IMPLEMENTED = ("torch", "triton", "cuda", "simt")
@@ -242,23 +243,41 @@ def csrc_conv_weight_grad(backend, grad, input, weight_shape, stride, padding, d
 # the three convolution primitives, per backend (the ops below are written on these)
 # ---------------------------------------------------------------------------------------------
 
+_NO_PROLOGUE, _NO_EPILOGUE = (None, None, None), (None, None, None, None)
+
+
+def _prologue(in_scale, in_shift, in_activation) -> tuple:
+    if in_scale is None and in_shift is None and in_activation is None:
+        return _NO_PROLOGUE  # the identity: the torch backend then skips the reference pass
+    return in_scale, in_shift, in_activation
+
+
+def _epilogue(out_scale, out_shift, residual, activation) -> tuple:
+    if not _has_epilogue(out_scale, out_shift, residual, activation):
+        return _NO_EPILOGUE
+    return out_scale, out_shift, residual, activation
+
+
 def _conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
-                  prologue=(None, None, None), epilogue=(None, None, None, None), channel_stats=False):
+                  prologue=_NO_PROLOGUE, epilogue=_NO_EPILOGUE, channel_stats=False):
     """(out, mean, var) of act(conv(prologue(x)) + bias) ...: mean and biased variance of the
     pre-epilogue y per output channel (fp32, fp64 for fp64), None if not asked."""
-    fmt = format_of(input)
+    if backend == "torch":
+        fmt = format_of(input)
+        if prologue is not _NO_PROLOGUE:
+            input = reference_prologue(input, *prologue)
+        y = reference_conv2d(input, weight, bias, stride, padding, dilation, groups)
+        mean, var = reference_channel_stats(y) if channel_stats else (None, None)
+        if epilogue is not _NO_EPILOGUE:
+            y = reference_epilogue(y, *epilogue)
+        return y.contiguous(memory_format=fmt), mean, var
     if backend == "triton":
         from ..triton import conv as tc
-        return tc.conv_forward(input, weight, bias, stride, padding, dilation, groups, fmt,
-                               tc.Prologue(*prologue), tc.Epilogue(*epilogue), channel_stats)
-    if backend in _CSRC_EXTENSIONS:
-        return csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
-                                 prologue, epilogue, channel_stats)
-    y = reference_conv2d(reference_prologue(input, *prologue), weight, bias, stride, padding,
-                         dilation, groups)
-    stats = reference_channel_stats(y) if channel_stats else (None, None)
-    out = reference_epilogue(y, *epilogue).contiguous(memory_format=fmt)
-    return (out, *stats)
+        return tc.conv_forward(input, weight, bias, stride, padding, dilation, groups,
+                               format_of(input), tc.Prologue(*prologue), tc.Epilogue(*epilogue),
+                               channel_stats)
+    return csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
+                             prologue, epilogue, channel_stats)
 
 
 def _conv_grads(backend, grad, input, weight, stride, padding, dilation, groups,
@@ -293,7 +312,7 @@ def _conv_grads(backend, grad, input, weight, stride, padding, dilation, groups,
 # grouped_conv2d: custom op + fake + autograd
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("packed_kernels::grouped_conv2d", mutates_args=())
+@library_op("packed_kernels::grouped_conv2d")
 @_backend.on_input_device
 def _grouped_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
                        padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str) -> Tensor:
@@ -308,7 +327,7 @@ def _(input, weight, bias, stride, padding, dilation, groups, backend):
                        device=input.device, memory_format=format_of(input))
 
 
-@torch.library.custom_op("packed_kernels::grouped_conv2d_backward", mutates_args=())
+@library_op("packed_kernels::grouped_conv2d_backward")
 @_backend.on_input_device
 def _grouped_conv2d_backward_op(grad: Tensor, input: Tensor, weight: Tensor, has_bias: bool,
                                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
@@ -350,7 +369,7 @@ _grouped_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 # fused_conv2d: custom op + fake + autograd
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("packed_kernels::fused_conv2d", mutates_args=())
+@library_op("packed_kernels::fused_conv2d")
 @_backend.on_input_device
 def _fused_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
                      in_shift: Optional[Tensor], out_scale: Optional[Tensor],
@@ -362,7 +381,8 @@ def _fused_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], in_s
     (0, C_out) when not asked (a custom op returns a fixed structure)."""
     out, mean, var = _conv_forward(
         backend, input, weight, bias, stride, padding, dilation, groups,
-        (in_scale, in_shift, in_activation), (out_scale, out_shift, residual, activation), channel_stats)
+        _prologue(in_scale, in_shift, in_activation),
+        _epilogue(out_scale, out_shift, residual, activation), channel_stats)
     if channel_stats:
         stats = torch.stack((mean, var))
     else:
@@ -385,7 +405,7 @@ def _has_epilogue(out_scale, out_shift, residual, activation) -> bool:
     return not (out_scale is None and out_shift is None and residual is None and activation is None)
 
 
-@torch.library.custom_op("packed_kernels::fused_conv2d_backward", mutates_args=())
+@library_op("packed_kernels::fused_conv2d_backward")
 @_backend.on_input_device
 def _fused_conv2d_backward_op(
         grad_out: Tensor, grad_stats: Tensor, out: Tensor, input: Tensor,
@@ -409,7 +429,7 @@ def _fused_conv2d_backward_op(
             # mean then costs no extra pass over y
             fused_mean = triton_glue and channel_stats and backend != "torch"
             y, mean_y, _ = _conv_forward(backend, input, weight, bias, stride, padding, dilation,
-                                         groups, (in_scale, in_shift, in_activation),
+                                         groups, _prologue(in_scale, in_shift, in_activation),
                                          channel_stats=fused_mean)
         else:
             y = out
@@ -582,7 +602,8 @@ def grouped_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                    backend: Optional[str] = None) -> Tensor:
     """torch.nn.functional.conv2d semantics, block-diagonal over `groups`."""
     op = "grouped_conv2d"
-    stride, padding4, dilation = conv_geometry(op, input, weight, bias, stride, padding, dilation, groups)
+    stride, padding4, dilation = _validated_grouped_call(input, weight, bias, stride, padding,
+                                                         dilation, groups)
     chosen = choose_backend(op, backend, input, weight, stride, groups)
     return _grouped_conv2d_op(input, weight, bias, list(stride), list(padding4), list(dilation),
                               groups, chosen)
@@ -626,6 +647,19 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     gradients on the same backend, and the per-channel glue (activation masks, the statistics'
     gradient, grad_residual, grad_input, the vectors' gradients) as two fused Triton passes on
     CUDA tensors (triton/conv_glue.py), in torch on the CPU."""
+    stride, padding4, dilation = _validated_fused_call(
+        input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, in_activation,
+        out_scale, out_shift, residual, activation, channel_stats)
+    chosen = choose_backend("fused_conv2d", backend, input, weight, stride, groups)
+    out, stats = _fused_conv2d_op(
+        input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, list(stride),
+        list(padding4), list(dilation), groups, in_activation, activation, channel_stats, chosen)
+    return (out, *stats.unbind()) if channel_stats else out
+
+
+def _check_fused_call(input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift,
+                      in_activation, out_scale, out_shift, residual, activation, channel_stats):
+    """fused_conv2d's argument checks; returns (stride, padding4, dilation)."""
     op = "fused_conv2d"
     stride, padding4, dilation = conv_geometry(op, input, weight, bias, stride, padding, dilation, groups)
     for name, value in (("in_scale", in_scale), ("in_shift", in_shift)):
@@ -644,8 +678,8 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
         if tuple(residual.shape) != expected:
             raise ValueError(f"{op}: residual must have the output's shape {expected}, got "
                              f"{tuple(residual.shape)}")
-    chosen = choose_backend(op, backend, input, weight, stride, groups)
-    out, stats = _fused_conv2d_op(
-        input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, list(stride),
-        list(padding4), list(dilation), groups, in_activation, activation, channel_stats, chosen)
-    return (out, stats[0], stats[1]) if channel_stats else out
+    return stride, padding4, dilation
+
+
+_validated_grouped_call = ValidatedCalls(partial(conv_geometry, "grouped_conv2d"))
+_validated_fused_call = ValidatedCalls(_check_fused_call)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import _alloc, _backend
 from .._checks import check_float_tensor, check_positive_int
+from ._autograd import library_op
 
 
 class EnsembleScores(NamedTuple):
@@ -169,7 +170,7 @@ def _engine(backend: str) -> _Engine:
 # custom ops
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("packed_kernels::ensemble_mean", mutates_args=())
+@library_op("packed_kernels::ensemble_mean")
 @_backend.on_input_device
 def _ensemble_mean_op(logits: Tensor, num_estimators: int, backend: str) -> Tensor:
     return _engine(backend).mean_forward(logits.contiguous(), num_estimators)
@@ -180,7 +181,7 @@ def _(logits, num_estimators, backend):
     return logits.new_empty((logits.shape[0] // num_estimators, *logits.shape[1:]))
 
 
-@torch.library.custom_op("packed_kernels::ensemble_mean_backward", mutates_args=())
+@library_op("packed_kernels::ensemble_mean_backward")
 @_backend.on_input_device
 def _ensemble_mean_backward_op(grad: Tensor, logits: Tensor, num_estimators: int, backend: str) -> Tensor:
     return _engine(backend).mean_backward(grad.contiguous(), logits.contiguous(), num_estimators)
@@ -205,7 +206,7 @@ def _mean_backward(ctx, grad):
 _ensemble_mean_op.register_autograd(_mean_backward, setup_context=_mean_setup_context)
 
 
-@torch.library.custom_op("packed_kernels::ensemble_scores", mutates_args=())
+@library_op("packed_kernels::ensemble_scores")
 @_backend.on_input_device
 def _ensemble_scores_op(logits: Tensor, num_estimators: int, backend: str
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -219,7 +220,7 @@ def _(logits, num_estimators, backend):
             *(logits.new_empty((batch,)) for _ in range(5)))
 
 
-@torch.library.custom_op("packed_kernels::ensemble_scores_backward", mutates_args=())
+@library_op("packed_kernels::ensemble_scores_backward")
 @_backend.on_input_device
 def _ensemble_scores_backward_op(grad_probs: Tensor, grad_msp: Tensor, grad_max_logit: Tensor,
                                  grad_entropy: Tensor, grad_mutual_information: Tensor,
