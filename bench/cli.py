@@ -7,6 +7,7 @@
   profile   one training and one inference step of table rows, per kernel (torch.profiler)
   overhead  host time per call that packed_kernels adds over the torch calls it stands for
   report    records -> markdown table + PNG plots
+  model     modelled (not measured) conv kernel times from their SASS, without a GPU
 
 On a machine without a GPU every command runs a reduced real measurement on the CPU (unless
 given explicit sizes) and says its numbers are CPU numbers.
@@ -173,6 +174,20 @@ def cmd_overhead(args) -> int:
     return 0
 
 
+def cmd_model(args) -> int:
+    import json
+    from . import perf_model
+    result = perf_model.run(args.gpu, args.dtype, perf_model.models_arg(args.models),
+                            tuple(args.backends.split(",")), batch=args.batch,
+                            progress=not args.quiet)
+    print(perf_model.format_result(result, with_rows=False))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"modelled record: {args.json}")
+    return 1 if any("error" in r for r in result["rows"]) else 0
+
+
 def cmd_report(args) -> int:
     from . import report
     paths = args.paths or [records.RESULTS_DIR]
@@ -272,6 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--calls", type=int, help="calls per round")
     o.add_argument("--rounds", type=int, help="rounds (the best is kept)")
     o.set_defaults(func=cmd_overhead)
+
+    md = sub.add_parser("model", help="modelled conv kernel times from SASS (no GPU)")
+    from .perf_model import BACKENDS, DEFAULT_MODELS
+    from .perf_model.gpus import GPUS
+    md.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    md.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    md.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma list of table models")
+    md.add_argument("--backends", default=",".join(BACKENDS), help="comma list: triton, cuda")
+    md.add_argument("--batch", type=int, default=128)
+    md.add_argument("--json", type=Path, help="write the modelled record here")
+    md.add_argument("--quiet", action="store_true", help="no per-layer lines")
+    md.set_defaults(func=cmd_model)
 
     r = sub.add_parser("report", help="records -> report.md + PNG plots")
     r.add_argument("paths", nargs="*", type=Path, help="record files or folders (default bench/results)")

@@ -442,10 +442,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   const int g = p.bind(blockIdx.z);
   const index_t m0 = index_t(blockIdx.x) * kBlockM;
   if (m0 >= p.rows) return;  // the whole block: a stride phase with fewer rows than the grid has
-  PK_SHARED(unsigned char, shared_raw, Config::kSharedBytes + 32);
-  // wmma wants 32-byte aligned tiles; the portability layer guarantees 16.
-  unsigned char* const shared = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<std::uintptr_t>(shared_raw) + 31) & ~std::uintptr_t(31));
+  // wmma wants 32-byte aligned tiles: PK_SHARED declares them so. No realignment through an
+  // integer here: nvcc then loses the address space and the tiles load by generic LD/ST.
+  PK_SHARED(unsigned char, shared, Config::kSharedBytes);
   T* const staging = reinterpret_cast<T*>(shared);  // STAGES x (A tile, B tile)
   float* const Cs = reinterpret_cast<float*>(shared);
 

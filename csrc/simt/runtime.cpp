@@ -136,12 +136,12 @@ thread_local std::uint64_t t_seed = 0x5eed5eedULL;
 thread_local std::uint64_t t_launch_count = 0;  // varies the resume orders between launches
 
 void* allocate_poisoned(std::size_t bytes) {
-  void* p = ::operator new(bytes ? bytes : 1, std::align_val_t(16));
+  void* p = ::operator new(bytes ? bytes : 1, std::align_val_t(32));  // as PK_SHARED on a GPU
   std::memset(p, 0xFF, bytes);  // NaN for float/half/bfloat16, -1 for integers
   return p;
 }
 
-void release(void* p) { ::operator delete(p, std::align_val_t(16)); }
+void release(void* p) { ::operator delete(p, std::align_val_t(32)); }
 
 void free_shared(Launch& l) {
   for (SharedAllocation& a : l.shared) release(a.data);

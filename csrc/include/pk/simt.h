@@ -198,10 +198,10 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t dynami
 
 #define PK_DEVICE __device__ __forceinline__
 #define PK_HOST_DEVICE __host__ __device__ __forceinline__
-#define PK_SHARED(T, name, count) __shared__ __align__(16) T name[count]
-#define PK_SHARED_2D(T, name, rows, cols) __shared__ __align__(16) T name[rows][cols]
+#define PK_SHARED(T, name, count) __shared__ __align__(32) T name[count]
+#define PK_SHARED_2D(T, name, rows, cols) __shared__ __align__(32) T name[rows][cols]
 #define PK_DYNAMIC_SHARED(T, name)                          \
-  extern __shared__ __align__(16) unsigned char pk_dynamic_shared_[]; \
+  extern __shared__ __align__(32) unsigned char pk_dynamic_shared_[]; \
   T* const name = reinterpret_cast<T*>(pk_dynamic_shared_)
 
 namespace pk {
