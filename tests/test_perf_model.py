@@ -80,7 +80,7 @@ def test_conv_main_loops_read_shared_tiles_as_shared(modelled):
 
 
 @pytest.mark.parametrize("arch", (80, 90))
-@pytest.mark.parametrize("dtype", ("6__half", "If", pytest.param("13__nv_bfloat16", marks=pytest.mark.xfail(
+@pytest.mark.parametrize("dtype", ("6__half", "f", pytest.param("13__nv_bfloat16", marks=pytest.mark.xfail(
     strict=True, reason="nvcc's bfloat16 wmma loads (__mma_bf16_m16n16k16_ld_a) stay generic: "
                         "wmma.load without .shared, LD.E in SASS"))))
 def test_every_cuda_conv_instantiation_reads_shared_tiles_as_shared(arch, dtype):

@@ -268,6 +268,37 @@ class KernelCode:
         return mix(self.code, self.graph, self.reachable)
 
 
+def _reach(start: int, edges: Dict[int, List[int]]) -> Set[int]:
+    seen, work = set(), [start]
+    while work:
+        n = work.pop()
+        if n not in seen:
+            seen.add(n)
+            work.extend(edges[n])
+    return seen
+
+
+def _cycle_through_first(code, graph: List[Block], loops: List[Loop]) -> Optional[Loop]:
+    """The strongly connected blocks around the first block holding tensor-core instructions (else
+    FMAs), as one loop: what a loop entered at two points looks like."""
+    forward = {n: b.successors for n, b in enumerate(graph)}
+    backward: Dict[int, List[int]] = {n: [] for n in range(len(graph))}
+    for n, b in enumerate(graph):
+        for s in b.successors:
+            backward[s].append(n)
+    for kinds in (("tensor",), ("fma",)):
+        for n, b in enumerate(graph):
+            if any(category(i.opcode) in kinds and not i.never for i in code[b.start:b.end]):
+                body = _reach(n, forward) & _reach(n, backward)
+                if n in forward[n] or len(body) > 1:
+                    loop = Loop(n, body)
+                    outer = [o for o in loops if body < o.body]
+                    loop.parent = min(outer, key=lambda o: len(o.body)) if outer else None
+                    loops.append(loop)
+                    return loop
+    return None
+
+
 def analyse(name: str, code: List[Instruction]) -> KernelCode:
     graph = blocks(code)
     loops = natural_loops(graph)
@@ -282,6 +313,8 @@ def analyse(name: str, code: List[Instruction]) -> KernelCode:
         if candidates:
             main = min(candidates, key=lambda loop: len(loop.body))
             break
+    if main is None:  # a loop with two entries (no natural loop): the cycle through the first
+        main = _cycle_through_first(code, graph, loops)  # tensor-core (or FMA) block
     nest = []
     while main is not None:
         nest.append(main)
