@@ -6,6 +6,7 @@
   bn        batch norm + ReLU training forward / forward+backward GB/s vs torch (cuDNN)
   profile   one training and one inference step of table rows, per kernel (torch.profiler)
   overhead  host time per call that packed_kernels adds over the torch calls it stands for
+  dispatch  the engines backend="auto" measured and chose for a row's model, with their times
   report    records -> markdown table + PNG plots
   model     modelled (not measured) conv kernel times from their SASS, without a GPU
 
@@ -130,8 +131,7 @@ def cmd_conv(args) -> int:
     result = conv_sweep.run(cfg, device, progress=not args.quiet)
     print(conv_sweep.format_result(result, with_rows=not args.quiet))  # --quiet: printed as measured
     _save(args, records.make_record("conv", device, cfg.as_dict(), result["rows"],
-                                    {"roofline": result["roofline"],
-                                     "faster_shape_classes": result["faster_shape_classes"]}))
+                                    {"roofline": result["roofline"]}))
     return 0
 
 
@@ -186,6 +186,20 @@ def cmd_model(args) -> int:
         args.json.write_text(json.dumps(result, indent=1))
         print(f"modelled record: {args.json}")
     return 1 if any("error" in r for r in result["rows"]) else 0
+
+
+def cmd_dispatch(args) -> int:
+    from . import dispatch_report, step_profile
+    device = _device(args)
+    cfg = step_profile.ProfileConfig()
+    if device.type != "cuda":  # reduced real run
+        cfg.batch, cfg.precision, cfg.layout = 2, "fp32", "nchw"
+    _override(cfg, args, ("batch", "precision", "layout", "arch"))
+    keys = [k.strip() for k in args.rows.split(",") if k.strip()]
+    rows = dispatch_report.warm(keys, cfg, device)
+    print(dispatch_report.format_report(rows, device_label(device)))
+    _save(args, records.make_record("dispatch", device, cfg.as_dict(), rows))
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -299,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--json", type=Path, help="write the modelled record here")
     md.add_argument("--quiet", action="store_true", help="no per-layer lines")
     md.set_defaults(func=cmd_model)
+
+    d = sub.add_parser("dispatch", help="the engines backend=auto chose for a row's model, and why")
+    _common(d)
+    d.add_argument("--rows", default="pe241-packed_kernels", help="comma list of table rows")
+    d.add_argument("--batch", type=int)
+    d.add_argument("--precision", choices=("fp32", "fp16"))
+    d.add_argument("--layout", choices=("nchw", "channels_last"))
+    d.add_argument("--arch", type=int)
+    d.set_defaults(func=cmd_dispatch)
 
     r = sub.add_parser("report", help="records -> report.md + PNG plots")
     r.add_argument("paths", nargs="*", type=Path, help="record files or folders (default bench/results)")

@@ -223,43 +223,6 @@ def _ours_passes(case: ConvCase, sets, backend: Optional[str]) -> Tuple[Dict[str
     return passes, chosen
 
 
-def faster_layers(rows: List[Dict[str, object]]) -> Dict[str, List[Tuple[Dict[str, object], str, str]]]:
-    """Per kernel backend, the (shape, dtype, layout) whose forward + backward medians beat
-    cuDNN grouped's in these rows."""
-    total: Dict[tuple, Dict[str, float]] = {}
-    shapes = {}
-    for r in rows:
-        if "error" in r or r.get("pass") not in ("forward", "backward"):
-            continue
-        who = r["engine"] if r["impl"] == "packed_kernels" else r["impl"]
-        key = (r["layer"], r["dtype"], r["layout"])
-        total.setdefault(key, {}).setdefault(who, 0.0)
-        total[key][who] += r["time"]["median"]
-        shapes[key] = r["shape"]
-    out: Dict[str, list] = {}
-    for key, t in total.items():
-        for backend in ("triton", "cuda"):
-            if backend in t and "cudnn_grouped" in t and t[backend] < t["cudnn_grouped"]:
-                out.setdefault(backend, []).append((shapes[key], key[1], key[2]))
-    return out
-
-
-def faster_shape_classes(rows: List[Dict[str, object]], device) -> Dict[str, List[list]]:
-    """faster_layers as packed_kernels.ops.conv.shape_class tuples: the measurements behind the
-    conv op's backend="auto" policy (TRITON_FASTER_SHAPE_CLASSES, CUDA_FASTER_SHAPE_CLASSES)."""
-    if not hasattr(conv_ops, "shape_class") or torch.device(device).type != "cuda":
-        return {}
-    out: Dict[str, List[list]] = {}
-    for backend, layers in faster_layers(rows).items():
-        for shape, dtype, layout in layers:
-            case = ConvCase(**shape)
-            x, w, _ = _tensors(case, 1, DTYPES[dtype], layout, device, 1)[0]  # batch 1: the class only
-            cls = list(conv_ops.shape_class(x, w, case.stride, case.groups))
-            if cls not in out.setdefault(backend, []):
-                out[backend].append(cls)
-    return out
-
-
 def run(cfg: SweepConfig, device, progress: bool = True) -> Dict[str, object]:
     """Every (layer, dtype, layout) of `cfg` timed; without `progress` each row is printed as
     it is measured. Interrupted (SIGINT, a time limit), it returns what it has measured."""
@@ -284,8 +247,7 @@ def run(cfg: SweepConfig, device, progress: bool = True) -> Dict[str, object]:
     except KeyboardInterrupt:  # a time limit (SIGINT): keep what was measured
         rows.append({"layer": "(sweep interrupted)", "dtype": "", "layout": "", "batch": cfg.batch,
                      "device": device_label(device), "error": "interrupted before the last layer"})
-    return {"rows": rows, "roofline": roofline,
-            "faster_shape_classes": faster_shape_classes(rows, device)}
+    return {"rows": rows, "roofline": roofline}
 
 
 def _sweep(cfg: SweepConfig, jobs, device, roofline, rows: List[Dict[str, object]], progress: bool):
@@ -417,9 +379,4 @@ def format_result(result: Dict[str, object], with_rows: bool = True) -> str:
             kernels = f"{kernel_gm[k]:.2f}×" if k in kernel_gm else "—"
             lines.append(f"  {backend:7} {dtype:5} {layout:13} {pass_name:11} {gm:.2f}× per call, "
                          f"{kernels} kernels, over {n} layers  {device}")
-    for backend, classes in (result.get("faster_shape_classes") or {}).items():
-        lines.append("")
-        lines.append(f"shape classes where {backend} fwd+bwd beat cuDNN grouped (for packed_kernels."
-                     f"ops.conv.{backend.upper()}_FASTER_SHAPE_CLASSES):")
-        lines.extend(f"  {tuple(c)}  {device}" for c in classes)
     return "\n".join(lines)

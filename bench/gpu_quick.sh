@@ -3,13 +3,17 @@
 # 15 minutes, machine start included); bench/gpu_check.sh is the exhaustive check.
 #
 #   build     packed_kernels._C for this GPU's architecture only, in place, in the background
-#             while the Triton/cuDNN steps run (no pip: the lent machines have no network)
-#   table     speed-table rows Single and PE-(2,4,1), stock vs ours, fp16 channels_last, batch 128
-#   table-triton  the PE-(2,4,1) ours row again with every conv forced onto Triton
-#   profile   one training + inference step per row under torch.profiler, per kernel
-#   conv      per-layer timings of every kernel backend vs cuDNN, PE-(2,4,1) layers, fp16 NHWC
-#   tests     the kernel test files on the GPU (cuda + triton required), interrupted at its
-#             time limit with a summary of what ran
+#             while the cuDNN-only steps run (no pip: the lent machines have no network)
+#   table-stock   speed-table rows Single and PE-(2,4,1) on torch's modules, fp16 channels_last,
+#             batch 128
+#   dispatch  one training + inference step of PE-(2,4,1) ours: backend "auto" measures every
+#             engine on every kind of conv the model runs and keeps the fastest (the per-layer,
+#             per-pass times of cuDNN, Triton and the CUDA C++ kernels, in the model's own calls)
+#   table-ours    the PE-(2,4,1) packed_kernels row, on those decisions
+#   overhead  host time per call over torch's (the eager path's cost, on this machine's CPU)
+#   profile   one training + inference step of the ours row under torch.profiler, per kernel
+#   tests     the dispatch, CUDA C++ conv, fused-block and op-registration tests on the GPU,
+#             interrupted at its time limit with a summary of what ran
 #
 # Each step has a time limit (seconds, estimated from the step's work below); SIGINT at the
 # limit lets Python print what it has. Results: $GPU_QUICK_OUT (default
@@ -27,12 +31,10 @@ DRY_RUN=0
 [[ $# -gt 0 && $DRY_RUN == 0 ]] && { echo "gpu_quick: unknown argument $1 (use --dry-run)" >&2; exit 2; }
 
 # step limits in seconds; their sum (plus ~20 s of start-up) is the call's expected length
-LIMIT_TABLE=100 LIMIT_TABLE_TRITON=100 LIMIT_PROFILE=50 LIMIT_CONV=110 LIMIT_TESTS=90
-TOTAL=$((LIMIT_TABLE + LIMIT_TABLE_TRITON + LIMIT_PROFILE + LIMIT_CONV + LIMIT_TESTS))
-TEST_FILES=(tests/test_triton_conv.py tests/test_cuda_conv.py tests/test_conv_glue.py
-            tests/test_batch_norm.py tests/test_cuda_batch_norm.py tests/test_ensemble.py
-            tests/test_conv_bn.py tests/test_fused_models.py)
-ROWS="single-stock,pe241-stock,pe241-packed_kernels"
+LIMIT_TABLE_STOCK=60 LIMIT_DISPATCH=180 LIMIT_TABLE_OURS=60 LIMIT_OVERHEAD=25 LIMIT_PROFILE=35 LIMIT_TESTS=80
+TOTAL=$((LIMIT_TABLE_STOCK + LIMIT_DISPATCH + LIMIT_TABLE_OURS + LIMIT_OVERHEAD + LIMIT_PROFILE + LIMIT_TESTS))
+TEST_FILES=(tests/test_dispatch.py tests/test_cuda_conv.py tests/test_conv_bn.py tests/test_fused_models.py
+            tests/test_op_registration.py)
 TABLE_ARGS=(--precision fp16 --layout channels_last --warmup 5 --reps 20 --max-seconds 4 --quiet)
 
 if [[ $DRY_RUN == 1 ]]; then
@@ -80,11 +82,13 @@ else
   BUILD_PID=$!
 fi
 
-step table        "$LIMIT_TABLE"        "$PY" -m bench table --rows "$ROWS" "${TABLE_ARGS[@]}" --out "$OUT"
-step table-triton "$LIMIT_TABLE_TRITON" "$PY" -m bench table --rows pe241-packed_kernels --ours-backend triton "${TABLE_ARGS[@]}" --out "$OUT"
-step profile      "$LIMIT_PROFILE"      "$PY" -m bench profile --rows "$ROWS" --ours-backend triton --out "$OUT"
+export PACKED_KERNELS_CACHE_DIR="$OUT/cache"  # the engine decisions come back with the results
+step table-stock  "$LIMIT_TABLE_STOCK"  "$PY" -m bench table --rows single-stock,pe241-stock "${TABLE_ARGS[@]}" --out "$OUT"
 [[ $DRY_RUN == 0 ]] && { wait "$BUILD_PID"; echo "== build (background): exit/seconds $(cat "$OUT/build.status")"; }
-step conv         "$LIMIT_CONV"         "$PY" -m bench conv --rows pe241-stock --dtype fp16 --layout channels_last --warmup 3 --reps 10 --quiet --out "$OUT"
+step dispatch     "$LIMIT_DISPATCH"     "$PY" -m bench dispatch --rows pe241-packed_kernels --out "$OUT"
+step table-ours   "$LIMIT_TABLE_OURS"   "$PY" -m bench table --rows pe241-packed_kernels "${TABLE_ARGS[@]}" --out "$OUT"
+step overhead     "$LIMIT_OVERHEAD"     "$PY" -m bench overhead --out "$OUT"
+step profile      "$LIMIT_PROFILE"      "$PY" -m bench profile --rows pe241-packed_kernels --out "$OUT"
 step tests        "$LIMIT_TESTS"        env PACKED_KERNELS_REQUIRE=cuda,triton "$PY" -m pytest -q --maxfail=20 -p no:cacheprovider -n 8 "${TEST_FILES[@]}"
 
 if [[ $DRY_RUN == 1 ]]; then
@@ -94,8 +98,9 @@ fi
 echo
 echo "gpu_quick: results in $OUT"
 cat "$OUT/steps.tsv"
-grep -E "^(==|Single|PE-|Targets|  PE)" "$OUT/table.log" "$OUT/table-triton.log" 2>/dev/null | cut -c1-220
-grep -E "^(==|packed_kernels speed-up|  (triton|cuda) )" "$OUT/conv.log" 2>/dev/null | cut -c1-200
+grep -E "^(==|Single|PE-|Targets|  PE)" "$OUT/table-stock.log" "$OUT/table-ours.log" 2>/dev/null | cut -c1-220
+tail -n 40 "$OUT/dispatch.log" 2>/dev/null | cut -c1-220
+cat "$OUT/overhead.log" 2>/dev/null
 grep -E "^== " "$OUT/profile.log" 2>/dev/null | cut -c1-200
 tail -n 5 "$OUT/tests.log" 2>/dev/null
 exit $FAILED

@@ -18,7 +18,7 @@ from .env import device_slug, environment
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOKE_DIR = RESULTS_DIR / "tmp"
 SCHEMA = 1
-KINDS = ("table", "conv", "ensemble", "bn", "profile", "overhead")
+KINDS = ("table", "conv", "ensemble", "bn", "profile", "overhead", "dispatch")
 
 
 def now_utc() -> _dt.datetime:

@@ -51,8 +51,8 @@ def _kernel_table(prof, steps: int) -> Dict[str, object]:
             "launches_per_step": sum(r["launches_per_step"] for r in rows)}
 
 
-def profile_row(key: str, cfg: ProfileConfig, device: torch.device) -> Dict[str, object]:
-    from torch.profiler import ProfilerActivity, profile
+def row_steps(key: str, cfg: ProfileConfig, device: torch.device):
+    """(model, train_step, infer_step) of a speed-table row, as the table runs them."""
     row = zoo_rows.parse_row(key)
     table_cfg = TableConfig(batch=cfg.batch, arch=cfg.arch, layout=cfg.layout)
     model, m, _ = zoo_rows.build_model(row, arch=cfg.arch, num_classes=table_cfg.num_classes,
@@ -76,6 +76,12 @@ def profile_row(key: str, cfg: ProfileConfig, device: torch.device) -> Dict[str,
         with torch.inference_mode(), _autocast(device, cfg.precision), pk.nn.reuse_inference_operands():
             return pk.ensemble_mean(model(x), m, backend=ensemble_backend)
 
+    return model, train_step, infer_step
+
+
+def profile_row(key: str, cfg: ProfileConfig, device: torch.device) -> Dict[str, object]:
+    from torch.profiler import ProfilerActivity, profile
+    model, train_step, infer_step = row_steps(key, cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the speed table times the cuDNN side
     out = {"row": key, "device": device_label(device)}

@@ -64,23 +64,3 @@ def test_sweep_rows_are_consistent():
         assert r["device"].startswith("cpu")
     sp = conv_sweep.speedups(rows)
     assert {s["pass"] for s in sp} == {"forward", "backward", "input_grad", "weight_grad"}
-    assert result["faster_shape_classes"] == {}  # only measured on a GPU
-
-
-def test_faster_layers_compares_forward_plus_backward():
-    shape = {"model": "m", "c_in": 8, "c_out": 8, "h": 4, "w": 4, "kernel": (3, 3), "stride": (1, 1),
-             "padding": (1, 1), "dilation": (1, 1), "groups": 2}
-
-    def row(impl, engine, pass_name, t, layer="L"):
-        return {"layer": layer, "dtype": "fp16", "layout": "nchw", "impl": impl, "engine": engine,
-                "pass": pass_name, "shape": shape, "time": {"median": t}}
-    rows = [row("cudnn_grouped", "cudnn", "forward", 1.0), row("cudnn_grouped", "cudnn", "backward", 2.0),
-            row("packed_kernels", "triton", "forward", 0.5), row("packed_kernels", "triton", "backward", 2.6),
-            row("packed_kernels", "cuda", "forward", 1.5), row("packed_kernels", "cuda", "backward", 1.0),
-            row("packed_kernels", "cuda", "input_grad", 99.0),  # not part of the fwd+bwd total
-            row("dense_equal_flops", "cudnn", "forward", 0.1)]
-    faster = conv_sweep.faster_layers(rows)
-    # cuDNN 1.0 + 2.0 = 3.0; triton 0.5 + 2.6 = 3.1 (faster forward alone does not count); cuda 2.5
-    assert list(faster) == ["cuda"]
-    assert faster["cuda"] == [(shape, "fp16", "nchw")]
-    assert conv_sweep.faster_shape_classes(rows, "cpu") == {}  # classes name a GPU

@@ -50,7 +50,8 @@ def test_quick_check_fits_one_lease():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     steps = {line.split()[0]: line.split()[1] for line in lines if line and not line.startswith("(")}
-    assert list(steps) == ["build", "table", "table-triton", "profile", "conv", "tests"]
+    assert list(steps) == ["build", "table-stock", "dispatch", "table-ours", "overhead", "profile",
+                           "tests"]
     limits = [int(limit.rstrip("s")) for name, limit in steps.items() if name != "build"]
     stated = int(lines[-1].split("at most ")[1].split(" s")[0])
     assert sum(limits) == stated <= 8 * 60

@@ -334,14 +334,3 @@ def test_kernels_under_sanitizers_match_the_reference(conv_selftest, dtype, shap
     assert set(errors) == set(SELFTEST_BOUNDS[dtype]), done.stdout
     for name, bound in SELFTEST_BOUNDS[dtype].items():
         assert float(errors[name]) <= bound, f"{dtype} {name}: relative error {errors[name]} > {bound}"
-
-
-def test_auto_stays_on_cudnn_until_a_class_is_measured(monkeypatch):
-    x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 2, 3, 3)
-    assert conv_ops.choose_backend("grouped_conv2d", "auto", x, w, (1, 1), 2) == "torch"  # CPU
-    if HAS_GPU and _backend.unavailable_reason("cuda", torch.device("cuda"), torch.float32) is None:
-        x, w = x.cuda(), w.cuda()
-        assert conv_ops.choose_backend("grouped_conv2d", None, x, w, (1, 1), 2) == "torch"
-        monkeypatch.setattr(conv_ops, "CUDA_FASTER_SHAPE_CLASSES",
-                            frozenset({conv_ops.shape_class(x, w, (1, 1), 2)}))
-        assert conv_ops.choose_backend("grouped_conv2d", None, x, w, (1, 1), 2) == "cuda"

@@ -139,10 +139,13 @@ def _block(bottleneck: bool, projection: bool, norm=pk.nn.BatchNorm2d):
 @pytest.mark.parametrize("projection", [False, True], ids=["identity", "projection"])
 @pytest.mark.parametrize("bottleneck", [True, False], ids=["bottleneck", "basic"])
 def test_kernel_calls_per_block(bottleneck, projection):
-    """Eval: one fused conv per conv (BN, residual and ReLU in its epilogue), no batch norm.
-    Training: BN + ReLU deferred into the next conv's prologue; the block's last BN (with the
-    shortcut and ReLU) is its only batch-norm pass, plus the projection shortcut's."""
+    """On a kernel engine (here the CUDA C++ kernels on the emulator). Eval: one fused conv per
+    conv (BN, residual and ReLU in its epilogue), no batch norm. Training: BN + ReLU deferred
+    into the next conv's prologue; the block's last BN (with the shortcut and ReLU) is its only
+    batch-norm pass, plus the projection shortcut's."""
+    require_backend("simt")
     block, x = _block(bottleneck, projection)
+    pk.nn.set_backend(block, "simt")
     convs = (3 if bottleneck else 2) + projection
     block.eval()
     with torch.no_grad(), _CountOps() as counted:
@@ -158,6 +161,48 @@ def test_kernel_calls_per_block(bottleneck, projection):
         block(x)
     assert counted.calls.count("batch_norm") == 2 + projection
     assert counted.calls.count("fused_conv2d") == convs
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["identity", "projection"])
+def test_blocks_on_cudnn_run_torchs_sequence(projection):
+    """Where the conv runs on the torch engine (cuDNN; the CPU's default), fusing would only add
+    passes: training is conv + one batch norm per conv; eval folds BN into the conv's weights
+    inside reuse_inference_operands() (conv only), else conv + batch norm."""
+    block, x = _block(True, projection)
+    convs = 3 + projection
+    with _CountOps() as counted:
+        block(x)
+    assert "fused_conv2d" not in counted.calls
+    assert counted.calls.count("grouped_conv2d") == convs
+    assert sum("batch_norm" in c for c in counted.calls) == convs
+    block.eval()
+    with torch.no_grad(), pk.nn.reuse_inference_operands():
+        block(x)
+        with _CountOps() as counted:
+            out = block(x)
+    assert counted.calls == ["grouped_conv2d"] * convs
+    with torch.no_grad():
+        torch.testing.assert_close(out, pk.nn.set_backend(copy.deepcopy(block), "stock")(x),
+                                   rtol=1e-5, atol=1e-5)  # folding reorders float32 rounding
+
+
+def _bytes_allocated_by_a_training_step(model, x) -> int:
+    model(x).sum().backward()  # warm: lazily built state is not the step's
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        model(x).sum().backward()
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+def test_default_block_on_the_torch_engine_allocates_no_more_than_stock():
+    """A PE-(2,4,1) ResNet-50 bottleneck (256 -> 64 planes, alpha 2) with its convs on the torch
+    engine: a training step allocates no more bytes than the same block on torch's modules."""
+    torch.manual_seed(0)
+    block = Bottleneck(PackedLayers(alpha=2, num_estimators=4, gamma=1, groups=1, conv_bias=False),
+                       256, 64, 1, 0.0, pk.nn.BatchNorm2d)
+    x = torch.randn(4, 512, 8, 8)
+    stock = pk.nn.set_backend(copy.deepcopy(block), "stock")
+    assert _bytes_allocated_by_a_training_step(block, x) <= _bytes_allocated_by_a_training_step(stock, x)
 
 
 def test_unfused_blocks_make_no_fused_calls():

@@ -286,8 +286,6 @@ def test_no_tuning_during_cuda_graph_capture(tmp_path, monkeypatch):
     (benchmarking synchronises, an error in a capture) and is not cached; a cached one is used."""
     monkeypatch.setenv("PACKED_KERNELS_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("PACKED_KERNELS_AUTOTUNE", "1")
-    monkeypatch.setattr(conv_tuning, "_memory", {})
-    monkeypatch.setattr(conv_tuning, "_loaded_from", [])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(_backend, "device_name", lambda device: "capturing GPU")
 
@@ -305,10 +303,11 @@ def test_no_tuning_during_cuda_graph_capture(tmp_path, monkeypatch):
 
     assert conv_tuning.pick("forward", x, 9, 64, 64, True, no_benchmark) == \
         conv_tuning.heuristic("forward", torch.float16, 9, 64, 64, True)
-    assert conv_tuning._memory == {}
+    assert conv_tuning.TUNING_CACHE.items() == []
     cached = conv_tuning.candidates("forward", torch.float16)[0]
-    conv_tuning._store(conv_tuning.shape_class("forward", torch.float16, "nchw", torch.device("cuda", 0),
-                                               9, 64, 64) + "|aligned=True", cached)
+    conv_tuning.TUNING_CACHE.put(conv_tuning.shape_class(
+        "forward", torch.float16, "nchw", torch.device("cuda", 0), 9, 64, 64) + "|aligned=True",
+        list(cached))
     assert conv_tuning.pick("forward", x, 9, 64, 64, True, no_benchmark) == cached
 
 
@@ -316,11 +315,9 @@ def test_tuning_cache_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("PACKED_KERNELS_CACHE_DIR", str(tmp_path))
     config = conv_tuning.candidates("forward", torch.float16)[-1]
     key = conv_tuning.shape_class("forward", torch.float16, "nhwc", torch.device("cpu"), 5000, 64, 64)
-    conv_tuning._store(key, config)
-    conv_tuning._memory.clear()
-    conv_tuning._loaded_from.clear()
-    conv_tuning._load()
-    assert conv_tuning.TileConfig(*conv_tuning._memory[key]) == config
+    conv_tuning.TUNING_CACHE.put(key, list(config))
+    reloaded = conv_tuning.JsonCache("conv_tuning")  # as a new process would read it
+    assert conv_tuning.TileConfig(*reloaded.get(key)) == config
     assert (tmp_path / "conv_tuning.json").exists()
     # the CPU never autotunes, whatever the switch says: the heuristic answers
     monkeypatch.setenv("PACKED_KERNELS_AUTOTUNE", "1")

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..ops.batch_norm import IMPLEMENTED as BATCH_NORM_BACKENDS
 from ..ops.batch_norm import batch_norm
 from .._layouts import WEIGHT_LAYOUT, strided_for
-from ..ops.conv import choose_backend, fused_conv2d
+from ..ops.conv import forward_engine, fused_conv2d, grouped_conv2d
 from .batch_norm import BatchNorm2d
 from .packed import STOCK, PackedConv2d, autocast_operands
 
@@ -118,6 +118,29 @@ def _stock(x, conv: nn.Module, bn: Optional[nn.Module], residual: Optional[Tenso
     return torch.relu(out) if activation == "relu" else out
 
 
+def _on_torch(x: Tensor, inner: nn.Conv2d, bn: Optional[nn.Module], residual: Optional[Tensor],
+              activation: Optional[str], padding) -> Tensor:
+    """The block where its convolution runs on cuDNN: the conv module's own convolution, then
+    one batch-norm pass and the residual add and ReLU in place, as stock blocks run (never more
+    memory); at inference inside reuse_inference_operands() BN is folded into the conv's weight
+    and bias (one pass fewer). Within its contract (backend None or "torch") the result is the
+    fused path's, up to float rounding."""
+    x, = autocast_operands(x)
+    if (bn is not None and _reuse_depth and not torch.is_grad_enabled() and not bn.training
+            and bn.running_mean is not None):
+        weight, bias = _folded_conv_operands(inner, bn, x)
+        out = grouped_conv2d(x, weight, bias, inner.stride, padding, inner.dilation, inner.groups,
+                             backend="torch")
+    else:
+        out = grouped_conv2d(x, *autocast_operands(inner.weight, inner.bias), inner.stride, padding,
+                             inner.dilation, inner.groups)
+        if bn is not None:
+            out = nn.BatchNorm2d.forward(bn, out)  # F.batch_norm, whatever the module's class
+    if residual is not None:
+        out += residual
+    return out.relu_() if activation == "relu" else out
+
+
 def conv_bn_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, bn: Optional[nn.BatchNorm2d],
                 residual: Optional[Tensor] = None, activation: Optional[str] = "relu",
                 defer: bool = False, *, backend: Optional[str] = None
@@ -152,12 +175,16 @@ def conv_bn_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, bn: Option
         padding = 0
     raw = x.raw if isinstance(x, DeferredBatchNorm) else x
     raw, residual = autocast_operands(raw, residual)
+    geometry = dict(stride=inner.stride, padding=padding, dilation=inner.dilation, groups=inner.groups)
+    engine = forward_engine(raw, *autocast_operands(inner.weight, inner.bias), **geometry,
+                            backend=backend)
+    if engine == "torch":  # fusing around cuDNN only adds passes: torch's own sequence
+        return _on_torch(materialize(x), inner, bn, residual, activation, padding)
     prologue = {}
     if isinstance(x, DeferredBatchNorm):
         in_scale, in_shift = x.scale_shift()
         prologue = dict(in_scale=in_scale, in_shift=in_shift, in_activation=x.activation)
-    geometry = dict(stride=inner.stride, padding=padding, dilation=inner.dilation, groups=inner.groups,
-                    backend=backend)
+    geometry["backend"] = engine
     if bn is None:
         weight, bias = autocast_operands(inner.weight, inner.bias)
         return fused_conv2d(raw, weight, bias, **geometry, **prologue, residual=residual,
@@ -166,7 +193,7 @@ def conv_bn_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, bn: Option
     if not (bn.training or bn.running_mean is None):
         # inference: BN folded into the epilogue, with the residual and activation
         if _reuse_depth and not torch.is_grad_enabled():
-            weight, bias, scale, shift = _inference_operands(inner, bn, raw, backend)
+            weight, bias, scale, shift = _inference_operands(inner, bn, raw, engine)
         else:
             weight, bias = autocast_operands(inner.weight, inner.bias)
             scale, shift = _folded_batch_norm(bn, _vector_dtype(raw))
@@ -221,17 +248,42 @@ def reuse_inference_operands():
             _INFERENCE_CACHE.clear()
 
 
+def _inference_key(inner: nn.Conv2d, bn: nn.BatchNorm2d, raw: Tensor, dtype, *extra) -> tuple:
+    """Every input of the kept operands: each tensor's storage and version, dtypes, modes."""
+    tensors = (inner.weight, inner.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    return (dtype, raw.device, *extra, raw.is_contiguous(memory_format=torch.channels_last),
+            torch.is_inference_mode_enabled(), bn.eps,
+            *((None if t is None else (t.data_ptr(), t._version, t.dtype)) for t in tensors))
+
+
+def _folded_conv_operands(inner: nn.Conv2d, bn: nn.BatchNorm2d, raw: Tensor):
+    """(weight, bias) of the conv with BN folded in, bn(conv(x)) = conv'(x): weight * scale per
+    output channel, bias * scale + shift (folded in float32, then cast to the input's dtype)."""
+    dtype = raw.dtype if torch.is_autocast_enabled(raw.device.type) else inner.weight.dtype
+    key = _inference_key(inner, bn, raw, dtype, "folded")
+    cached = _INFERENCE_CACHE.get(bn)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fold_dtype = torch.promote_types(inner.weight.dtype, torch.float32)
+    scale, shift = _folded_batch_norm(bn, fold_dtype)
+    weight = inner.weight.to(fold_dtype) * scale.view(-1, 1, 1, 1)
+    if inner.bias is not None:
+        shift = shift + inner.bias.to(fold_dtype) * scale
+    if raw.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous(memory_format=torch.channels_last)  # as cuDNN would convert it
+    operands = (weight.to(dtype), shift.to(dtype))
+    _INFERENCE_CACHE[bn] = (key, operands)
+    return operands
+
+
 def _inference_operands(inner: nn.Conv2d, bn: nn.BatchNorm2d, raw: Tensor, backend: Optional[str]):
     """(weight, bias, out_scale, out_shift) for an inference call inside
     reuse_inference_operands() without autograd: the conv's parameters (in autocast's dtype
     under autocast), the weight stored as the chosen conv backend's kernels read it, and BN
     folded into per-channel vectors."""
     dtype = raw.dtype if torch.is_autocast_enabled(raw.device.type) else inner.weight.dtype
-    chosen = choose_backend("fused_conv2d", backend, raw, inner.weight, inner.stride, inner.groups)
-    tensors = (inner.weight, inner.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
-    key = (dtype, raw.device, chosen, raw.is_contiguous(memory_format=torch.channels_last),
-           torch.is_inference_mode_enabled(), bn.eps,
-           *((None if t is None else (t.data_ptr(), t._version, t.dtype)) for t in tensors))
+    chosen = backend  # a kernel engine: conv_bn_act resolved it
+    key = _inference_key(inner, bn, raw, dtype, chosen)
     cached = _INFERENCE_CACHE.get(bn)
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from functools import partial
+from functools import lru_cache, partial
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _alloc, _backend
+from .. import _alloc, _backend, dispatch
 from .._checks import ValidatedCalls, check_float_tensor, check_positive_int, check_same_device_dtype
 from .._tile_stats import merge_tile_moments
 from .._layouts import format_of, kernel_weight
@@ -309,6 +309,104 @@ def _conv_grads(backend, grad, input, weight, stride, padding, dilation, groups,
 
 
 # ---------------------------------------------------------------------------------------------
+# backend "auto" on CUDA tensors: each pass measured once per kind of call (packed_kernels.dispatch)
+# ---------------------------------------------------------------------------------------------
+
+AUTO = "auto"
+_AUTO_ENGINES = ("torch", "triton", "cuda")
+_usable_engines: dict = {}
+
+
+def _engines_for(input: Tensor) -> tuple:
+    key = (input.device, input.dtype)
+    if key not in _usable_engines:
+        _usable_engines[key] = tuple(e for e in _AUTO_ENGINES if e in IMPLEMENTED and
+                                     _backend.unavailable_reason(e, input.device, input.dtype) is None)
+    return _usable_engines[key]
+
+
+@lru_cache(maxsize=None)
+def _versions() -> str:
+    """Library versions in every decision's key: an upgrade measures again."""
+    parts = [f"torch={torch.__version__}", f"cudnn={torch.backends.cudnn.version()}"]
+    try:
+        import triton
+        parts.append(f"triton={triton.__version__}")
+    except ImportError:
+        pass
+    from .. import __version__
+    return ",".join(parts + [f"packed_kernels={__version__}"])
+
+
+def _measured_engine(conv_pass: str, trial, input: Tensor, weight: Tensor, stride, padding, dilation,
+                     groups: int, options: tuple = ()) -> str:
+    """The engine measured fastest (among those agreeing with cuDNN) for this pass on this kind of
+    call: the GPU, dtype, layout, weight shape, groups and geometry exactly, the output pixel
+    count to the next power of two (batch and map size share a decision), fusion `options`."""
+    out_h, out_w = _output_hw(input.shape[2:], weight, stride, padding, dilation)
+    pixels = 1 << max(input.shape[0] * out_h * out_w - 1, 0).bit_length()
+    key = (conv_pass, _backend.device_name(input.device), str(input.dtype)[6:],
+           "channels_last" if format_of(input) == torch.channels_last else "nchw",
+           tuple(weight.shape), groups, tuple(stride), tuple(padding), tuple(dilation),
+           pixels, *options, _versions())
+    return dispatch.DISPATCHER.choose(key, _engines_for(input), trial, dispatch.agree)
+
+
+def forward_engine(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+                   groups: int, backend: Optional[str] = None) -> str:
+    """The engine a plain convolution with these arguments runs its forward on: `backend`
+    resolved, "auto" decided (measured on first use). conv + BatchNorm blocks take their path
+    from it: fused kernels on a kernel engine, torch's own sequence on cuDNN."""
+    stride, padding4, dilation = _validated_grouped_call(input, weight, bias, stride, padding,
+                                                         dilation, groups)
+    chosen = choose_backend("grouped_conv2d", backend, input, weight, stride, groups)
+    if chosen != AUTO:
+        return chosen
+    return _auto_forward_engine(input, weight, bias, stride, padding4, dilation, groups)
+
+
+def _auto_forward_engine(input, weight, bias, stride, padding, dilation, groups) -> str:
+    return _measured_engine("forward", lambda engine: _conv_forward(
+        engine, input, weight, bias, stride, padding, dilation, groups)[0],
+        input, weight, stride, padding, dilation, groups)
+
+
+def _grad_engines(grad, input, weight, stride, padding, dilation, groups, prologue, need_input,
+                  need_weight, options: tuple = ()) -> Tuple[Optional[str], Optional[str]]:
+    """(input-gradient engine, weight-gradient engine) for backend "auto", each measured."""
+    geometry = (stride, padding, dilation, groups)
+    input_engine = weight_engine = None
+    if need_input:
+        input_engine = _measured_engine("input_grad", lambda engine: _conv_grads(
+            engine, grad, input, weight, *geometry, need_weight=False)[0], input, weight, *geometry)
+    if need_weight:
+        weight_engine = _measured_engine("weight_grad", lambda engine: _conv_grads(
+            engine, grad, input, weight, *geometry, prologue, need_input=False)[1],
+            input, weight, *geometry, options)
+    return input_engine, weight_engine
+
+
+def _conv_grads_by_pass(engines, grad, input, weight, stride, padding, dilation, groups,
+                        prologue=_NO_PROLOGUE):
+    """_conv_grads with the input and weight gradients on their own engines (None: not needed)."""
+    input_engine, weight_engine = engines
+    if input_engine is None or weight_engine is None or input_engine == weight_engine:
+        engine = input_engine or weight_engine
+        if engine is None:
+            return None, None
+        return _conv_grads(engine, grad, input, weight, stride, padding, dilation, groups, prologue,
+                           input_engine is not None, weight_engine is not None)
+    geometry = (stride, padding, dilation, groups)
+    grad_x_hat = grad_weight = None
+    if input_engine is not None:
+        grad_x_hat = _conv_grads(input_engine, grad, input, weight, *geometry, need_weight=False)[0]
+    if weight_engine is not None:
+        grad_weight = _conv_grads(weight_engine, grad, input, weight, *geometry, prologue,
+                                  need_input=False)[1]
+    return grad_x_hat, grad_weight
+
+
+# ---------------------------------------------------------------------------------------------
 # grouped_conv2d: custom op + fake + autograd
 # ---------------------------------------------------------------------------------------------
 
@@ -316,6 +414,8 @@ def _conv_grads(backend, grad, input, weight, stride, padding, dilation, groups,
 @_backend.on_input_device
 def _grouped_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
                        padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str) -> Tensor:
+    if backend == AUTO:
+        backend = _auto_forward_engine(input, weight, bias, stride, padding, dilation, groups)
     out, _, _ = _conv_forward(backend, input, weight, bias, stride, padding, dilation, groups)
     return out
 
@@ -332,12 +432,16 @@ def _(input, weight, bias, stride, padding, dilation, groups, backend):
 def _grouped_conv2d_backward_op(grad: Tensor, input: Tensor, weight: Tensor, has_bias: bool,
                                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                                 groups: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "torch":
+    engines = (backend, backend)
+    if backend == AUTO:
+        engines = _grad_engines(grad, input, weight, stride, padding, dilation, groups,
+                                _NO_PROLOGUE, True, True)
+    if engines == ("torch", "torch"):  # one cuDNN call for both, with the bias gradient
         grads = reference_conv2d_backward(grad, input, weight, has_bias, stride, padding, dilation,
                                           groups)
     else:
-        grad_input, grad_weight = _conv_grads(backend, grad, input, weight, stride, padding,
-                                              dilation, groups)
+        grad_input, grad_weight = _conv_grads_by_pass(engines, grad, input, weight, stride,
+                                                      padding, dilation, groups)
         grads = (grad_input, grad_weight, grad.sum((0, 2, 3)) if has_bias else None)
     return unaliased(grads, (grad, input, weight), input)
 
@@ -379,10 +483,13 @@ def _fused_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], in_s
                      backend: str) -> tuple[Tensor, Tensor]:
     """(out, stats): stats is (2, C_out) [mean; biased variance] of the pre-epilogue y, or
     (0, C_out) when not asked (a custom op returns a fixed structure)."""
-    out, mean, var = _conv_forward(
-        backend, input, weight, bias, stride, padding, dilation, groups,
-        _prologue(in_scale, in_shift, in_activation),
-        _epilogue(out_scale, out_shift, residual, activation), channel_stats)
+    prologue = _prologue(in_scale, in_shift, in_activation)
+    epilogue = _epilogue(out_scale, out_shift, residual, activation)
+    if backend == AUTO:
+        backend = _fused_forward_engine(input, weight, bias, stride, padding, dilation, groups,
+                                        prologue, epilogue, channel_stats)
+    out, mean, var = _conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
+                                   prologue, epilogue, channel_stats)
     if channel_stats:
         stats = torch.stack((mean, var))
     else:
@@ -399,6 +506,19 @@ def _(input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, s
                        device=input.device, memory_format=format_of(input))
     stats = input.new_empty((2 if channel_stats else 0, weight.shape[0]), dtype=_stats_dtype(input.dtype))
     return out, stats
+
+
+def _fused_forward_engine(input, weight, bias, stride, padding, dilation, groups, prologue,
+                          epilogue, channel_stats) -> str:
+    options = (_options(prologue), _options(epilogue), f"stats={channel_stats}")
+    return _measured_engine("fused_forward", lambda engine: _conv_forward(
+        engine, input, weight, bias, stride, padding, dilation, groups, prologue, epilogue,
+        channel_stats), input, weight, stride, padding, dilation, groups, options)
+
+
+def _options(hooks: tuple) -> str:
+    """Which fusion hooks are given (in a measured decision's key)."""
+    return "".join("-" if v is None else "x" for v in hooks)
 
 
 def _has_epilogue(out_scale, out_shift, residual, activation) -> bool:
@@ -421,16 +541,21 @@ def _fused_conv2d_backward_op(
     Returns (input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual) grads,
     empty where that argument was None."""
     epilogue = _has_epilogue(out_scale, out_shift, residual, activation)
+    prologue = _prologue(in_scale, in_shift, in_activation)
+    forward_backend = backend
+    if backend == AUTO:  # the forward's decision, to recompute y as the forward computed it
+        forward_backend = _fused_forward_engine(
+            input, weight, bias, stride, padding, dilation, groups, prologue,
+            _epilogue(out_scale, out_shift, residual, activation), channel_stats)
     triton_glue = _use_triton_glue(input)
     y = mean_y = None
     if out_scale is not None or channel_stats:
         if epilogue:  # recompute the pre-epilogue output rather than keep it alive
             # the kernel backends fuse y's statistics into the conv: the Triton glue's centring
             # mean then costs no extra pass over y
-            fused_mean = triton_glue and channel_stats and backend != "torch"
-            y, mean_y, _ = _conv_forward(backend, input, weight, bias, stride, padding, dilation,
-                                         groups, _prologue(in_scale, in_shift, in_activation),
-                                         channel_stats=fused_mean)
+            fused_mean = triton_glue and channel_stats and forward_backend != "torch"
+            y, mean_y, _ = _conv_forward(forward_backend, input, weight, bias, stride, padding,
+                                         dilation, groups, prologue, channel_stats=fused_mean)
         else:
             y = out
     if triton_glue:
@@ -442,9 +567,14 @@ def _fused_conv2d_backward_op(
         grad_y_conv, grad_residual, sum_grad_y, sum_grad_zy, sum_grad_z = _epilogue_glue(
             grad_out, out, y, out_scale, grad_stats if channel_stats else None, residual,
             activation, input.dtype, bias is not None, out_shift is not None)
-    prologue = (in_scale, in_shift, in_activation)
-    grad_x_hat, grad_weight = _conv_grads(backend, grad_y_conv, input, weight, stride, padding,
-                                          dilation, groups, prologue, need_input, need_weight)
+    geometry = (stride, padding, dilation, groups)
+    if backend == AUTO:
+        engines = _grad_engines(grad_y_conv, input, weight, *geometry, prologue, need_input,
+                                need_weight, (_options(prologue),))
+    else:
+        engines = (backend if need_input else None, backend if need_weight else None)
+    grad_x_hat, grad_weight = _conv_grads_by_pass(engines, grad_y_conv, input, weight, *geometry,
+                                                  prologue)
 
     grad_input = sum_grad_ux = sum_grad_u = None
     if grad_x_hat is not None:
@@ -561,39 +691,17 @@ _fused_conv2d_op.register_autograd(_fused_backward, setup_context=_fused_setup_c
 # backend choice and public functions
 # ---------------------------------------------------------------------------------------------
 
-# Shape classes where the Triton kernels beat cuDNN, from bench/ runs on each GPU: until the
-# benchmark has measured one, backend=None/"auto" keeps cuDNN (the torch backend) everywhere.
-# A class is (GPU name, dtype, layout, kernel (kh, kw), stride, channels per group in, out).
-TRITON_FASTER_SHAPE_CLASSES: frozenset = frozenset()
-# The same for the CUDA C++ kernels (bench/ lists their rows; none measured yet).
-CUDA_FASTER_SHAPE_CLASSES: frozenset = frozenset()
-
-
-def shape_class(input: Tensor, weight: Tensor, stride, groups: int) -> tuple:
-    gpu = _backend.device_name(input.device)
-    layout = "channels_last" if format_of(input) == torch.channels_last else "nchw"
-    return (gpu, str(input.dtype).replace("torch.", ""), layout, tuple(weight.shape[2:]),
-            tuple(stride), input.shape[1] // groups, weight.shape[0] // groups)
-
-
 def choose_backend(op: str, backend: Optional[str], input: Tensor, weight: Tensor, stride, groups: int) -> str:
-    """backend=None/"auto": a kernel backend only for the shape classes the benchmark measured
-    faster than cuDNN on this GPU (Triton first, then the CUDA C++ kernels), else cuDNN through
-    the torch backend; explicit backends as asked. An empty batch has nothing to compute: torch
-    answers it, with its empty output and gradients."""
+    """backend=None/"auto": "auto" on CUDA tensors (the op measures the engines on first use of
+    each kind of call and keeps the fastest that agrees with cuDNN; see packed_kernels.dispatch),
+    the torch reference elsewhere; explicit backends as asked. An empty batch has nothing to
+    compute: torch answers it, with its empty output and gradients."""
     if input.shape[0] == 0:
-        if not (backend is None or backend in ("auto", *_backend.BACKENDS)):
+        if not (backend is None or backend == AUTO or backend in _backend.BACKENDS):
             _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)  # names the bad value
         return "torch"
-    if backend is None or backend == "auto":
-        if input.device.type == "cuda":
-            measured = shape_class(input, weight, stride, groups)
-            for name, faster in (("triton", TRITON_FASTER_SHAPE_CLASSES),
-                                 ("cuda", CUDA_FASTER_SHAPE_CLASSES)):
-                if (measured in faster and name in IMPLEMENTED
-                        and _backend.unavailable_reason(name, input.device, input.dtype) is None):
-                    return name
-        return "torch"
+    if backend is None or backend == AUTO:
+        return AUTO if input.device.type == "cuda" else "torch"
     return _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)
 
 

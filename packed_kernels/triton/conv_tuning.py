@@ -9,22 +9,21 @@ Switches:
                                 autotuning only ever runs on CUDA tensors, never under the
                                 interpreter, whatever this says, nor during a CUDA-graph
                                 capture (a shape first seen there gets the heuristic, uncached)
-  PACKED_KERNELS_CACHE_DIR=dir  where conv_tuning.json lives (default ~/.cache/packed_kernels)
+  PACKED_KERNELS_CACHE_DIR=dir  where conv_tuning.json lives, beside the engine choices
+                                (packed_kernels.dispatch; default ~/.cache/packed_kernels)
 """
 
 from __future__ import annotations
 
-import json
 import os
-import threading
-from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Tuple
+from typing import Callable, List, NamedTuple
 
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
 from .. import _backend
+from ..dispatch import JsonCache
 
 SHARED_MEMORY_BUDGET = 96 * 1024  # bytes: under sm_86/sm_89's 99 KiB per block, so one list fits all
 
@@ -117,37 +116,7 @@ def autotune_enabled() -> bool:
     return os.environ.get("PACKED_KERNELS_AUTOTUNE", "1") not in ("", "0")
 
 
-def _cache_path() -> Path:
-    root = os.environ.get("PACKED_KERNELS_CACHE_DIR") or Path.home() / ".cache" / "packed_kernels"
-    return Path(root) / "conv_tuning.json"
-
-
-_lock = threading.Lock()
-_memory: Dict[str, Tuple[int, ...]] = {}
-_loaded_from: List[Path] = []
-
-
-def _load() -> None:
-    path = _cache_path()
-    if path in _loaded_from:
-        return
-    _loaded_from.append(path)
-    try:
-        _memory.update({k: tuple(v) for k, v in json.loads(path.read_text()).items()})
-    except (OSError, ValueError):
-        pass  # no cache yet, or a corrupt one: tune again
-
-
-def _store(key: str, config: TileConfig) -> None:
-    _memory[key] = tuple(config)
-    path = _cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_memory, indent=1, sort_keys=True))
-        os.replace(tmp, path)  # atomic: concurrent processes never see half a file
-    except OSError:
-        pass  # read-only home: keep the result for this process only
+TUNING_CACHE = JsonCache("conv_tuning")  # the engine choices' cache folder (dispatch.cache_dir)
 
 
 def shape_class(kernel: str, dtype: torch.dtype, layout: str, device: torch.device,
@@ -178,10 +147,9 @@ def pick(kernel: str, activation: torch.Tensor, rows: int, cols: int, depth: int
         return default
     key = shape_class(kernel, activation.dtype, layout_of(activation), activation.device,
                       rows, cols, depth) + f"|aligned={aligned}"
-    with _lock:
-        _load()
-        if key in _memory:
-            return TileConfig(*_memory[key])
+    cached = TUNING_CACHE.get(key)
+    if cached is not None:
+        return TileConfig(*cached)
     if torch.cuda.is_current_stream_capturing():
         return default  # benchmarking synchronises, which a CUDA-graph capture forbids
     best, best_ms = default, float("inf")
@@ -192,6 +160,5 @@ def pick(kernel: str, activation: torch.Tensor, rows: int, cols: int, depth: int
             continue
         if ms < best_ms:
             best, best_ms = config, ms
-    with _lock:
-        _store(key, best)
+    TUNING_CACHE.put(key, list(best))
     return best
