@@ -150,7 +150,7 @@ def auto_on_the_cpu(tmp_path, monkeypatch):
     chooser.calls = 0
     monkeypatch.setattr(chooser, "choose", choose)
     monkeypatch.setattr(dispatch, "DISPATCHER", chooser)
-    monkeypatch.setattr(conv_ops, "_engines_for", lambda input: ("torch", "simt"))
+    monkeypatch.setattr(conv_ops, "_usable", lambda device, dtype: ("torch", "simt"))
     return chooser
 
 
@@ -199,3 +199,20 @@ def test_auto_fused_conv_forward_and_backward_match_the_torch_engine(auto_on_the
     passes = sorted(row["key"].split("|")[0] for row in auto_on_the_cpu.report())
     assert passes == ["fused_forward", "input_grad", "weight_grad"]
     assert {row["engine"] for row in auto_on_the_cpu.report()} == {"simt"}
+
+
+def test_tracing_uses_known_decisions_and_never_measures(auto_on_the_cpu, monkeypatch):
+    """A block's path is chosen while torch.compile traces it: the decision already made (or
+    cached), else cuDNN; nothing runs at trace time."""
+    monkeypatch.setattr(conv_ops, "choose_backend", lambda *args: "auto")  # as on a GPU
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(6, 2, 3, 3)
+
+    def block(x, w):
+        engine = conv_ops.forward_engine(x, w, None, 1, 1, 1, 2)
+        return x * (2.0 if engine == "simt" else 3.0)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(block, backend="aot_eager", fullgraph=True)(x, w), x * 3)
+    assert auto_on_the_cpu.report() == []  # not measured while tracing
+    assert conv_ops.forward_engine(x, w, None, 1, 1, 1, 2) == "simt"  # eager: measured
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(block, backend="aot_eager", fullgraph=True)(x, w), x * 2)

@@ -176,8 +176,9 @@ def conv_bn_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, bn: Option
     raw = x.raw if isinstance(x, DeferredBatchNorm) else x
     raw, residual = autocast_operands(raw, residual)
     geometry = dict(stride=inner.stride, padding=padding, dilation=inner.dilation, groups=inner.groups)
+    training = bn is not None and (bn.training or bn.running_mean is None)
     engine = forward_engine(raw, *autocast_operands(inner.weight, inner.bias), **geometry,
-                            backend=backend)
+                            backend=backend, channel_stats=training)
     if engine == "torch":  # fusing around cuDNN only adds passes: torch's own sequence
         return _on_torch(materialize(x), inner, bn, residual, activation, padding)
     prologue = {}

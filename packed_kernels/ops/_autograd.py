@@ -13,7 +13,7 @@ _any_requires_grad = getattr(torch._C, "_any_requires_grad", None) or (
     lambda *args: any(isinstance(a, Tensor) and a.requires_grad for a in args))
 
 
-def _traced() -> bool:
+def traced() -> bool:
     """Inside torch.compile / torch.export, or under a dispatch-mode tracer (make_fx, fake
     tensors, functionalization): calls must go through the registered op."""
     return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
@@ -45,7 +45,7 @@ class LibraryOp:
             backward=staticmethod(once_differentiable(backward))))
 
     def __call__(self, *args, **kwargs):
-        if _traced():
+        if traced():
             return self.op(*args, **kwargs)
         if (self._function is not None and torch.is_grad_enabled()
                 and _any_requires_grad(*args, *kwargs.values())):

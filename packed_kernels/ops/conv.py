@@ -317,12 +317,16 @@ _AUTO_ENGINES = ("torch", "triton", "cuda")
 _usable_engines: dict = {}
 
 
-def _engines_for(input: Tensor) -> tuple:
-    key = (input.device, input.dtype)
+def _usable(device: torch.device, dtype: torch.dtype) -> tuple:
+    key = (device, dtype)
     if key not in _usable_engines:
         _usable_engines[key] = tuple(e for e in _AUTO_ENGINES if e in IMPLEMENTED and
-                                     _backend.unavailable_reason(e, input.device, input.dtype) is None)
+                                     _backend.unavailable_reason(e, device, dtype) is None)
     return _usable_engines[key]
+
+
+def _engines_for(input: Tensor) -> tuple:
+    return _usable(input.device, input.dtype)
 
 
 @lru_cache(maxsize=None)
@@ -348,20 +352,31 @@ def _measured_engine(conv_pass: str, trial, input: Tensor, weight: Tensor, strid
     key = (conv_pass, _backend.device_name(input.device), str(input.dtype)[6:],
            "channels_last" if format_of(input) == torch.channels_last else "nchw",
            tuple(weight.shape), groups, tuple(stride), tuple(padding), tuple(dilation),
-           pixels, *options, _versions())
-    return dispatch.DISPATCHER.choose(key, _engines_for(input), trial, dispatch.agree)
+           pixels, *options)
+    if torch.compiler.is_compiling() or type(input) not in (Tensor, torch.nn.Parameter):
+        return _known_engine(key, input.device, input.dtype)  # tracing: what is known, nothing run
+    return dispatch.DISPATCHER.choose(key + (_versions(),), _engines_for(input), trial, dispatch.agree)
+
+
+@torch.compiler.assume_constant_result
+def _known_engine(key: tuple, device: torch.device, dtype: torch.dtype) -> str:
+    return dispatch.DISPATCHER.known(key + (_versions(),), _usable(device, dtype))
 
 
 def forward_engine(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
-                   groups: int, backend: Optional[str] = None) -> str:
-    """The engine a plain convolution with these arguments runs its forward on: `backend`
-    resolved, "auto" decided (measured on first use). conv + BatchNorm blocks take their path
-    from it: fused kernels on a kernel engine, torch's own sequence on cuDNN."""
+                   groups: int, backend: Optional[str] = None, channel_stats: bool = False) -> str:
+    """The engine a convolution with these arguments (and its channel statistics, if asked)
+    runs its forward on: `backend` resolved, "auto" decided (measured on first use; under
+    torch.compile's tracing, the decision already known, else cuDNN). conv + BatchNorm blocks
+    take their path from it: fused kernels on a kernel engine, torch's own sequence on cuDNN."""
     stride, padding4, dilation = _validated_grouped_call(input, weight, bias, stride, padding,
                                                          dilation, groups)
     chosen = choose_backend("grouped_conv2d", backend, input, weight, stride, groups)
     if chosen != AUTO:
         return chosen
+    if channel_stats:
+        return _fused_forward_engine(input, weight, bias, stride, padding4, dilation, groups,
+                                     _NO_PROLOGUE, _NO_EPILOGUE, True)
     return _auto_forward_engine(input, weight, bias, stride, padding4, dilation, groups)
 
 
