@@ -152,11 +152,10 @@ def block_rows(cfg: BNConfig, device) -> List[Dict[str, object]]:
     """One PE-(2,4,1) ResNet block of packed_kernels.models (cfg.block, e.g. "layer2.1", a
     ResNet-50 bottleneck) on its real input shape, timed whole: inference forward and training
     forward+backward, the model built with torch.nn.BatchNorm2d and run on torch's modules
-    (Conv2d, BatchNorm2d, ReLU, add on cuDNN) vs the model's own block on the default path:
-    the fused conv + BN path where its convs run on a kernel engine (BN in the conv epilogues at
-    inference; in training statistics from the epilogues and BN + ReLU in the next conv's
-    prologue), torch's sequence where they run on cuDNN. fp16 autocast on a GPU, fp32 on the
-    CPU. Each row records the packed_kernels op calls of one step ("kernel_calls")."""
+    (Conv2d, BatchNorm2d, ReLU, add on cuDNN) vs the model's own block on the default path
+    (torch's ops too, in place, with BN folded into the conv at inference; the fused kernel path
+    needs an explicit kernel backend). fp16 autocast on a GPU, fp32 on the CPU. Each row records
+    the packed_kernels op calls of one step ("kernel_calls")."""
     from . import models as zoo_rows
     device = torch.device(device)
     rows = []

@@ -38,14 +38,10 @@ def test_bn_command_rows_are_consistent():
         ("packed_kernels", "inference"), ("packed_kernels", "train_forward_backward")]
     assert all("error" not in r for r in blocks), [r.get("error") for r in blocks]
     assert blocks[0]["input_shape"] == [2, 64, 16, 16]  # ResNet-20 layer2: 32 planes x alpha 2, 16x16
-    # the stock block runs torch's modules; ours the default path, which on the CPU's torch
-    # engine is torch's sequence on our grouped conv (the fused path's calls are counted in
-    # tests/test_fused_models.py)
+    # the stock block runs torch's modules, and so does ours on the default path (the fused
+    # path's calls, with an explicit kernel backend, are counted in tests/test_fused_models.py)
     calls = {(r["impl"], r["pass"]): r["kernel_calls"] for r in blocks}
-    assert calls[("stock", "inference")] == calls[("stock", "train_forward_backward")] == {}
-    assert calls[("packed_kernels", "inference")] == {"grouped_conv2d": 2}
-    assert calls[("packed_kernels", "train_forward_backward")] == {
-        "grouped_conv2d": 2, "grouped_conv2d_backward": 2}
+    assert all(c == {} for c in calls.values()), calls
     sp = bn_ops.block_speedups(blocks)
     assert {s["pass"] for s in sp} == {"inference", "train_forward_backward"}
     assert [(r["impl"], r["pass"]) for r in rows] == [

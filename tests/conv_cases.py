@@ -101,9 +101,29 @@ def fused_inputs(dtype, device, layout, options, case="pe_3x3_3ch_per_group"):
         out_shift=vec(c_out, 0.0) if options.get("out_shift") else None,
         residual=torch.randn(out_shape, dtype=dtype).to(device) if options.get("residual") else None,
     )
+    if tensors["residual"] is not None and options.get("activation") == "relu":
+        tensors["residual"] = _relu_margin(x, w, b, tensors, args, options, RELU_MARGIN)
     if layout == "channels_last" and tensors["residual"] is not None:
         tensors["residual"] = tensors["residual"].to(memory_format=torch.channels_last)
     return x, w, b, tensors, args
+
+
+# The output ReLU's mask where its input is within 16-bit rounding of 0 is a coin flip: every
+# engine rounds x_hat to the input dtype before the tensor cores, and one flipped element moves
+# the gradients of a small case by ~2e-2. The residual keeps every pre-activation this far from 0.
+RELU_MARGIN = 0.1
+
+
+def _relu_margin(x, w, b, tensors, args, options, margin):
+    def f64(t):
+        return None if t is None else t.detach().cpu().double()
+    pre = dict(options, activation=None, channel_stats=False)
+    z = fused_reference(f64(x), f64(w), f64(b), *(f64(tensors[k]) for k in (
+        "in_scale", "in_shift", "out_scale", "out_shift", "residual")), args, pre)[0]
+    push = torch.where(z >= 0, margin - z, -margin - z).clamp(min=-2 * margin, max=2 * margin)
+    push = torch.where(z.abs() < margin, push, torch.zeros_like(z))
+    residual = tensors["residual"]
+    return (f64(residual) + push).to(residual.dtype).to(residual.device)
 
 
 def fused_run(fn, x, w, b, tensors, seeds):

@@ -201,18 +201,18 @@ def test_auto_fused_conv_forward_and_backward_match_the_torch_engine(auto_on_the
     assert {row["engine"] for row in auto_on_the_cpu.report()} == {"simt"}
 
 
-def test_tracing_uses_known_decisions_and_never_measures(auto_on_the_cpu, monkeypatch):
-    """A block's path is chosen while torch.compile traces it: the decision already made (or
-    cached), else cuDNN; nothing runs at trace time."""
-    monkeypatch.setattr(conv_ops, "choose_backend", lambda *args: "auto")  # as on a GPU
+def test_a_decision_asked_while_tracing_is_the_known_one_and_nothing_runs(auto_on_the_cpu):
+    """Asked under torch.compile's tracing (fake tensors), a decision is the one already made
+    (or cached), else cuDNN; no engine runs at trace time."""
     x, w = torch.randn(2, 4, 6, 6), torch.randn(6, 2, 3, 3)
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 2)
 
-    def block(x, w):
-        engine = conv_ops.forward_engine(x, w, None, 1, 1, 1, 2)
+    def decide(x, w):
+        engine = conv_ops._auto_forward_engine(x, w, None, *geometry)
         return x * (2.0 if engine == "simt" else 3.0)
     torch._dynamo.reset()
-    assert torch.equal(torch.compile(block, backend="aot_eager", fullgraph=True)(x, w), x * 3)
+    assert torch.equal(torch.compile(decide, backend="aot_eager", fullgraph=True)(x, w), x * 3)
     assert auto_on_the_cpu.report() == []  # not measured while tracing
-    assert conv_ops.forward_engine(x, w, None, 1, 1, 1, 2) == "simt"  # eager: measured
+    assert conv_ops._auto_forward_engine(x, w, None, *geometry) == "simt"  # eager: measured
     torch._dynamo.reset()
-    assert torch.equal(torch.compile(block, backend="aot_eager", fullgraph=True)(x, w), x * 2)
+    assert torch.equal(torch.compile(decide, backend="aot_eager", fullgraph=True)(x, w), x * 2)

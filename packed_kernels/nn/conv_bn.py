@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..ops.batch_norm import IMPLEMENTED as BATCH_NORM_BACKENDS
 from ..ops.batch_norm import batch_norm
 from .._layouts import WEIGHT_LAYOUT, strided_for
-from ..ops.conv import forward_engine, fused_conv2d, grouped_conv2d
+from ..ops.conv import choose_backend, fused_conv2d
 from .batch_norm import BatchNorm2d
 from .packed import STOCK, PackedConv2d, autocast_operands
 
@@ -120,20 +120,19 @@ def _stock(x, conv: nn.Module, bn: Optional[nn.Module], residual: Optional[Tenso
 
 def _on_torch(x: Tensor, inner: nn.Conv2d, bn: Optional[nn.Module], residual: Optional[Tensor],
               activation: Optional[str], padding) -> Tensor:
-    """The block where its convolution runs on cuDNN: the conv module's own convolution, then
-    one batch-norm pass and the residual add and ReLU in place, as stock blocks run (never more
-    memory); at inference inside reuse_inference_operands() BN is folded into the conv's weight
-    and bias (one pass fewer). Within its contract (backend None or "torch") the result is the
-    fused path's, up to float rounding."""
-    x, = autocast_operands(x)
+    """The block on torch's ops (backend None/"auto" and "torch"): cuDNN's convolution, one
+    batch-norm pass, the residual add and ReLU in place, as stock blocks run (never more memory,
+    no more launches); at inference inside reuse_inference_operands() BN is folded into the
+    conv's weight and bias (one pass fewer). Why not the fused path by default: in eager mode a
+    step is bound by the host, and the fused path's extra launches cost more host time than
+    its kernels save (measured on an H200: bench/results/2026-12-04-nvidia-h200-dispatch/)."""
     if (bn is not None and _reuse_depth and not torch.is_grad_enabled() and not bn.training
             and bn.running_mean is not None):
         weight, bias = _folded_conv_operands(inner, bn, x)
-        out = grouped_conv2d(x, weight, bias, inner.stride, padding, inner.dilation, inner.groups,
-                             backend="torch")
+        out = F.conv2d(x, weight, bias, inner.stride, padding, inner.dilation, inner.groups)
     else:
-        out = grouped_conv2d(x, *autocast_operands(inner.weight, inner.bias), inner.stride, padding,
-                             inner.dilation, inner.groups)
+        out = F.conv2d(x, inner.weight, inner.bias, inner.stride, padding, inner.dilation,
+                       inner.groups)
         if bn is not None:
             out = nn.BatchNorm2d.forward(bn, out)  # F.batch_norm, whatever the module's class
     if residual is not None:
@@ -173,14 +172,13 @@ def conv_bn_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, bn: Option
     if inner.padding_mode != "zeros":  # the prologue zero-pads: pad the normalised input instead
         x = F.pad(materialize(x), inner._reversed_padding_repeated_twice, mode=inner.padding_mode)
         padding = 0
+    if backend is None or backend == "auto" or backend == "torch":
+        return _on_torch(materialize(x), inner, bn, residual, activation, padding)
     raw = x.raw if isinstance(x, DeferredBatchNorm) else x
     raw, residual = autocast_operands(raw, residual)
+    weight = autocast_operands(inner.weight)[0]
+    engine = choose_backend("fused_conv2d", backend, raw, weight, inner.stride, inner.groups)
     geometry = dict(stride=inner.stride, padding=padding, dilation=inner.dilation, groups=inner.groups)
-    training = bn is not None and (bn.training or bn.running_mean is None)
-    engine = forward_engine(raw, *autocast_operands(inner.weight, inner.bias), **geometry,
-                            backend=backend, channel_stats=training)
-    if engine == "torch":  # fusing around cuDNN only adds passes: torch's own sequence
-        return _on_torch(materialize(x), inner, bn, residual, activation, padding)
     prologue = {}
     if isinstance(x, DeferredBatchNorm):
         in_scale, in_shift = x.scale_shift()
@@ -259,8 +257,11 @@ def _inference_key(inner: nn.Conv2d, bn: nn.BatchNorm2d, raw: Tensor, dtype, *ex
 
 def _folded_conv_operands(inner: nn.Conv2d, bn: nn.BatchNorm2d, raw: Tensor):
     """(weight, bias) of the conv with BN folded in, bn(conv(x)) = conv'(x): weight * scale per
-    output channel, bias * scale + shift (folded in float32, then cast to the input's dtype)."""
-    dtype = raw.dtype if torch.is_autocast_enabled(raw.device.type) else inner.weight.dtype
+    output channel, bias * scale + shift (folded in float32, then cast to autocast's dtype or
+    the weight's)."""
+    device_type = raw.device.type
+    dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+             else inner.weight.dtype)
     key = _inference_key(inner, bn, raw, dtype, "folded")
     cached = _INFERENCE_CACHE.get(bn)
     if cached is not None and cached[0] == key:

@@ -363,23 +363,6 @@ def _known_engine(key: tuple, device: torch.device, dtype: torch.dtype) -> str:
     return dispatch.DISPATCHER.known(key + (_versions(),), _usable(device, dtype))
 
 
-def forward_engine(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
-                   groups: int, backend: Optional[str] = None, channel_stats: bool = False) -> str:
-    """The engine a convolution with these arguments (and its channel statistics, if asked)
-    runs its forward on: `backend` resolved, "auto" decided (measured on first use; under
-    torch.compile's tracing, the decision already known, else cuDNN). conv + BatchNorm blocks
-    take their path from it: fused kernels on a kernel engine, torch's own sequence on cuDNN."""
-    stride, padding4, dilation = _validated_grouped_call(input, weight, bias, stride, padding,
-                                                         dilation, groups)
-    chosen = choose_backend("grouped_conv2d", backend, input, weight, stride, groups)
-    if chosen != AUTO:
-        return chosen
-    if channel_stats:
-        return _fused_forward_engine(input, weight, bias, stride, padding4, dilation, groups,
-                                     _NO_PROLOGUE, _NO_EPILOGUE, True)
-    return _auto_forward_engine(input, weight, bias, stride, padding4, dilation, groups)
-
-
 def _auto_forward_engine(input, weight, bias, stride, padding, dilation, groups) -> str:
     return _measured_engine("forward", lambda engine: _conv_forward(
         engine, input, weight, bias, stride, padding, dilation, groups)[0],
