@@ -1,5 +1,6 @@
 """packed_kernels: fused CUDA C++ and Triton kernels for Packed-Ensembles in PyTorch."""
 
+from . import dispatch
 from ._backend import BACKENDS, BackendUnavailableError, available_backends
 from .ops.batch_norm import batch_norm
 from .ops.conv import fused_conv2d, grouped_conv2d
@@ -15,6 +16,7 @@ __all__ = [
     "available_backends",
     "batch_norm",
     "convert",
+    "dispatch",
     "ensemble_mean",
     "ensemble_scores",
     "fused_conv2d",

@@ -51,8 +51,9 @@ def run(gpu_key: str = "h100", dtype: str = "fp16", models: Sequence[str] = DEFA
         for layer, counts in cases:
             for pass_name in passes:
                 compulsory = compulsory_bytes(layer, pass_name, batch, dtype)
-                row = {"layer": layer.name, "counts": counts, "backend": backend,
-                       "pass": pass_name, "flops": layer.flops(batch), "compulsory_bytes": compulsory}
+                row = {"layer": layer.name, "counts": counts, "backend": backend, "gpu": gpu_key,
+                       "dtype": dtype, "pass": pass_name, "flops": layer.flops(batch),
+                       "compulsory_bytes": compulsory}
                 try:
                     launches = launcher(layer, pass_name, batch, dtype, gpu)
                     modelled = [model_launch(launch, gpu, compulsory if i == 0 else 0)
@@ -67,6 +68,8 @@ def run(gpu_key: str = "h100", dtype: str = "fp16", models: Sequence[str] = DEFA
                 row.update({
                     "kernel": first.kernel, "config": first.config, "grid": list(first.grid),
                     "launches": len(launches), "registers": m.registers, "shared_bytes": m.shared_bytes,
+                    # as the code is written: the compulsory bytes plus split partials' round trips
+                    "moved_bytes": compulsory + sum(launch.extra_dram_bytes for launch in launches),
                     "spill_instructions": sum(x.spill_instructions for x in modelled),
                     "blocks_per_sm": m.blocks_per_sm, "waves": m.waves, "trips": first.trips,
                     "main_loop": {"instructions": m.main_loop_instructions, "tensor": m.main_loop_tensor,
