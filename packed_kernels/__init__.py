@@ -5,6 +5,7 @@ from ._backend import BACKENDS, BackendUnavailableError, available_backends
 from .ops.batch_norm import batch_norm
 from .ops.conv import fused_conv2d, grouped_conv2d
 from .ops.ensemble import EnsembleScores, ensemble_mean, ensemble_scores
+from .ops import flops as _flops  # noqa: F401  FLOP formulas for FlopCounterMode
 from .nn.convert import convert
 
 __version__ = "0.1.0"

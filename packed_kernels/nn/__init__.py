@@ -4,6 +4,7 @@ from .batch_norm import BatchNorm2d
 from .conv_bn import ConvBNAct2d, DeferredBatchNorm, conv_bn_act, reuse_inference_operands
 from .convert import convert
 from .ensemble import EnsembleMean, predict, repeat_targets
+from .masksembles import MaskedConv2d, MaskedLinear
 from .packed import GroupedConv2d, PackedConv1d, PackedConv2d, PackedLinear, set_backend
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "convert",
     "EnsembleMean",
     "GroupedConv2d",
+    "MaskedConv2d",
+    "MaskedLinear",
     "PackedConv1d",
     "PackedConv2d",
     "PackedLinear",
