@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import packed_kernels as pk
 from packed_kernels import _backend
 from packed_kernels.ops import conv as conv_ops
+from packed_kernels.ops import conv_engines
 from packed_kernels.ops.conv import IMPLEMENTED as CONV_BACKENDS, conv_geometry
 
 from . import models as zoo_rows
@@ -189,17 +190,19 @@ def ours_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
 
 
 def _ours_passes(case: ConvCase, sets, backend: Optional[str]) -> Tuple[Dict[str, callable], str]:
-    """packed_kernels' forward, backward (both grads, as autograd runs it) and - where the op
-    module exposes its primitives - input-grad and weight-grad alone."""
+    """packed_kernels' forward, backward (both grads, as autograd runs it), and the input-grad
+    and weight-grad primitives alone (on the engines "auto" measured for them, where auto)."""
     n = len(sets)
-    x0, w0, _ = sets[0]
+    x0, w0, g0 = sets[0]
     stride, padding4, dilation = conv_geometry("grouped_conv2d", x0, w0, None, case.stride,
                                                case.padding, case.dilation, case.groups)
-    if backend in (None, "auto") and hasattr(conv_ops, "choose_backend"):  # the op's own auto policy
-        chosen = conv_ops.choose_backend("grouped_conv2d", backend, x0, w0, stride, case.groups)
-    else:
-        chosen = _backend.resolve("grouped_conv2d", backend, x0.device, x0.dtype, CONV_BACKENDS)
+    chosen = conv_ops.choose_backend("grouped_conv2d", backend, x0, w0, stride, case.groups)
     geometry = (list(stride), list(padding4), list(dilation), case.groups)
+    if chosen == conv_engines.AUTO:
+        grad_engines = conv_engines.auto_grad_engines(g0, x0, w0, *geometry,
+                                                      conv_engines.NO_PROLOGUE, True, True)
+    else:
+        grad_engines = (chosen, chosen)
 
     def forward(i):
         x, w, _ = sets[i % n]
@@ -210,17 +213,14 @@ def _ours_passes(case: ConvCase, sets, backend: Optional[str]) -> Tuple[Dict[str
         x, w, g = sets[i % n]
         return torch.ops.packed_kernels.grouped_conv2d_backward(g, x, w, False, *geometry, chosen)
 
-    passes = {"forward": forward, "backward": backward}
-    grads = getattr(conv_ops, "_conv_grads", None)
-    if grads is not None:
-        def one_grad(need_input: bool):
-            def run(i):
-                x, w, g = sets[i % n]
-                return grads(chosen, g, x, w, *geometry, need_input=need_input,
-                             need_weight=not need_input)
-            return run
-        passes.update(input_grad=one_grad(True), weight_grad=one_grad(False))
-    return passes, chosen
+    def one_grad(engines):
+        def run(i):
+            x, w, g = sets[i % n]
+            return conv_engines.conv_grads(engines, g, x, w, *geometry)
+        return run
+    return {"forward": forward, "backward": backward,
+            "input_grad": one_grad((grad_engines[0], None)),
+            "weight_grad": one_grad((None, grad_engines[1]))}, chosen
 
 
 def run(cfg: SweepConfig, device, progress: bool = True) -> Dict[str, object]:

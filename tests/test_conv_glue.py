@@ -1,7 +1,7 @@
 """The per-channel glue of fused_conv2d's backward: the fused Triton passes
 (packed_kernels/triton/conv_glue.py) against the torch glue they replace (ops/conv.py
 _epilogue_glue / _prologue_glue), and fused_conv2d's backward end to end with the Triton glue
-forced (conv.FORCE_TRITON_GLUE; on the CPU it runs under Triton's interpreter)."""
+forced (conv_engines.FORCE_TRITON_GLUE; on the CPU it runs under Triton's interpreter)."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import packed_kernels as pk
 from packed_kernels._layouts import format_of
-from packed_kernels.ops import conv
+from packed_kernels.ops import conv_engines, conv_reference
 
 from conftest import require_backend
 from helpers import assert_all_finite, assert_close, relative_error
@@ -79,9 +79,9 @@ def test_epilogue_glue_matches_torch(options, layout, dtype, glue_device):
 
     ours = conv_glue.epilogue_backward(grad_out, out, y, out_scale, grad_stats, residual, relu, need_sums)
     activation = "relu" if relu else None
-    theirs = conv._epilogue_glue(grad_out, out, y, out_scale, grad_stats, residual, activation, dtype)
+    theirs = conv_reference.epilogue_glue(grad_out, out, y, out_scale, grad_stats, residual, activation, dtype)
     wide = [None if t is None else t.double() for t in (grad_out, out, y, out_scale, grad_stats, residual)]
-    reference = conv._epilogue_glue(*wide, activation, torch.float64)
+    reference = conv_reference.epilogue_glue(*wide, activation, torch.float64)
     names = ("grad_y", "grad_residual", "sum grad_y", "sum grad_z*y", "sum grad_z")
     for index, name in enumerate(names):
         if ours[index] is None and index in (2, 4) and not need_sums:
@@ -115,9 +115,9 @@ def test_prologue_glue_matches_torch(options, layout, dtype, glue_device):
     in_shift = torch.randn(channels, device=device).to(dtype) if has_shift else None
 
     ours = conv_glue.prologue_backward(grad_x_hat, x, in_scale, in_shift, relu)
-    theirs = conv._prologue_glue(grad_x_hat, x, in_scale, in_shift, relu)
+    theirs = conv_reference.prologue_glue(grad_x_hat, x, in_scale, in_shift, relu)
     wide = [None if t is None else t.double() for t in (grad_x_hat, x, in_scale, in_shift)]
-    reference = conv._prologue_glue(*wide, relu)
+    reference = conv_reference.prologue_glue(*wide, relu)
     for index, name in enumerate(("grad_input", "sum grad_u*x", "sum grad_u")):
         _compare(ours[index], theirs[index], reference[index], dtype, f"{options} {name}")
 
@@ -125,13 +125,13 @@ def test_prologue_glue_matches_torch(options, layout, dtype, glue_device):
 def test_glue_selection(monkeypatch):
     """The Triton glue only where Triton runs: CUDA tensors, or forced (the interpreter)."""
     cpu = torch.empty(1)
-    monkeypatch.setattr(conv, "FORCE_TRITON_GLUE", False)
-    assert not conv._use_triton_glue(cpu)
-    assert not conv._use_triton_glue(cpu.double())
-    monkeypatch.setattr(conv, "FORCE_TRITON_GLUE", True)
+    monkeypatch.setattr(conv_engines, "FORCE_TRITON_GLUE", False)
+    assert not conv_engines.use_triton_glue(cpu)
+    assert not conv_engines.use_triton_glue(cpu.double())
+    monkeypatch.setattr(conv_engines, "FORCE_TRITON_GLUE", True)
     expected = pk._backend.unavailable_reason("triton", cpu.device, cpu.dtype) is None
-    assert conv._use_triton_glue(cpu) == expected
-    assert not conv._use_triton_glue(cpu.double())  # the kernels take fp32/fp16/bf16
+    assert conv_engines.use_triton_glue(cpu) == expected
+    assert not conv_engines.use_triton_glue(cpu.double())  # the kernels take fp32/fp16/bf16
 
 
 def _reference_fused(x, w, b, in_scale, in_shift, out_scale, out_shift, residual, padding):
@@ -161,7 +161,7 @@ def test_fused_conv2d_backward_with_triton_glue(layout, dtype, backend, glue_dev
         original = getattr(conv_glue, name)
         monkeypatch.setattr(conv_glue, name,
                             lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    monkeypatch.setattr(conv, "FORCE_TRITON_GLUE", True)
+    monkeypatch.setattr(conv_engines, "FORCE_TRITON_GLUE", True)
     fmt, device = FORMATS[layout], glue_device
     n, c_in, c_out, size = 2, 3, 5, 7
     leaves = {

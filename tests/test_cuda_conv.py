@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import packed_kernels as pk
 from packed_kernels import _backend
 from packed_kernels.ops import conv as conv_ops
+from packed_kernels.ops import conv_engines
 
 from conftest import HAS_GPU, REQUIRED, require_backend
 from helpers import CSRC, assert_all_finite, assert_close, build_sanitized_selftest, run_sanitized
@@ -105,7 +106,7 @@ def test_simt_weight_grad_any_split_count(splits):
     x, w, _, args = make_case(CASES["pe_3x3_3ch_per_group"], torch.float32, device, "nchw")
     x = x[:1, :, :5, :5].contiguous()
     grad = torch.randn(1, w.shape[0], 5, 5)
-    ours = conv_ops.csrc_conv_weight_grad("simt", grad, x, w.shape, (1, 1), (1, 1, 1, 1), (1, 1),
+    ours = conv_engines.csrc_conv_weight_grad("simt", grad, x, w.shape, (1, 1), (1, 1, 1, 1), (1, 1),
                                           args["groups"], splits=splits)
     _, ref, _ = torch.ops.aten.convolution_backward(
         grad.double(), x.double(), w.double(), None, [1, 1], [1, 1], [1, 1], False, [0, 0],
@@ -151,7 +152,7 @@ def test_simt_strided_input_grad_matches_fp64(name, dtype, per_group):
     ref = torch.autograd.grad(conv(leaf, w), leaf, grad)[0]
     low = x.to(dtype).requires_grad_()
     lowp = torch.autograd.grad(conv(low, w.to(dtype)), low, grad.to(dtype))[0]
-    ours = conv_ops.csrc_conv_input_grad("simt", grad.to(dtype), w.to(dtype), x.shape, stride, pad,
+    ours = conv_engines.csrc_conv_input_grad("simt", grad.to(dtype), w.to(dtype), x.shape, stride, pad,
                                          dilation, groups)
     assert ours.dtype == dtype
     assert_all_finite(ours)  # zero-gradient phases are written too

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from packed_kernels import dispatch
 from packed_kernels.ops import conv as conv_ops
+from packed_kernels.ops import conv_engines
 
 from conftest import require_backend
 
@@ -150,7 +151,7 @@ def auto_on_the_cpu(tmp_path, monkeypatch):
     chooser.calls = 0
     monkeypatch.setattr(chooser, "choose", choose)
     monkeypatch.setattr(dispatch, "DISPATCHER", chooser)
-    monkeypatch.setattr(conv_ops, "_usable", lambda device, dtype: ("torch", "simt"))
+    monkeypatch.setattr(conv_engines, "_usable", lambda device, dtype: ("torch", "simt"))
     return chooser
 
 
@@ -208,11 +209,11 @@ def test_a_decision_asked_while_tracing_is_the_known_one_and_nothing_runs(auto_o
     geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 2)
 
     def decide(x, w):
-        engine = conv_ops._auto_forward_engine(x, w, None, *geometry)
+        engine = conv_engines.auto_forward_engine(x, w, None, *geometry)
         return x * (2.0 if engine == "simt" else 3.0)
     torch._dynamo.reset()
     assert torch.equal(torch.compile(decide, backend="aot_eager", fullgraph=True)(x, w), x * 3)
     assert auto_on_the_cpu.report() == []  # not measured while tracing
-    assert conv_ops._auto_forward_engine(x, w, None, *geometry) == "simt"  # eager: measured
+    assert conv_engines.auto_forward_engine(x, w, None, *geometry) == "simt"  # eager: measured
     torch._dynamo.reset()
     assert torch.equal(torch.compile(decide, backend="aot_eager", fullgraph=True)(x, w), x * 2)
