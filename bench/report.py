@@ -70,7 +70,7 @@ def table_markdown(rec: Dict[str, object]) -> List[str]:
             f"{_fmt_x(q['memory'])} | {r['device']} |")
     checks = rec.get("targets") or table.target_checks(results)
     if checks:
-        lines += ["", "Project targets (the README's goals, measured here):", ""]
+        lines += ["", "Project targets (docs/benchmarks.md#targets, measured here):", ""]
         for c in checks:
             lines.append(f"- {c['target']}: **{c['value']:.2f}×** (goal {c['op']} {c['goal']}×) — "
                          f"{'met' if c['met'] else 'not met'} on {c['device']}")

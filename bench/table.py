@@ -311,7 +311,7 @@ def format_table(results: List[Dict[str, object]], cfg: Dict[str, object], sourc
     return "\n".join(lines)
 
 
-# The project's goals (README), checked against the rows they name; GPU runs only mean them.
+# The project's goals (docs/benchmarks.md#targets), checked against the rows they name; GPU runs only mean them.
 TARGETS = (
     ("PE-(2,4,1) ours inference vs single stock, fp16", "pe241-packed_kernels", "infer", 1.0, "single"),
     ("PE-(2,4,1) ours training vs single stock, fp16", "pe241-packed_kernels", "train", 0.8, "single"),

@@ -6,7 +6,7 @@ negative log-likelihood; the ensemble predicts the mixture's mean and variance
 (packed_kernels.metrics.gaussian_mixture_moments). RMSE and NLL are reported in the target's
 original units over random 80/20 splits (mean +- std).
 
-  python python/diabetes_demo.py                      # the README table (about a minute)
+  python python/diabetes_demo.py                      # the table in python/README.md (about a minute)
   python python/diabetes_demo.py --splits 1 --epochs 5   # smoke run
 """
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--splits", type=int, default=5, help="random 80/20 train/test splits")
     p.add_argument("--epochs", type=int, default=20,
-                   help="a fixed budget; longer runs overfit (the NLL rises), see README")
+                   help="a fixed budget; longer runs overfit (the NLL rises), see python/README.md")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)

@@ -6,7 +6,7 @@ and Deep Ensembles (M=4) over a few seeds, and prints a table of accuracy, NLL, 
 AUROC (mean +- std; OOD scored by the maximum softmax probability), plus AUROC for every OOD
 criterion. Everything is trained by recipes.training.train (the loop of python/train.py).
 
-  python python/digits_demo.py                 # the README table (about 5 minutes on 1 core)
+  python python/digits_demo.py                 # the table in python/README.md (about 5 minutes on 1 core)
   python python/digits_demo.py --epochs 2 --seeds 0   # smoke run
 """
 

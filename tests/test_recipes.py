@@ -261,7 +261,7 @@ def test_train_refuses_an_out_that_is_a_file(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# demos (smoke budgets; the README tables come from the full defaults)
+# demos (smoke budgets; python/README.md's tables come from the full defaults)
 # ---------------------------------------------------------------------------------------------
 
 def test_digits_demo_smoke(tmp_path, capsys):

@@ -1,7 +1,7 @@
 // The SIMT portability layer: one kernel source compiles under nvcc (real CUDA) and under a host
 // C++ compiler with -DPK_SIMT=1 (the CPU emulator, pk/simt_runtime.h).
 //
-// Rules for a kernel that runs under both (README: "Writing a kernel that runs under both
+// Rules for a kernel that runs under both (csrc/README.md: "Writing a kernel that runs under both
 // compilers"):
 //  - write ordinary CUDA: __global__/__device__, threadIdx/blockIdx/blockDim/gridDim,
 //    __syncthreads(), __syncthreads_count/_and/_or, __syncwarp(), __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync,
