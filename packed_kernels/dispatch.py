@@ -5,7 +5,8 @@ The first call of each kind — (op, pass, shape class, dtype, layout, GPU, libr
 runs every engine usable here (cuDNN through torch, Triton, the CUDA C++ kernels) on its own
 inputs, checks each result against cuDNN's, times the ones that agree and keeps the fastest.
 An engine that disagrees is never chosen for that kind on this machine, and one warning names
-it. Decisions are kept on disk (cache_dir()/dispatch.json) and reused by later processes.
+it. Decisions are kept on disk ($PACKED_KERNELS_CACHE_DIR/dispatch.json, default
+~/.cache/packed_kernels) and reused by later processes.
 
 PACKED_KERNELS_DISPATCH selects the policy, read at each decision:
   measure  (default) as above;
@@ -28,26 +29,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-MODES = ("measure", "static", "torch")
+from . import _config
+
 REFERENCE = "torch"  # cuDNN: the engine every other is checked against, and the static choice
 
 
-def cache_dir() -> Path:
-    """Where measured choices live (engine decisions and Triton tile configs):
-    $PACKED_KERNELS_CACHE_DIR, else ~/.cache/packed_kernels."""
-    root = os.environ.get("PACKED_KERNELS_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "packed_kernels"
-
-
-def mode() -> str:
-    value = os.environ.get("PACKED_KERNELS_DISPATCH", "measure")
-    if value not in MODES:
-        raise ValueError(f"PACKED_KERNELS_DISPATCH must be one of {MODES}, got {value!r}")
-    return value
-
-
 class JsonCache:
-    """A dict kept in cache_dir()/<name>.json: loaded on first use, rewritten atomically on each
+    """A dict kept in <PACKED_KERNELS_CACHE_DIR>/<name>.json: loaded on first use, rewritten atomically on each
     put (concurrent processes never read half a file), kept in memory only where the folder is
     not writable. A corrupt or missing file is an empty cache."""
 
@@ -58,7 +46,7 @@ class JsonCache:
         self._loaded_from: Optional[Path] = None
 
     def path(self) -> Path:
-        return cache_dir() / f"{self.name}.json"
+        return _config.cache_dir() / f"{self.name}.json"
 
     def _load(self) -> None:
         path = self.path()
@@ -150,7 +138,7 @@ class Dispatcher:
         decision = self._decisions.get(key)
         if decision is not None:
             return decision.engine
-        policy = mode()
+        policy = _config.dispatch_mode()
         if policy == "torch" or len(engines) < 2:
             return REFERENCE
         text_key = "|".join(map(str, key))
@@ -172,7 +160,7 @@ class Dispatcher:
         decision = self._decisions.get(key)
         if decision is not None:
             return decision.engine
-        if mode() == "torch":
+        if _config.dispatch_mode() == "torch":
             return REFERENCE
         cached = self.cache.get("|".join(map(str, key)))
         if isinstance(cached, dict) and cached.get("engine") in engines:

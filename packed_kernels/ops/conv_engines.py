@@ -5,7 +5,6 @@ per kind of call on CUDA tensors (packed_kernels.dispatch)."""
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -320,8 +319,8 @@ def auto_grad_engines(grad, input, weight, stride, padding, dilation, groups, pr
     return input_engine, weight_engine
 
 
-# Forces the Triton glue wherever Triton can run, the interpreter on the CPU included (tests).
-FORCE_TRITON_GLUE = os.environ.get("PACKED_KERNELS_TRITON_GLUE", "0") not in ("", "0")
+# True: the Triton glue wherever Triton can run, the interpreter on the CPU included (tests set it).
+FORCE_TRITON_GLUE = False
 
 
 def use_triton_glue(input: Tensor) -> bool:

@@ -15,14 +15,13 @@ Switches:
 
 from __future__ import annotations
 
-import os
 from typing import Callable, List, NamedTuple
 
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from .. import _backend
+from .. import _backend, _config
 from ..dispatch import JsonCache
 
 SHARED_MEMORY_BUDGET = 96 * 1024  # bytes: under sm_86/sm_89's 99 KiB per block, so one list fits all
@@ -112,11 +111,7 @@ def heuristic(kernel: str, dtype: torch.dtype, rows: int, cols: int, depth: int,
                                     c.block_k > max(bk, 16), abs(c.block_k - bk)))
 
 
-def autotune_enabled() -> bool:
-    return os.environ.get("PACKED_KERNELS_AUTOTUNE", "1") not in ("", "0")
-
-
-TUNING_CACHE = JsonCache("conv_tuning")  # the engine choices' cache folder (dispatch.cache_dir)
+TUNING_CACHE = JsonCache("conv_tuning")  # beside the engine choices (PACKED_KERNELS_CACHE_DIR)
 
 
 def shape_class(kernel: str, dtype: torch.dtype, layout: str, device: torch.device,
@@ -143,7 +138,7 @@ def pick(kernel: str, activation: torch.Tensor, rows: int, cols: int, depth: int
     """The tile config for one launch: cached or freshly tuned on a GPU, else the heuristic.
     `launch(config)` runs the kernel once with that config (its outputs get overwritten)."""
     default = heuristic(kernel, activation.dtype, rows, cols, depth, aligned)
-    if activation.device.type != "cuda" or not autotune_enabled():
+    if activation.device.type != "cuda" or not _config.autotune():
         return default
     key = shape_class(kernel, activation.dtype, layout_of(activation), activation.device,
                       rows, cols, depth) + f"|aligned={aligned}"
