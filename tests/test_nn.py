@@ -239,7 +239,6 @@ def test_state_dict_in_torch_uncertainty_layout_loads_strictly():
     (lambda: PackedConv1d(3, 4, 3, alpha=1, num_estimators=2), ValueError),
     (lambda: PackedLinear(5, 4, alpha=1, num_estimators=2), ValueError),
     (lambda: PackedLinear(4, 5, alpha=1, num_estimators=2), ValueError),
-    (lambda: PackedLinear(4, 4, alpha=1, num_estimators=2, implementation="sparse"), ValueError),
     (lambda: PackedLinear(4, 4, alpha=1, num_estimators=2, implementation="dense"), ValueError),
     (lambda: PackedConv2d(4, 4, 3, alpha=float("nan"), num_estimators=2), ValueError),
     (lambda: PackedConv2d(4, 4, 3, alpha=float("inf"), num_estimators=2), ValueError),

@@ -5,7 +5,8 @@ from .conv_bn import ConvBNAct2d, DeferredBatchNorm, conv_bn_act, reuse_inferenc
 from .convert import convert
 from .ensemble import EnsembleMean, predict, repeat_targets
 from .masksembles import MaskedConv2d, MaskedLinear
-from .packed import GroupedConv2d, PackedConv1d, PackedConv2d, PackedLinear, set_backend
+from .packed import (GroupedConv2d, PackedConv1d, PackedConv2d, PackedConv3d, PackedConvTranspose2d,
+                     PackedLinear, set_backend)
 
 __all__ = [
     "BatchNorm2d",
@@ -19,6 +20,8 @@ __all__ = [
     "MaskedLinear",
     "PackedConv1d",
     "PackedConv2d",
+    "PackedConv3d",
+    "PackedConvTranspose2d",
     "PackedLinear",
     "predict",
     "repeat_targets",

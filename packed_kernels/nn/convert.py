@@ -1,9 +1,11 @@
-"""convert(model): put packed_kernels modules in place of torch-uncertainty's packed layers,
+"""convert(model): put packed_kernels modules in place of torch-uncertainty's packed layers
+(PackedConv1d/2d/3d, PackedConvTranspose2d, PackedLinear of every implementation),
 grouped nn.Conv2d and (once it exists) nn.BatchNorm2d, in place, sharing the same parameter
 tensors, so outputs and state_dict keys are unchanged.
 
 torch-uncertainty is not a dependency, so its layers are recognised by class name and the
-attributes its 0.13 layers carry (an inner `conv`, or PackedLinear's 3-D `weight`)."""
+attributes its 0.13 layers carry (an inner `conv` or `conv_transpose`, or PackedLinear's 3-D
+or sparse `weight`)."""
 
 from __future__ import annotations
 
@@ -13,20 +15,29 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .packed import GroupedConv2d, PackedConv1d, PackedConv2d, PackedLinear
+from .packed import (GroupedConv2d, PackedConv1d, PackedConv2d, PackedConv3d, PackedConvTranspose2d,
+                     PackedLinear)
 
-_OURS = (PackedConv1d, PackedConv2d, PackedLinear, GroupedConv2d)
+_OURS = (PackedConv1d, PackedConv2d, PackedConv3d, PackedConvTranspose2d, PackedLinear, GroupedConv2d)
+
+
+_PACKED_CONVS = {  # torch-uncertainty class name -> (ours, its inner module's attribute and type)
+    "PackedConv1d": (PackedConv1d, "conv", nn.Conv1d),
+    "PackedConv2d": (PackedConv2d, "conv", nn.Conv2d),
+    "PackedConv3d": (PackedConv3d, "conv", nn.Conv3d),
+    "PackedConvTranspose2d": (PackedConvTranspose2d, "conv_transpose", nn.ConvTranspose2d),
+}
 
 
 def _packed_conv_replacement(module: nn.Module) -> Optional[nn.Module]:
-    ours = {"PackedConv2d": (PackedConv2d, nn.Conv2d), "PackedConv1d": (PackedConv1d, nn.Conv1d)}
-    entry = ours.get(type(module).__name__)
+    entry = _PACKED_CONVS.get(type(module).__name__)
     if entry is None:
         return None
-    cls, inner = entry
-    if type(getattr(module, "conv", None)) is not inner or not hasattr(module, "num_estimators"):
+    cls, attribute, inner = entry
+    conv = getattr(module, attribute, None)
+    if type(conv) is not inner or not hasattr(module, "num_estimators"):
         return None
-    new = cls.from_conv(module.conv, module.num_estimators, first=getattr(module, "first", False),
+    new = cls.from_conv(conv, module.num_estimators, first=getattr(module, "first", False),
                         last=getattr(module, "last", False))
     return new.train(module.training)
 
@@ -35,13 +46,19 @@ def _packed_linear_replacement(module: nn.Module) -> Optional[nn.Module]:
     if type(module).__name__ != "PackedLinear" or not hasattr(module, "num_estimators"):
         return None
     weight = getattr(module, "weight", None)
-    if weight is None or weight.dim() != 3 or weight.layout != torch.strided:
-        warnings.warn("convert: a PackedLinear with a non-3-D or sparse weight (implementation="
-                      "'sparse') is left as it is", stacklevel=3)
+    sparse = weight is not None and weight.layout != torch.strided
+    if weight is None or (weight.dim() != 3 and not sparse) or (sparse and not hasattr(module, "groups")):
+        warnings.warn("convert: a PackedLinear whose weight is neither 3-D nor a sparse "
+                      "block-diagonal matrix with its `groups` is left as it is", stacklevel=3)
         return None
+    implementation = getattr(module, "implementation", "einsum")
+    if implementation not in PackedLinear.IMPLEMENTATIONS or (implementation == "sparse") != sparse:
+        implementation = "sparse" if sparse else "einsum"
     return PackedLinear.from_parameters(weight, module.bias, module.num_estimators,
                                         first=getattr(module, "first", False),
-                                        last=getattr(module, "last", False)).train(module.training)
+                                        last=getattr(module, "last", False),
+                                        implementation=implementation,
+                                        groups=getattr(module, "groups", None)).train(module.training)
 
 
 def _batch_norm_replacement(module: nn.Module) -> Optional[nn.Module]:

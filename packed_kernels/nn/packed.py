@@ -1,9 +1,10 @@
-"""Packed-Ensembles layers, drop-in for torch-uncertainty 0.13's PackedConv1d/2d and PackedLinear.
+"""Packed-Ensembles layers, drop-in for torch-uncertainty 0.13's PackedConv1d/2d/3d,
+PackedConvTranspose2d and PackedLinear.
 
 Same constructor arguments and defaults, same channel and group rules, same state_dict keys
 and shapes (a torch-uncertainty checkpoint of the layer loads with strict=True), same outputs.
-The convolutions run through packed_kernels.grouped_conv2d, so they use the fastest backend
-that has landed for the call.
+The 1-D and 2-D convolutions run through packed_kernels.grouped_conv2d, so they use the fastest
+backend that has landed for the call; PackedConv3d and PackedConvTranspose2d run torch's own.
 
 Channel and group rules (PE-(alpha, M, gamma)):
   in  = int(in_channels * alpha)   (in_channels when `first`: the input is shared)
@@ -232,27 +233,96 @@ class PackedConv1d(_PackedConvNd):
         return out
 
 
+class PackedConv3d(_PackedConvNd):
+    """Packed-Ensembles Conv3d: torch-uncertainty's arguments, defaults and state_dict, on
+    torch's own nn.Conv3d (the library's kernels are 2-D)."""
+
+    _conv_cls = nn.Conv3d
+    _spatial_dims = 3
+    routes_through_packed_ops = False  # set_backend() has nothing to route
+
+    def _conv_forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class PackedConvTranspose2d(nn.Module):
+    """Packed-Ensembles ConvTranspose2d: torch-uncertainty's arguments, defaults and state_dict
+    (the inner nn.ConvTranspose2d is `conv_transpose`), on torch's own transposed convolution.
+    Same channel and group rules as PackedConv2d; a `last` layer returns estimator-major rows."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, alpha: float,
+                 num_estimators: int, gamma: int = 1, stride=1, padding=0, output_padding=0,
+                 dilation=1, groups: int = 1, minimum_channels_per_group: int = 64,
+                 bias: bool = True, first: bool = False, last: bool = False, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        ext_in, ext_out, conv_groups = packed_conv_geometry(
+            "PackedConvTranspose2d", in_channels, out_channels, alpha, num_estimators, gamma,
+            groups, minimum_channels_per_group, first, last)
+        self.num_estimators, self.first, self.last = num_estimators, first, last
+        # torch-uncertainty's attribute names
+        self.extended_in_channels, self.extended_out_channels = ext_in, ext_out
+        self.actual_groups = conv_groups
+        self.conv_transpose = nn.ConvTranspose2d(
+            ext_in, ext_out, kernel_size, stride=stride, padding=padding,
+            output_padding=output_padding, dilation=dilation, groups=conv_groups, bias=bias,
+            device=device, dtype=dtype)
+
+    @classmethod
+    def from_conv(cls, conv: nn.ConvTranspose2d, num_estimators: int, first: bool = False,
+                  last: bool = False) -> "PackedConvTranspose2d":
+        """Wrap an existing nn.ConvTranspose2d (weights shared, not copied): used by convert()."""
+        if type(conv) is not nn.ConvTranspose2d:
+            raise TypeError(f"PackedConvTranspose2d.from_conv needs an nn.ConvTranspose2d, got "
+                            f"{type(conv).__name__}")
+        if (isinstance(num_estimators, bool) or not isinstance(num_estimators, int)
+                or num_estimators < 1 or (last and conv.out_channels % num_estimators)):
+            raise ValueError(f"PackedConvTranspose2d.from_conv: num_estimators={num_estimators!r} "
+                             f"does not fit a conv with {conv.out_channels} output channels")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.num_estimators, layer.first, layer.last = num_estimators, first, last
+        layer.extended_in_channels, layer.extended_out_channels = conv.in_channels, conv.out_channels
+        layer.actual_groups = conv.groups
+        layer.conv_transpose = conv
+        return layer
+
+    @property
+    def weight(self) -> Tensor:
+        return self.conv_transpose.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.conv_transpose.bias
+
+    def forward(self, x: Tensor, output_size=None) -> Tensor:
+        out = self.conv_transpose(x, output_size)
+        if not self.last:
+            return out
+        if out.dim() == 3:  # unbatched: one sample, M rows
+            return estimator_major(out.unsqueeze(0), self.num_estimators)
+        return estimator_major(out, self.num_estimators)
+
+    def extra_repr(self) -> str:
+        return f"num_estimators={self.num_estimators}, first={self.first}, last={self.last}"
+
+
 class PackedLinear(nn.Module):
     """Packed-Ensembles Linear with torch-uncertainty's 3-D weight (groups, out/groups, in/groups).
 
     Input (B, *, in) ; output (B, *, out) or, when `last`, estimator-major (M*B, *, out_features).
-    `implementation` is accepted for compatibility: "einsum", "full" and "conv1d" compute the
-    same function from the same parameters (here one batched matmul); "sparse" stores a
-    different parameter layout and is not supported."""
+    `implementation`, as torch-uncertainty's: "einsum", "full" and "conv1d" compute the same
+    function from the same parameters (here one batched matmul); "sparse" stores the weight as
+    a sparse (COO) block-diagonal (out, in) matrix, as upstream does, and multiplies by it. An
+    unknown value set after construction is refused at the forward."""
 
-    IMPLEMENTATIONS = ("einsum", "full", "conv1d")
+    IMPLEMENTATIONS = ("einsum", "full", "conv1d", "sparse")
 
     def __init__(self, in_features: int, out_features: int, alpha: float, num_estimators: int,
                  gamma: int = 1, bias: bool = True, first: bool = False, last: bool = False,
                  implementation: str = "einsum", device=None, dtype=None) -> None:
         check_packed_parameters("PackedLinear", alpha, gamma, num_estimators)
-        if implementation == "sparse":
-            raise ValueError("PackedLinear: implementation='sparse' (a sparse block-diagonal "
-                             "weight) is not supported; use 'einsum', 'full' or 'conv1d', which "
-                             "share one parameter layout")
-        if implementation not in self.IMPLEMENTATIONS:
-            raise ValueError(f"PackedLinear: unknown implementation {implementation!r}; "
-                             f"available: {self.IMPLEMENTATIONS}")
+        self._check_implementation(implementation)
         super().__init__()
         ext_in = int(in_features * (1 if first else alpha))
         ext_out = int(out_features * (num_estimators if last else alpha))
@@ -283,14 +353,37 @@ class PackedLinear(nn.Module):
         self.reset_parameters()
 
     @classmethod
+    def _check_implementation(cls, implementation) -> None:
+        if implementation not in cls.IMPLEMENTATIONS:
+            raise ValueError(f"PackedLinear: unknown implementation {implementation!r}; "
+                             f"available: {cls.IMPLEMENTATIONS}")
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the weight is the sparse block-diagonal matrix (implementation="sparse")."""
+        return self.weight.layout != torch.strided
+
+    @classmethod
     def from_parameters(cls, weight: nn.Parameter, bias: Optional[nn.Parameter], num_estimators: int,
-                        first: bool = False, last: bool = False,
-                        implementation: str = "einsum") -> "PackedLinear":
-        """Wrap existing (groups, out/groups, in/groups) weight and flat bias parameters (shared,
-        not copied): used by convert() on torch-uncertainty's PackedLinear."""
-        if weight.dim() != 3:
+                        first: bool = False, last: bool = False, implementation: str = "einsum",
+                        groups: Optional[int] = None) -> "PackedLinear":
+        """Wrap existing parameters (shared, not copied): used by convert() on
+        torch-uncertainty's PackedLinear. weight: (groups, out/groups, in/groups), or the sparse
+        block-diagonal (out, in) matrix of implementation="sparse" with its `groups`."""
+        cls._check_implementation(implementation)
+        if weight.layout != torch.strided:
+            if weight.dim() != 2 or groups is None or weight.shape[0] % groups or weight.shape[1] % groups:
+                raise ValueError("PackedLinear.from_parameters: a sparse weight must be a 2-D "
+                                 "block-diagonal matrix whose `groups` divides both sides")
+            og, ig = weight.shape[0] // groups, weight.shape[1] // groups
+            implementation = "sparse"
+        elif weight.dim() != 3:
             raise ValueError(f"PackedLinear.from_parameters: weight must be 3-D, got {tuple(weight.shape)}")
-        groups, og, ig = weight.shape
+        else:
+            groups, og, ig = weight.shape
+            if implementation == "sparse":
+                raise ValueError("PackedLinear.from_parameters: implementation='sparse' needs the "
+                                 "sparse block-diagonal weight")
         if bias is not None and tuple(bias.shape) != (groups * og,):
             raise ValueError(f"PackedLinear.from_parameters: bias must have shape ({groups * og},)")
         if last and (groups * og) % num_estimators:
@@ -309,17 +402,27 @@ class PackedLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         # Each group is initialised like an nn.Linear of its own size.
+        if self.sparse:  # start again from the dense blocks
+            weight = torch.empty(self.groups, self.out_features, self.in_features,
+                                 dtype=self.weight.dtype, device=self.weight.device)
+        else:
+            weight = self.weight
         for g in range(self.groups):
-            nn.init.kaiming_uniform_(self.weight[g], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(weight[g], a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
+        if self.implementation == "sparse":
+            self.weight = nn.Parameter(torch.block_diag(*weight.detach()).to_sparse())
 
     def forward(self, x: Tensor) -> Tensor:
-        groups, og, ig = self.weight.shape
+        self._check_implementation(self.implementation)
+        groups, og, ig = self.groups, self.out_features, self.in_features
         if x.dim() < 1 or x.shape[-1] != groups * ig:
             raise ValueError(f"PackedLinear: expected input (..., {groups * ig}), got {tuple(x.shape)}")
         lead = x.shape[:-1]
+        if self.sparse:
+            return self._sparse_forward(x)
         rows = x.reshape(-1, groups, ig).transpose(0, 1)  # (G, N, in/G)
         bias = None if self.bias is None else self.bias.view(groups, 1, og)
         if bias is None:
@@ -337,10 +440,25 @@ class PackedLinear(nn.Module):
             return per.reshape(m, -1)
         return per.reshape(m * lead[0], *lead[1:], per.shape[-1])
 
+    def _sparse_forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.sparse.mm(self.weight, rows.t()).t()  # (N, out): block-diagonal W x
+        if self.bias is not None:
+            out = out + self.bias
+        out = out.reshape(*lead, out.shape[-1])
+        if not self.last:
+            return out
+        # "b ... (m h) -> (m b) ... h"
+        m = self.num_estimators
+        per = out.reshape(*lead, m, out.shape[-1] // m).movedim(-2, 0)
+        return per.reshape(m * lead[0], *lead[1:], per.shape[-1]) if lead else per.reshape(m, -1)
+
     def extra_repr(self) -> str:
         return (f"groups={self.groups}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, num_estimators={self.num_estimators}, "
-                f"first={self.first}, last={self.last}, bias={self.bias is not None}")
+                f"first={self.first}, last={self.last}, bias={self.bias is not None}, "
+                f"implementation={self.implementation!r}")
 
 
 class GroupedConv2d(nn.Conv2d):
