@@ -19,7 +19,7 @@ IMPLS = ("stock", "packed_kernels")
 @dataclass(frozen=True)
 class ModelSpec:
     name: str            # as in the paper's table
-    kind: str            # single | packed | deep_ensembles | mimo | batch_ensemble
+    kind: str            # single | packed | deep_ensembles | mimo | batch_ensemble | masksembles
     num_estimators: int
     alpha: int = 1
     gamma: int = 1
@@ -32,7 +32,12 @@ MODELS: Dict[str, ModelSpec] = {
     "de": ModelSpec("Deep Ensembles", "deep_ensembles", 4),
     "mimo": ModelSpec("MIMO", "mimo", 4),
     "be": ModelSpec("BatchEnsemble", "batch_ensemble", 4),
+    "masksembles": ModelSpec("Masksembles", "masksembles", 4),
 }
+# The paper's Masksembles configuration (M = 4 above); its masks are drawn from a fixed seed so
+# every run of the table times the same network.
+MASKSEMBLES_SCALE = 2.0
+MASKSEMBLES_SEED = 0
 
 # Paper (Laurent et al., ICLR 2023), CIFAR-100 ResNet-50, batch 128, RTX 3090:
 # (training s/epoch, inference images/s). Printed beside ours as ratios to the single model.
@@ -63,10 +68,11 @@ class Row:
 
 DEFAULT_ROWS: Tuple[str, ...] = (
     "single-stock", "pe241-stock", "pe241-packed_kernels", "pe242-stock", "pe242-packed_kernels",
-    "de-stock", "mimo-stock", "be-stock",
+    "de-stock", "mimo-stock", "be-stock", "masksembles-stock", "masksembles-packed_kernels",
     "single-stock-compile", "pe241-stock-compile", "pe241-packed_kernels-compile",
 )
-CPU_ROWS: Tuple[str, ...] = DEFAULT_ROWS[:8]  # no compile rows: compiling on 2 cores takes minutes
+# no compile rows: compiling on 2 cores takes minutes
+CPU_ROWS: Tuple[str, ...] = tuple(k for k in DEFAULT_ROWS if not k.endswith("-compile"))
 
 
 def parse_row(key: str) -> Row:
@@ -112,6 +118,11 @@ def build_model(row: Row, *, arch: int = 50, in_channels: int = 3, num_classes: 
         model = models.mimo_resnet(in_channels, num_classes, arch, num_estimators=m, **kwargs)
     elif spec.kind == "batch_ensemble":
         model = models.batched_resnet(in_channels, num_classes, arch, num_estimators=m, **kwargs)
+    elif spec.kind == "masksembles":
+        # "legacy": every member sees the whole batch in training, as the BatchEnsemble row does
+        model = models.masksembles_resnet(in_channels, num_classes, arch, num_estimators=m,
+                                          scale=MASKSEMBLES_SCALE, repeat_strategy="legacy",
+                                          seed=MASKSEMBLES_SEED, **kwargs)
     else:
         raise ValueError(f"unknown model kind {spec.kind!r}")
     backend = "stock" if row.impl == "stock" else (None if ours_backend in (None, "auto") else ours_backend)

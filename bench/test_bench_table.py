@@ -11,7 +11,7 @@ from bench import cli, models, table
 from bench.conftest import ARCH, DEVICE, ON_GPU
 
 BATCH = 128 if ON_GPU else 2
-ROWS = models.DEFAULT_ROWS[:8] if ON_GPU else ("single-stock", "pe241-stock", "pe241-packed_kernels")
+ROWS = models.CPU_ROWS if ON_GPU else ("single-stock", "pe241-stock", "pe241-packed_kernels")
 PRECISIONS = ("fp32", "fp16") if ON_GPU else ("fp32",)
 
 
@@ -120,6 +120,23 @@ def test_rows_route_their_layers():
     assert routed(ours) == {"torch"}
     auto, _, _ = models.build_model(models.parse_row("pe241-packed_kernels"), arch=ARCH)
     assert routed(auto) == {None}
+
+
+def test_masksembles_rows_run_the_same_network_stock_and_on_our_ops():
+    stock, m, _ = models.build_model(models.parse_row("masksembles-stock"), arch=ARCH)
+    ours, _, _ = models.build_model(models.parse_row("masksembles-packed_kernels"), arch=ARCH,
+                                    ours_backend="torch")
+    assert m == 4 and "masksembles-stock" in models.CPU_ROWS
+    masks = lambda model: [p for n, p in model.named_parameters() if n.endswith("mask.masks")]  # noqa: E731
+    assert len(masks(ours)) > 0 and all(torch.equal(a, b) for a, b in zip(masks(stock), masks(ours)))
+    ours.load_state_dict(stock.state_dict(), strict=True)  # the same weights (initialised apart)
+    routed = {mod.backend for mod in ours.modules() if getattr(type(mod), "routes_through_packed_ops", False)}
+    assert routed == {"torch"}
+    x = torch.randn(2, 3, 8, 8)
+    stock.eval(), ours.eval()
+    torch.testing.assert_close(ours(x), stock(x), rtol=1e-5, atol=1e-5)
+    ours.train()  # trains on the batch repeated M times, as the table's targets expect
+    assert ours(x).shape == (4 * 2, 100)
 
 
 def test_mimo_trains_on_shuffled_copies():

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic-size", type=int, nargs=2, default=[512, 256], metavar=("TRAIN", "TEST"))
     m = p.add_argument_group("model")
     m.add_argument("--model", default="resnet18", help="architecture of the zoo (see --list-models)")
-    m.add_argument("--method", default="packed", help="single, packed, deep, mimo or batch")
+    m.add_argument("--method", default="packed", help="single, packed, deep, mimo, batch or masksembles "
+                   "(scale 2)")
     m.add_argument("-M", "--num-estimators", type=int, default=4)
     m.add_argument("--alpha", type=float, default=2)
     m.add_argument("--gamma", type=int, default=1)

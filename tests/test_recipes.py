@@ -93,7 +93,7 @@ def test_train_then_evaluate_on_digits(tmp_path, capsys):
     assert other["test"] == report["test"]
 
 
-@pytest.mark.parametrize("method", ["single", "packed", "deep", "mimo", "batch"])
+@pytest.mark.parametrize("method", ["single", "packed", "deep", "mimo", "batch", "masksembles"])
 def test_every_method_of_the_zoo_trains_and_evaluates(tmp_path, method):
     pytest.importorskip("packed_kernels.models")
     import evaluate

@@ -15,7 +15,8 @@ from torch import nn
 
 from .errors import RecipeError
 
-METHODS = ("single", "packed", "deep", "mimo", "batch")
+METHODS = ("single", "packed", "deep", "mimo", "batch", "masksembles")
+MASKSEMBLES_SCALE = 2.0  # the Packed-Ensembles paper's Masksembles configuration (with M = 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +141,11 @@ def _resnet(arch: int):
             return zoo.deep_ensemble_resnet(**common, num_estimators=m)
         if method == "mimo":
             return zoo.mimo_resnet(**common, num_estimators=m)
+        if method == "masksembles":
+            # "legacy": every member trains on the whole batch, as the recipes train the other
+            # ensembles (outputs M*B rows, targets repeated M times)
+            return zoo.masksembles_resnet(**common, num_estimators=m, scale=MASKSEMBLES_SCALE,
+                                          repeat_strategy="legacy")
         return zoo.batched_resnet(**common, num_estimators=m)
     return build
 
