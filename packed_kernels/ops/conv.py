@@ -154,22 +154,21 @@ def _fused_conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], in_s
                      out_shift: Optional[Tensor], residual: Optional[Tensor], stride: Sequence[int],
                      padding: Sequence[int], dilation: Sequence[int], groups: int,
                      in_activation: Optional[str], activation: Optional[str], channel_stats: bool,
-                     backend: str) -> tuple[Tensor, Tensor]:
-    """(out, stats): stats is (2, C_out) [mean; biased variance] of the pre-epilogue y, or
-    (0, C_out) when not asked (a custom op returns a fixed structure)."""
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, mean, var): the mean and biased variance of the pre-epilogue y per output channel,
+    empty when not asked (a custom op returns a fixed structure). Every output is a new
+    tensor: none aliases an input."""
     prologue = prologue_hooks(in_scale, in_shift, in_activation)
     epilogue = epilogue_hooks(out_scale, out_shift, residual, activation)
     if backend == AUTO:
         backend = auto_fused_forward_engine(input, weight, bias, stride, padding, dilation, groups,
-                                        prologue, epilogue, channel_stats)
+                                            prologue, epilogue, channel_stats)
     out, mean, var = conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
-                                   prologue, epilogue, channel_stats)
-    if channel_stats:
-        stats = torch.stack((mean, var))
-    else:
-        stats = input.new_empty((0, weight.shape[0]), dtype=stats_dtype(input.dtype))
-    return unaliased((out, stats), (input, weight, bias, in_scale, in_shift, out_scale,
-                                    out_shift, residual), input)
+                                  prologue, epilogue, channel_stats)
+    if not channel_stats:
+        dtype = stats_dtype(input.dtype)
+        mean, var = input.new_empty(0, dtype=dtype), input.new_empty(0, dtype=dtype)
+    return out, mean, var
 
 
 @_fused_conv2d_op.register_fake
@@ -178,8 +177,8 @@ def _(input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, s
     out_h, out_w = output_hw(input.shape[2:], weight, stride, padding, dilation)
     out = torch.empty((input.shape[0], weight.shape[0], out_h, out_w), dtype=input.dtype,
                        device=input.device, memory_format=format_of(input))
-    stats = input.new_empty((2 if channel_stats else 0, weight.shape[0]), dtype=stats_dtype(input.dtype))
-    return out, stats
+    stats = input.new_empty(weight.shape[0] if channel_stats else 0, dtype=stats_dtype(input.dtype))
+    return out, stats, torch.empty_like(stats)
 
 
 @library_op("packed_kernels::fused_conv2d_backward")
@@ -267,7 +266,7 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.args = (stride, padding, dilation, groups, in_activation, activation, channel_stats, backend)
 
 
-def _fused_backward(ctx, grad_out, grad_stats):
+def _fused_backward(ctx, grad_out, grad_mean, grad_var):
     out, input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual = ctx.saved_tensors
     channels = weight.shape[0]
     dtype = stats_dtype(input.dtype)
@@ -275,8 +274,11 @@ def _fused_backward(ctx, grad_out, grad_stats):
     # Autograd passes None for outputs that got no gradient: they contribute zero.
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    if grad_stats is None or not channel_stats:
-        grad_stats = out.new_zeros((2 if channel_stats else 0, channels), dtype=dtype)
+    if not channel_stats:
+        grad_stats = out.new_zeros((0, channels), dtype=dtype)
+    else:
+        grad_stats = torch.stack([out.new_zeros(channels, dtype=dtype) if g is None else g
+                                  for g in (grad_mean, grad_var)])
     grads = _fused_conv2d_backward_op(
         grad_out, grad_stats, out, input, weight, bias, in_scale, in_shift, out_scale,
         out_shift, residual, *ctx.args, need_input=bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
@@ -362,10 +364,10 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
         input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, in_activation,
         out_scale, out_shift, residual, activation, channel_stats)
     chosen = choose_backend("fused_conv2d", backend, input, weight, stride, groups)
-    out, stats = _fused_conv2d_op(
+    out, mean, var = _fused_conv2d_op(
         input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, list(stride),
         list(padding4), list(dilation), groups, in_activation, activation, channel_stats, chosen)
-    return (out, *stats.unbind()) if channel_stats else out
+    return (out, mean, var) if channel_stats else out
 
 
 def _check_fused_call(input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift,
