@@ -57,7 +57,7 @@ def grouped_conv2d_backward_flops(grad_shape, x_shape, w_shape, *_args, out_shap
 
 
 def fused_conv2d_flops(x_shape, w_shape, *_args, out_shape=None, **_kwargs) -> int:
-    return conv_flop_count(x_shape, w_shape, out_shape[0])  # out_shape: (out, stats)
+    return conv_flop_count(x_shape, w_shape, out_shape[0])  # out_shape: (out, mean, var)
 
 
 def fused_conv2d_backward_flops(grad_out_shape, _grad_stats, _out, x_shape, w_shape, *args,
