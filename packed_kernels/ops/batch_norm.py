@@ -11,10 +11,10 @@ from torch import Tensor
 
 from .. import _alloc, _backend
 from .._checks import check_float_tensor, check_same_device_dtype
+from .._conventions import ACTIVATIONS, stats_dtype
 from ._autograd import library_op, unaliased
 
 IMPLEMENTED = ("torch", "triton", "cuda", "simt")
-ACTIVATIONS = (None, "relu")
 
 
 def reference_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -28,10 +28,6 @@ def reference_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_
     return out
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def reference_batch_norm_backward(grad, input, output, mean, invstd, weight, has_residual: bool,
                                   training: bool, relu: bool):
     """(grad_input, grad_weight, grad_bias, grad_residual) as the kernels return them: weight and
@@ -39,7 +35,7 @@ def reference_batch_norm_backward(grad, input, output, mean, invstd, weight, has
     `mean`/`invstd` are the batch statistics (training) or the running ones (eval); the ReLU
     mask is read from `output` (out <= 0 exactly where the pre-activation is <= 0; a NaN output
     passes the gradient, as torch's relu backward does)."""
-    ct = _stats_dtype(input.dtype)
+    ct = stats_dtype(input.dtype)
     dims = [d for d in range(input.dim()) if d != 1]
     shape = [1, -1] + [1] * (input.dim() - 2)
     x_hat = (input.to(ct) - mean.to(ct).view(shape)) * invstd.to(ct).view(shape)
@@ -62,7 +58,7 @@ def reference_batch_norm_backward(grad, input, output, mean, invstd, weight, has
 def _reference_forward(input, running_mean, running_var, weight, bias, residual, training, eps, relu):
     """The reference output plus the batch mean, unbiased variance and invstd (training) that
     the backward and the running-statistics update use; eval mode returns empty statistics."""
-    ct = _stats_dtype(input.dtype)
+    ct = stats_dtype(input.dtype)
     up = [None if t is None else t.to(ct) for t in (input, running_mean, running_var, weight, bias, residual)]
     out = reference_batch_norm(*up, training, 0.0, eps, "relu" if relu else None).to(input.dtype)
     if not training:
@@ -159,7 +155,7 @@ def _batch_norm_op(input: Tensor, running_mean: Optional[Tensor], running_var: O
 @_batch_norm_op.register_fake
 def _(input, running_mean, running_var, weight, bias, residual, training, eps, activation, backend):
     stats = input.shape[1] if training else 0
-    ct = _stats_dtype(input.dtype)
+    ct = stats_dtype(input.dtype)
     return (torch.empty_like(input), *(input.new_empty(stats, dtype=ct) for _ in range(3)))
 
 
@@ -176,7 +172,7 @@ def _batch_norm_backward_op(grad: Tensor, input: Tensor, output: Optional[Tensor
 
 @_batch_norm_backward_op.register_fake
 def _(grad, input, output, mean, invstd, weight, has_residual, training, activation, backend):
-    ct = _stats_dtype(input.dtype)
+    ct = stats_dtype(input.dtype)
     channels = input.shape[1]
     return (torch.empty_like(input), input.new_empty(channels, dtype=ct),
             input.new_empty(channels, dtype=ct),
@@ -189,8 +185,8 @@ def _setup_context(ctx, inputs, output):
     out, mean, _var, invstd = output
     if not training:  # eval: the running statistics normalise, and get no gradient
         # copies: `.to` of a matching dtype would alias the op's input
-        mean = running_mean.to(_stats_dtype(input.dtype), copy=True)
-        invstd = torch.rsqrt(running_var.to(_stats_dtype(input.dtype), copy=True) + eps)
+        mean = running_mean.to(stats_dtype(input.dtype), copy=True)
+        invstd = torch.rsqrt(running_var.to(stats_dtype(input.dtype), copy=True) + eps)
     ctx.save_for_backward(input, out if activation == "relu" else None, mean, invstd, weight)
     ctx.args = (residual is not None, training, activation, backend)
     ctx.bias_dtype = None if bias is None else bias.dtype

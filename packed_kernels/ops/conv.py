@@ -9,14 +9,15 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._conventions import ACTIVATIONS
 from .._checks import ValidatedCalls, check_float_tensor, check_positive_int, check_same_device_dtype
 from .._layouts import format_of
 from ._autograd import library_op, unaliased
 from .conv_engines import (AUTO, IMPLEMENTED, NO_PROLOGUE, auto_forward_engine,
                            auto_fused_forward_engine, auto_grad_engines, conv_forward, conv_grads,
                            epilogue_hooks, has_epilogue, prologue_hooks, use_triton_glue)
-from .conv_reference import (epilogue_glue, output_hw, prologue_glue, reference_conv2d_backward,
-                             stats_dtype)
+from .._conventions import stats_dtype
+from .conv_reference import epilogue_glue, output_hw, prologue_glue, reference_conv2d_backward
 
 IntPair = Union[int, Sequence[int]]
 
@@ -75,9 +76,6 @@ def conv_geometry(op: str, input: Tensor, weight: Tensor, bias: Optional[Tensor]
         raise ValueError(f"{op}: input of spatial size {tuple(input.shape[2:])} is too small for a "
                          f"{tuple(kernel)} kernel with dilation {dilation} and padding {padding!r}")
     return stride, padding4, dilation
-
-
-ACTIVATIONS = (None, "relu")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import _alloc, _backend, dispatch
+from .._conventions import ACTIVATION_CODES, fp32_vector
 from .._layouts import format_of, kernel_weight
 from .._tile_stats import merge_tile_moments
 from .conv_reference import (output_hw, reference_channel_stats, reference_conv2d,
@@ -28,16 +29,11 @@ from .conv_reference import (output_hw, reference_channel_stats, reference_conv2
 # ---------------------------------------------------------------------------------------------
 
 _CSRC_EXTENSIONS = {"cuda": "_C", "simt": "_simt"}
-_ACTIVATION_CODES = {None: 0, "relu": 1}  # pk::conv::Activation
 
 
-def _nhwc(t: Optional[Tensor]) -> Optional[Tensor]:
+def _dense_nhwc(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The csrc kernels read dense channels_last tensors only."""
     return None if t is None else t.contiguous(memory_format=torch.channels_last)
-
-
-def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Per-channel vectors go to the kernels as float32, whatever the activations' dtype."""
-    return None if t is None else t.to(torch.float32).contiguous()
 
 
 def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, groups,
@@ -46,7 +42,7 @@ def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, g
     ext = _backend.extension(_CSRC_EXTENSIONS[backend])
     in_scale, in_shift, in_activation = prologue
     out_scale, out_shift, residual, activation = epilogue
-    x = _nhwc(input)
+    x = _dense_nhwc(input)
     n, c_out = input.shape[0], weight.shape[0]
     out_h, out_w = output_hw(input.shape[2:], weight, stride, padding, dilation)
     y = _alloc.empty((n, c_out, out_h, out_w), x, memory_format=torch.channels_last)
@@ -54,9 +50,9 @@ def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, g
     if channel_stats:  # one fp32 (sum, M2) partial per row tile, merged here (deterministic)
         stats = _alloc.empty((ext.conv_forward_row_tiles(n, out_h, out_w), 2, c_out), x,
                              dtype=torch.float32)
-    ext.conv_forward(x, kernel_weight(weight, backend), _vector(bias), _vector(in_scale),
-                     _vector(in_shift), _ACTIVATION_CODES[in_activation], _vector(out_scale),
-                     _vector(out_shift), _nhwc(residual), _ACTIVATION_CODES[activation], list(stride),
+    ext.conv_forward(x, kernel_weight(weight, backend), fp32_vector(bias), fp32_vector(in_scale),
+                     fp32_vector(in_shift), ACTIVATION_CODES[in_activation], fp32_vector(out_scale),
+                     fp32_vector(out_shift), _dense_nhwc(residual), ACTIVATION_CODES[activation], list(stride),
                      [padding[0], padding[2]], list(dilation), groups, y, stats)
     out = y.contiguous(memory_format=format_of(input))
     if stats is None:
@@ -70,7 +66,7 @@ def csrc_conv_input_grad(backend, grad, weight, input_shape, stride, padding, di
     """d loss / d (conv input) on the csrc kernels, in `memory_format`."""
     ext = _backend.extension(_CSRC_EXTENSIONS[backend])
     grad_input = _alloc.empty(tuple(input_shape), grad, memory_format=torch.channels_last)
-    ext.conv_input_grad(_nhwc(grad), kernel_weight(weight, backend), list(stride),
+    ext.conv_input_grad(_dense_nhwc(grad), kernel_weight(weight, backend), list(stride),
                         [padding[0], padding[2]], list(dilation), groups, grad_input)
     return grad_input.contiguous(memory_format=memory_format)
 
@@ -87,8 +83,8 @@ def csrc_conv_weight_grad(backend, grad, input, weight_shape, stride, padding, d
     if splits is None:
         splits = ext.conv_weight_grad_splits(n, c_in, c_out, kh, kw, out_h, out_w, groups)
     partials = _alloc.empty((splits, c_out, kh, kw, cin_g), input, dtype=torch.float32)
-    ext.conv_weight_grad(_nhwc(grad), _nhwc(input), _vector(in_scale), _vector(in_shift),
-                         _ACTIVATION_CODES[in_activation], list(stride), [padding[0], padding[2]],
+    ext.conv_weight_grad(_dense_nhwc(grad), _dense_nhwc(input), fp32_vector(in_scale), fp32_vector(in_shift),
+                         ACTIVATION_CODES[in_activation], list(stride), [padding[0], padding[2]],
                          list(dilation), groups, partials)
     return partials.sum(0).permute(0, 3, 1, 2).to(input.dtype).contiguous()
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._conventions import stats_dtype
 from .._layouts import format_of
 
 
@@ -81,10 +82,6 @@ def reference_epilogue(y: Tensor, scale: Optional[Tensor], shift: Optional[Tenso
     if residual is not None:
         y = y + residual
     return _activate(y, activation).to(dtype)
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def reference_channel_stats(y: Tensor) -> Tuple[Tensor, Tensor]:

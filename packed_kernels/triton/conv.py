@@ -35,11 +35,11 @@ import triton
 import triton.language as tl
 
 from .. import _alloc, _backend
+from .._conventions import ACTIVATION_CODES
 from .._tile_stats import merge_tile_moments
 from .._layouts import kernel_weight
 from . import conv_tuning
 
-ACTIVATIONS = {None: 0, "relu": 1}  # name -> the ACT constexpr of the kernels
 
 
 @triton.jit
@@ -326,7 +326,7 @@ def _affine(scale, shift, channels, like):
     return scale.contiguous(), shift.contiguous()
 
 
-def _nhwc(t: torch.Tensor) -> torch.Tensor:
+def _channel_stride_one(t: torch.Tensor) -> torch.Tensor:
     """The kernels read activations with channel stride 1 (NHWC); other layouts are copied
     once here (channels_last input, the fast path, is used as it is)."""
     if t.stride(1) == 1 or t.shape[1] == 1:
@@ -367,7 +367,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """y = epilogue(conv(prologue(x)) + bias) in `memory_format`; returns (y, mean, var), the
     fp32 per-channel mean and biased variance of the pre-epilogue output (None, None without
     channel_stats)."""
-    x = _nhwc(x)
+    x = _channel_stride_one(x)
     w_k = kernel_weight(weight, "triton")  # (KH, KW, C_in/groups, C_out)
     bias = None if bias is None else bias.contiguous()  # read with stride 1
     n, c_in, h, w = x.shape
@@ -378,7 +378,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     m = n * oh * ow
     y = _alloc.empty((n, c_out, oh, ow), x, memory_format=torch.channels_last)
     if epilogue.residual is not None:
-        epilogue = epilogue._replace(residual=_nhwc(epilogue.residual))
+        epilogue = epilogue._replace(residual=_channel_stride_one(epilogue.residual))
     tensors = [(x, 1), (w_k, 3), (y, 1)] + ([(epilogue.residual, 1)] if epilogue.residual is not None else [])
     vec = vector_width(x.dtype, (cin_g, cout_g), tensors)
     args = (x, w_k, bias, y, stride, padding, dilation, groups, prologue, epilogue, vec)
@@ -416,8 +416,8 @@ def _launch_forward(config, partial, x, w_k, bias, y, stride, padding, dilation,
         *_nhw_strides(x), w_k.stride(2), w_k.stride(0), w_k.stride(1), *_nhw_strides(y),
         *(_nhw_strides(residual) if residual is not None else (0, 0, 0)),
         HAS_BIAS=bias is not None, HAS_IN_AFFINE=in_scale is not None,
-        IN_ACT=ACTIVATIONS[prologue.activation], HAS_OUT_AFFINE=out_scale is not None,
-        HAS_RESIDUAL=residual is not None, OUT_ACT=ACTIVATIONS[epilogue.activation],
+        IN_ACT=ACTIVATION_CODES[prologue.activation], HAS_OUT_AFFINE=out_scale is not None,
+        HAS_RESIDUAL=residual is not None, OUT_ACT=ACTIVATION_CODES[epilogue.activation],
         STATS=partial is not None, INPUT_PRECISION=input_precision(x.dtype), UPCAST=_upcast_dot(x),
         VEC=vec, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
@@ -427,7 +427,7 @@ def conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: Seque
                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                     groups: int, memory_format=torch.contiguous_format) -> torch.Tensor:
     """d loss / d (conv input), the input being the (transformed) activation x_hat."""
-    grad = _nhwc(grad)
+    grad = _channel_stride_one(grad)
     w_k = kernel_weight(weight, "triton")  # (KH, KW, C_in/groups, C_out)
     n, c_in, h, w = input_shape
     c_out, cin_g, kh, kw = weight.shape
@@ -460,8 +460,8 @@ def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: Sequence
                      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                      groups: int, prologue: Prologue = Prologue()) -> torch.Tensor:
     """d loss / d weight, reading the input through the prologue (x_hat is never stored)."""
-    grad = _nhwc(grad)
-    x = _nhwc(x)
+    grad = _channel_stride_one(grad)
+    x = _channel_stride_one(x)
     c_out, cin_g, kh, kw = weight_shape
     cout_g = c_out // groups
     p = grad.shape[0] * grad.shape[2] * grad.shape[3]
@@ -504,7 +504,7 @@ def _launch_weight_grad(config, grad, x, weight_shape, stride, padding, dilation
         h, w, oh, ow, p, cin_g, c_out // groups, kw, kh * kw, split_len,
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
         *_nhw_strides(grad), *_nhw_strides(x), *out.stride(),
-        HAS_IN_AFFINE=in_scale is not None, IN_ACT=ACTIVATIONS[prologue.activation],
+        HAS_IN_AFFINE=in_scale is not None, IN_ACT=ACTIVATION_CODES[prologue.activation],
         INPUT_PRECISION=input_precision(x.dtype), UPCAST=_upcast_dot(x), VEC=vec,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._conventions import fp32_vector
 from .._layouts import format_of
 from .batch_norm import REDUCE_WARPS, _channel_sum, _layout_of, _tile, tile_shapes
 
@@ -149,11 +150,6 @@ def _prologue_grad_kernel(grad_x_hat_ptr, x_ptr, in_scale_ptr, in_shift_ptr, gra
 # launchers
 # ---------------------------------------------------------------------------------------------
 
-def _vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Per-channel vectors (or the (2, C) stats gradient) as dense fp32."""
-    return None if t is None else t.to(torch.float32).contiguous()
-
-
 def _parts(count: int, splits: int, c: int, like: torch.Tensor):
     return [_alloc.empty((splits, c), like, torch.float32) for _ in range(count)]
 
@@ -180,8 +176,8 @@ def epilogue_backward(grad_out: torch.Tensor, out: torch.Tensor, y: Optional[tor
     tensor needs writing either. `mean`: y's per-channel fp32 mean if already known (else one
     sum pass over y computes it)."""
     has_scale, stats = out_scale is not None, grad_stats is not None
-    out_scale = _vector(out_scale)
-    grad_stats = _vector(grad_stats)
+    out_scale = fp32_vector(out_scale)
+    grad_stats = fp32_vector(grad_stats)
     fmt = format_of(out)
     out = out.contiguous(memory_format=fmt)
     out, layout = _layout_of(out)
@@ -193,7 +189,7 @@ def epilogue_backward(grad_out: torch.Tensor, out: torch.Tensor, y: Optional[tor
     if has_scale or stats:
         y = layout.like(y)
     if stats:
-        mean = channel_mean(y) if mean is None else _vector(mean)
+        mean = channel_mean(y) if mean is None else fp32_vector(mean)
     splits, tiles_per_split = layout.splits(out.device)
     part_grad_y, part_grad_zy, part_grad_z = _parts(3, splits, layout.c, out)
     grad_y = _alloc.empty_like(out) if store_grad_y else grad_out
@@ -218,7 +214,7 @@ def prologue_backward(grad_x_hat: torch.Tensor, input: torch.Tensor, in_scale: O
     """(grad_input, sum grad_u * x or None, sum grad_u or None); grad_input has the input's dtype
     and memory format."""
     has_scale, has_shift = in_scale is not None, in_shift is not None
-    in_scale, in_shift = _vector(in_scale), _vector(in_shift)
+    in_scale, in_shift = fp32_vector(in_scale), fp32_vector(in_shift)
     fmt = format_of(input)
     if not (relu or has_scale or has_shift):
         return grad_x_hat.contiguous(memory_format=fmt), None, None
