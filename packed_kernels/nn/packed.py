@@ -124,6 +124,22 @@ def autocast_operands(*tensors: Optional[Tensor]):
     return tuple(None if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
 
 
+def _wrapping(cls, conv_cls, conv: nn.Module, num_estimators: int, first: bool, last: bool):
+    """A bare `cls` module for from_conv() to wrap `conv` in (an exact `conv_cls`), with its
+    estimator settings checked and set."""
+    if type(conv) is not conv_cls:
+        raise TypeError(f"{cls.__name__}.from_conv needs an nn.{conv_cls.__name__}, "
+                        f"got {type(conv).__name__}")
+    if (isinstance(num_estimators, bool) or not isinstance(num_estimators, int)
+            or num_estimators < 1 or (last and conv.out_channels % num_estimators)):
+        raise ValueError(f"{cls.__name__}.from_conv: num_estimators={num_estimators!r} does "
+                         f"not fit a conv with {conv.out_channels} output channels")
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    layer.first, layer.last, layer.num_estimators = first, last, num_estimators
+    return layer
+
+
 class _PackedConvNd(nn.Module):
     """Shared body of PackedConv1d/2d: the geometry, an inner nn.ConvNd named `conv` (so the
     state_dict keys are torch-uncertainty's conv.weight / conv.bias) and the `last` rearrange."""
@@ -156,16 +172,7 @@ class _PackedConvNd(nn.Module):
     def from_conv(cls, conv: nn.Module, num_estimators: int, first: bool = False,
                   last: bool = False):
         """Wrap an existing inner convolution (weights shared, not copied): used by convert()."""
-        if type(conv) is not cls._conv_cls:
-            raise TypeError(f"{cls.__name__}.from_conv needs an nn.{cls._conv_cls.__name__}, "
-                            f"got {type(conv).__name__}")
-        if (isinstance(num_estimators, bool) or not isinstance(num_estimators, int)
-                or num_estimators < 1 or (last and conv.out_channels % num_estimators)):
-            raise ValueError(f"{cls.__name__}.from_conv: num_estimators={num_estimators!r} does "
-                             f"not fit a conv with {conv.out_channels} output channels")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.first, layer.last, layer.num_estimators = first, last, num_estimators
+        layer = _wrapping(cls, cls._conv_cls, conv, num_estimators, first, last)
         layer.conv = conv
         return layer
 
@@ -272,16 +279,7 @@ class PackedConvTranspose2d(nn.Module):
     def from_conv(cls, conv: nn.ConvTranspose2d, num_estimators: int, first: bool = False,
                   last: bool = False) -> "PackedConvTranspose2d":
         """Wrap an existing nn.ConvTranspose2d (weights shared, not copied): used by convert()."""
-        if type(conv) is not nn.ConvTranspose2d:
-            raise TypeError(f"PackedConvTranspose2d.from_conv needs an nn.ConvTranspose2d, got "
-                            f"{type(conv).__name__}")
-        if (isinstance(num_estimators, bool) or not isinstance(num_estimators, int)
-                or num_estimators < 1 or (last and conv.out_channels % num_estimators)):
-            raise ValueError(f"PackedConvTranspose2d.from_conv: num_estimators={num_estimators!r} "
-                             f"does not fit a conv with {conv.out_channels} output channels")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.num_estimators, layer.first, layer.last = num_estimators, first, last
+        layer = _wrapping(cls, nn.ConvTranspose2d, conv, num_estimators, first, last)
         layer.extended_in_channels, layer.extended_out_channels = conv.in_channels, conv.out_channels
         layer.actual_groups = conv.groups
         layer.conv_transpose = conv
