@@ -110,13 +110,13 @@ def cmd_table(args) -> int:
 
 
 def cmd_ensemble(args) -> int:
-    from . import ensemble_ops
+    from . import ensemble
     device = _device(args)
-    cfg = ensemble_ops.EnsembleConfig.for_device(device)
+    cfg = ensemble.EnsembleConfig.for_device(device)
     _override(cfg, args, ("num_estimators", "batch", "classes", "dtype", "warmup", "reps"),
               {"backends": "backends"})
-    result = ensemble_ops.run(cfg, device, progress=not args.quiet)
-    print(ensemble_ops.format_result(result))
+    result = ensemble.run(cfg, device, progress=not args.quiet)
+    print(ensemble.format_result(result))
     _save(args, records.make_record("ensemble", device, cfg.as_dict(), result["rows"],
                                     {"copy_bandwidth": result["copy_bandwidth"]}))
     return 0
@@ -136,13 +136,13 @@ def cmd_conv(args) -> int:
 
 
 def cmd_bn(args) -> int:
-    from . import bn_ops
+    from . import bn
     device = _device(args)
-    cfg = bn_ops.BNConfig.for_device(device)
+    cfg = bn.BNConfig.for_device(device)
     _override(cfg, args, ("batch", "arch", "warmup", "reps", "limit"),
               {"dtype": "dtypes", "layout": "layouts", "backends": "backends"})
-    result = bn_ops.run(cfg, device, progress=not args.quiet)
-    print(bn_ops.format_result(result))
+    result = bn.run(cfg, device, progress=not args.quiet)
+    print(bn.format_result(result))
     _save(args, records.make_record("bn", device, cfg.as_dict(), result["rows"],
                                     {"copy_bandwidth": result["copy_bandwidth"],
                                      "block_rows": result["block_rows"]}))

@@ -33,7 +33,7 @@ DRY_RUN=0
 # step limits in seconds; their sum (plus ~20 s of start-up) is the call's expected length
 LIMIT_TABLE_STOCK=60 LIMIT_DISPATCH=180 LIMIT_TABLE_OURS=60 LIMIT_OVERHEAD=25 LIMIT_PROFILE=35 LIMIT_TESTS=80
 TOTAL=$((LIMIT_TABLE_STOCK + LIMIT_DISPATCH + LIMIT_TABLE_OURS + LIMIT_OVERHEAD + LIMIT_PROFILE + LIMIT_TESTS))
-TEST_FILES=(tests/test_dispatch.py tests/test_cuda_conv.py tests/test_conv_bn.py tests/test_fused_models.py
+TEST_FILES=(tests/test_dispatch.py tests/test_conv_cuda.py tests/test_conv_bn.py tests/test_fused_models.py
             tests/test_op_registration.py)
 TABLE_ARGS=(--precision fp16 --layout channels_last --warmup 5 --reps 20 --max-seconds 4 --quiet)
 

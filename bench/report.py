@@ -142,7 +142,7 @@ def bn_markdown(rec: Dict[str, object]) -> List[str]:
                      f"{r['device']} |")
     blocks = rec.get("block_rows") or []
     if blocks:
-        from .bn_ops import block_speedups
+        from .bn import block_speedups
         b0 = blocks[0]
         lines += ["", f"{b0['model']} ResNet block `{b0['block']}`, input {'×'.join(map(str, b0['input_shape']))}, "
                   f"{b0['precision']}:", "", "| layout | pass | impl | median µs [q1–q3] | device |",

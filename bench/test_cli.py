@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench import bn_ops, cli, conv_sweep, ensemble_ops, table
+from bench import bn, cli, conv_sweep, ensemble, table
 
 
 class _Captured(Exception):
@@ -16,16 +16,16 @@ def _capture(*args, **kwargs):
 
 
 @pytest.mark.parametrize("module, argv, expected", [
-    (ensemble_ops, ["ensemble", "--num-estimators", "3", "--batch", "7", "--classes", "11",
-                    "--dtype", "bf16", "--backends", "torch,triton", "--warmup", "1", "--reps", "2"],
+    (ensemble, ["ensemble", "--num-estimators", "3", "--batch", "7", "--classes", "11",
+                "--dtype", "bf16", "--backends", "torch,triton", "--warmup", "1", "--reps", "2"],
      dict(num_estimators=3, batch=7, classes=11, dtype="bf16", backends=("torch", "triton"),
           warmup=1, reps=2)),
     (conv_sweep, ["conv", "--batch", "5", "--arch", "18", "--rows", "pe242-stock", "--dtype", "fp16",
                   "--layout", "channels_last", "--backends", "cuda", "--limit", "3"],
      dict(batch=5, arch=18, rows=("pe242-stock",), dtypes=("fp16",), layouts=("channels_last",),
           backends=("cuda",), limit=3)),
-    (bn_ops, ["bn", "--batch", "4", "--dtype", "bf16,fp32", "--layout", "channels_last",
-              "--backends", "simt", "--limit", "2", "--reps", "9"],
+    (bn, ["bn", "--batch", "4", "--dtype", "bf16,fp32", "--layout", "channels_last",
+          "--backends", "simt", "--limit", "2", "--reps", "9"],
      dict(batch=4, dtypes=("bf16", "fp32"), layouts=("channels_last",), backends=("simt",), limit=2, reps=9)),
     (table, ["table", "--batch", "6", "--infer-batch", "12", "--image-size", "16", "--epoch-images",
              "100", "--loader-workers", "0", "--precision", "fp32"],
@@ -40,7 +40,7 @@ def test_options_reach_the_config(monkeypatch, module, argv, expected):
 
 
 def test_omitted_options_keep_the_device_defaults(monkeypatch):
-    monkeypatch.setattr(ensemble_ops, "run", _capture)
+    monkeypatch.setattr(ensemble, "run", _capture)
     with pytest.raises(_Captured) as captured:
         cli.main(["ensemble", "--device", "cpu", "--no-save"])
-    assert captured.value.cfg == ensemble_ops.EnsembleConfig.for_device("cpu")
+    assert captured.value.cfg == ensemble.EnsembleConfig.for_device("cpu")

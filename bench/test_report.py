@@ -69,7 +69,7 @@ def test_bn_section(generated):
         shape = "×".join(map(str, r["shape"]))
         assert any(l.startswith(f"| {shape} | {r['dtype']} | {r['layout']} | {r['pass']} | {r['impl']} |")
                    and f"{r['gbps']:.1f}" in l for l in md)
-    from bench.bn_ops import block_speedups
+    from bench.bn import block_speedups
     for sp in block_speedups(rec["block_rows"]):
         assert any(f"{sp['layout']}, {sp['pass']}: **{sp['speedup']:.2f}×**" in l for l in md)
 

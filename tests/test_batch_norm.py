@@ -7,14 +7,14 @@ import torch.nn.functional as F
 import packed_kernels as pk
 from packed_kernels.ops import batch_norm as bn_ops
 
-from bn_cases import check_against_float64, leaves
+from batch_norm_cases import check_against_float64, leaves
 from conftest import require_backend
 from helpers import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", "triton"]
 # Tests that also run the CUDA C++ kernels (on the CPU through simt); the rest of the simt/cuda
-# coverage is in tests/test_cuda_batch_norm.py.
+# coverage is in tests/test_batch_norm_cuda.py.
 ALL_BACKENDS = ["torch", "triton", "simt", "cuda"]
 # name -> (shape, channels_last): odd sizes; NCHW, channels_last, 2-D, 3-D; batch 1; 1x1 maps
 LAYOUTS = {

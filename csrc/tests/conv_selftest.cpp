@@ -1,5 +1,5 @@
 // The grouped convolution kernels (csrc/kernels/conv.cuh) on the SIMT emulator, outside Python,
-// so tests/test_cuda_conv.py can build them with -fsanitize=address,undefined: every launcher
+// so tests/test_conv_cuda.py can build them with -fsanitize=address,undefined: every launcher
 // runs once per dtype on a small odd shape (partial row and column tiles, padding, stride,
 // dilation, every fusion option, split weight-grad with an empty slab) and is compared with a
 // direct float64 loop over the same (rounded) inputs.

@@ -1,5 +1,5 @@
 // The emulator's self-test: runs the kernels of selftest_kernels.cuh (and the real ensemble
-// kernels) and prints key=value results for tests/test_simt.py to judge; usage: simt_selftest <case>.
+// kernels) and prints key=value results for tests/test_simt_emulator.py to judge; usage: simt_selftest <case>.
 // Built by the test with g++ -DPK_SIMT=1 -fsanitize=address,undefined (the CPU emulator), and on a
 // GPU machine with nvcc -x cu (the same cases on the GPU, except those about emulator faults).
 #include <cmath>

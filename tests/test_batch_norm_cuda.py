@@ -10,7 +10,7 @@ import packed_kernels as pk
 from packed_kernels import _backend
 from packed_kernels.ops import batch_norm as bn_ops
 
-from bn_cases import check_against_float64, randn
+from batch_norm_cases import check_against_float64, randn
 from conftest import require_backend
 
 BACKENDS = ["simt", "cuda"]

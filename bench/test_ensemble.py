@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import packed_kernels as pk
-from bench import ensemble_ops
+from bench import ensemble
 from bench.conftest import DEVICE
 
-CFG = ensemble_ops.EnsembleConfig.for_device(DEVICE)
-DTYPE = ensemble_ops.DTYPES[CFG.dtype]
-BACKENDS = ensemble_ops.usable_backends(DEVICE, DTYPE)
+CFG = ensemble.EnsembleConfig.for_device(DEVICE)
+DTYPE = ensemble.DTYPES[CFG.dtype]
+BACKENDS = ensemble.usable_backends(DEVICE, DTYPE)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def logits():
 def test_ensemble_mean(bench_run, logits, backend):
     m = CFG.num_estimators
     probs = bench_run(lambda: pk.ensemble_mean(logits, m, backend=backend), op="ensemble_mean",
-                      backend=backend, dtype=CFG.dtype, bytes=ensemble_ops.op_bytes(
+                      backend=backend, dtype=CFG.dtype, bytes=ensemble.op_bytes(
                           "mean_forward", m, CFG.batch, CFG.classes, DTYPE.itemsize))
     expected = torch.softmax(logits.float().reshape(m, CFG.batch, -1), -1).mean(0)
     torch.testing.assert_close(probs.float(), expected, atol=2e-3, rtol=0)  # fp16 output rounding
@@ -39,20 +39,20 @@ def test_ensemble_scores(bench_run, logits, backend):
 
 def test_op_bytes_counts_compulsory_traffic():
     m, b, c, s = 4, 1024, 1000, 2
-    assert ensemble_ops.op_bytes("mean_forward", m, b, c, s) == (m + 1) * b * c * s
-    assert ensemble_ops.op_bytes("mean_backward", m, b, c, s) == (2 * m + 1) * b * c * s
+    assert ensemble.op_bytes("mean_forward", m, b, c, s) == (m + 1) * b * c * s
+    assert ensemble.op_bytes("mean_backward", m, b, c, s) == (2 * m + 1) * b * c * s
     with pytest.raises(ValueError):
-        ensemble_ops.op_bytes("nope", m, b, c, s)
+        ensemble.op_bytes("nope", m, b, c, s)
 
 
 def test_ensemble_command_reports_fraction_of_copy(capsys):
-    cfg = ensemble_ops.EnsembleConfig(batch=64, classes=37, dtype="fp32", warmup=1, reps=3,
+    cfg = ensemble.EnsembleConfig(batch=64, classes=37, dtype="fp32", warmup=1, reps=3,
                                       backends=("torch",))
-    result = ensemble_ops.run(cfg, DEVICE, progress=False)
+    result = ensemble.run(cfg, DEVICE, progress=False)
     assert result["copy_bandwidth"]["gbps"] > 0
     for row in result["rows"]:
         assert "error" not in row
         assert row["gbps"] == pytest.approx(row["bytes"] / row["time"]["median"] / 1e9)
         assert row["fraction_of_copy"] == pytest.approx(row["gbps"] / result["copy_bandwidth"]["gbps"])
-    text = ensemble_ops.format_result(result)
+    text = ensemble.format_result(result)
     assert all(DEVICE.type in line for line in text.splitlines()[2:])

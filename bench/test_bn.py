@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 
 import packed_kernels as pk
-from bench import bn_ops
+from bench import bn
 from bench.conftest import DEVICE
 
-CFG = bn_ops.BNConfig.for_device(DEVICE)
-DTYPE = bn_ops.DTYPES[CFG.dtypes[0]]
-SHAPES = bn_ops.activation_shapes(CFG)
+CFG = bn.BNConfig.for_device(DEVICE)
+DTYPE = bn.DTYPES[CFG.dtypes[0]]
+SHAPES = bn.activation_shapes(CFG)
 
 
-@pytest.mark.parametrize("backend", bn_ops.usable_backends(DEVICE, DTYPE))
+@pytest.mark.parametrize("backend", bn.usable_backends(DEVICE, DTYPE))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_batch_norm_relu_train_forward(bench_run, shape, backend):
     x = torch.randn(CFG.batch, *shape, device=DEVICE, dtype=DTYPE)
@@ -28,9 +28,9 @@ def test_batch_norm_relu_train_forward(bench_run, shape, backend):
 
 
 def test_bn_command_rows_are_consistent():
-    cfg = bn_ops.BNConfig(batch=2, arch=20, dtypes=("fp32",), layouts=("nchw",), limit=1,
+    cfg = bn.BNConfig(batch=2, arch=20, dtypes=("fp32",), layouts=("nchw",), limit=1,
                           warmup=0, reps=2, backends=("torch",))
-    result = bn_ops.run(cfg, torch.device("cpu"), progress=False)
+    result = bn.run(cfg, torch.device("cpu"), progress=False)
     rows = result["rows"]
     blocks = result["block_rows"]
     assert [(r["impl"], r["pass"]) for r in blocks] == [
@@ -42,7 +42,7 @@ def test_bn_command_rows_are_consistent():
     # path's calls, with an explicit kernel backend, are counted in tests/test_fused_models.py)
     calls = {(r["impl"], r["pass"]): r["kernel_calls"] for r in blocks}
     assert all(c == {} for c in calls.values()), calls
-    sp = bn_ops.block_speedups(blocks)
+    sp = bn.block_speedups(blocks)
     assert {s["pass"] for s in sp} == {"inference", "train_forward_backward"}
     assert [(r["impl"], r["pass"]) for r in rows] == [
         ("torch (torch-cpu)", "train_forward"), ("torch (torch-cpu)", "train_forward_backward"),
@@ -54,4 +54,4 @@ def test_bn_command_rows_are_consistent():
             numel *= d
         assert r["bytes"] == numel * 4 * (2 if r["pass"] == "train_forward" else 5)
         assert r["fraction_of_copy"] == pytest.approx(r["gbps"] / result["copy_bandwidth"]["gbps"])
-    assert "cpu" in bn_ops.format_result(result).splitlines()[-1]
+    assert "cpu" in bn.format_result(result).splitlines()[-1]
