@@ -58,6 +58,19 @@ def test_every_layer_and_pass_is_modelled(modelled):
     assert all(r["main_loop"]["tensor"] > 0 for r in modelled["rows"]), "fp16 convs must use tensor cores"
 
 
+RECORD_FIELDS = ("backend", "layer", "pass", "dtype", "gpu", "flops", "compulsory_bytes", "moved_bytes",
+                 "modelled_us", "roofline_us", "fraction", "main_loop")
+
+
+def test_records_carry_the_documented_fields(modelled):
+    for r in modelled["rows"]:
+        missing = [f for f in RECORD_FIELDS if f not in r]
+        assert not missing, f"{checks.row_key(r)}: no {missing}"
+        assert r["fraction"] == pytest.approx(r["roofline_us"] / r["modelled_us"])
+        assert r["moved_bytes"] >= r["compulsory_bytes"] > 0
+        assert r["modelled_us"] >= max(r["terms_us"].values()) * (1 - 1e-9)  # the first launch's binding term
+
+
 def test_no_spills(modelled):
     spilled = [f"{checks.row_key(r)} ({r['kernel']}): {r['spill_instructions']} local loads/stores"
                for r in modelled["rows"] if r.get("spill_instructions")]

@@ -75,9 +75,9 @@ def run(gpu_key: str = "h100", dtype: str = "fp16", models: Sequence[str] = DEFA
                     "main_loop": {"instructions": m.main_loop_instructions, "tensor": m.main_loop_tensor,
                                   "mix": m.per_iteration},
                     "generic_shared_suspects": m.generic_shared_suspects,
-                    "modelled_us": {k: v * 1e6 for k, v in m.times.items()},
-                    "modelled_time_us": seconds * 1e6, "bound": m.bound,
-                    "roofline_us": roof * 1e6, "modelled_fraction": roof / seconds,
+                    "terms_us": {k: v * 1e6 for k, v in m.times.items()},  # issue, tensor, dram, l2
+                    "modelled_us": seconds * 1e6, "bound": m.bound,
+                    "roofline_us": roof * 1e6, "fraction": roof / seconds,
                 })
                 rows.append(row)
                 if progress:
@@ -102,10 +102,10 @@ def summary(rows, model_names) -> Dict[str, Dict[str, object]]:
             if not mine:
                 continue
             result[f"{backend}/{pass_name}"] = {
-                "geomean_modelled_fraction": geomean(r["modelled_fraction"] for r in mine),
+                "geomean_fraction": geomean(r["fraction"] for r in mine),
                 "layers": len(mine),
                 "errors": sum(1 for r in rows if r["backend"] == backend and r["pass"] == pass_name and "error" in r),
-                "modelled_step_us": {model: sum(r["modelled_time_us"] * r["counts"].get(model, 0)
+                "modelled_step_us": {model: sum(r["modelled_us"] * r["counts"].get(model, 0)
                                                 for r in mine) for model in model_names},
             }
     return result
@@ -116,8 +116,8 @@ def format_row(r: Dict[str, object]) -> str:
     if "error" in r:
         return f"{head} ERROR {r['error'][:120]}"
     mix = r["main_loop"]
-    return (f"{head} {r['config']:22} {r['modelled_time_us']:8.1f} us modelled ({r['bound']:6}) "
-            f"roof {r['roofline_us']:7.1f} us  fraction {r['modelled_fraction']:.3f}  "
+    return (f"{head} {r['config']:22} {r['modelled_us']:8.1f} us modelled ({r['bound']:6}) "
+            f"roof {r['roofline_us']:7.1f} us  fraction {r['fraction']:.3f}  "
             f"loop {mix['instructions']:4} instr / {mix['tensor']:2} mma  occ {r['blocks_per_sm']}")
 
 
@@ -132,7 +132,7 @@ def format_result(result: Dict[str, object], with_rows: bool = True) -> str:
     for key, s in result["summary"].items():
         backend, pass_name = key.split("/")
         steps = ", ".join(f"{m}: {t:.0f}" for m, t in s["modelled_step_us"].items())
-        g = s["geomean_modelled_fraction"]
+        g = s["geomean_fraction"]
         lines.append(f"| {backend} | {pass_name} | {g:.3f} | {s['layers']}"
                      f"{' (' + str(s['errors']) + ' failed)' if s['errors'] else ''} | {steps} |")
     return "\n".join(lines)

@@ -42,7 +42,7 @@ def baseline_path(gpu: str, dtype: str) -> Path:
 def baseline_from(result) -> Dict[str, object]:
     return {"gpu": result["gpu"], "dtype": result["dtype"], "batch": result["batch"],
             "label": "modelled fractions (SASS-level model), not measurements",
-            "fractions": {row_key(r): round(r["modelled_fraction"], 4)
+            "fractions": {row_key(r): round(r["fraction"], 4)
                           for r in result["rows"] if "error" not in r}}
 
 
@@ -54,8 +54,8 @@ def regressions(result, baseline) -> List[str]:
         row = now.get(key)
         if row is None or "error" in row:
             found.append(f"{key}: not modelled now ({row.get('error') if row else 'missing'})")
-        elif row["modelled_fraction"] < TOLERANCE * before:
-            found.append(f"{key}: modelled fraction {row['modelled_fraction']:.4f} < 0.9 x baseline "
+        elif row["fraction"] < TOLERANCE * before:
+            found.append(f"{key}: modelled fraction {row['fraction']:.4f} < 0.9 x baseline "
                          f"{before:.4f} ({row['config']}, bound {row['bound']})")
     return found
 
