@@ -55,7 +55,7 @@ def reference_batch_norm_backward(grad, input, output, mean, invstd, weight, has
     return grad_input, sum_g_xhat, sum_g, grad_residual
 
 
-def _reference_forward(input, running_mean, running_var, weight, bias, residual, training, eps, relu):
+def reference_forward(input, running_mean, running_var, weight, bias, residual, training, eps, relu):
     """The reference output plus the batch mean, unbiased variance and invstd (training) that
     the backward and the running-statistics update use; eval mode returns empty statistics."""
     ct = stats_dtype(input.dtype)
@@ -132,7 +132,7 @@ def _extension_engine(name: str) -> Callable[[], _Engine]:
 
 
 _ENGINES: Dict[str, Callable[[], _Engine]] = {
-    "torch": lambda: _Engine(_reference_forward, reference_batch_norm_backward),
+    "torch": lambda: _Engine(reference_forward, reference_batch_norm_backward),
     "triton": _triton_engine,
     "cuda": _extension_engine("_C"),
     "simt": _extension_engine("_simt"),
