@@ -222,6 +222,9 @@ def conv_grads(engines: Tuple[Optional[str], Optional[str]], grad, input, weight
         return grad_x_hat, grad_weight
     geometry = (stride, padding, dilation, groups)
     grad_x_hat = grad_weight = None
+    if input_engine not in (None, "torch") or weight_engine not in (None, "torch"):
+        # the kernels read grad channels_last: an NCHW caller's grad is copied once for both passes
+        grad = grad.contiguous(memory_format=torch.channels_last)
     if input_engine is not None:
         grad_x_hat = engine(input_engine).input_grad(grad, input, weight, *geometry)
     if weight_engine is not None:

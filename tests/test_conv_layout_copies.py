@@ -1,0 +1,44 @@
+"""Layout copies on the kernel engines for NCHW callers: the kernels read channels_last, so each
+NCHW tensor is copied once per pass that reads it and never twice for the same pass."""
+
+import pytest
+import torch
+
+import packed_kernels as pk
+from packed_kernels import _backend
+
+
+class CountingCopies:
+    """Counts `Tensor.contiguous` calls that copy a tensor of `shape` (the engines convert layouts
+    with it; the custom ops hide their insides from dispatch modes, so it is watched directly)."""
+
+    def __init__(self, monkeypatch, shape):
+        self.shape, self.count = tuple(shape), 0
+        original = torch.Tensor.contiguous
+
+        def contiguous(t, *args, **kwargs):
+            out = original(t, *args, **kwargs)
+            if tuple(t.shape) == self.shape and out.data_ptr() != t.data_ptr():
+                self.count += 1
+            return out
+        monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+
+
+@pytest.mark.parametrize("backend", ["simt", "triton"])
+def test_nchw_grad_is_copied_to_channels_last_once_for_both_gradients(backend, monkeypatch):
+    if _backend.unavailable_reason(backend, torch.device("cpu"), torch.float32) is not None:
+        pytest.skip(f"{backend} is not available here")
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)  # NCHW
+    w = torch.randn(12, 2, 3, 3, requires_grad=True)
+    y = pk.grouped_conv2d(x, w, None, 2, 1, 1, 4, backend=backend)
+    grad = torch.randn_like(y)
+    assert grad.is_contiguous() and not grad.is_contiguous(memory_format=torch.channels_last)
+    copies = CountingCopies(monkeypatch, grad.shape)
+    y.backward(grad)
+    monkeypatch.undo()
+    assert copies.count == 1
+    ref_x, ref_w = torch.autograd.grad(torch.nn.functional.conv2d(x, w, None, 2, 1, 1, 4), (x, w), grad)
+    torch.testing.assert_close(x.grad, ref_x, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad, ref_w, rtol=1e-4, atol=1e-4)
+    assert x.grad.is_contiguous()
