@@ -11,6 +11,9 @@ Switches (environment variables):
   PACKED_KERNELS_NO_SIMT=1      skip packed_kernels._simt
   PACKED_KERNELS_CUDA_ARCHS     e.g. "80;86;89;90" (default); PTX is embedded for the newest
   MAX_JOBS                      parallel compile jobs (ninja)
+
+The wheel requires the torch major.minor its extensions were compiled against (torch's C++ ABI
+changes between minor versions); a build without extensions requires torch>=2.11.
 """
 
 import glob
@@ -99,5 +102,15 @@ def _build_ext_class(cpp_extension):
     return BuildExtension
 
 
+def dependencies(compiled: bool) -> list:
+    """The wheel's requirements: with compiled extensions, the torch they were compiled against."""
+    torch_requirement = "torch>=2.11"
+    if compiled:
+        import torch
+        major, minor = torch.__version__.split("+")[0].split(".")[:2]
+        torch_requirement = f"torch=={major}.{minor}.*"
+    return [torch_requirement, "numpy"]
+
+
 ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, install_requires=dependencies(bool(ext_modules)))
