@@ -155,4 +155,16 @@ def resolve(op: str, requested: Optional[str], device: torch.device, dtype: torc
 
 
 def available_backends(device: torch.device, dtype: torch.dtype = torch.float32) -> list:
+    """The backends (of BACKENDS: "torch", "triton", "cuda", "simt") that can run calls on
+    tensors of this device and dtype here; a name passed as `backend=` that is not in this
+    list raises BackendUnavailableError, saying why.
+
+    Args:
+        device: a torch.device or its name ("cpu", "cuda", "cuda:1"); the simt backend runs
+            on "cpu" tensors, triton and cuda on "cuda" ones.
+        dtype: the tensors' dtype; the kernel backends take float32, float16 and bfloat16,
+            torch any floating dtype.
+
+    Returns:
+        A list of backend names, "torch" always first."""
     return [b for b in BACKENDS if unavailable_reason(b, torch.device(device), dtype) is None]

@@ -218,7 +218,35 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5, *, residual: Optional[Tensor] = None,
                activation: Optional[str] = None, backend: Optional[str] = None) -> Tensor:
-    """F.batch_norm(input, ...), then `+ residual`, then `activation` (None or "relu")."""
+    """F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps),
+    then `+ residual`, then `activation`, in one pass. Differentiable in input, weight, bias,
+    residual, and (eval mode) in running_mean and running_var.
+
+    Args:
+        input: (N, C, *) (e.g. (N, C, H, W): contiguous, channels_last or strided), float32,
+            float16, bfloat16 (kernel backends) or any float dtype ("torch"). N may be 0.
+        running_mean, running_var: (C,) float tensors on input's device, or both None
+            (training only). In training they are updated in place, as torch does:
+            running = (1 - momentum) * running + momentum * batch statistic (unbiased
+            variance); in eval they normalise.
+        weight, bias: (C,) the affine gamma and beta, or None (1 and 0).
+        training: normalise by the batch statistics (True) or the running ones (False).
+        momentum: the running statistics' update factor (a float).
+        eps: added to the variance; > 0 in training.
+        residual: a tensor of input's shape, dtype and device added after the affine, or None.
+        activation: None or "relu", applied last.
+        backend: the engine: None or "auto" (CUDA tensors: "triton" where usable, else "cuda";
+            other devices: "torch"), or one of packed_kernels.BACKENDS ("torch", "triton",
+            "cuda", "simt"; see grouped_conv2d). A backend that cannot run the call raises
+            BackendUnavailableError before any launch.
+
+    Returns:
+        A tensor of input's shape, dtype and memory format. Batch statistics are computed in
+        float32 (float64 for float64 input).
+
+    Raises:
+        TypeError, ValueError naming the argument, BackendUnavailableError; before any
+        launch."""
     op = "batch_norm"
     check_float_tensor(op, "input", input, min_dim=2, allow_empty_batch=True)
     if activation not in ACTIVATIONS:

@@ -311,7 +311,37 @@ def choose_backend(op: str, backend: Optional[str], input: Tensor, weight: Tenso
 def grouped_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
                    padding: Union[IntPair, str] = 0, dilation: IntPair = 1, groups: int = 1, *,
                    backend: Optional[str] = None) -> Tensor:
-    """torch.nn.functional.conv2d semantics, block-diagonal over `groups`."""
+    """torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups):
+    the 2-D convolution, block-diagonal over `groups` (the layer of a Packed-Ensemble).
+    Differentiable in input, weight and bias; torch.compile and torch.export see it as the op
+    packed_kernels::grouped_conv2d (packed_kernels.export decomposes it into aten).
+
+    Args:
+        input: (N, C_in, H, W), float32, float16, bfloat16 (kernel backends) or any float dtype
+            ("torch"); contiguous (NCHW), channels_last or any strided view. N may be 0.
+        weight: (C_out, C_in / groups, kH, kW), input's dtype and device.
+        bias: (C_out,) in input's dtype, or None.
+        stride: an int or (sH, sW), each >= 1.
+        padding: an int or (pH, pW) >= 0 of zeros on each side, or "valid" (0) or "same"
+            (output size = input size; stride 1 only; an even kernel pads one more row/column
+            at the bottom/right, as torch does).
+        dilation: an int or (dH, dW), each >= 1.
+        groups: >= 1, dividing both C_in and C_out.
+        backend: the engine: None or "auto" (CUDA tensors: each engine is measured on the
+            first call of each kind and the fastest that agrees with cuDNN is kept, see
+            packed_kernels.dispatch; other devices: "torch"), or one of packed_kernels.BACKENDS:
+            "torch" (torch's conv2d), "triton", "cuda" (CUDA tensors), "simt" (the CUDA C++
+            kernels on the CPU emulator, CPU tensors). A backend that cannot run the call
+            raises BackendUnavailableError before any launch; available_backends() lists those
+            that can. Every backend computes the same function (up to rounding).
+
+    Returns:
+        (N, C_out, H_out, W_out) in input's dtype and memory format (channels_last in,
+        channels_last out), H_out = (H + 2 pH - dH (kH - 1) - 1) // sH + 1 (W likewise).
+
+    Raises:
+        TypeError, ValueError naming the argument (shapes, dtypes, devices, geometry),
+        BackendUnavailableError; all before any launch."""
     op = "grouped_conv2d"
     stride, padding4, dilation = _validated_grouped_call(input, weight, bias, stride, padding,
                                                          dilation, groups)
@@ -350,6 +380,27 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     x_hat = in_act(input * in_scale + in_shift) (per channel; the conv zero-pads x_hat, so
     this is conv(relu(bn(x))) with BN folded into in_scale/in_shift).
 
+    Args:
+        input, weight, bias, stride, padding, dilation, groups: as grouped_conv2d's (input
+            (N, C_in, H, W), weight (C_out, C_in / groups, kH, kW), bias (C_out,) or None).
+        in_scale, in_shift: (C_in,) per input channel, or None (1 and 0): the prologue, e.g.
+            the previous BatchNorm folded (scale = gamma / sqrt(var + eps), shift = beta -
+            mean * scale). input's dtype, or float32 with float16/bfloat16 input.
+        in_activation: None or "relu", applied after the prologue.
+        out_scale, out_shift: (C_out,) per output channel, or None: the epilogue (this conv's
+            BatchNorm folded); dtypes as in_scale's.
+        residual: a tensor of the output's shape and input's dtype added after the epilogue's
+            scale and shift (the block's shortcut), or None.
+        activation: None or "relu", applied last.
+        channel_stats: also return the statistics of y (see Returns).
+        backend: the engine: None or "auto" (CUDA tensors: each engine is measured on the
+            first call of each kind and the fastest that agrees with cuDNN is kept, see
+            packed_kernels.dispatch; other devices: "torch"), or one of packed_kernels.BACKENDS:
+            "torch" (the torch reference), "triton", "cuda" (CUDA tensors), "simt" (the CUDA C++
+            kernels on the CPU emulator, CPU tensors). A backend that cannot run the call
+            raises BackendUnavailableError before any launch; available_backends() lists those
+            that can. Every backend computes the same function (up to rounding).
+
     Returns `out`, or with channel_stats=True `(out, mean, var)`: per output channel, the mean
     and biased (population) variance of y over (N, H, W) in fp32 (fp64 for fp64 input) —
     BatchNorm's batch statistics of y without reading it again, computed stably (per-tile
@@ -357,7 +408,11 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     |mean| >> std). Differentiable in every tensor argument: the backward runs the conv
     gradients on the same backend, and the per-channel glue (activation masks, the statistics'
     gradient, grad_residual, grad_input, the vectors' gradients) as two fused Triton passes on
-    CUDA tensors (triton/conv_glue.py), in torch on the CPU."""
+    CUDA tensors (triton/conv_glue.py), in torch on the CPU.
+
+    Raises:
+        TypeError, ValueError naming the argument, BackendUnavailableError; before any
+        launch."""
     stride, padding4, dilation = _validated_fused_call(
         input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, in_activation,
         out_scale, out_shift, residual, activation, channel_stats)

@@ -289,14 +289,46 @@ def _choose(op: str, logits: Tensor, num_estimators: int, backend: Optional[str]
 
 
 def ensemble_mean(logits: Tensor, num_estimators: int, *, backend: Optional[str] = None) -> Tensor:
-    """Mean over estimators of softmax(logits): (M*B, C[, *]) -> (B, C[, *])."""
+    """Mean over estimators of softmax(logits, dim=1): the ensemble's prediction.
+    Differentiable in logits.
+
+    Args:
+        logits: (M*B, C) or (M*B, C, *), estimator-major (rows m*B .. m*B + B - 1 are
+            estimator m's, as a Packed-Ensemble's last layer returns them), C >= 2; any float
+            dtype ("torch") or float32, float16, bfloat16 (kernel backends); any strides.
+            -inf masks a class; NaN propagates.
+        num_estimators: M >= 1, dividing logits.shape[0].
+        backend: the engine: None or "auto" (CUDA tensors: "triton" where usable, else
+            "cuda"; other devices, or more than 64 estimators: "torch"), or one of
+            packed_kernels.BACKENDS ("torch", "triton", "cuda", "simt"; see grouped_conv2d). A
+            backend that cannot run the call raises BackendUnavailableError before any launch.
+
+    Returns:
+        (B, C[, *]) probabilities in logits' dtype (computed in float32, float64 for
+        float64)."""
     _check("ensemble_mean", logits, num_estimators, min_dim=2, max_dim=None)
     chosen = _choose("ensemble_mean", logits, num_estimators, backend)
     return _ensemble_mean_op(logits, num_estimators, chosen)
 
 
 def ensemble_scores(logits: Tensor, num_estimators: int, *, backend: Optional[str] = None) -> EnsembleScores:
-    """The mean prediction and its uncertainty scores from one pass over (M*B, C) logits."""
+    """The mean prediction and its uncertainty scores from one pass over the logits.
+    Differentiable in logits (variation_ratio is not: a vote count).
+
+    Args:
+        logits: (M*B, C), estimator-major (rows m*B .. m*B + B - 1 are estimator m's), C >= 2;
+            dtypes, strides, -inf and NaN as for ensemble_mean.
+        num_estimators: M >= 1, dividing logits.shape[0].
+        backend: the engine: None or "auto" (CUDA tensors: "triton" where usable, else
+            "cuda"; other devices, or more than 64 estimators: "torch"), or one of
+            packed_kernels.BACKENDS ("torch", "triton", "cuda", "simt"; see grouped_conv2d). A
+            backend that cannot run the call raises BackendUnavailableError before any launch.
+
+    Returns:
+        EnsembleScores(probs (B, C), msp, max_logit, entropy, mutual_information,
+        variation_ratio (each (B,))) in logits' dtype: the mean of the estimators' softmax, its
+        maximum, the maximum of the estimator-mean logits, its entropy, the entropy minus the
+        mean of the estimators' entropies, and 1 - (votes for the modal class) / M."""
     _check("ensemble_scores", logits, num_estimators, min_dim=2, max_dim=2)
     chosen = _choose("ensemble_scores", logits, num_estimators, backend)
     return EnsembleScores(*_ensemble_scores_op(logits, num_estimators, chosen))

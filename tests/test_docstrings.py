@@ -1,0 +1,60 @@
+"""help() of every public callable documents each of its parameters (by name), and every
+public module has a docstring."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+
+import packed_kernels as pk
+from packed_kernels import export as pk_export
+
+SKIPPED_PARAMETERS = {"self", "args", "kwargs", "onnx_options"}
+
+
+def _public(module, names):
+    return [(f"{module.__name__}.{name}", getattr(module, name)) for name in names]
+
+
+PUBLIC = _public(pk, pk.__all__) + _public(pk_export, ["export", "to_onnx", "decomposition_table"])
+
+
+def _documented_signature(obj):
+    """(signature, documentation) as help() shows them; a class's __init__ doc counts."""
+    doc = inspect.getdoc(obj) or ""
+    target = obj
+    if inspect.isclass(obj):
+        if "__init__" in vars(obj):
+            doc += "\n" + (inspect.getdoc(obj.__init__) or "")
+        else:
+            return None, doc
+    try:
+        return inspect.signature(target), doc
+    except (TypeError, ValueError):
+        return None, doc
+
+
+@pytest.mark.parametrize("name, obj", [p for p in PUBLIC if not isinstance(p[1], (tuple, list))],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_documents_every_parameter(name, obj):
+    if inspect.ismodule(obj):
+        assert (inspect.getdoc(obj) or "").strip(), f"module {name} has no docstring"
+        return
+    signature, doc = _documented_signature(obj)
+    assert doc.strip(), f"{name} has no docstring"
+    if signature is None:
+        return
+    missing = [p for p in signature.parameters if p not in SKIPPED_PARAMETERS
+               and not re.search(rf"\b{re.escape(p)}\b", doc)]
+    assert not missing, f"{name}'s docstring does not mention {missing}"
+
+
+@pytest.mark.parametrize("op", [pk.grouped_conv2d, pk.fused_conv2d, pk.batch_norm,
+                                pk.ensemble_mean, pk.ensemble_scores])
+def test_ops_document_backend_shapes_and_dtypes(op):
+    doc = inspect.getdoc(op)
+    for word in ("backend", "BackendUnavailableError", "dtype", "Returns"):
+        assert word in doc, f"{op.__name__}: no {word!r}"
+    assert re.search(r"\(M\*B, C|\(N, C", doc), f"{op.__name__}: no input shape"
