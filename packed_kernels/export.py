@@ -23,6 +23,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import models as _models
+from . import nn as _nn
 from .ops.decompositions import DECOMPOSITIONS
 
 NAMESPACE = "packed_kernels"
@@ -103,3 +105,21 @@ def to_onnx(model: Union[nn.Module, torch.export.ExportedProgram], args: Sequenc
         program = export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
     return torch.onnx.export(program, f=f, dynamo=True, opset_version=opset_version,
                              **onnx_options)
+
+
+def _refuse_torchscript(module: nn.Module):
+    raise TypeError(
+        f"torch.jit.script: {type(module).__name__} (packed_kernels) does not support "
+        "TorchScript, which torch no longer develops; use packed_kernels.export.export "
+        "(torch.export, no packed_kernels needed to run it), packed_kernels.export.to_onnx, or "
+        "torch.compile")
+
+
+# torch.jit.script calls __prepare_scriptable__ on the module and each submodule first: a model
+# holding any of our modules is refused with the message above, rather than failing deep inside
+# the TorchScript compiler on an attribute it cannot type.
+for _package in (_nn, _models):
+    for _name in _package.__all__:
+        _cls = getattr(_package, _name)
+        if isinstance(_cls, type) and issubclass(_cls, nn.Module):
+            _cls.__prepare_scriptable__ = _refuse_torchscript

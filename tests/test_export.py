@@ -223,3 +223,10 @@ def test_export_names_an_undecomposed_op(monkeypatch):
     monkeypatch.setattr(pk_export, "decomposition_table", lambda: table)
     with pytest.raises(RuntimeError, match="packed_kernels.ensemble_mean"):
         pk_export.export(model, (torch.randn(4, 4, 6, 6),))
+
+
+def test_torchscript_is_refused_with_a_pointer_to_export():
+    model = torch.nn.Sequential(
+        packed_resnet(in_channels=3, num_classes=10, arch=18, num_estimators=2, alpha=1, gamma=1))
+    with pytest.raises(TypeError, match=r"PackedResNet.*TorchScript.*packed_kernels\.export"):
+        torch.jit.script(model)
