@@ -51,6 +51,7 @@ def train_gaussian(model, x, y, *, num_estimators: int, epochs: int, batch_size:
                    weight_decay: float, seed: int):
     """Adam on the mean Gaussian NLL of every estimator's prediction (targets repeated M times)."""
     import torch
+    from packed_kernels.nn import repeat_targets
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
@@ -59,7 +60,7 @@ def train_gaussian(model, x, y, *, num_estimators: int, epochs: int, batch_size:
         for start in range(0, x.shape[0], batch_size):
             idx = order[start:start + batch_size]
             mean, variance = model(x[idx])
-            target = y[idx].repeat(num_estimators)
+            target = repeat_targets(y[idx], num_estimators)
             loss = torch.nn.functional.gaussian_nll_loss(mean, target, variance)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -70,12 +71,12 @@ def train_gaussian(model, x, y, *, num_estimators: int, epochs: int, batch_size:
 def predict_gaussian(model, x, num_estimators: int):
     """The ensemble's predictive mean and variance, (N,) each."""
     import torch
+    from einops import rearrange
     from packed_kernels.metrics import gaussian_mixture_moments
     model.eval()
     with torch.no_grad():
-        mean, variance = model(x)
-    n = x.shape[0]
-    return gaussian_mixture_moments(mean.reshape(num_estimators, n), variance.reshape(num_estimators, n))
+        mean, variance = (rearrange(t, "(m n) -> m n", m=num_estimators) for t in model(x))
+    return gaussian_mixture_moments(mean, variance)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

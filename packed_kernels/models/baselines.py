@@ -28,9 +28,11 @@ import math
 from typing import Optional, Type
 
 import torch
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from ..nn.packed import STOCK, GroupedConv2d, autocast_operands
+from ..nn.packed import GroupedConv2d
+from ..nn.packing import STOCK, autocast_operands
 from ..ops.conv import grouped_conv2d
 from ._common import BASIC_BLOCK_ARCHS, NARROW_ARCHS, default_norm, resnet_blocks
 from .resnet import BasicBlock, Bottleneck, PackedResNet, ResNetLayout, packed_resnet
@@ -68,13 +70,12 @@ class MIMOResNet(PackedResNet):
     def forward(self, x: Tensor) -> Tensor:
         m = self.num_estimators
         if not self.training:
-            x = x.repeat(m, *([1] * (x.dim() - 1)))
+            x = repeat(x, "b ... -> (m b) ...", m=m)
         if x.shape[0] % m:
             raise ValueError(f"MIMOResNet: training batch of {x.shape[0]} is not M={m} batches")
-        b = x.shape[0] // m
-        stacked = x.reshape(m, b, *x.shape[1:]).transpose(0, 1).reshape(b, m * x.shape[1], *x.shape[2:])
-        out = super().forward(stacked)  # (B, M*classes)
-        return out.reshape(b, m, -1).transpose(0, 1).reshape(m * b, -1)
+        # the M inputs side by side as channels, one subnetwork's logits per channel block
+        out = super().forward(rearrange(x, "(m b) c ... -> b (m c) ...", m=m))
+        return rearrange(out, "b (m k) -> (m b) k", m=m)
 
 
 def mimo_resnet(in_channels: int, num_classes: int, arch: int, num_estimators: int,
@@ -132,18 +133,19 @@ class BatchConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.num_estimators
-        b = _per_member(x, m, "BatchConv2d")
+        _per_member(x, m, "BatchConv2d")
         x, weight, r, s, bias = autocast_operands(x, self.conv.weight, self.r_group, self.s_group, self.bias)
-        scaled = (x.reshape(m, b, *x.shape[1:]) * r[:, None, :, None, None]).reshape(x.shape)
+        scaled = rearrange(rearrange(x, "(m b) c h w -> m b c h w", m=m)
+                           * rearrange(r, "m c -> m 1 c 1 1"), "m b c h w -> (m b) c h w")
         if self.backend == STOCK:
             out = self.conv(scaled)
         else:
             out = grouped_conv2d(scaled, weight, None, self.conv.stride, self.conv.padding,
                                  self.conv.dilation, self.conv.groups, backend=self.backend)
-        out = out.reshape(m, b, *out.shape[1:]) * s[:, None, :, None, None]
+        out = rearrange(out, "(m b) c h w -> m b c h w", m=m) * rearrange(s, "m c -> m 1 c 1 1")
         if bias is not None:
-            out = out + bias[:, None, :, None, None]
-        return out.reshape(m * b, *out.shape[2:])
+            out = out + rearrange(bias, "m c -> m 1 c 1 1")
+        return rearrange(out, "m b c h w -> (m b) c h w")
 
 
 class BatchLinear(nn.Module):
@@ -170,11 +172,11 @@ class BatchLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         m = self.num_estimators
         b = _per_member(x, m, "BatchLinear")
-        rows = x.reshape(m, b, -1) * self.r_group[:, None, :]
-        out = self.linear(rows) * self.s_group[:, None, :]
+        rows = rearrange(x, "(m b) ... -> m b (...)", b=b) * rearrange(self.r_group, "m f -> m 1 f")
+        out = self.linear(rows) * rearrange(self.s_group, "m k -> m 1 k")
         if self.bias is not None:
-            out = out + self.bias[:, None, :]
-        return out.reshape(m * b, -1)
+            out = out + rearrange(self.bias, "m k -> m 1 k")
+        return rearrange(out, "m b k -> (m b) k")
 
 
 class BatchLayers:
@@ -224,7 +226,7 @@ class BatchedResNet(ResNetLayout):
                            normalization_layer or default_norm(), dropout_rate)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.repeat(self.num_estimators, *([1] * (x.dim() - 1))))
+        return super().forward(repeat(x, "b ... -> (m b) ...", m=self.num_estimators))
 
 
 def batched_resnet(in_channels: int, num_classes: int, arch: int, num_estimators: int,

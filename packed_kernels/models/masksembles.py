@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional, Type
 
 import numpy as np
+from einops import repeat
 from torch import Tensor, nn
 
 from ..nn.masksembles import MaskedConv2d, MaskedLinear
@@ -76,7 +77,7 @@ class MasksemblesResNet(ResNetLayout):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.repeat_strategy == "legacy":
-            x = x.repeat(self.num_estimators, *([1] * (x.dim() - 1)))
+            x = repeat(x, "b ... -> (m b) ...", m=self.num_estimators)
         return super().forward(x)
 
 

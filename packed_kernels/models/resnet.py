@@ -20,7 +20,8 @@ from typing import Optional, Sequence, Type
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.packed import PackedConv2d, PackedLinear
+from ..nn.packed import PackedConv2d
+from ..nn.packed_linear import PackedLinear
 from ._common import (BASIC_BLOCK_ARCHS, NARROW_ARCHS, check_style, conv_norm_act, default_norm,
                       dropout_between, fuses, make_norm, resnet_blocks, shortcut_forward)
 

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from torch.nn.functional import relu
 
 from ..nn.conv_bn import conv_bn_act
-from ..nn.packed import PackedConv2d, PackedLinear
+from ..nn.packed import PackedConv2d
+from ..nn.packed_linear import PackedLinear
 from ._common import check_style, conv_norm_act, default_norm, dropout_active, fuses, make_norm
 
 

@@ -35,8 +35,9 @@ class BatchNorm2d(nn.BatchNorm2d):
             new._buffers[name] = buffer
         return new.train(module.training)
 
-    def exponential_average_factor(self) -> float:
-        """torch's momentum for this step; counts the batch when training with running stats."""
+    def count_batch(self) -> float:
+        """Counts this batch in num_batches_tracked (training with running statistics, as torch's
+        forward does) and returns torch's momentum for the step."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -45,7 +46,7 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
-        factor = self.exponential_average_factor()
+        factor = self.count_batch()
         # as torch: batch statistics in training, or whenever there are no running statistics
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats

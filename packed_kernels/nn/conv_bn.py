@@ -32,7 +32,8 @@ from ..ops.batch_norm import batch_norm
 from .._layouts import WEIGHT_LAYOUT, strided_for
 from ..ops.conv import choose_backend, fused_conv2d
 from .batch_norm import BatchNorm2d
-from .packed import STOCK, PackedConv2d, autocast_operands
+from .packed import PackedConv2d
+from .packing import STOCK, autocast_operands
 
 
 class DeferredBatchNorm:
@@ -188,7 +189,7 @@ def conv_bn_act(x: Union[Tensor, DeferredBatchNorm], conv: nn.Module, bn: Option
         weight, bias = autocast_operands(inner.weight, inner.bias)
         return fused_conv2d(raw, weight, bias, **geometry, **prologue, residual=residual,
                             activation=activation)
-    factor = BatchNorm2d.exponential_average_factor(bn)  # counts the batch, as bn.forward would
+    factor = BatchNorm2d.count_batch(bn)
     if not (bn.training or bn.running_mean is None):
         # inference: BN folded into the epilogue, with the residual and activation
         if _reuse_depth and not torch.is_grad_enabled():

@@ -1,7 +1,8 @@
-"""convert(model): put packed_kernels modules in place of torch-uncertainty's packed layers
-(PackedConv1d/2d/3d, PackedConvTranspose2d, PackedLinear of every implementation),
-grouped nn.Conv2d and (once it exists) nn.BatchNorm2d, in place, sharing the same parameter
-tensors, so outputs and state_dict keys are unchanged.
+"""The model-wide tools. convert(model): put packed_kernels modules in place of
+torch-uncertainty's packed layers (PackedConv1d/2d/3d, PackedConvTranspose2d, PackedLinear of
+every implementation), grouped nn.Conv2d and nn.BatchNorm2d, in place, sharing the same
+parameter tensors, so outputs and state_dict keys are unchanged. set_backend(model, backend):
+the engine of every packed_kernels layer in a model.
 
 torch-uncertainty is not a dependency, so its layers are recognised by class name and the
 attributes its 0.13 layers carry (an inner `conv` or `conv_transpose`, or PackedLinear's 3-D
@@ -15,8 +16,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .packed import (GroupedConv2d, PackedConv1d, PackedConv2d, PackedConv3d, PackedConvTranspose2d,
-                     PackedLinear)
+from .. import _backend
+from .batch_norm import BatchNorm2d
+from .packed import GroupedConv2d, PackedConv1d, PackedConv2d, PackedConv3d, PackedConvTranspose2d
+from .packed_linear import PackedLinear
+from .packing import STOCK
 
 _OURS = (PackedConv1d, PackedConv2d, PackedConv3d, PackedConvTranspose2d, PackedLinear, GroupedConv2d)
 
@@ -64,21 +68,7 @@ def _packed_linear_replacement(module: nn.Module) -> Optional[nn.Module]:
 def _batch_norm_replacement(module: nn.Module) -> Optional[nn.Module]:
     if type(module) is not nn.BatchNorm2d:
         return None
-    try:  # packed_kernels.nn.BatchNorm2d lands separately; until then BN stays torch's
-        from . import BatchNorm2d  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    if hasattr(BatchNorm2d, "from_batch_norm"):
-        return BatchNorm2d.from_batch_norm(module)
-    if not issubclass(BatchNorm2d, nn.BatchNorm2d):
-        return None
-    new = BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                      module.track_running_stats, device="meta")
-    for name, param in module.named_parameters(recurse=False):
-        setattr(new, name, param)
-    for name, buffer in module.named_buffers(recurse=False):
-        new._buffers[name] = buffer
-    return new.train(module.training)
+    return BatchNorm2d.from_batch_norm(module)
 
 
 def _replacement(module: nn.Module) -> Optional[nn.Module]:
@@ -108,4 +98,20 @@ def convert(model: nn.Module) -> nn.Module:
             setattr(model, name, new)
         else:
             convert(child)
+    return model
+
+
+def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
+    """Choose the engine of every packed_kernels layer in `model`: None/"auto" (the op picks),
+    one of packed_kernels.BACKENDS, or "stock" (torch's own convolution, bypassing our ops;
+    packed_kernels.nn.BatchNorm2d then runs its torch reference, F.batch_norm + add + ReLU).
+    Returns `model`."""
+    allowed = (None, "auto", STOCK) + tuple(_backend.BACKENDS)
+    if backend not in allowed:
+        raise ValueError(f"set_backend: backend must be one of {allowed}, got {backend!r}")
+    for module in model.modules():
+        if getattr(type(module), "routes_through_packed_ops", False):
+            module.backend = backend
+        elif isinstance(module, BatchNorm2d):
+            module.backend = "torch" if backend == STOCK else backend
     return model

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from einops import repeat
 from torch import Tensor, nn
 
 from .._checks import check_positive_int
@@ -17,7 +18,7 @@ def repeat_targets(targets: Tensor, num_estimators: int) -> Tensor:
     check_positive_int("repeat_targets", "num_estimators", num_estimators)
     if not isinstance(targets, Tensor) or targets.dim() < 1:
         raise ValueError("repeat_targets: targets must be a tensor with a batch dimension")
-    return targets.repeat(num_estimators, *([1] * (targets.dim() - 1)))
+    return repeat(targets, "b ... -> (m b) ...", m=num_estimators)
 
 
 class EnsembleMean(nn.Module):

@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from .packed import GroupedConv2d
@@ -97,9 +98,10 @@ class ChannelMasks(nn.Module):
         if x.shape[0] % m:
             raise ValueError(f"{type(self).__name__}: batch of {x.shape[0]} is not divisible by "
                              f"the {m} masks (inputs are estimator-major: M blocks of B rows)")
-        per_member = x.reshape(m, x.shape[0] // m, *x.shape[1:])
-        masks = self.masks.to(x.dtype).reshape(m, 1, -1, *([1] * (x.dim() - 2)))
-        return (per_member * masks).reshape(x.shape)
+        per_member = rearrange(x, "(m b) ... -> m b ...", m=m)
+        # (M, C) masks broadcast over each member's rows and any spatial dimensions
+        masks = self.masks.to(x.dtype).view(m, 1, -1, *([1] * (x.dim() - 2)))
+        return rearrange(per_member * masks, "m b ... -> (m b) ...")
 
 
 class MaskedConv2d(nn.Module):

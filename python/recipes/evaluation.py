@@ -11,6 +11,7 @@ import contextlib
 from typing import Dict, Optional
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 import packed_kernels as pk
@@ -56,7 +57,7 @@ def predict_logits(model: torch.nn.Module, split: Split, num_estimators: int, *,
                 if logits.shape[0] != num_estimators * b:
                     raise RuntimeError(f"model returned {logits.shape[0]} rows for a batch of {b} "
                                        f"with {num_estimators} estimators (expected M*B rows)")
-                chunks.append(logits.float().reshape(num_estimators, b, -1).cpu())
+                chunks.append(rearrange(logits.float(), "(m b) k -> m b k", m=num_estimators).cpu())
     finally:
         model.train(was_training)
     return torch.cat(chunks, dim=1)
@@ -64,8 +65,7 @@ def predict_logits(model: torch.nn.Module, split: Split, num_estimators: int, *,
 
 def ensemble_scores(logits: Tensor) -> pk.EnsembleScores:
     """ensemble_scores of (M, N, K) logits (reshaped to the estimator-major (M*N, K))."""
-    m, n, k = logits.shape
-    return pk.ensemble_scores(logits.reshape(m * n, k), m)
+    return pk.ensemble_scores(rearrange(logits, "m n k -> (m n) k"), logits.shape[0])
 
 
 def classification_metrics(logits: Tensor, labels: Tensor, num_bins: int = 15) -> Dict[str, float]:

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from packed_kernels.nn import repeat_targets
+
 from .data import Dataset, epoch_batches, num_batches
 from .errors import RecipeError
 from .evaluation import autocast_context, classification_metrics, predict_logits
@@ -238,7 +240,7 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, num_estimator
         for images, labels in batches:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if batch_transform is None:
-                inputs, targets = images, labels.repeat(num_estimators)
+                inputs, targets = images, repeat_targets(labels, num_estimators)
             else:
                 inputs, targets = batch_transform(images, labels, batch_gen)
             if cfg.channels_last:
