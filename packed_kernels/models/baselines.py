@@ -35,9 +35,11 @@ from ..nn.packed import GroupedConv2d
 from ..nn.packing import STOCK, autocast_operands
 from ..ops.conv import grouped_conv2d
 from ._common import BASIC_BLOCK_ARCHS, NARROW_ARCHS, default_norm, resnet_blocks
+from .._docs import with_arguments
 from .resnet import BasicBlock, Bottleneck, PackedResNet, ResNetLayout, packed_resnet
 
 
+@with_arguments
 def resnet(in_channels: int, num_classes: int, arch: int, conv_bias: bool = False,
            width_multiplier: float = 1.0, groups: int = 1, dropout_rate: float = 0.0,
            style: str = "imagenet", normalization_layer: Optional[Type[nn.Module]] = None) -> PackedResNet:
@@ -48,6 +50,7 @@ def resnet(in_channels: int, num_classes: int, arch: int, conv_bias: bool = Fals
                          normalization_layer=normalization_layer)
 
 
+@with_arguments
 def deep_ensemble_resnet(in_channels: int, num_classes: int, arch: int, num_estimators: int,
                          conv_bias: bool = False, width_multiplier: float = 1.0,
                          dropout_rate: float = 0.0, style: str = "imagenet",
@@ -59,11 +62,14 @@ def deep_ensemble_resnet(in_channels: int, num_classes: int, arch: int, num_esti
                          normalization_layer=normalization_layer)
 
 
+@with_arguments
 class MIMOResNet(PackedResNet):
     """Training input: (M*B, C, H, W), M batches (estimator-major) that the M subnetworks see
     side by side; eval input: (B, C, H, W), shown to every subnetwork. Output (M*B, classes)."""
 
     def __init__(self, num_estimators: int, **kwargs) -> None:
+        """kwargs: PackedResNet's arguments (block, num_blocks, in_channels = M * the images'
+        channels, num_classes = M * classes, ...), with alpha = gamma = 1."""
         super().__init__(num_estimators=1, alpha=1, gamma=1, **kwargs)
         self.num_estimators = num_estimators
 
@@ -78,10 +84,14 @@ class MIMOResNet(PackedResNet):
         return rearrange(out, "b (m k) -> (m b) k", m=m)
 
 
+@with_arguments
 def mimo_resnet(in_channels: int, num_classes: int, arch: int, num_estimators: int,
                 conv_bias: bool = True, dropout_rate: float = 0.0, width_multiplier: float = 1.0,
                 groups: int = 1, style: str = "imagenet",
                 normalization_layer: Optional[Type[nn.Module]] = None) -> MIMOResNet:
+    """MIMO ResNet-`arch` (torch-uncertainty's mimo_resnet): M subnetworks in one network whose
+    input and output layers are M times wider; see MIMOResNet for its inputs. Output (M*B,
+    num_classes), estimator-major."""
     num_blocks = resnet_blocks(arch)
     block = BasicBlock if arch in BASIC_BLOCK_ARCHS else Bottleneck
     in_planes = 16 if arch in NARROW_ARCHS else 64
@@ -106,7 +116,17 @@ def _per_member(t: Tensor, num_estimators: int, layer: str) -> int:
 
 class BatchConv2d(nn.Module):
     """BatchEnsemble conv: out_m = (W * (x_m . r_m)) . s_m + bias_m for member m; the inner
-    `conv` holds the shared weight (torch-uncertainty's parameter names and shapes)."""
+    `conv` holds the shared weight (torch-uncertainty's parameter names and shapes). Input
+    (M*B, in_channels, H, W), estimator-major (block m of B rows is member m's); output
+    (M*B, out_channels, H_out, W_out) in its dtype. The convolution runs on
+    packed_kernels.grouped_conv2d with the layer's `backend` attribute (None: "auto"; set by
+    packed_kernels.nn.set_backend; "stock": torch's nn.Conv2d).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups: nn.Conv2d's.
+        num_estimators: M, the members (>= 1); the batch must be a multiple of M.
+        bias: a per-member bias (M, out_channels).
+        device, dtype: of the parameters, as nn.Conv2d's."""
 
     routes_through_packed_ops = True  # packed_kernels.nn.set_backend applies
     backend: Optional[str] = None
@@ -149,7 +169,15 @@ class BatchConv2d(nn.Module):
 
 
 class BatchLinear(nn.Module):
-    """BatchEnsemble linear layer (torch-uncertainty's parameter names and shapes)."""
+    """BatchEnsemble linear layer (torch-uncertainty's parameter names and shapes):
+    out_m = (W (x_m . r_m)) . s_m + bias_m. Input (M*B, in_features), estimator-major; output
+    (M*B, out_features).
+
+    Args:
+        in_features, out_features: nn.Linear's.
+        num_estimators: M, the members (>= 1); the batch must be a multiple of M.
+        bias: a per-member bias (M, out_features).
+        device, dtype: of the parameters, as nn.Linear's."""
 
     def __init__(self, in_features: int, out_features: int, num_estimators: int, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -209,6 +237,7 @@ class BatchLayers:
         return BatchLinear(features, num_classes, self.num_estimators)
 
 
+@with_arguments
 class BatchedResNet(ResNetLayout):
     """BatchEnsemble ResNet: input (B, C, H, W) is repeated M times; output (M*B, classes)."""
 
@@ -229,10 +258,13 @@ class BatchedResNet(ResNetLayout):
         return super().forward(repeat(x, "b ... -> (m b) ...", m=self.num_estimators))
 
 
+@with_arguments
 def batched_resnet(in_channels: int, num_classes: int, arch: int, num_estimators: int,
                    conv_bias: bool = True, dropout_rate: float = 0.0, width_multiplier: float = 1.0,
                    groups: int = 1, style: str = "imagenet",
                    normalization_layer: Optional[Type[nn.Module]] = None) -> BatchedResNet:
+    """BatchEnsemble ResNet-`arch` (torch-uncertainty's batched_resnet): input (B, C, H, W),
+    repeated M times; output (M*B, num_classes), estimator-major."""
     return BatchedResNet(in_channels, num_classes, arch, num_estimators, conv_bias=conv_bias,
                          dropout_rate=dropout_rate, width_multiplier=width_multiplier, groups=groups,
                          style=style, normalization_layer=normalization_layer)

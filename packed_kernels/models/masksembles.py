@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..nn.masksembles import MaskedConv2d, MaskedLinear
 from ..nn.packed import GroupedConv2d
 from ._common import BASIC_BLOCK_ARCHS, NARROW_ARCHS, default_norm, resnet_blocks
+from .._docs import with_arguments
 from .resnet import BasicBlock, Bottleneck, ResNetLayout
 
 REPEAT_STRATEGIES = ("legacy", "paper")
@@ -51,6 +52,7 @@ class MaskedLayers:
         return MaskedLinear(features, num_classes, self.num_estimators, scale=self.scale, rng=self.rng)
 
 
+@with_arguments
 class MasksemblesResNet(ResNetLayout):
     """Input (B, C, H, W). In eval, and in training with repeat_strategy "legacy", the input is
     repeated M times and the output is estimator-major (M*B, classes). In training with
@@ -81,6 +83,7 @@ class MasksemblesResNet(ResNetLayout):
         return super().forward(x)
 
 
+@with_arguments
 def masksembles_resnet(in_channels: int, num_classes: int, arch: int, num_estimators: int = 4,
                        scale: float = 2.0, width_multiplier: float = 1.0, groups: int = 1,
                        conv_bias: bool = True, dropout_rate: float = 0.0, style: str = "imagenet",
@@ -88,8 +91,7 @@ def masksembles_resnet(in_channels: int, num_classes: int, arch: int, num_estima
                        repeat_strategy: str = "paper", seed: Optional[int] = None) -> MasksemblesResNet:
     """Masksembles ResNet-`arch` with torch-uncertainty's masked_resnet arguments (M = 4 and
     scale 2, the Packed-Ensembles paper's configuration, by default). `seed` draws the masks
-    reproducibly (None: fresh ones, as upstream). normalization_layer defaults to
-    packed_kernels.nn.BatchNorm2d where it exists, else nn.BatchNorm2d."""
+    reproducibly (None: fresh ones, as upstream)."""
     return MasksemblesResNet(in_channels, num_classes, arch, num_estimators, scale=scale,
                              conv_bias=conv_bias, dropout_rate=dropout_rate,
                              width_multiplier=width_multiplier, groups=groups, style=style,

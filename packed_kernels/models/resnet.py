@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..nn.packed import PackedConv2d
 from ..nn.packed_linear import PackedLinear
+from .._docs import with_arguments
 from ._common import (BASIC_BLOCK_ARCHS, NARROW_ARCHS, check_style, conv_norm_act, default_norm,
                       dropout_between, fuses, make_norm, resnet_blocks, shortcut_forward)
 
@@ -177,7 +178,11 @@ class ResNetLayout(nn.Module):
 _BasicBlock, _Bottleneck = BasicBlock, Bottleneck
 
 
+@with_arguments
 class PackedResNet(ResNetLayout):
+    """A Packed-Ensembles ResNet from its blocks (packed_resnet builds one from `arch`): input
+    (B, in_channels, H, W), output estimator-major logits (M*B, num_classes)."""
+
     def __init__(self, block, num_blocks, in_channels: int, num_classes: int, conv_bias: bool,
                  num_estimators: int, dropout_rate: float, alpha: float = 2.0, gamma: int = 1,
                  groups: int = 1, style: str = "imagenet", in_planes: int = 64,
@@ -191,15 +196,15 @@ class PackedResNet(ResNetLayout):
                            normalization_layer or default_norm(), dropout_rate)
 
 
+@with_arguments
 def packed_resnet(in_channels: int, num_classes: int, arch: int, num_estimators: int, alpha: float,
                   gamma: int, conv_bias: bool = False, width_multiplier: float = 1.0, groups: int = 1,
                   dropout_rate: float = 0.0, style: str = "imagenet",
                   normalization_layer: Optional[Type[nn.Module]] = None,
                   linear_implementation: str = "conv1d") -> PackedResNet:
     """PE-(alpha, num_estimators, gamma) ResNet-`arch` (18, 20, 34, 44, 50, 56, 101, 110, 152),
-    with torch-uncertainty's arguments and defaults. style: "imagenet" (7x7 stem + max-pool) or
-    "cifar" (3x3 stem). normalization_layer defaults to packed_kernels.nn.BatchNorm2d where it
-    exists, else nn.BatchNorm2d. Input (B, in_channels, H, W); output (M*B, num_classes)."""
+    with torch-uncertainty's arguments and defaults. Input (B, in_channels, H, W); output
+    (M*B, num_classes) logits, estimator-major, in the input's dtype."""
     num_blocks = resnet_blocks(arch)
     block = _BasicBlock if arch in BASIC_BLOCK_ARCHS else _Bottleneck
     in_planes = 16 if arch in NARROW_ARCHS else 64

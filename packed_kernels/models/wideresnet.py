@@ -11,6 +11,7 @@ from torch.nn.functional import relu
 from ..nn.conv_bn import conv_bn_act
 from ..nn.packed import PackedConv2d
 from ..nn.packed_linear import PackedLinear
+from .._docs import with_arguments
 from ._common import check_style, conv_norm_act, default_norm, dropout_active, fuses, make_norm
 
 
@@ -49,7 +50,11 @@ class _WideBasicBlock(nn.Module):
         return self.bn2(out)
 
 
+@with_arguments
 class PackedWideResNet(nn.Module):
+    """A Packed-Ensembles Wide-ResNet-depth-widen_factor (torch-uncertainty's packed_wideresnet):
+    input (B, in_channels, H, W), output estimator-major logits (M*B, num_classes)."""
+
     def __init__(self, depth: int, widen_factor: int, in_channels: int, num_classes: int,
                  conv_bias: bool, dropout_rate: float, num_estimators: int, alpha: float = 2.0,
                  gamma: int = 1, groups: int = 1, style: str = "imagenet",
@@ -104,6 +109,7 @@ class PackedWideResNet(nn.Module):
         return self.linear(self.feats_forward(x))
 
 
+@with_arguments
 def packed_wideresnet28x10(in_channels: int, num_classes: int, num_estimators: int, alpha: float,
                            gamma: int, conv_bias: bool = True, dropout_rate: float = 0.3,
                            groups: int = 1, style: str = "imagenet", activation_fn: Callable = relu,
