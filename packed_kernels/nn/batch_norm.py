@@ -14,7 +14,16 @@ class BatchNorm2d(nn.BatchNorm2d):
     """torch.nn.BatchNorm2d with the same arguments, parameters, buffers and state_dict
     (including num_batches_tracked and momentum=None's cumulative average), running on
     pk.batch_norm. forward(input, residual=None) optionally adds a residual; `activation="relu"`
-    applies ReLU in the same kernel pass. `backend` picks the engine (None: the best usable)."""
+    applies ReLU in the same kernel pass. `backend` picks the engine (None: the best usable).
+    Input (N, num_features, H, W) (NCHW or channels_last; float32 / float16 / bfloat16 on the
+    kernel backends, any float dtype on "torch"); output of the same shape, dtype and layout.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype: nn.BatchNorm2d's.
+        activation: None or "relu", applied after the (optional) residual add.
+        backend: pk.batch_norm's `backend`: None or "auto" (CUDA tensors: Triton where usable,
+            else CUDA C++; the CPU: torch), or one of packed_kernels.BACKENDS ("torch",
+            "triton", "cuda", "simt"); packed_kernels.nn.set_backend sets it."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,

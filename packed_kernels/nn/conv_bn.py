@@ -39,7 +39,16 @@ from .packing import STOCK, autocast_operands
 class DeferredBatchNorm:
     """A BatchNorm (+ activation) not applied yet: act((raw - mean) * invstd * weight + bias).
 
-    The next conv_bn_act folds it into its prologue; materialize() applies it in one pass."""
+    The next conv_bn_act folds it into its prologue; materialize() applies it in one pass.
+    conv_bn_act(..., defer=True) returns one; it is not built by hand.
+
+    Args:
+        raw: the conv output (N, C, H, W) the BatchNorm applies to.
+        mean, var: (C,) the batch statistics (biased variance), float32 (float64 for float64).
+        weight, bias: (C,) BatchNorm's affine, or None.
+        eps: added to var.
+        activation: None or "relu".
+        backend: pk.batch_norm's `backend` for materialize()."""
 
     def __init__(self, raw: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
                  bias: Optional[Tensor], eps: float, activation: Optional[str], backend: Optional[str]):
@@ -308,7 +317,15 @@ class ConvBNAct2d(nn.Module):
     that of an unfused Conv2d + BatchNorm2d pair under the names conv.* and bn.*; from_modules()
     wraps an existing pair, and load_state_dict also takes a Sequential(conv, bn)'s 0.* / 1.*.
     forward(x, residual=None, defer=False): x is a tensor or the previous block's
-    DeferredBatchNorm."""
+    DeferredBatchNorm (see conv_bn_act).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias:
+            nn.Conv2d's (zero padding).
+        eps, momentum, affine, track_running_stats: nn.BatchNorm2d's.
+        activation: None or "relu", applied after the (optional) residual add.
+        device, dtype: of the parameters and buffers.
+        backend: fused_conv2d's `backend` (None: the op picks; "stock": torch's modules)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = False, eps: float = 1e-5,

@@ -14,7 +14,14 @@ from ..ops.ensemble import EnsembleScores, ensemble_mean, ensemble_scores
 
 
 def repeat_targets(targets: Tensor, num_estimators: int) -> Tensor:
-    """Targets for (M*B, ...) estimator-major logits: row m*B + b gets targets[b]."""
+    """Targets for (M*B, ...) estimator-major logits: row m*B + b gets targets[b].
+
+    Args:
+        targets: (B, ...) any dtype (class indices, soft labels, ...).
+        num_estimators: M >= 1.
+
+    Returns:
+        (M*B, ...) of targets' dtype."""
     check_positive_int("repeat_targets", "num_estimators", num_estimators)
     if not isinstance(targets, Tensor) or targets.dim() < 1:
         raise ValueError("repeat_targets: targets must be a tensor with a batch dimension")
@@ -22,7 +29,14 @@ def repeat_targets(targets: Tensor, num_estimators: int) -> Tensor:
 
 
 class EnsembleMean(nn.Module):
-    """(M*B, C[, *]) estimator-major logits -> (B, C[, *]) mean of the estimators' softmax."""
+    """(M*B, C[, *]) estimator-major logits -> (B, C[, *]) mean of the estimators' softmax
+    (pk.ensemble_mean; `scores` gives pk.ensemble_scores).
+
+    Args:
+        num_estimators: M >= 1; the logits' batch must be a multiple of it.
+        backend: the ensemble ops' `backend`: None or "auto" (CUDA tensors: Triton where
+            usable, else CUDA C++; the CPU or more than 64 estimators: torch), or one of
+            packed_kernels.BACKENDS ("torch", "triton", "cuda", "simt")."""
 
     def __init__(self, num_estimators: int, backend: Optional[str] = None) -> None:
         super().__init__()
@@ -54,7 +68,17 @@ def _num_estimators_of(model: nn.Module) -> int:
 def predict(model: nn.Module, inputs: Tensor, num_estimators: Optional[int] = None, *,
             backend: Optional[str] = None) -> EnsembleScores:
     """Run `model` in eval mode on `inputs` and reduce its (M*B, C) logits to the mean
-    prediction and uncertainty scores. The model's train/eval mode is restored afterwards."""
+    prediction and uncertainty scores. The model's train/eval mode is restored afterwards.
+
+    Args:
+        model: returns estimator-major logits (M*B, C) for `inputs`.
+        inputs: the model's input (e.g. (B, C_in, H, W) images), any dtype it takes.
+        num_estimators: M; None: model.num_estimators (every packed_kernels model has it).
+        backend: pk.ensemble_scores' `backend` (None: the op picks).
+
+    Returns:
+        EnsembleScores (see pk.ensemble_scores), each (B,) but probs (B, C), in the logits'
+        dtype; computed without gradients."""
     m = _num_estimators_of(model) if num_estimators is None else num_estimators
     was_training = model.training
     model.eval()

@@ -105,7 +105,17 @@ class ChannelMasks(nn.Module):
 
 
 class MaskedConv2d(nn.Module):
-    """Masksembles Conv2d: torch-uncertainty's arguments; conv(mask(x))."""
+    """Masksembles Conv2d: torch-uncertainty's arguments; conv(mask(x)). Input (M*B, C, H, W),
+    estimator-major (block m of B rows is member m's); the convolution is a GroupedConv2d
+    (pk.grouped_conv2d; packed_kernels.nn.set_backend applies).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias:
+            nn.Conv2d's.
+        num_estimators: M, the members (one binary channel mask each).
+        scale: Masksembles' scale (> 1): how far the masks overlap.
+        device, dtype: of the parameters and masks.
+        rng: the numpy Generator drawing the masks (None: a fresh one)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, num_estimators: int,
                  scale: float, stride=1, padding=0, dilation=1, groups: int = 1, bias: bool = True,
@@ -122,7 +132,15 @@ class MaskedConv2d(nn.Module):
 
 
 class MaskedLinear(nn.Module):
-    """Masksembles Linear: torch-uncertainty's arguments; linear(mask(x))."""
+    """Masksembles Linear: torch-uncertainty's arguments; linear(mask(x)). Input
+    (M*B, in_features), estimator-major.
+
+    Args:
+        in_features, out_features, bias: nn.Linear's.
+        num_estimators: M, the members (one binary feature mask each).
+        scale: Masksembles' scale (> 1): how far the masks overlap.
+        device, dtype: of the parameters and masks.
+        rng: the numpy Generator drawing the masks (None: a fresh one)."""
 
     def __init__(self, in_features: int, out_features: int, num_estimators: int, scale: float,
                  bias: bool = True, device=None, dtype=None,
