@@ -11,12 +11,14 @@
 //                depth split over grid axis y into fp32 slabs (summed by the caller)
 // A block computes a 64x64 tile over K slices of 32: a 64x32 slice of A and a 32x64 slice of B
 // are staged in shared memory (padding taps, tails and out-of-range rows as zero; row/column
-// coordinates decoded once and depth coordinates once per slice into shared memory), then
+// offsets decoded once, depth offsets once per slice by cursors stepped without division), then
 //   half/bfloat16: 4 warps, each 32x32 of 16x16x16 tensor-core tiles (pk/tile.h), fp32 accumulators;
 //   float:         FMA, each thread 8x4 outputs.
 // Staging: 16-bit operands with channels per group a multiple of 8 go through a 3-stage cp.async
-// pipeline (pk/async_copy.h; 16-byte copies into tiles stored the way memory is contiguous, one
-// barrier per slice, a prologue applied by each thread to its own copies after its wait); fp32
+// pipeline (pk/async_copy.h; 16-byte copies into tiles stored the way memory is contiguous, each
+// thread's runs and their row/column offsets fixed in registers, one barrier per slice, a
+// prologue applied by each thread to its own copies after its wait, compiled only into the
+// kernels launched with one: WithPrologue); fp32
 // or other channel counts stage each slice through registers (16-byte loads where the channels
 // per group allow, scalar otherwise).
 // The accumulators go through shared memory to the epilogue, which writes coalesced along the
@@ -34,6 +36,7 @@
 
 #include "conv.h"
 #include "pk/async_copy.h"
+#include "pk/divmod.h"
 #include "pk/simt.h"
 #include "pk/tile.h"
 #include "pk/types.h"
@@ -95,25 +98,62 @@ struct Geometry {
   index_t C_in, C_out, cin_g, cout_g;
 };
 
-// Each problem decodes its indices once: a row's and a column's coordinates per block (RowInfo,
-// ColInfo) and a depth step's per K-slice (DepthInfo), kept in shared memory, so the element
-// loads in the main loop do no integer division.
+// Where a run of an operand starts: the operand's base + its row's (A) or column's (B) part +
+// its depth step's part, each decoded once. An operand with padding taps (an activation read
+// through a tap) is inside iff the spatial coordinates of the two parts add up to a pixel of it.
+struct Coord {
+  index_t offset;
+  int h, w;
+};
+struct Bounds {
+  int h, w;
+};
+PK_DEVICE bool inside(const Coord& fixed, const Coord& step, Bounds bounds) {
+  // A negative coordinate wraps above the bound: one unsigned compare per dimension.
+  return static_cast<unsigned>(fixed.h + step.h) < static_cast<unsigned>(bounds.h) &&
+         static_cast<unsigned>(fixed.w + step.w) < static_cast<unsigned>(bounds.w);
+}
+
+// The problem interface. Each problem decodes its indices once: a row's (RowInfo: A's row part
+// `a`, and where the row's results go) and a column's (ColInfo: B's column part `b`) per block,
+// a depth step's (DepthInfo: A's and B's depth parts) per K slice, kept in shared memory, so a
+// copy in the main loop adds two offsets and compares two coordinates, with no division. A depth
+// index is decoded once per block (depth_cursor, by division) and then stepped a slice at a
+// time (advance, by multiplications: pk/divmod.h); depth_info reads a cursor's parts.
+//   kAAlongDepth / kBAlongDepth   which of the operand's dimensions is contiguous in memory
+//   kABounded / kBBounded         which operand has padding taps (against a_bounds() / b_bounds())
+//   kPrologueOnA / kPrologueOnB   which operand an input prologue transforms (the channel of a
+//                                 run's first element: a_channel(row, depth) / b_channel(col, depth))
+//   kPrologue                     whether it does: false here, true in WithPrologue<Problem>, so
+//                                 the kernels without one carry no prologue code in their loop
+template <typename Problem>
+struct WithPrologue : Problem {
+  static constexpr bool kPrologue = true;
+};
 
 template <typename T>
 struct ForwardProblem {
-  static constexpr bool kAAlongDepth = true;  // which of A's dimensions is contiguous in memory
-  static constexpr bool kBAlongDepth = true;
-  struct RowInfo {  // output pixel: its image's first pixel, its top-left input coordinate, itself
-    index_t image;
-    int h, w;
+  static constexpr bool kAAlongDepth = true, kBAlongDepth = true;
+  static constexpr bool kABounded = true, kBBounded = false;
+  static constexpr bool kPrologueOnA = true, kPrologueOnB = false, kPrologue = false;
+  struct RowInfo {  // output pixel: x's part at its top-left tap, and the pixel itself
+    Coord a;
     index_t pixel;
   };
-  struct DepthInfo {  // tap offset and input channel within the group
-    int dh, dw, c;
+  struct DepthInfo {  // tap (dh, dw) and input channel c: x's part, w's part (the depth index),
+    Coord a, b;       // and the prologue's channel
+    index_t channel;
   };
-  struct ColInfo {};
+  struct ColInfo {  // output channel: its row of w
+    Coord b;
+  };
+  struct DepthCursor {  // depth index k = (th * KW + tw) * cin_g + c
+    index_t k;
+    int th, tw, c;
+  };
   Geometry geo;
   index_t rows, cols, depth;
+  Divmod by_cin_g, by_kw;
   const T* x;
   const T* w;
   PrologueView<T> prologue;
@@ -125,55 +165,35 @@ struct ForwardProblem {
   T* y;
   float* stats;
 
-  PK_DEVICE RowInfo row_info(index_t m) const {
+  PK_DEVICE RowInfo row_info(int g, index_t m) const {
     const index_t pixels = index_t(geo.OH) * geo.OW;
     const index_t n = m / pixels;
     const int rem = static_cast<int>(m - n * pixels);
-    return RowInfo{n * geo.H * geo.W, (rem / geo.OW) * geo.stride_h - geo.pad_h,
-                   (rem % geo.OW) * geo.stride_w - geo.pad_w, m};
+    const int h = (rem / geo.OW) * geo.stride_h - geo.pad_h, w = (rem % geo.OW) * geo.stride_w - geo.pad_w;
+    return RowInfo{{((n * geo.H + h) * geo.W + w) * geo.C_in + g * geo.cin_g, h, w}, m};
   }
-  PK_DEVICE DepthInfo depth_info(index_t k) const {
-    const int tap = static_cast<int>(k / geo.cin_g);
-    return DepthInfo{(tap / geo.KW) * geo.dil_h, (tap % geo.KW) * geo.dil_w,
-                     static_cast<int>(k - index_t(tap) * geo.cin_g)};
+  PK_DEVICE DepthCursor depth_cursor(int, index_t k) const {
+    const int kk = static_cast<int>(k);  // depth + kBlockK < 2^31 (check_shape)
+    const int tap = kk / by_cin_g.divisor;
+    return DepthCursor{k, tap / geo.KW, tap % geo.KW, kk - tap * by_cin_g.divisor};
   }
-  PK_DEVICE ColInfo col_info(index_t) const { return ColInfo{}; }
-
-  static constexpr bool kPrologue = true;  // may have one
-  PK_HOST_DEVICE bool has_prologue() const { return !prologue.identity(); }
+  PK_DEVICE void advance(DepthCursor& d, int by) const {
+    int carry;
+    d.k += by;
+    by_cin_g.divmod(d.c + by, carry, d.c);
+    by_kw.divmod(d.tw + carry, carry, d.tw);
+    d.th += carry;
+  }
+  PK_DEVICE DepthInfo depth_info(int g, const DepthCursor& d) const {
+    const int dh = d.th * geo.dil_h, dw = d.tw * geo.dil_w;
+    return DepthInfo{{(index_t(dh) * geo.W + dw) * geo.C_in + d.c, dh, dw}, {d.k, 0, 0}, g * geo.cin_g + d.c};
+  }
+  PK_DEVICE ColInfo col_info(int g, index_t n) const { return ColInfo{{(g * geo.cout_g + n) * depth, 0, 0}}; }
+  PK_DEVICE Bounds a_bounds() const { return Bounds{geo.H, geo.W}; }
+  PK_DEVICE Bounds b_bounds() const { return Bounds{0, 0}; }
   PK_DEVICE const T* a_base() const { return x; }
   PK_DEVICE const T* b_base() const { return w; }
-  // Where A's and B's runs start in memory; nullptr for a padding tap (zeros).
-  PK_DEVICE const T* a_source(int g, const RowInfo& r, const DepthInfo& d) const {
-    const int ih = r.h + d.dh, iw = r.w + d.dw;
-    const bool inside = ih >= 0 && ih < geo.H && iw >= 0 && iw < geo.W;
-    return inside ? x + (r.image + index_t(ih) * geo.W + iw) * geo.C_in + g * geo.cin_g + d.c : nullptr;
-  }
-  PK_DEVICE const T* b_source(int g, index_t k, const DepthInfo&, index_t col, const ColInfo&) const {
-    return w + (g * geo.cout_g + col) * depth + k;
-  }
-  // The prologue on a run of A as loaded (padding taps stay zero); false where it changes nothing.
-  template <int V>
-  PK_DEVICE bool prologue_a(int g, const RowInfo& r, const DepthInfo& d, T (&run)[V]) const {
-    if (prologue.identity() || a_source(g, r, d) == nullptr) return false;
-#pragma unroll
-    for (int j = 0; j < V; ++j) run[j] = prologue.apply(run[j], g * geo.cin_g + d.c + j);
-    return true;
-  }
-  template <int V>
-  PK_DEVICE bool prologue_b(int, index_t, const DepthInfo&, index_t, const ColInfo&, T (&)[V]) const {
-    return false;
-  }
-  // A run of V elements along depth: V channels of one tap (cin_g % V == 0).
-  template <int V>
-  PK_DEVICE void a(int g, const RowInfo& r, const DepthInfo& d, T (&out)[V]) const {
-    load_run<V>(a_source(g, r, d), out);
-    prologue_a<V>(g, r, d, out);
-  }
-  template <int V>  // along depth
-  PK_DEVICE void b(int g, index_t k, const DepthInfo& d, index_t col, const ColInfo& c, T (&out)[V]) const {
-    load_run<V>(b_source(g, k, d, col, c), out);
-  }
+  PK_DEVICE index_t a_channel(const RowInfo&, const DepthInfo& d) const { return d.channel; }
   PK_DEVICE float pre_epilogue(int g, index_t col, float acc) const {
     return bias != nullptr ? acc + bias[g * geo.cout_g + col] : acc;
   }
@@ -231,20 +251,26 @@ PK_HOST_DEVICE Phase1D phase_1d(int first, int size, int pad, int kernel, int di
 // (phase, group), and bind() specialises the problem to the block's phase.
 template <typename T>
 struct InputGradProblem {
-  static constexpr bool kAAlongDepth = true;
-  static constexpr bool kBAlongDepth = false;
-  struct RowInfo {  // input pixel: its image's first output pixel, the output coordinate it
-    index_t image;  // reads through the phase's first tap, and its own index
-    int h, w;
+  static constexpr bool kAAlongDepth = true, kBAlongDepth = false;
+  static constexpr bool kABounded = true, kBBounded = false;
+  static constexpr bool kPrologueOnA = false, kPrologueOnB = false, kPrologue = false;
+  struct RowInfo {  // input pixel: grad's part at the output pixel it reads through the phase's
+    Coord a;        // first tap, and the input pixel itself
     index_t pixel;
   };
-  struct DepthInfo {  // output offset of the tap, the tap, output channel within the group
-    int dh, dw, tap, co;
+  struct DepthInfo {  // contributing tap and output channel: grad's part (the tap's output
+    Coord a, b;       // offset, negated), w's part
   };
-  struct ColInfo {};
+  struct ColInfo {  // input channel
+    Coord b;
+  };
+  struct DepthCursor {  // depth index (th * taps_w + tw) * cout_g + co over the phase's taps
+    int th, tw, co;
+  };
   Geometry geo;
   index_t rows, cols, depth;
   index_t batch;
+  Divmod by_cout_g, by_taps_w;  // the second set by bind()
   int groups, phase_first;  // blockIdx.z = (phase - phase_first) * groups + g,
                             // phase = first row * min(stride_w, W) + first column
   Phase1D ph, pw;
@@ -259,44 +285,40 @@ struct InputGradProblem {
     pw = phase_1d(phase % phases_w, geo.W, geo.pad_w, geo.KW, geo.dil_w, geo.stride_w);
     rows = batch * ph.count * pw.count;
     depth = index_t(ph.taps) * pw.taps * geo.cout_g;
+    by_taps_w = Divmod(pw.taps);
     return static_cast<int>(z) % groups;
   }
-  PK_DEVICE RowInfo row_info(index_t m) const {
+  PK_DEVICE RowInfo row_info(int g, index_t m) const {
     const index_t pixels = index_t(ph.count) * pw.count;
     const index_t n = m / pixels;
     const int rem = static_cast<int>(m - n * pixels);
     const int i = rem / pw.count, j = rem % pw.count;
-    return RowInfo{n * geo.OH * geo.OW, i + ph.out_offset, j + pw.out_offset,
+    const int oh = i + ph.out_offset, ow = j + pw.out_offset;
+    return RowInfo{{((n * geo.OH + oh) * geo.OW + ow) * geo.C_out + g * geo.cout_g, oh, ow},
                    (n * geo.H + ph.first + i * geo.stride_h) * geo.W + pw.first + j * geo.stride_w};
   }
-  PK_DEVICE DepthInfo depth_info(index_t k) const {
-    const int t = static_cast<int>(k / geo.cout_g);
-    const int th = t / pw.taps, tw = t - th * pw.taps;
-    return DepthInfo{th * ph.out_step, tw * pw.out_step,
-                     (ph.tap + th * ph.tap_step) * geo.KW + pw.tap + tw * pw.tap_step,
-                     static_cast<int>(k - index_t(t) * geo.cout_g)};
+  PK_DEVICE DepthCursor depth_cursor(int, index_t k) const {
+    const int kk = static_cast<int>(k);  // depth + kBlockK < 2^31 (check_shape)
+    const int t = kk / by_cout_g.divisor, taps_w = pw.taps > 0 ? pw.taps : 1;
+    return DepthCursor{t / taps_w, t % taps_w, kk - t * by_cout_g.divisor};
   }
-  PK_DEVICE ColInfo col_info(index_t) const { return ColInfo{}; }
-
-  static constexpr bool kPrologue = false;
+  PK_DEVICE void advance(DepthCursor& d, int by) const {
+    int carry;
+    by_cout_g.divmod(d.co + by, carry, d.co);
+    by_taps_w.divmod(d.tw + carry, carry, d.tw);
+    d.th += carry;
+  }
+  PK_DEVICE DepthInfo depth_info(int g, const DepthCursor& d) const {
+    const int dh = d.th * ph.out_step, dw = d.tw * pw.out_step;
+    const int tap = (ph.tap + d.th * ph.tap_step) * geo.KW + pw.tap + d.tw * pw.tap_step;
+    return DepthInfo{{-(index_t(dh) * geo.OW + dw) * geo.C_out + d.co, -dh, -dw},
+                     {((g * geo.cout_g + d.co) * geo.KH * geo.KW + tap) * geo.cin_g, 0, 0}};
+  }
+  PK_DEVICE ColInfo col_info(int, index_t n) const { return ColInfo{{n, 0, 0}}; }
+  PK_DEVICE Bounds a_bounds() const { return Bounds{geo.OH, geo.OW}; }
+  PK_DEVICE Bounds b_bounds() const { return Bounds{0, 0}; }
   PK_DEVICE const T* a_base() const { return grad; }
   PK_DEVICE const T* b_base() const { return w; }
-  PK_DEVICE const T* a_source(int g, const RowInfo& r, const DepthInfo& d) const {
-    const int oh = r.h - d.dh, ow = r.w - d.dw;
-    if (oh < 0 || ow < 0 || oh >= geo.OH || ow >= geo.OW) return nullptr;
-    return grad + (r.image + index_t(oh) * geo.OW + ow) * geo.C_out + g * geo.cout_g + d.co;
-  }
-  template <int V>  // along depth: V output channels of one tap (cout_g % V == 0)
-  PK_DEVICE void a(int g, const RowInfo& r, const DepthInfo& d, T (&out)[V]) const {
-    load_run<V>(a_source(g, r, d), out);
-  }
-  PK_DEVICE const T* b_source(int g, index_t, const DepthInfo& d, index_t col, const ColInfo&) const {
-    return w + ((g * geo.cout_g + d.co) * geo.KH * geo.KW + d.tap) * geo.cin_g + col;
-  }
-  template <int V>  // along columns (input channels)
-  PK_DEVICE void b(int g, index_t k, const DepthInfo& d, index_t col, const ColInfo& c, T (&out)[V]) const {
-    load_run<V>(b_source(g, k, d, col, c), out);
-  }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
   PK_DEVICE void store(int g, int /*split*/, const RowInfo& r, index_t col, float acc) const {
     grad_input[r.pixel * geo.C_in + g * geo.cin_g + col] = from_float<T>(acc);
@@ -305,78 +327,65 @@ struct InputGradProblem {
 
 template <typename T>
 struct WeightGradProblem {
-  static constexpr bool kAAlongDepth = false;
-  static constexpr bool kBAlongDepth = false;
-  struct RowInfo {
+  static constexpr bool kAAlongDepth = false, kBAlongDepth = false;
+  static constexpr bool kABounded = false, kBBounded = true;
+  static constexpr bool kPrologueOnA = false, kPrologueOnB = true, kPrologue = false;
+  struct RowInfo {  // output channel: grad's part, and the channel
+    Coord a;
     index_t co;
   };
-  struct DepthInfo {  // output pixel p: its image's first input pixel, its top-left input coordinate
-    index_t p, image;
-    int h, w;
+  struct DepthInfo {  // output pixel: grad's part, x's part at its top-left tap
+    Coord a, b;
   };
-  struct ColInfo {  // tap offset and input channel within the group
-    int dh, dw, c;
+  struct ColInfo {  // tap (dh, dw) and input channel: x's part, and the prologue's channel
+    Coord b;
+    index_t channel;
+  };
+  struct DepthCursor {  // output pixel p = (n * OH + oh) * OW + ow
+    index_t p, n;
+    int oh, ow;
   };
   Geometry geo;
   index_t rows, cols, depth;
+  Divmod by_ow, by_oh;
   const T* grad;
   const T* x;
   PrologueView<T> prologue;
   float* partials;
   float* stats;  // unused
 
-  PK_DEVICE RowInfo row_info(index_t co) const { return RowInfo{co}; }
-  PK_DEVICE DepthInfo depth_info(index_t p) const {
+  PK_DEVICE RowInfo row_info(int g, index_t co) const { return RowInfo{{g * geo.cout_g + co, 0, 0}, co}; }
+  PK_DEVICE DepthCursor depth_cursor(int, index_t p) const {
     const index_t pixels = index_t(geo.OH) * geo.OW;
     const index_t n = p / pixels;
     const int rem = static_cast<int>(p - n * pixels);
-    return DepthInfo{p, n * geo.H * geo.W, (rem / geo.OW) * geo.stride_h - geo.pad_h,
-                     (rem % geo.OW) * geo.stride_w - geo.pad_w};
+    return DepthCursor{p, n, rem / geo.OW, rem % geo.OW};
   }
-  PK_DEVICE ColInfo col_info(index_t col) const {
-    const int tap = static_cast<int>(col / geo.cin_g);
-    return ColInfo{(tap / geo.KW) * geo.dil_h, (tap % geo.KW) * geo.dil_w,
-                   static_cast<int>(col - index_t(tap) * geo.cin_g)};
+  PK_DEVICE void advance(DepthCursor& d, int by) const {
+    int carry;
+    d.p += by;
+    by_ow.divmod(d.ow + by, carry, d.ow);
+    by_oh.divmod(d.oh + carry, carry, d.oh);
+    d.n += carry;
   }
-
-  static constexpr bool kPrologue = true;  // may have one
-  PK_HOST_DEVICE bool has_prologue() const { return !prologue.identity(); }
+  PK_DEVICE DepthInfo depth_info(int, const DepthCursor& d) const {
+    const int h = d.oh * geo.stride_h - geo.pad_h, w = d.ow * geo.stride_w - geo.pad_w;
+    return DepthInfo{{d.p * geo.C_out, 0, 0}, {((d.n * geo.H + h) * geo.W + w) * geo.C_in, h, w}};
+  }
+  PK_DEVICE ColInfo col_info(int g, index_t col) const {
+    const int tap = static_cast<int>(col / geo.cin_g), c = static_cast<int>(col - index_t(tap) * geo.cin_g);
+    const int dh = (tap / geo.KW) * geo.dil_h, dw = (tap % geo.KW) * geo.dil_w;
+    return ColInfo{{(index_t(dh) * geo.W + dw) * geo.C_in + g * geo.cin_g + c, dh, dw}, g * geo.cin_g + c};
+  }
+  PK_DEVICE Bounds a_bounds() const { return Bounds{0, 0}; }
+  PK_DEVICE Bounds b_bounds() const { return Bounds{geo.H, geo.W}; }
   PK_DEVICE const T* a_base() const { return grad; }
   PK_DEVICE const T* b_base() const { return x; }
-  PK_DEVICE const T* a_source(int g, const RowInfo& r, const DepthInfo& d) const {
-    return grad + d.p * geo.C_out + g * geo.cout_g + r.co;
-  }
-  PK_DEVICE const T* b_source(int g, index_t, const DepthInfo& d, index_t, const ColInfo& c) const {
-    const int ih = d.h + c.dh, iw = d.w + c.dw;
-    const bool inside = ih >= 0 && ih < geo.H && iw >= 0 && iw < geo.W;
-    return inside ? x + (d.image + index_t(ih) * geo.W + iw) * geo.C_in + g * geo.cin_g + c.c : nullptr;
-  }
-  template <int V>
-  PK_DEVICE bool prologue_a(int, const RowInfo&, const DepthInfo&, T (&)[V]) const {
-    return false;
-  }
-  // The prologue on a run of B as loaded (padding taps stay zero); false where it changes nothing.
-  template <int V>
-  PK_DEVICE bool prologue_b(int g, index_t k, const DepthInfo& d, index_t col, const ColInfo& c, T (&run)[V]) const {
-    if (prologue.identity() || b_source(g, k, d, col, c) == nullptr) return false;
-#pragma unroll
-    for (int j = 0; j < V; ++j) run[j] = prologue.apply(run[j], g * geo.cin_g + c.c + j);
-    return true;
-  }
-  template <int V>  // along rows (output channels)
-  PK_DEVICE void a(int g, const RowInfo& r, const DepthInfo& d, T (&out)[V]) const {
-    load_run<V>(a_source(g, r, d), out);
-  }
-  template <int V>  // along columns: V input channels of one tap (cin_g % V == 0)
-  PK_DEVICE void b(int g, index_t k, const DepthInfo& d, index_t col, const ColInfo& c, T (&out)[V]) const {
-    load_run<V>(b_source(g, k, d, col, c), out);
-    prologue_b<V>(g, k, d, col, c, out);
-  }
+  PK_DEVICE index_t b_channel(const ColInfo& c, const DepthInfo&) const { return c.channel; }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
   PK_DEVICE int bind(unsigned z) { return static_cast<int>(z); }
   PK_DEVICE void store(int g, int split, const RowInfo& r, index_t col, float acc) const {
-    const index_t co = r.co;
-    partials[((index_t(split) * geo.C_out) + g * geo.cout_g + co) * cols + col] = acc;
+    partials[((index_t(split) * geo.C_out) + g * geo.cout_g + r.co) * cols + col] = acc;
   }
 };
 
@@ -423,6 +432,21 @@ PK_DEVICE void run_start(int e, int& i, int& k) {
   }
 }
 
+// A run whose part of the tile is valid (`valid`) is read unless it falls on a padding tap of an
+// operand that has them; otherwise it is zero.
+template <bool kBounded>
+PK_DEVICE bool run_is_read(bool valid, const Coord& fixed, const Coord& step, Bounds bounds) {
+  if constexpr (kBounded) return valid && inside(fixed, step, bounds);
+  return valid;
+}
+
+// The input prologue on a run read from memory, its first element at `channel`.
+template <typename Problem, typename T, int V>
+PK_DEVICE void apply_prologue(const Problem& p, index_t channel, T (&run)[V]) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) run[j] = p.prologue.apply(run[j], channel + j);
+}
+
 // At least 1 block per SM: with ptxas's own occupancy target the bf16 forward spilled on sm_90.
 // VEC: elements per load along each operand's contiguous dimension (16 bytes, or 1); the
 // launcher picks VEC > 1 only where every run of VEC stays inside one tap and is aligned.
@@ -437,6 +461,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   using Config = Tiles<T, Problem, STAGES>;
   using TileA = typename Config::A;
   using TileB = typename Config::B;
+  using RowInfo = typename Problem::RowInfo;
+  using ColInfo = typename Problem::ColInfo;
+  using DepthInfo = typename Problem::DepthInfo;
   constexpr bool kTensorCores = Config::kTensorCores;
   static_assert(STAGES == 1 || (kTensorCores && VEC * sizeof(T) == 16), "cp.async moves 16-byte runs");
   const int g = p.bind(blockIdx.z);
@@ -454,7 +481,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   const index_t n0 = (blockIdx.y % tiles_n) * kBlockN;
   const index_t k_begin = index_t(split) * split_len;
   const index_t k_end = k_begin + split_len < p.depth ? k_begin + split_len : p.depth;
-  const T zero = from_float<T>(0.0f);
 
   float acc[kTensorCores ? 1 : 8][kTensorCores ? 1 : 4];
   tile::Accumulator frag_acc[kTensorCores ? 2 : 1][kTensorCores ? 2 : 1];
@@ -473,21 +499,28 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
 
   // Decoded indices: rows and columns once, depth per K slice (the pipeline decodes a slice one
   // step before it issues the slice's copies).
-  PK_SHARED(typename Problem::RowInfo, row_info, kBlockM);
-  PK_SHARED(typename Problem::ColInfo, col_info, kBlockN);
+  PK_SHARED(RowInfo, row_info, kBlockM);
+  PK_SHARED(ColInfo, col_info, kBlockN);
   // Slot ring: a slice's decoded depth is read by its issue and, with a prologue, once more after
   // its wait, STAGES - 1 steps later.
   constexpr int kSlots = STAGES > 2 ? STAGES : 2;
-  PK_SHARED(typename Problem::DepthInfo, depth_info, kSlots * kBlockK);
-  for (int r = tid; r < kBlockM; r += kThreads) row_info[r] = p.row_info(m0 + r);
-  for (int c = tid; c < kBlockN; c += kThreads) col_info[c] = p.col_info(n0 + c);
-  const index_t steps = k_end > k_begin ? (k_end - k_begin + kBlockK - 1) / kBlockK : 0;
-  auto decode = [&](index_t step) {
-    if (step >= steps) return;
-    const index_t k0 = k_begin + step * kBlockK;
-    typename Problem::DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
-    for (int kk = tid; kk < kBlockK; kk += kThreads) slot[kk] = p.depth_info(k0 + kk);
+  PK_SHARED(DepthInfo, depth_info, kSlots * kBlockK);
+  for (int r = tid; r < kBlockM; r += kThreads) row_info[r] = p.row_info(g, m0 + r);
+  for (int c = tid; c < kBlockN; c += kThreads) col_info[c] = p.col_info(g, n0 + c);
+  // Slices, in int: the launcher checks that a slab's slices fit.
+  const int steps = k_end > k_begin ? static_cast<int>((k_end - k_begin + kBlockK - 1) / kBlockK) : 0;
+  // Thread kk < kBlockK decodes depth index kk of every slice, in order: its cursor starts at
+  // the first slice and steps a slice per decode.
+  static_assert(kBlockK <= kThreads, "one thread per depth index of a slice");
+  typename Problem::DepthCursor cursor{};
+  if (tid < kBlockK) cursor = p.depth_cursor(g, k_begin + tid);
+  auto decode = [&](int step) {
+    if (step >= steps || tid >= kBlockK) return;
+    depth_info[(step % kSlots) * kBlockK + tid] = p.depth_info(g, cursor);
+    p.advance(cursor, kBlockK);
   };
+  const T* const a_base = p.a_base();
+  const T* const b_base = p.b_base();
 
   // The tensor-core or FMA work on one staged slice.
   auto compute = [&](const T* As, const T* Bs) {
@@ -525,9 +558,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   if constexpr (STAGES == 1) {
     T* const As = staging;
     T* const Bs = staging + TileA::kElements;
-    for (index_t step = 0; step < steps; ++step) {
-      const index_t k0 = k_begin + step * kBlockK;
-      const typename Problem::DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
+    for (int step = 0; step < steps; ++step) {
+      const index_t k0 = k_begin + index_t(step) * kBlockK;
+      const DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
       decode(step);
       __syncthreads();  // the decoded indices are written and the previous step's compute is done
       // A run lies wholly inside or outside the tile's valid range (the extents are multiples of VEC).
@@ -535,13 +568,14 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
         constexpr bool kAlong = Problem::kAAlongDepth;
         int r, kk;
         run_start<kAlong, kBlockM, VEC>(e, r, kk);
+        const RowInfo& row = row_info[r];
+        const DepthInfo& d = slot[kk];
+        const bool read = run_is_read<Problem::kABounded>(m0 + r < p.rows && k0 + kk < k_end, row.a, d.a,
+                                                          p.a_bounds());
         T run[VEC];
-        if (m0 + r < p.rows && k0 + kk < k_end) {
-          p.template a<VEC>(g, row_info[r], slot[kk], run);
-        } else {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) run[j] = zero;
-        }
+        load_run<VEC>(read ? a_base + (row.a.offset + d.a.offset) : nullptr, run);
+        if constexpr (Problem::kPrologue && Problem::kPrologueOnA)
+          if (read) apply_prologue(p, p.a_channel(row, d), run);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) As[TileA::at(r + (kAlong ? 0 : j), kk + (kAlong ? j : 0))] = run[j];
       }
@@ -549,14 +583,14 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
         constexpr bool kAlong = Problem::kBAlongDepth;
         int c, kk;
         run_start<kAlong, kBlockN, VEC>(e, c, kk);
-        const index_t k = k0 + kk, n = n0 + c;
+        const ColInfo& col = col_info[c];
+        const DepthInfo& d = slot[kk];
+        const bool read = run_is_read<Problem::kBBounded>(n0 + c < p.cols && k0 + kk < k_end, col.b, d.b,
+                                                          p.b_bounds());
         T run[VEC];
-        if (n < p.cols && k < k_end) {
-          p.template b<VEC>(g, k, slot[kk], n, col_info[c], run);
-        } else {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) run[j] = zero;
-        }
+        load_run<VEC>(read ? b_base + (col.b.offset + d.b.offset) : nullptr, run);
+        if constexpr (Problem::kPrologue && Problem::kPrologueOnB)
+          if (read) apply_prologue(p, p.b_channel(col, d), run);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) Bs[TileB::at(c + (kAlong ? 0 : j), kk + (kAlong ? j : 0))] = run[j];
       }
@@ -566,30 +600,53 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       // its decoded indices go to the other slot.
     }
   } else {
-    // Copies of slice `step` into stage step % STAGES, from its decoded slot; out-of-range runs
-    // and padding taps are zero-filled (their source is the operand's base, unread).
-    auto issue = [&](index_t step) {
+    // Every thread copies the same runs of every slice: their tile positions and their rows' and
+    // columns' decoded parts stay in registers, and a copy adds a slice's depth part (from its
+    // slot), compares two coordinates and issues. Out-of-range runs and padding taps are
+    // zero-filled (their source is the operand's base, unread).
+    constexpr int kRunsA = kBlockM * kBlockK / VEC / kThreads, kRunsB = kBlockK * kBlockN / VEC / kThreads;
+    static_assert(kRunsA * VEC * kThreads == kBlockM * kBlockK && kRunsB * VEC * kThreads == kBlockK * kBlockN,
+                  "every thread copies the same number of runs");
+    int a_row[kRunsA], a_k[kRunsA], b_col[kRunsB], b_k[kRunsB];
+    Coord a_fixed[kRunsA], b_fixed[kRunsB];
+    bool a_valid[kRunsA], b_valid[kRunsB];
+    __syncthreads();  // rows and columns decoded
+#pragma unroll
+    for (int t = 0; t < kRunsA; ++t) {
+      run_start<Problem::kAAlongDepth, kBlockM, VEC>(tid + t * kThreads, a_row[t], a_k[t]);
+      a_fixed[t] = row_info[a_row[t]].a;
+      a_valid[t] = m0 + a_row[t] < p.rows;
+    }
+#pragma unroll
+    for (int t = 0; t < kRunsB; ++t) {
+      run_start<Problem::kBAlongDepth, kBlockN, VEC>(tid + t * kThreads, b_col[t], b_k[t]);
+      b_fixed[t] = col_info[b_col[t]].b;
+      b_valid[t] = n0 + b_col[t] < p.cols;
+    }
+    auto a_read = [&](int t, index_t k0, const DepthInfo& d) {
+      return run_is_read<Problem::kABounded>(a_valid[t] && k0 + a_k[t] < k_end, a_fixed[t], d.a, p.a_bounds());
+    };
+    auto b_read = [&](int t, index_t k0, const DepthInfo& d) {
+      return run_is_read<Problem::kBBounded>(b_valid[t] && k0 + b_k[t] < k_end, b_fixed[t], d.b, p.b_bounds());
+    };
+    // Copies of slice `step` into stage step % STAGES, from its decoded slot.
+    auto issue = [&](int step) {
       if (step < steps) {
-        const index_t k0 = k_begin + step * kBlockK;
-        const typename Problem::DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
+        const index_t k0 = k_begin + index_t(step) * kBlockK;
+        const DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
         T* const As = staging + (step % STAGES) * Config::kStageElements;
         T* const Bs = As + TileA::kElements;
-        static_assert(kBlockM * kBlockK / VEC % kThreads == 0 && kBlockK * kBlockN / VEC % kThreads == 0,
-                      "every thread issues the same number of copies");
 #pragma unroll
-        for (int t = 0; t < kBlockM * kBlockK / VEC / kThreads; ++t) {
-          int r, kk;
-          run_start<Problem::kAAlongDepth, kBlockM, VEC>(tid + t * kThreads, r, kk);
-          const T* src = m0 + r < p.rows && k0 + kk < k_end ? p.a_source(g, row_info[r], slot[kk]) : nullptr;
-          async_copy_16(As + TileA::at(r, kk), src != nullptr ? src : p.a_base(), src != nullptr);
+        for (int t = 0; t < kRunsA; ++t) {
+          const DepthInfo& d = slot[a_k[t]];
+          const bool read = a_read(t, k0, d);
+          async_copy_16(As + TileA::at(a_row[t], a_k[t]), a_base + (read ? a_fixed[t].offset + d.a.offset : 0), read);
         }
 #pragma unroll
-        for (int t = 0; t < kBlockK * kBlockN / VEC / kThreads; ++t) {
-          int c, kk;
-          run_start<Problem::kBAlongDepth, kBlockN, VEC>(tid + t * kThreads, c, kk);
-          const index_t k = k0 + kk, n = n0 + c;
-          const T* src = n < p.cols && k < k_end ? p.b_source(g, k, slot[kk], n, col_info[c]) : nullptr;
-          async_copy_16(Bs + TileB::at(c, kk), src != nullptr ? src : p.b_base(), src != nullptr);
+        for (int t = 0; t < kRunsB; ++t) {
+          const DepthInfo& d = slot[b_k[t]];
+          const bool read = b_read(t, k0, d);
+          async_copy_16(Bs + TileB::at(b_col[t], b_k[t]), b_base + (read ? b_fixed[t].offset + d.b.offset : 0), read);
         }
       }
       async_commit();  // one group per step, empty past the end: the wait below counts steps
@@ -600,40 +657,39 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       __syncthreads();  // slice s decoded; slice s - 2 (same slot) issued by every thread
       issue(s);
     }
-    // The prologue on the runs this thread copied for slice `step` (the same runs issue() took).
-    auto transform_own = [&](index_t step) {
-      if constexpr (Problem::kPrologue) {
-        const index_t k0 = k_begin + step * kBlockK;
-        const typename Problem::DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
-        T* const As = staging + (step % STAGES) * Config::kStageElements;
-        T* const Bs = As + TileA::kElements;
+    // The input prologue on the runs this thread copied for slice `step` (the same runs issue() took).
+    auto transform_own = [&](int step) {
+      const index_t k0 = k_begin + index_t(step) * kBlockK;
+      const DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
+      T* const As = staging + (step % STAGES) * Config::kStageElements;
+      T* const Bs = As + TileA::kElements;
+      if constexpr (Problem::kPrologueOnA) {
 #pragma unroll
-        for (int t = 0; t < kBlockM * kBlockK / VEC / kThreads; ++t) {
-          int r, kk;
-          run_start<Problem::kAAlongDepth, kBlockM, VEC>(tid + t * kThreads, r, kk);
-          if (m0 + r >= p.rows || k0 + kk >= k_end) continue;
-          Vec<T, VEC>* const run = reinterpret_cast<Vec<T, VEC>*>(As + TileA::at(r, kk));
+        for (int t = 0; t < kRunsA; ++t) {
+          const DepthInfo& d = slot[a_k[t]];
+          if (!a_read(t, k0, d)) continue;
+          Vec<T, VEC>* const run = reinterpret_cast<Vec<T, VEC>*>(As + TileA::at(a_row[t], a_k[t]));
           Vec<T, VEC> v = *run;
-          if (p.template prologue_a<VEC>(g, row_info[r], slot[kk], v.v)) *run = v;
+          apply_prologue(p, p.a_channel(row_info[a_row[t]], d), v.v);
+          *run = v;
         }
+      }
+      if constexpr (Problem::kPrologueOnB) {
 #pragma unroll
-        for (int t = 0; t < kBlockK * kBlockN / VEC / kThreads; ++t) {
-          int c, kk;
-          run_start<Problem::kBAlongDepth, kBlockN, VEC>(tid + t * kThreads, c, kk);
-          const index_t k = k0 + kk, n = n0 + c;
-          if (n >= p.cols || k >= k_end) continue;
-          Vec<T, VEC>* const run = reinterpret_cast<Vec<T, VEC>*>(Bs + TileB::at(c, kk));
+        for (int t = 0; t < kRunsB; ++t) {
+          const DepthInfo& d = slot[b_k[t]];
+          if (!b_read(t, k0, d)) continue;
+          Vec<T, VEC>* const run = reinterpret_cast<Vec<T, VEC>*>(Bs + TileB::at(b_col[t], b_k[t]));
           Vec<T, VEC> v = *run;
-          if (p.template prologue_b<VEC>(g, k, slot[kk], n, col_info[c], v.v)) *run = v;
+          apply_prologue(p, p.b_channel(col_info[b_col[t]], d), v.v);
+          *run = v;
         }
       }
     };
-    bool with_prologue = false;
-    if constexpr (Problem::kPrologue) with_prologue = p.has_prologue();
     decode(STAGES - 1);
-    for (index_t step = 0; step < steps; ++step) {
+    for (int step = 0; step < steps; ++step) {
       async_wait<STAGES - 2>();  // this thread's copies of slice `step` have landed
-      if (with_prologue) transform_own(step);
+      if constexpr (Problem::kPrologue) transform_own(step);
       // Every thread's copies of slice `step` landed (and are transformed), every thread is done
       // computing step - 1 (whose stage the next issue overwrites), slice step + STAGES - 1 is decoded.
       __syncthreads();
@@ -720,7 +776,10 @@ inline void check_shape(const Shape& s) {
                   s.kernel_h > 0 && s.kernel_w > 0 && s.out_height > 0 && s.out_width > 0 &&
                   s.stride_h > 0 && s.stride_w > 0 && s.dilation_h > 0 && s.dilation_w > 0 &&
                   s.pad_top >= 0 && s.pad_left >= 0 && s.groups <= 65535 &&
-                  s.height < (1 << 30) && s.width < (1 << 30);
+                  s.height < (1 << 30) && s.width < (1 << 30) &&
+                  // the forward's and input gradient's depth indices are decoded in 32 bits, a
+                  // slice past the end included
+                  s.kernel_h * s.kernel_w * std::max(s.in_channels, s.out_channels) / s.groups < (1LL << 30);
   if (!ok) throw std::invalid_argument("pk::conv: invalid convolution shape");
 }
 
@@ -738,7 +797,7 @@ template <typename T, typename Problem>
 void launch_gemm(const Problem& p, bool vectorized, index_t grid_z, index_t splits, index_t split_len,
                  Stream stream) {
   const index_t tiles_m = ceil_div(p.rows, kBlockM), tiles_n = ceil_div(p.cols, kBlockN);
-  if (tiles_m > 0x7fffffff || tiles_n * splits > 65535 || grid_z > 65535)
+  if (tiles_m > 0x7fffffff || tiles_n * splits > 65535 || grid_z > 65535 || ceil_div(split_len, kBlockK) > 0x7fffffff)
     throw std::invalid_argument("pk::conv: the problem exceeds the launch grid");
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n * splits),
                   static_cast<unsigned>(grid_z));
@@ -752,6 +811,18 @@ void launch_gemm(const Problem& p, bool vectorized, index_t grid_z, index_t spli
   }
 }
 
+// A problem with an input prologue runs the kernels that apply it; without one, the kernels
+// that carry no prologue code.
+template <typename T, typename Problem>
+void launch_gemm_with_prologue(const Problem& p, bool vectorized, index_t grid_z, index_t splits,
+                               index_t split_len, Stream stream) {
+  if (p.prologue.identity()) {
+    launch_gemm<T>(p, vectorized, grid_z, splits, split_len, stream);
+  } else {
+    launch_gemm<T>(WithPrologue<Problem>{p}, vectorized, grid_z, splits, split_len, stream);
+  }
+}
+
 template <typename T>
 void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, const Epilogue& epi,
              void* y, float* stats, Stream stream) {
@@ -760,6 +831,8 @@ void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, 
   p.rows = s.batch * s.out_height * s.out_width;
   p.cols = p.geo.cout_g;
   p.depth = s.kernel_h * s.kernel_w * p.geo.cin_g;
+  p.by_cin_g = Divmod(static_cast<int>(p.geo.cin_g));
+  p.by_kw = Divmod(p.geo.KW);
   p.x = static_cast<const T*>(x);
   p.w = static_cast<const T*>(w);
   p.prologue = PrologueView<T>{pro.scale, pro.shift, static_cast<int>(pro.activation)};
@@ -770,7 +843,7 @@ void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, 
   p.out_activation = static_cast<int>(epi.activation);
   p.y = static_cast<T*>(y);
   p.stats = stats;
-  launch_gemm<T>(p, vectorizable<T>(p.geo, x, w), s.groups, 1, p.depth, stream);
+  launch_gemm_with_prologue<T>(p, vectorizable<T>(p.geo, x, w), s.groups, 1, p.depth, stream);
 }
 
 template <typename T>
@@ -783,6 +856,7 @@ void input_grad(const Shape& s, const void* grad, const void* w, void* grad_inpu
   p.rows = s.batch * ceil_div(s.height, s.stride_h) * ceil_div(s.width, s.stride_w);
   p.cols = p.geo.cin_g;
   p.depth = s.kernel_h * s.kernel_w * p.geo.cout_g;
+  p.by_cout_g = Divmod(static_cast<int>(p.geo.cout_g));
   p.groups = s.groups;
   p.grad = static_cast<const T*>(grad);
   p.w = static_cast<const T*>(w);
@@ -813,12 +887,14 @@ void weight_grad(const Shape& s, const void* grad, const void* x, const Prologue
   p.rows = p.geo.cout_g;
   p.cols = s.kernel_h * s.kernel_w * p.geo.cin_g;
   p.depth = s.batch * s.out_height * s.out_width;
+  p.by_ow = Divmod(p.geo.OW);
+  p.by_oh = Divmod(p.geo.OH);
   p.grad = static_cast<const T*>(grad);
   p.x = static_cast<const T*>(x);
   p.prologue = PrologueView<T>{pro.scale, pro.shift, static_cast<int>(pro.activation)};
   p.partials = partials;
   p.stats = nullptr;
-  launch_gemm<T>(p, vectorizable<T>(p.geo, grad, x), s.groups, splits, split_length(p.depth, splits),
+  launch_gemm_with_prologue<T>(p, vectorizable<T>(p.geo, grad, x), s.groups, splits, split_length(p.depth, splits),
                  stream);
 }
 
