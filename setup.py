@@ -109,7 +109,7 @@ def dependencies(compiled: bool) -> list:
         import torch
         major, minor = torch.__version__.split("+")[0].split(".")[:2]
         torch_requirement = f"torch=={major}.{minor}.*"
-    return [torch_requirement, "numpy"]
+    return [torch_requirement, "numpy", "einops>=0.8"]
 
 
 ext_modules, cmdclass = extensions()
