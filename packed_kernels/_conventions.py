@@ -10,6 +10,12 @@ ACTIVATIONS = (None, "relu")  # what `activation=` arguments accept
 ACTIVATION_CODES = {None: 0, "relu": 1}  # the kernels' activation constant (Triton and CUDA C++)
 
 
+def check_activation(op: str, name: str, value) -> None:
+    """`activation=` arguments: None (no activation) or "relu", everywhere, op schemas included."""
+    if value not in ACTIVATIONS:
+        raise ValueError(f"{op}: {name} must be one of {ACTIVATIONS}, got {value!r}")
+
+
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics, sums and per-channel gradients are float32, float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

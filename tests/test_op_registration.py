@@ -55,7 +55,7 @@ def test_opcheck_batch_norm(backend, training):
     stats = (None, None) if training else (torch.randn(4, device=device), torch.rand(4, device=device) + 0.5)
     torch.library.opcheck(bn_ops._batch_norm_op.op,
                           (x, *stats, weight, bias, residual, training, 1e-5, "relu", backend))
-    torch.library.opcheck(bn_ops._batch_norm_op.op, (x, *stats, None, None, None, training, 1e-5, "", backend))
+    torch.library.opcheck(bn_ops._batch_norm_op.op, (x, *stats, None, None, None, training, 1e-5, None, backend))
 
 
 class _TinyPackedNet(torch.nn.Module):

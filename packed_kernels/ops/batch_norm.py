@@ -11,10 +11,8 @@ from torch import Tensor
 
 from .. import _alloc, _backend
 from .._checks import check_float_tensor, check_same_device_dtype
-from .._conventions import ACTIVATIONS, stats_dtype
+from .._conventions import check_activation, stats_dtype
 from ._autograd import library_op, unaliased
-
-IMPLEMENTED = ("torch", "triton", "cuda", "simt")
 
 
 def reference_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -137,6 +135,7 @@ _ENGINES: Dict[str, Callable[[], _Engine]] = {
     "cuda": _extension_engine("_C"),
     "simt": _extension_engine("_simt"),
 }
+IMPLEMENTED = tuple(_ENGINES)
 
 
 # Functional (no mutation) so that it can carry an autograd formula; the public function applies
@@ -145,7 +144,7 @@ _ENGINES: Dict[str, Callable[[], _Engine]] = {
 @_backend.on_input_device
 def _batch_norm_op(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-                   training: bool, eps: float, activation: str, backend: str
+                   training: bool, eps: float, activation: Optional[str], backend: str
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     out, mean, var, invstd = _ENGINES[backend]().forward(
         input, running_mean, running_var, weight, bias, residual, training, eps, activation == "relu")
@@ -163,7 +162,7 @@ def _(input, running_mean, running_var, weight, bias, residual, training, eps, a
 @_backend.on_input_device
 def _batch_norm_backward_op(grad: Tensor, input: Tensor, output: Optional[Tensor], mean: Tensor,
                             invstd: Tensor, weight: Optional[Tensor], has_residual: bool,
-                            training: bool, activation: str, backend: str
+                            training: bool, activation: Optional[str], backend: str
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = _ENGINES[backend]().backward(grad, input, output, mean, invstd, weight, has_residual,
                                          training, activation == "relu")
@@ -249,8 +248,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         launch."""
     op = "batch_norm"
     check_float_tensor(op, "input", input, min_dim=2, allow_empty_batch=True)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
+    check_activation(op, "activation", activation)
     channels = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
@@ -287,7 +285,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return torch.relu(out) if activation == "relu" else out
     stats = (None, None) if training else (running_mean, running_var)
     out, batch_mean, batch_var, _invstd = _batch_norm_op(
-        input, *stats, weight, bias, residual, bool(training), float(eps), activation or "", chosen)
+        input, *stats, weight, bias, residual, bool(training), float(eps), activation, chosen)
     if training and running_mean is not None:
         with torch.no_grad():  # as torch: running = (1 - momentum) * running + momentum * batch
             running_mean.mul_(1.0 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._conventions import ACTIVATIONS
+from .._conventions import check_activation
 from .._checks import ValidatedCalls, check_float_tensor, check_positive_int, check_same_device_dtype
 from .._layouts import format_of
 from ._autograd import library_op, unaliased
@@ -364,11 +364,6 @@ def _check_channel_vector(op: str, name: str, value, channels: int, input: Tenso
         raise ValueError(f"{op}: {name} must have shape ({channels},), got {tuple(value.shape)}")
 
 
-def _check_activation(op: str, name: str, value) -> None:
-    if value not in ACTIVATIONS:
-        raise ValueError(f"{op}: {name} must be one of {ACTIVATIONS}, got {value!r}")
-
-
 def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
                  padding: Union[IntPair, str] = 0, dilation: IntPair = 1, groups: int = 1, *,
                  in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None,
@@ -432,8 +427,8 @@ def _check_fused_call(input, weight, bias, stride, padding, dilation, groups, in
         _check_channel_vector(op, name, value, input.shape[1], input)
     for name, value in (("out_scale", out_scale), ("out_shift", out_shift)):
         _check_channel_vector(op, name, value, weight.shape[0], input)
-    _check_activation(op, "in_activation", in_activation)
-    _check_activation(op, "activation", activation)
+    check_activation(op, "in_activation", in_activation)
+    check_activation(op, "activation", activation)
     if not isinstance(channel_stats, bool):
         raise TypeError(f"{op}: channel_stats must be a bool, got {type(channel_stats).__name__}")
     out_hw = output_hw(input.shape[2:], weight, stride, padding4, dilation)

@@ -260,7 +260,7 @@ _ensemble_scores_op.register_autograd(_scores_backward, setup_context=_scores_se
 # public functions
 # ---------------------------------------------------------------------------------------------
 
-IMPLEMENTED = ("torch", "triton", "cuda", "simt")
+IMPLEMENTED = tuple(_ENGINES)
 MAX_TRITON_ESTIMATORS = 64  # the kernels keep one row per estimator in registers
 
 
