@@ -126,11 +126,7 @@ def build_model(row: Row, *, arch: int = 50, in_channels: int = 3, num_classes: 
     else:
         raise ValueError(f"unknown model kind {spec.kind!r}")
     backend = "stock" if row.impl == "stock" else (None if ours_backend in (None, "auto") else ours_backend)
-    set_backend = getattr(pk_nn, "set_backend", None)
-    if set_backend is not None:
-        set_backend(model, backend)
-    elif backend not in (None, "stock"):  # a packed_kernels from before nn.set_backend
-        raise RuntimeError("this packed_kernels has no nn.set_backend; use --ours-backend auto")
+    pk_nn.set_backend(model, backend)
     return model, m, f"packed_kernels.models resnet{arch} (cifar)"
 
 

@@ -108,9 +108,6 @@ def test_table_command_cpu_smoke(capsys, tmp_path):
 def test_rows_route_their_layers():
     """Stock rows run torch's own conv and BatchNorm2d; packed_kernels rows run our ops on the
     engine asked for."""
-    from packed_kernels import nn as pk_nn
-    if not hasattr(pk_nn, "set_backend"):
-        pytest.skip("packed_kernels.nn.set_backend has not landed")
     routed = lambda model: {m.backend for m in model.modules()  # noqa: E731
                             if getattr(type(m), "routes_through_packed_ops", False)}
     stock, _, _ = models.build_model(models.parse_row("pe241-stock"), arch=ARCH)

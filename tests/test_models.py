@@ -364,9 +364,7 @@ def test_fused_batch_norm_blocks_equal_unfused_ones():
     """With packed_kernels.nn.BatchNorm2d the blocks run on the fused conv + BN path (and
     BatchEnsemble's fuse BN + residual + ReLU); with torch's BatchNorm2d they run the modules
     apart. Same state_dict, same outputs and gradients."""
-    packed_bn = getattr(pk.nn, "BatchNorm2d", None)
-    if packed_bn is None:
-        pytest.skip("packed_kernels.nn.BatchNorm2d has not landed")
+    packed_bn = pk.nn.BatchNorm2d
     # Inputs large enough that the last stage normalises over >= 8 values per channel: with 2
     # (batch 2 at 1x1) BN is so ill-conditioned (gradients ~1e10) that the fused path's
     # differently ordered float64 sums already differ from torch's by 1e-4.
@@ -405,12 +403,9 @@ def test_fused_batch_norm_blocks_equal_unfused_ones():
 def test_tiny_model_on_each_kernel_backend(backend):
     """A whole PE ResNet (stem, blocks, shortcuts, fused BN, head) through one kernel backend:
     forward and parameter gradients as good as torch's own fp32 against float64."""
-    from packed_kernels.ops import batch_norm as bn_op, conv as conv_op
     from conftest import require_backend
     from helpers import assert_close
     device = require_backend(backend)
-    if backend not in conv_op.IMPLEMENTED:
-        pytest.skip(f"grouped_conv2d has no {backend!r} kernel yet")
     model = _tiny_pe().to(device).train()
     # batch 4 at 8x8: the last stage's BN still normalises over 4*2*2 values per channel (a
     # tinier map leaves 2 values, and its ill-conditioned variance swamps any error comparison)
@@ -424,10 +419,6 @@ def test_tiny_model_on_each_kernel_backend(backend):
     exact = run(copy.deepcopy(model).cpu().double(), x.cpu().double())
     stock = run(pk.nn.set_backend(copy.deepcopy(model), "stock"), x)
     pk.nn.set_backend(model, backend)
-    if backend not in bn_op.IMPLEMENTED:  # batch norm without this kernel: its default engine
-        for module in model.modules():
-            if isinstance(module, getattr(pk.nn, "BatchNorm2d", ())):
-                module.backend = None
     ours = run(model, x)
     for i, (a, ref, theirs) in enumerate(zip(ours, exact, stock)):
         assert_close(a, ref, theirs, torch.float32, "logits" if i == 0 else f"grad {i - 1}")

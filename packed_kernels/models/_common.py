@@ -7,6 +7,7 @@ from typing import Callable, List, Optional, Type, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.batch_norm import BatchNorm2d
 from ..nn.conv_bn import DeferredBatchNorm, conv_bn_act, fusable_conv, materialize
 
 # Blocks per stage, as torch-uncertainty 0.13 (and the ResNet papers) define them.
@@ -33,21 +34,13 @@ def check_style(style) -> str:
 
 
 def default_norm() -> Type[nn.Module]:
-    """packed_kernels.nn.BatchNorm2d once it has landed (a drop-in nn.BatchNorm2d), else torch's."""
-    try:
-        from ..nn import BatchNorm2d  # type: ignore[attr-defined]
-    except ImportError:
-        return nn.BatchNorm2d
-    return BatchNorm2d if issubclass(BatchNorm2d, nn.BatchNorm2d) else nn.BatchNorm2d
+    """The models' norm layer: packed_kernels.nn.BatchNorm2d (a drop-in nn.BatchNorm2d)."""
+    return BatchNorm2d
 
 
 def fuses(norm: Type[nn.Module]) -> bool:
     """Whether `norm` is packed_kernels.nn.BatchNorm2d, which adds a residual
     (forward(x, residual=...)) and applies ReLU in the same kernel pass as the normalisation."""
-    try:
-        from ..nn import BatchNorm2d  # type: ignore[attr-defined]
-    except ImportError:
-        return False
     return isinstance(norm, type) and issubclass(norm, BatchNorm2d)
 
 

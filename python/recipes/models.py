@@ -13,6 +13,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from packed_kernels import models as zoo
+
 from .errors import RecipeError
 
 METHODS = ("single", "packed", "deep", "mimo", "batch", "masksembles")
@@ -119,17 +121,9 @@ def _small_cnn(spec: Dict) -> nn.Module:
 RESNET_ARCHS = (18, 20, 34, 44, 50, 56, 101, 110, 152)
 
 
-def _zoo():
-    try:
-        from packed_kernels import models as zoo
-    except ImportError as exc:
-        raise RecipeError(f"the model zoo (packed_kernels.models) cannot be imported: {exc}") from None
-    return zoo
-
-
 def _resnet(arch: int):
     def build(spec: Dict) -> nn.Module:
-        zoo, method, m = _zoo(), spec["method"], spec["num_estimators"]
+        method, m = spec["method"], spec["num_estimators"]
         common = dict(in_channels=spec["in_channels"], num_classes=spec["num_classes"], arch=arch,
                       style=spec["style"])
         if method == "single":
@@ -151,7 +145,7 @@ def _resnet(arch: int):
 
 
 def _wideresnet28x10(spec: Dict) -> nn.Module:
-    zoo, method, m = _zoo(), spec["method"], spec["num_estimators"]
+    method, m = spec["method"], spec["num_estimators"]
     if method not in ("single", "packed", "deep"):
         raise RecipeError(f"model 'wideresnet28x10' supports the methods single, packed and deep, "
                           f"not {method!r}")
