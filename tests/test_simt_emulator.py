@@ -93,6 +93,10 @@ def check_half_conversions(out):
     assert int(out["mismatches"]) == 0  # every bit pattern round-trips; ties round to even
 
 
+def check_divmod(out):
+    assert int(out["mismatches"]) == 0
+
+
 def check_ensemble(out):
     assert int(out["non_finite"]) == 0
     assert float(out["worst_sum_error_over_tolerance"]) <= 1.0
@@ -103,7 +107,7 @@ CHECKS = {"block_sum": check_block_sum, "warp_ops": check_warp_ops, "warp_exchan
           "histogram": check_histogram,
           "tile_mma": check_tile_mma, "transpose": check_transpose,
           "half_conversions": check_half_conversions, "async_pipeline": check_async_pipeline,
-          "ensemble": check_ensemble}
+          "divmod": check_divmod, "ensemble": check_ensemble}
 
 
 @pytest.mark.parametrize("case", sorted(CHECKS))

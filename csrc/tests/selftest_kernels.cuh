@@ -5,6 +5,7 @@
 #pragma once
 
 #include "pk/async_copy.h"
+#include "pk/divmod.h"
 #include "pk/reduce.h"
 #include "pk/simt.h"
 #include "pk/tile.h"
@@ -188,6 +189,11 @@ __global__ void divergent_warp_op_kernel(float* out) {
   else
     v = static_cast<float>(__ballot_sync(0xffffffffu, v > 20.0f));
   out[threadIdx.x] = v;
+}
+
+// pk::Divmod on the device (the multiply-high path the kernels take).
+__global__ void divmod_kernel(const int* n, int count, pk::Divmod by, int* quotient, int* remainder) {
+  for (int i = threadIdx.x; i < count; i += blockDim.x) by.divmod(n[i], quotient[i], remainder[i]);
 }
 
 }  // namespace selftest

@@ -367,6 +367,33 @@ void case_divergent_warp_op() {
   expect_fault([&] { pk::launch(selftest::divergent_warp_op_kernel, dim3(1), dim3(32), 0, nullptr, out.data); });
 }
 
+// pk::Divmod against / and % : every dividend below 2^14 and random ones up to
+// 2^31 - 1 (and 2^31 - 1 itself), for small and random divisors, on the host and in a kernel.
+void case_divmod() {
+  std::uniform_int_distribution<int> any(0, 0x7fffffff);
+  std::vector<int> dividends, divisors;
+  for (int d = 1; d <= 64; ++d) divisors.push_back(d);
+  for (int i = 0; i < 64; ++i) divisors.push_back(any(rng) | 1);
+  divisors.push_back(0x7fffffff);
+  for (int n = 0; n < (1 << 14); ++n) dividends.push_back(n);
+  for (int i = 0; i < 4096; ++i) dividends.push_back(any(rng));
+  dividends.push_back(0x7fffffff);
+  Array<int> n(dividends), q(dividends.size()), r(dividends.size());
+  long mismatches = 0;
+  for (int d : divisors) {
+    const pk::Divmod by(d);
+    pk::launch(selftest::divmod_kernel, dim3(1), dim3(256), 0, nullptr, static_cast<const int*>(n.data),
+               static_cast<int>(n.size), by, q.data, r.data);
+    finish();
+    for (std::size_t i = 0; i < n.size; ++i) {
+      int host_q, host_r;
+      by.divmod(n[i], host_q, host_r);
+      mismatches += q[i] != n[i] / d || r[i] != n[i] % d || host_q != n[i] / d || host_r != n[i] % d;
+    }
+  }
+  std::printf("mismatches=%ld\n", mismatches);
+}
+
 void case_half_conversions() {
   int mismatches = 0;
   for (std::uint32_t bits = 0; bits < 65536; ++bits) {
@@ -477,6 +504,7 @@ int main(int argc, char** argv) {
       {"missing_async_wait", case_missing_async_wait},
       {"async_not_waited", case_async_not_waited},
       {"divergent_warp_op", case_divergent_warp_op},
+      {"divmod", case_divmod},
       {"half_conversions", case_half_conversions},
       {"ensemble", case_ensemble},
   };
