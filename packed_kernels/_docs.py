@@ -1,6 +1,7 @@
-"""The public models' arguments, each described once: `with_arguments` appends the description
-of every parameter a model class or factory takes to its docstring (what help() shows), and
-refuses, at import, a parameter nobody described."""
+"""The public models' and Packed-Ensembles layers' arguments, each described once:
+`with_arguments` (models) and `with_layer_arguments` (layers) append the description of every
+parameter a class or factory takes to its docstring (what help() shows), and refuse, at
+import, a parameter nobody described."""
 
 from __future__ import annotations
 
@@ -52,19 +53,58 @@ MODEL_ARGUMENTS = {
     "seed": "seeds the masks' draw, for reproducible masks (None: fresh masks, as upstream).",
 }
 
+# torch-uncertainty 0.13's Packed-Ensembles layer arguments (packing.py states the rules).
+LAYER_ARGUMENTS = {
+    "in_channels": "input channels before alpha: the input has int(in_channels * alpha) "
+                   "channels (in_channels when `first`).",
+    "out_channels": "output channels before alpha: the output has int(out_channels * alpha) "
+                    "channels (out_channels * num_estimators when `last`).",
+    "in_features": "input features before alpha (as in_channels).",
+    "out_features": "output features before alpha (as out_channels).",
+    "kernel_size": "as torch's convolution's (an int or a tuple).",
+    "stride": "as torch's convolution's.",
+    "padding": "as torch's convolution's (an int, a tuple, or \"same\" / \"valid\").",
+    "output_padding": "as nn.ConvTranspose2d's.",
+    "dilation": "as torch's convolution's.",
+    "alpha": "Packed-Ensembles' width factor (> 0).",
+    "num_estimators": "M, the estimators (>= 1).",
+    "gamma": "groups per estimator (>= 1); falls back by one (never below 1) while a group "
+             "would get fewer than minimum_channels_per_group input channels.",
+    "groups": "groups within each estimator (torch-uncertainty's `groups`): the layer has "
+              "gamma * groups * num_estimators groups (1 when `first`).",
+    "minimum_channels_per_group": "the fewest input channels a group may have before gamma "
+                                  "falls back.",
+    "bias": "a learnable bias per output channel.",
+    "padding_mode": '"zeros", "reflect", "replicate" or "circular", as torch\'s.',
+    "first": "the network's first layer: the input is shared by all estimators (no alpha on "
+             "it, one group).",
+    "last": "the network's last layer: out_channels * num_estimators outputs, returned "
+            "estimator-major: (B, M*C, ...) -> (M*B, C, ...).",
+    "implementation": '"einsum", "full", "conv1d" (the same batched matmul) or "sparse" (a '
+                      "sparse block-diagonal weight, as torch-uncertainty's).",
+    "device": "of the parameters.",
+    "dtype": "of the parameters.",
+}
+
 _SKIPPED = {"self", "args", "kwargs"}
 
 
-def with_arguments(obj: T) -> T:
-    """Appends an "Args:" section for obj's parameters (a class: its __init__'s)."""
-    target = obj.__init__ if isinstance(obj, type) else obj
-    names = [n for n in inspect.signature(target).parameters if n not in _SKIPPED]
-    missing = [n for n in names if n not in MODEL_ARGUMENTS]
-    if missing:
-        raise TypeError(f"{obj.__qualname__}: no description of {missing} in _docs.MODEL_ARGUMENTS")
-    lines = ["", "", "Args:"]
-    for name in names:
-        lines += textwrap.wrap(f"{name}: {MODEL_ARGUMENTS[name]}", 92, initial_indent="    ",
-                               subsequent_indent="        ")
-    obj.__doc__ = inspect.cleandoc(obj.__doc__ or "") + "\n".join(lines)
-    return obj
+def _appending(table: dict, name: str) -> Callable[[T], T]:
+    def decorate(obj: T) -> T:
+        """Appends an "Args:" section for obj's parameters (a class: its __init__'s)."""
+        target = obj.__init__ if isinstance(obj, type) else obj
+        names = [n for n in inspect.signature(target).parameters if n not in _SKIPPED]
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise TypeError(f"{obj.__qualname__}: no description of {missing} in _docs.{name}")
+        lines = ["", "", "Args:"]
+        for arg in names:
+            lines += textwrap.wrap(f"{arg}: {table[arg]}", 92, initial_indent="    ",
+                                   subsequent_indent="        ")
+        obj.__doc__ = inspect.cleandoc(obj.__doc__ or "") + "\n".join(lines)
+        return obj
+    return decorate
+
+
+with_arguments = _appending(MODEL_ARGUMENTS, "MODEL_ARGUMENTS")
+with_layer_arguments = _appending(LAYER_ARGUMENTS, "LAYER_ARGUMENTS")

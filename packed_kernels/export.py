@@ -108,6 +108,7 @@ def to_onnx(model: Union[nn.Module, torch.export.ExportedProgram], args: Sequenc
 
 
 def _refuse_torchscript(module: nn.Module):
+    """TorchScript is not supported: raises TypeError (see packed_kernels.export)."""
     raise TypeError(
         f"torch.jit.script: {type(module).__name__} (packed_kernels) does not support "
         "TorchScript, which torch no longer develops; use packed_kernels.export.export "

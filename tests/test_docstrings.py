@@ -1,5 +1,5 @@
 """help() of every public callable documents each of its parameters (by name), and every
-public module has a docstring. (packed_kernels.nn's layers are not covered yet.)"""
+public module has a docstring."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 import packed_kernels as pk
 from packed_kernels import export as pk_export
-from packed_kernels import models
+from packed_kernels import models, nn
 
 SKIPPED_PARAMETERS = {"self", "args", "kwargs", "onnx_options"}
 
@@ -19,21 +19,18 @@ def _public(module, names):
     return [(f"{module.__name__}.{name}", getattr(module, name)) for name in names]
 
 
-PUBLIC = (_public(pk, pk.__all__) + _public(models, models.__all__)
+PUBLIC = (_public(pk, pk.__all__) + _public(nn, nn.__all__) + _public(models, models.__all__)
           + _public(pk_export, ["export", "to_onnx", "decomposition_table"]))
 
 
 def _documented_signature(obj):
-    """(signature, documentation) as help() shows them; a class's __init__ doc counts."""
+    """(signature, documentation) as help() shows them: a class's signature is its __init__'s
+    (inherited too), and that __init__'s doc counts where this library wrote it."""
     doc = inspect.getdoc(obj) or ""
-    target = obj
-    if inspect.isclass(obj):
-        if "__init__" in vars(obj):
-            doc += "\n" + (inspect.getdoc(obj.__init__) or "")
-        else:
-            return None, doc
+    if inspect.isclass(obj) and getattr(obj.__init__, "__module__", "").startswith("packed_kernels"):
+        doc += "\n" + (inspect.getdoc(obj.__init__) or "")
     try:
-        return inspect.signature(target), doc
+        return inspect.signature(obj), doc
     except (TypeError, ValueError):
         return None, doc
 

@@ -105,7 +105,14 @@ def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     """Choose the engine of every packed_kernels layer in `model`: None/"auto" (the op picks),
     one of packed_kernels.BACKENDS, or "stock" (torch's own convolution, bypassing our ops;
     packed_kernels.nn.BatchNorm2d then runs its torch reference, F.batch_norm + add + ReLU).
-    Returns `model`."""
+    Returns `model`.
+
+    Args:
+        model: any nn.Module; its packed_kernels layers (convolutions, BatchNorm2d,
+            ConvBNAct2d, BatchConv2d, ...) get the backend, other modules are left alone.
+        backend: None, "auto", "stock" or a name in packed_kernels.BACKENDS ("torch",
+            "triton", "cuda", "simt"); a layer whose call that backend cannot run raises
+            BackendUnavailableError at its forward."""
     allowed = (None, "auto", STOCK) + tuple(_backend.BACKENDS)
     if backend not in allowed:
         raise ValueError(f"set_backend: backend must be one of {allowed}, got {backend!r}")

@@ -14,6 +14,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._docs import with_layer_arguments
 from ..ops.conv import grouped_conv2d
 from .packing import STOCK, autocast_operands, estimator_major, packed_conv_geometry
 
@@ -104,8 +105,14 @@ class _PackedConvNd(nn.Module):
         return f"num_estimators={self.num_estimators}, first={self.first}, last={self.last}"
 
 
+@with_layer_arguments
 class PackedConv2d(_PackedConvNd):
-    """Packed-Ensembles Conv2d: torch-uncertainty's arguments, defaults and state_dict."""
+    """Packed-Ensembles Conv2d: torch-uncertainty's arguments, defaults and state_dict.
+    Input (B, C, H, W) or unbatched (C, H, W), NCHW or channels_last, float32 / float16 /
+    bfloat16 (any float dtype on "torch" and "stock"); output in the input's dtype.
+    The convolution runs on pk.grouped_conv2d with the layer's `backend` attribute: None (the
+    op picks: "auto"), one of packed_kernels.BACKENDS, or "stock" (torch's own module); set it
+    with packed_kernels.nn.set_backend."""
 
     _conv_cls = nn.Conv2d
 
@@ -117,8 +124,13 @@ class PackedConv2d(_PackedConvNd):
                               self.conv.dilation, self.conv.groups, backend=self.backend)
 
 
+@with_layer_arguments
 class PackedConv1d(_PackedConvNd):
-    """Packed-Ensembles Conv1d, run as a 2-D grouped convolution of height 1."""
+    """Packed-Ensembles Conv1d, run as a 2-D grouped convolution of height 1. Input (B, C, L)
+    or unbatched (C, L).
+    The convolution runs on pk.grouped_conv2d with the layer's `backend` attribute: None (the
+    op picks: "auto"), one of packed_kernels.BACKENDS, or "stock" (torch's own module); set it
+    with packed_kernels.nn.set_backend."""
 
     _conv_cls = nn.Conv1d
     _spatial_dims = 1
@@ -136,6 +148,7 @@ class PackedConv1d(_PackedConvNd):
         return out
 
 
+@with_layer_arguments
 class PackedConv3d(_PackedConvNd):
     """Packed-Ensembles Conv3d: torch-uncertainty's arguments, defaults and state_dict, on
     torch's own nn.Conv3d (the library's kernels are 2-D)."""
@@ -148,6 +161,7 @@ class PackedConv3d(_PackedConvNd):
         return self.conv(x)
 
 
+@with_layer_arguments
 class PackedConvTranspose2d(nn.Module):
     """Packed-Ensembles ConvTranspose2d: torch-uncertainty's arguments, defaults and state_dict
     (the inner nn.ConvTranspose2d is `conv_transpose`), on torch's own transposed convolution.
@@ -203,7 +217,12 @@ class PackedConvTranspose2d(nn.Module):
 
 class GroupedConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict) whose forward runs packed_kernels.grouped_conv2d;
-    convert() puts it in place of grouped nn.Conv2d layers."""
+    convert() puts it in place of grouped nn.Conv2d layers.
+
+    Args: nn.Conv2d's (in_channels, out_channels, kernel_size, stride, padding, dilation,
+    groups, bias, padding_mode, device, dtype), with the same meaning. Input (B, C, H, W) or
+    unbatched, NCHW or channels_last; the `backend` attribute (None: the op picks; one of
+    packed_kernels.BACKENDS; "stock": nn.Conv2d's own forward) is set by set_backend."""
 
     routes_through_packed_ops = True
     backend: Optional[str] = None  # see set_backend()

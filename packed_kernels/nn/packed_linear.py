@@ -10,9 +10,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .._docs import with_layer_arguments
 from .packing import check_packed_parameters
 
 
+@with_layer_arguments
 class PackedLinear(nn.Module):
     """Packed-Ensembles Linear with torch-uncertainty's 3-D weight (groups, out/groups, in/groups).
 

@@ -18,6 +18,12 @@ from ._autograd import library_op
 
 
 class EnsembleScores(NamedTuple):
+    """ensemble_scores' result, for B inputs of an M-estimator ensemble over C classes, every
+    field in the logits' dtype: probs, the mean of the estimators' softmax (B, C); msp, its
+    maximum (B,); max_logit, the maximum over classes of the estimator-mean logits (B,);
+    entropy, of probs (B,); mutual_information, entropy minus the mean of the estimators'
+    entropies (B,); variation_ratio, 1 - (votes for the modal class) / M (B,)."""
+
     probs: Tensor  # (B, C) mean of the estimators' softmax
     msp: Tensor  # (B,) max softmax probability of the mean prediction
     max_logit: Tensor  # (B,) max over classes of the estimator-mean logits
