@@ -49,6 +49,9 @@ def extension(name: str):
             "_simt": "build it with a C++17 compiler (pip install --no-build-isolation -e .), "
             "and without PACKED_KERNELS_NO_SIMT=1",
         }.get(name, "rebuild the package")
+        if "undefined symbol" in error:  # torch's C++ ABI differs between its minor versions
+            hint = (f"it was compiled against another torch than this one ({torch.__version__}): "
+                    "reinstall packed_kernels against it (pip install --no-build-isolation)")
         raise BackendUnavailableError(f"{module} is not importable ({error}); {hint}")
     return importlib.import_module(module)
 

@@ -109,3 +109,12 @@ def test_license():
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text  # the full text, not a pointer
+
+
+def test_an_extension_built_for_another_torch_says_so(monkeypatch):
+    from packed_kernels import _backend
+    error = "ImportError: _simt.so: undefined symbol: _ZN3c106detail14torchCheckFailEPKc"
+    monkeypatch.setattr(_backend, "_import_error", lambda module: error)
+    with pytest.raises(_backend.BackendUnavailableError,
+                       match=rf"compiled against another torch than this one \({re.escape(torch.__version__)}\)"):
+        _backend.extension("_simt")
