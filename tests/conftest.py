@@ -12,6 +12,11 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist each worker takes its share of the cores (two workers on two cores would
+# otherwise run four torch threads that slow each other down).
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, torch.get_num_threads() // XDIST_WORKERS))
+
 import pytest  # noqa: E402
 
 from packed_kernels import _alloc, _backend  # noqa: E402
