@@ -52,19 +52,32 @@ def test_sdist_holds_what_setup_needs(sdist):
     assert not [m for m in members if m.endswith((".so", ".o"))], "compiled files in the sdist"
 
 
+def _install(sdist: Path, target: Path, **build_env) -> Path:
+    """pip builds and installs the sdist into `target` (no deps); returns its dist-info."""
+    env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"), **build_env)
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation",
+                             "--no-deps", "--target", str(target), str(sdist)],
+                            capture_output=True, text=True, env=env, timeout=3600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (dist_info,) = target.glob("packed_kernels-*.dist-info")
+    return dist_info
+
+
+def _run_from(target: Path, script: str, cwd: Path) -> str:
+    """Runs `script` in a fresh interpreter that imports packed_kernels from `target`."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(target)],
+                            capture_output=True, text=True, cwd=cwd, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(target)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_sdist_installs_and_runs_on_simt(sdist, tmp_path):
     """pip builds the sdist (simt extension only: nvcc builds take minutes) into a folder that
     a fresh interpreter then imports instead of this checkout."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler")
-    target = tmp_path / "site"
-    env = dict(os.environ, PACKED_KERNELS_NO_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation",
-                             "--no-deps", "--target", str(target), str(sdist)],
-                            capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-    (dist_info,) = target.glob("packed_kernels-*.dist-info")
+    dist_info = _install(sdist, tmp_path / "site", PACKED_KERNELS_NO_CUDA="1")
     metadata = (dist_info / "METADATA").read_text()
     assert "License-Expression: Apache-2.0" in metadata
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
@@ -72,7 +85,7 @@ def test_sdist_installs_and_runs_on_simt(sdist, tmp_path):
     assert re.search(r"Requires-Dist: triton.*extra == \"triton\"", metadata)  # optional
     assert (dist_info / "licenses" / "LICENSE").exists()
 
-    script = textwrap.dedent("""
+    out = _run_from(tmp_path / "site", """
         import sys
         import torch
         import torch.nn.functional as F
@@ -82,12 +95,35 @@ def test_sdist_installs_and_runs_on_simt(sdist, tmp_path):
         out = pk.grouped_conv2d(x, w, b, padding=1, groups=4, backend="simt")
         torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1, groups=4))
         print("ok", pk.__version__)
-    """)
-    run_env = dict(os.environ, PYTHONPATH=str(target))
-    result = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True,
-                            text=True, env=run_env, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"ok {pk.__version__}" in result.stdout
+    """, tmp_path)
+    assert f"ok {pk.__version__}" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PACKED_KERNELS_TEST_SDIST_CUDA") != "1",
+                    reason="minutes of nvcc: set PACKED_KERNELS_TEST_SDIST_CUDA=1")
+def test_sdist_builds_the_cuda_extension(sdist, tmp_path):
+    """The CUDA extension from the sdist (one architecture, sm_80, to keep it short); on a GPU
+    it also runs."""
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    if not (Path(cuda_home) / "bin" / "nvcc").exists():
+        pytest.skip(f"no nvcc in {cuda_home} (set CUDA_HOME)")
+    _install(sdist, tmp_path / "site", PACKED_KERNELS_NO_SIMT="1", PACKED_KERNELS_CUDA_ARCHS="80",
+             CUDA_HOME=cuda_home)
+    out = _run_from(tmp_path / "site", """
+        import sys
+        import torch
+        import torch.nn.functional as F
+        import packed_kernels as pk
+        from packed_kernels import _C  # noqa: F401  (imports without a GPU too)
+        assert pk.__file__.startswith(sys.argv[1]), pk.__file__
+        if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+            x, w = torch.randn(2, 8, 9, 9, device="cuda"), torch.randn(12, 2, 3, 3, device="cuda")
+            out = pk.grouped_conv2d(x, w, padding=1, groups=4, backend="cuda")
+            torch.testing.assert_close(out, F.conv2d(x, w, padding=1, groups=4))
+        print("ok")
+    """, tmp_path)
+    assert "ok" in out
 
 
 def test_one_version():
