@@ -6,15 +6,17 @@ no ONNX exporter knows. `export` decomposes those nodes into stock aten ops
 (packed_kernels/ops/decompositions.py: each op's torch reference), so its program
 
 - runs, serialises (torch.export.save) and loads (torch.export.load) in a process that never
-  imports packed_kernels, and compiles with AOTInductor like any core-aten program;
+  imports packed_kernels, and, holding core aten ops only, is what AOTInductor takes (not
+  tested here);
 - converts to ONNX (`to_onnx`), for onnxruntime, TensorRT, ...
 
 No backend needs choosing first (set_backend(model, "stock") is not needed): whatever engine a
 layer names, its op decomposes to the same torch function. Export a model in eval() mode for
 inference: a training-mode program computes batch statistics and updates running buffers.
 
-TorchScript (torch.jit.script / trace) is not supported: it is in maintenance in torch, and
-cannot see through the custom ops; use this module instead."""
+TorchScript is not supported: torch.jit.script of a model holding packed_kernels modules
+raises a TypeError saying so (torch no longer develops TorchScript, and it cannot see through
+the custom ops); use this module instead."""
 
 from __future__ import annotations
 
