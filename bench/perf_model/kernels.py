@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import sass
+
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("PACKED_KERNELS_MODEL_CACHE", ROOT / "build" / "perf_model"))
 PASSES = ("forward", "input_grad", "weight_grad")
@@ -39,8 +41,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Launch:
     """One kernel launch of one pass: what runs, on which grid, and the numbers the model needs."""
     backend: str            # "triton" | "cuda"
-    kernel: str             # kernel symbol in the cubin
-    cubin: Path
+    kernel: str             # kernel symbol in the cubin (prefix)
+    cubin: Optional[Path]   # None: a torch glue pass, modelled by its bytes alone
     grid: Tuple[int, int, int]
     num_warps: int
     dynamic_shared: int     # bytes (Triton's shared memory is dynamic)
@@ -50,6 +52,7 @@ class Launch:
     tile: Tuple[int, int, int]  # rows x cols x depth of a block's tile per K step
     itemsize: int           # bytes per operand element
     extra_dram_bytes: int = 0  # beyond the compulsory bytes: fp32 split partials written + read
+    main_loop: Tuple[Tuple[str, ...], ...] = sass.CONV_MAIN_LOOP  # what marks the main loop
 
     @property
     def operand_bytes(self) -> int:
@@ -152,14 +155,18 @@ def triton_launches(layer, pass_name: str, batch: int, dtype_name: str, gpu) -> 
     return launches
 
 
-def _compile_triton(jit, grid, args, kwargs, gpu, pass_name, layer) -> Launch:
+def compile_triton(jit, args, kwargs, gpu):
+    """One recorded launch compiled for the GPU as the JIT would specialise it (cached by hash):
+    (cubin path, {"name", "shared"}, constexprs, options, argument values by name)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    kwargs = dict(kwargs)
     arg_names = list(jit.arg_names)
-    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
-    kwargs["UPCAST"] = False  # only Triton's CPU interpreter upcasts; a GPU launch never does
+    options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
+    if "UPCAST" in arg_names:
+        kwargs["UPCAST"] = False  # only Triton's CPU interpreter upcasts; a GPU launch never does
     signature, constexprs, attrs = {}, dict(kwargs), {}
     values = dict(zip([n for n in arg_names if n not in kwargs], args))
     for i, name in enumerate(arg_names):
@@ -185,7 +192,12 @@ def _compile_triton(jit, grid, args, kwargs, gpu, pass_name, layer) -> Launch:
         tmp.write_bytes(compiled.asm["cubin"])
         os.replace(tmp, cubin)
         meta.write_text(json.dumps({"name": compiled.metadata.name, "shared": compiled.metadata.shared}))
-    info = json.loads(meta.read_text())
+    return cubin, json.loads(meta.read_text()), constexprs, options, values
+
+
+def _compile_triton(jit, grid, args, kwargs, gpu, pass_name, layer) -> Launch:
+    cubin, info, constexprs, options, values = compile_triton(jit, args, kwargs, gpu)
+    arg_names = list(jit.arg_names)
     c = constexprs
     config = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{options['num_warps']} s{options['num_stages']} vec{c['VEC']}"
     cin_g, cout_g = layer.c_in // layer.groups, layer.c_out // layer.groups

@@ -1,17 +1,19 @@
-"""The modelled time of one conv kernel launch, from its SASS, and its fraction of the roofline.
+"""The modelled time of one kernel launch, from its SASS, and its fraction of the roofline.
 
 modelled = max(issue, tensor, dram, l2), each over the launch's waves:
   issue   warp instructions of a block (main-loop nest: instructions per pass x trips, the rest of
           the kernel once) x resident blocks / (min(4, resident warps) per clock)  per wave
   tensor  the block's tensor-core flops / the SM's rate for that instruction (wgmma's on Hopper,
           HMMA (mma.sync) at a share of it)  per wave
-  dram    compulsory bytes (+ fp32 split partials written and read back) / HBM bandwidth
+  dram    compulsory bytes (+ fp32 split partials written and read back) / HBM bandwidth; a
+          batch-norm or ensemble launch: the bytes it moves as written (streams.py)
   l2      the operand tiles every block reads per K step ((rows + cols) x depth elements) / L2
           bandwidth (the SASS's load widths per pass would count a pipeline's predicated-off
           prefetches too)
 A wave is as many blocks as the SMs hold at the occupancy that registers, shared memory and
 threads allow. No latencies, no launch overhead, no bank conflicts: an optimistic bound, which is
-why it is read as "modelled", never as a prediction of measured time.
+why it is read as "modelled", never as a prediction of measured time. A torch glue pass (no
+cubin) is its bytes at HBM bandwidth.
 roofline = max(useful flops / dense tensor peak, compulsory bytes / HBM bandwidth);
 fraction = roofline / modelled (1 = the kernel's code could reach the card's roofline).
 """
@@ -35,8 +37,8 @@ _RES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LO
 
 @functools.lru_cache(maxsize=None)
 def _cubin(path: Path):
-    """(kernel name -> analysed code, kernel name -> resource usage) of one cubin."""
-    code = {name: sass.analyse(name, ins) for name, ins in sass.disassemble(path).items()}
+    """(kernel name -> instructions, kernel name -> resource usage) of one cubin."""
+    code = sass.disassemble(path)
     text = subprocess.run([str(sass.TOOLS / "cuobjdump"), "-res-usage", str(path)],
                           capture_output=True, text=True, check=True).stdout
     usage = {m.group(1): {"registers": int(m.group(2)), "stack": int(m.group(3)),
@@ -50,7 +52,12 @@ def kernel_code(launch: Launch) -> Tuple[sass.KernelCode, Dict[str, int]]:
     names = [n for n in code if n.startswith(launch.kernel)]
     if len(names) != 1:
         raise RuntimeError(f"{launch.cubin.name}: {len(names)} kernels named {launch.kernel}*")
-    return code[names[0]], usage[names[0]]
+    return _analysed(launch.cubin, names[0], launch.main_loop), usage[names[0]]
+
+
+@functools.lru_cache(maxsize=None)
+def _analysed(path: Path, name: str, priority) -> sass.KernelCode:
+    return sass.analyse(name, _cubin(path)[0][name], priority)
 
 
 _HMMA_SHAPE = re.compile(r"\.(\d{2})(\d)(\d{1,2})\b")       # HMMA.16816 -> 16, 8, 16
@@ -99,6 +106,9 @@ def occupancy(gpu: GPU, registers: int, shared_bytes: int, warps: int) -> int:
 
 
 def model_launch(launch: Launch, gpu: GPU, compulsory_bytes: int) -> Modelled:
+    if launch.cubin is None:  # a torch glue pass (a sum, a copy): its bytes at HBM bandwidth
+        return Modelled(0, 0, 0, 0, 0, {}, 0, 0, 0,
+                        {"dram": (compulsory_bytes + launch.extra_dram_bytes) / (gpu.hbm_gbps * 1e9)})
     code, usage = kernel_code(launch)
     shared = usage["static_shared"] + launch.dynamic_shared
     occ = occupancy(gpu, usage["registers"], shared, launch.num_warps)

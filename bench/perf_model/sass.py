@@ -278,7 +278,8 @@ def _reach(start: int, edges: Dict[int, List[int]]) -> Set[int]:
     return seen
 
 
-def _cycle_through_first(code, graph: List[Block], loops: List[Loop]) -> Optional[Loop]:
+def _cycle_through_first(code, graph: List[Block], loops: List[Loop],
+                         priority: Sequence[Tuple[str, ...]]) -> Optional[Loop]:
     """The strongly connected blocks around the first block holding tensor-core instructions (else
     FMAs), as one loop: what a loop entered at two points looks like."""
     forward = {n: b.successors for n, b in enumerate(graph)}
@@ -286,7 +287,7 @@ def _cycle_through_first(code, graph: List[Block], loops: List[Loop]) -> Optiona
     for n, b in enumerate(graph):
         for s in b.successors:
             backward[s].append(n)
-    for kinds in (("tensor",), ("fma",)):
+    for kinds in priority:
         for n, b in enumerate(graph):
             if any(category(i.opcode) in kinds and not i.never for i in code[b.start:b.end]):
                 body = _reach(n, forward) & _reach(n, backward)
@@ -299,7 +300,14 @@ def _cycle_through_first(code, graph: List[Block], loops: List[Loop]) -> Optiona
     return None
 
 
-def analyse(name: str, code: List[Instruction]) -> KernelCode:
+CONV_MAIN_LOOP = (("tensor",), ("fma",))
+STREAM_MAIN_LOOP = (("ldg", "cp_async"), ("fma",))  # bandwidth kernels: the loop that loads
+
+
+def analyse(name: str, code: List[Instruction],
+            priority: Sequence[Tuple[str, ...]] = CONV_MAIN_LOOP) -> KernelCode:
+    """The kernel's loops and main nest: the main loop is the smallest loop holding instructions
+    of the first category group in `priority` that any loop holds."""
     graph = blocks(code)
     loops = natural_loops(graph)
 
@@ -308,13 +316,13 @@ def analyse(name: str, code: List[Instruction]) -> KernelCode:
                    for n in loop.body for ins in code[graph[n].start:graph[n].end])
 
     main = None
-    for kinds in (("tensor",), ("fma",)):
+    for kinds in priority:
         candidates = [loop for loop in loops if holds(loop, kinds)]
         if candidates:
             main = min(candidates, key=lambda loop: len(loop.body))
             break
     if main is None:  # a loop with two entries (no natural loop): the cycle through the first
-        main = _cycle_through_first(code, graph, loops)  # tensor-core (or FMA) block
+        main = _cycle_through_first(code, graph, loops, priority)  # tensor-core (or FMA) block
     nest = []
     while main is not None:
         nest.append(main)
