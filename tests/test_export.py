@@ -143,6 +143,19 @@ def test_export_decomposes_every_forward_op():
         _assert_same(program.module()(x), model(x))
 
 
+@pytest.mark.gpu
+def test_export_decomposes_on_cuda():
+    """Ops traced with a GPU backend on CUDA tensors decompose to aten ops that run on CUDA."""
+    device = require_backend("triton")
+    model = _EveryForwardOp("triton").to(device)
+    x = torch.randn(4, 4, 6, 6, device=device)
+    program = pk_export.export(model, (x,))
+    assert not _library_ops(program)
+    model.backend = "torch"
+    with torch.no_grad():
+        _assert_same(program.module()(x), model(x))
+
+
 # ---------------------------------------------------------------------------------------------
 # PE ResNet-18: export, load in a process without packed_kernels, ONNX
 # ---------------------------------------------------------------------------------------------
