@@ -14,6 +14,11 @@
 #   profile   one training + inference step of the ours row under torch.profiler, per kernel
 #   tests     the dispatch, CUDA C++ conv, fused-block and op-registration tests on the GPU,
 #             interrupted at its time limit with a summary of what ran
+#   model     (background, CPU only, beside the build) `bench model` for this GPU, PE-(2,4,1),
+#             fp16: the modelled time of every conv layer and pass (GPU_QUICK_MODEL=<json>
+#             uses a record made beforehand instead)
+#   compare   measured beside modelled time per conv layer and pass: the dispatch step's
+#             per-engine times joined with the model's records (bench/model_vs_measured.py)
 #
 # Each step has a time limit (seconds, estimated from the step's work below); SIGINT at the
 # limit lets Python print what it has. Results: $GPU_QUICK_OUT (default
@@ -32,7 +37,10 @@ DRY_RUN=0
 
 # step limits in seconds; their sum (plus ~20 s of start-up) is the call's expected length
 LIMIT_TABLE_STOCK=60 LIMIT_DISPATCH=180 LIMIT_TABLE_OURS=60 LIMIT_OVERHEAD=25 LIMIT_PROFILE=35 LIMIT_TESTS=80
-TOTAL=$((LIMIT_TABLE_STOCK + LIMIT_DISPATCH + LIMIT_TABLE_OURS + LIMIT_OVERHEAD + LIMIT_PROFILE + LIMIT_TESTS))
+LIMIT_COMPARE=15
+LIMIT_MODEL=300  # background; the compare step waits for what is left of it
+TOTAL=$((LIMIT_TABLE_STOCK + LIMIT_DISPATCH + LIMIT_TABLE_OURS + LIMIT_OVERHEAD + LIMIT_PROFILE + LIMIT_TESTS
+         + LIMIT_COMPARE))
 TEST_FILES=(tests/test_dispatch.py tests/test_conv_cuda.py tests/test_conv_bn.py tests/test_fused_models.py
             tests/test_op_registration.py)
 TABLE_ARGS=(--precision fp16 --layout channels_last --warmup 5 --reps 20 --max-seconds 4 --quiet)
@@ -72,14 +80,26 @@ build() {
     "$PY" setup.py -q build_ext --inplace
 }
 
+model() {  # the CPU-only model for this GPU (none for GPUs it has no table for)
+  if [[ -n "${GPU_QUICK_MODEL:-}" ]]; then cp "$GPU_QUICK_MODEL" "$OUT/model.json"; return; fi
+  local key
+  key="$("$PY" -c "import torch; n = torch.cuda.get_device_name().lower(); print(next((k for k in ('h100', 'h200', 'a100', 'rtx 3090', 'rtx 4090') if k in n), '').replace(' ', ''))")"
+  [[ -z "$key" ]] && { echo "no model table for $(nvidia-smi -L | head -1)"; return 1; }
+  timeout -s INT "$LIMIT_MODEL" "$PY" -m bench model --gpu "$key" --dtype fp16 --models pe241 --quiet \
+    --json "$OUT/model.json"
+}
+
 if [[ $DRY_RUN == 1 ]]; then
   printf '%-13s %4s   %s\n' build "bg" "PACKED_KERNELS_NO_SIMT=1 PACKED_KERNELS_CUDA_ARCHS=<arch> $PY setup.py build_ext --inplace"
+  printf '%-13s %4s   %s\n' model "bg" "$PY -m bench model --gpu <gpu> --dtype fp16 --models pe241 --json $OUT/model.json (limit ${LIMIT_MODEL} s)"
 else
   "$PY" -c "import json, sys, torch; from bench.env import environment; json.dump(environment(torch.device('cuda')), sys.stdout, indent=1)" > "$OUT/environment.json" 2>&1
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
   start_build=$SECONDS
   ( build > "$OUT/build.log" 2>&1; echo "$? $((SECONDS - start_build))" > "$OUT/build.status" ) &
   BUILD_PID=$!
+  ( model > "$OUT/model.log" 2>&1; echo "$?" > "$OUT/model.status" ) &
+  MODEL_PID=$!
 fi
 
 export PACKED_KERNELS_CACHE_DIR="$OUT/cache"  # the engine decisions come back with the results
@@ -90,6 +110,8 @@ step table-ours   "$LIMIT_TABLE_OURS"   "$PY" -m bench table --rows pe241-packed
 step overhead     "$LIMIT_OVERHEAD"     "$PY" -m bench overhead --out "$OUT"
 step profile      "$LIMIT_PROFILE"      "$PY" -m bench profile --rows pe241-packed_kernels --out "$OUT"
 step tests        "$LIMIT_TESTS"        env PACKED_KERNELS_REQUIRE=cuda,triton "$PY" -m pytest -q --maxfail=20 -p no:cacheprovider -n 8 "${TEST_FILES[@]}"
+[[ $DRY_RUN == 0 ]] && { wait "$MODEL_PID"; echo "== model (background): exit $(cat "$OUT/model.status")"; }
+step compare      "$LIMIT_COMPARE"      "$PY" -m bench.model_vs_measured "$OUT/model.json" "$OUT"
 
 if [[ $DRY_RUN == 1 ]]; then
   echo "(dry run: at most $TOTAL s of steps plus start-up; results would go to $OUT)"
@@ -103,4 +125,5 @@ tail -n 40 "$OUT/dispatch.log" 2>/dev/null | cut -c1-220
 cat "$OUT/overhead.log" 2>/dev/null
 grep -E "^== " "$OUT/profile.log" 2>/dev/null | cut -c1-200
 tail -n 5 "$OUT/tests.log" 2>/dev/null
+cut -c1-200 "$OUT/compare.log" 2>/dev/null
 exit $FAILED

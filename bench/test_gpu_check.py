@@ -50,12 +50,15 @@ def test_quick_check_fits_one_lease():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     steps = {line.split()[0]: line.split()[1] for line in lines if line and not line.startswith("(")}
-    assert list(steps) == ["build", "table-stock", "dispatch", "table-ours", "overhead", "profile",
-                           "tests"]
-    limits = [int(limit.rstrip("s")) for name, limit in steps.items() if name != "build"]
+    assert list(steps) == ["build", "model", "table-stock", "dispatch", "table-ours", "overhead", "profile",
+                           "tests", "compare"]
+    limits = [int(limit.rstrip("s")) for name, limit in steps.items() if name not in ("build", "model")]
     stated = int(lines[-1].split("at most ")[1].split(" s")[0])
     assert sum(limits) == stated <= 8 * 60
     assert "PACKED_KERNELS_CUDA_ARCHS=<arch>" in lines[0]  # this GPU's architecture only
+    # measured beside modelled per layer: the model for this GPU, joined with the dispatch step's times
+    assert "bench model --gpu <gpu>" in lines[1] and "model.json" in lines[1]
+    assert "bench.model_vs_measured" in lines[-2] and lines[-2].endswith("-quick")
 
 
 def test_quick_check_refuses_unknown_arguments():
