@@ -21,7 +21,8 @@ import packed_kernels as pk
 from packed_kernels import _backend
 from packed_kernels.ops import conv as conv_ops
 from packed_kernels.ops import conv_engines
-from packed_kernels.ops.conv import IMPLEMENTED as CONV_BACKENDS, conv_geometry
+from packed_kernels.ops.conv import IMPLEMENTED as CONV_BACKENDS
+from packed_kernels.ops.conv_checks import conv_geometry
 
 from . import models as zoo_rows
 from . import records

@@ -2,81 +2,20 @@
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .. import _backend
-from .._conventions import check_activation
-from .._checks import ValidatedCalls, check_float_tensor, check_positive_int, check_same_device_dtype
+from .._conventions import stats_dtype
 from .._layouts import format_of
 from ._autograd import library_op, unaliased
+from .conv_checks import IntPair, validated_fused_call, validated_grouped_call
 from .conv_engines import (AUTO, IMPLEMENTED, NO_PROLOGUE, auto_forward_engine,
                            auto_fused_forward_engine, auto_grad_engines, conv_forward, conv_grads,
                            epilogue_hooks, has_epilogue, prologue_hooks, use_triton_glue)
-from .._conventions import stats_dtype
 from .conv_reference import epilogue_glue, output_hw, prologue_glue, reference_conv2d_backward
-
-IntPair = Union[int, Sequence[int]]
-
-
-def _pair(op: str, name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        pair = (value, value)
-    elif isinstance(value, (tuple, list, torch.Size)):
-        pair = tuple(value)
-    else:
-        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
-        raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
-    return pair
-
-
-def conv_geometry(op: str, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                  dilation, groups):
-    """Validate a conv2d call; returns (stride, padding4, dilation) with padding as
-    (top, bottom, left, right) so "same" with an even kernel is exact, as in torch."""
-    check_float_tensor(op, "input", input, min_dim=4, allow_empty_batch=True)
-    check_float_tensor(op, "weight", weight, min_dim=4)
-    if input.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"{op}: input must be (N, C, H, W) and weight (C_out, C_in/groups, kH, kW), "
-                         f"got {tuple(input.shape)} and {tuple(weight.shape)}")
-    check_same_device_dtype(op, "input", input, weight=weight, bias=bias)
-    groups = check_positive_int(op, "groups", groups)
-    c_in, c_out = input.shape[1], weight.shape[0]
-    if c_in % groups or c_out % groups:
-        raise ValueError(f"{op}: in_channels ({c_in}) and out_channels ({c_out}) must both be "
-                         f"divisible by groups ({groups})")
-    if weight.shape[1] * groups != c_in:
-        raise ValueError(f"{op}: weight of shape {tuple(weight.shape)} expects "
-                         f"{weight.shape[1] * groups} input channels with groups={groups}, "
-                         f"input has {c_in}")
-    if bias is not None and tuple(bias.shape) != (c_out,):
-        raise ValueError(f"{op}: bias must have shape ({c_out},), got {tuple(bias.shape)}")
-    stride = _pair(op, "stride", stride, 1)
-    dilation = _pair(op, "dilation", dilation, 1)
-    kernel = weight.shape[2:]
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding4 = (0, 0, 0, 0)
-        elif padding == "same":
-            if stride != (1, 1):
-                raise ValueError(f"{op}: padding='same' is not supported for strided convolutions")
-            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
-            padding4 = (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
-        else:
-            raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair, got {padding!r}")
-    else:
-        ph, pw = _pair(op, "padding", padding, 0)
-        padding4 = (ph, ph, pw, pw)
-    out_h, out_w = output_hw(input.shape[2:], weight, stride, padding4, dilation)
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"{op}: input of spatial size {tuple(input.shape[2:])} is too small for a "
-                         f"{tuple(kernel)} kernel with dilation {dilation} and padding {padding!r}")
-    return stride, padding4, dilation
-
 
 # ---------------------------------------------------------------------------------------------
 # grouped_conv2d: custom op + fake + autograd
@@ -343,25 +282,11 @@ def grouped_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         TypeError, ValueError naming the argument (shapes, dtypes, devices, geometry),
         BackendUnavailableError; all before any launch."""
     op = "grouped_conv2d"
-    stride, padding4, dilation = _validated_grouped_call(input, weight, bias, stride, padding,
+    stride, padding4, dilation = validated_grouped_call(input, weight, bias, stride, padding,
                                                          dilation, groups)
     chosen = choose_backend(op, backend, input, weight, stride, groups)
     return _grouped_conv2d_op(input, weight, bias, list(stride), list(padding4), list(dilation),
                               groups, chosen)
-
-
-def _check_channel_vector(op: str, name: str, value, channels: int, input: Tensor) -> None:
-    if value is None:
-        return
-    check_float_tensor(op, name, value)
-    if value.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16):
-        # float32 vectors with 16-bit activations (folded BatchNorm statistics keep their
-        # precision, and so do their gradients)
-        check_same_device_dtype(op, "input", input.new_empty(0, dtype=torch.float32), **{name: value})
-    else:
-        check_same_device_dtype(op, "input", input, **{name: value})
-    if tuple(value.shape) != (channels,):
-        raise ValueError(f"{op}: {name} must have shape ({channels},), got {tuple(value.shape)}")
 
 
 def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
@@ -408,7 +333,7 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     Raises:
         TypeError, ValueError naming the argument, BackendUnavailableError; before any
         launch."""
-    stride, padding4, dilation = _validated_fused_call(
+    stride, padding4, dilation = validated_fused_call(
         input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, in_activation,
         out_scale, out_shift, residual, activation, channel_stats)
     chosen = choose_backend("fused_conv2d", backend, input, weight, stride, groups)
@@ -418,29 +343,3 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     return (out, mean, var) if channel_stats else out
 
 
-def _check_fused_call(input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift,
-                      in_activation, out_scale, out_shift, residual, activation, channel_stats):
-    """fused_conv2d's argument checks; returns (stride, padding4, dilation)."""
-    op = "fused_conv2d"
-    stride, padding4, dilation = conv_geometry(op, input, weight, bias, stride, padding, dilation, groups)
-    for name, value in (("in_scale", in_scale), ("in_shift", in_shift)):
-        _check_channel_vector(op, name, value, input.shape[1], input)
-    for name, value in (("out_scale", out_scale), ("out_shift", out_shift)):
-        _check_channel_vector(op, name, value, weight.shape[0], input)
-    check_activation(op, "in_activation", in_activation)
-    check_activation(op, "activation", activation)
-    if not isinstance(channel_stats, bool):
-        raise TypeError(f"{op}: channel_stats must be a bool, got {type(channel_stats).__name__}")
-    out_hw = output_hw(input.shape[2:], weight, stride, padding4, dilation)
-    if residual is not None:
-        check_float_tensor(op, "residual", residual)
-        check_same_device_dtype(op, "input", input, residual=residual)
-        expected = (input.shape[0], weight.shape[0], *out_hw)
-        if tuple(residual.shape) != expected:
-            raise ValueError(f"{op}: residual must have the output's shape {expected}, got "
-                             f"{tuple(residual.shape)}")
-    return stride, padding4, dilation
-
-
-_validated_grouped_call = ValidatedCalls(partial(conv_geometry, "grouped_conv2d"))
-_validated_fused_call = ValidatedCalls(_check_fused_call)
