@@ -31,6 +31,8 @@ import torch
 
 from . import _config
 
+__all__ = ["report", "forget"]  # the user's; the rest serves the conv ops
+
 REFERENCE = "torch"  # cuDNN: the engine every other is checked against, and the static choice
 
 
