@@ -10,6 +10,7 @@ listed beside the plain conv the model compiles.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -70,7 +71,18 @@ def format_lines(lines: List[Dict[str, object]], gpu: str) -> str:
         ratio = f"{x['ratio']:8.2f}" if x["ratio"] is not None else f"{'-':>8}"
         out.append(f"{x['backend']:7} {x['pass']:11} {x['layer'][:44]:44} {x['variant'][:18]:18} "
                    f"{cell(x['modelled_us'])} {cell(x['measured_us'])} {cell(x['cudnn_us'])} {ratio}")
+    for (backend, pass_name), ratios in summary(lines).items():
+        out.append(f"geomean measured / modelled, {backend} {pass_name}: {ratios[0]:.2f} over {ratios[1]} layers")
     return "\n".join(out)
+
+
+def summary(lines: List[Dict[str, object]]) -> Dict[tuple, tuple]:
+    """(backend, pass) -> (geometric mean of measured / modelled, layers measured)."""
+    groups: Dict[tuple, List[float]] = {}
+    for x in lines:
+        if x["ratio"]:
+            groups.setdefault((x["backend"], x["pass"]), []).append(x["ratio"])
+    return {k: (math.exp(sum(map(math.log, v)) / len(v)), len(v)) for k, v in sorted(groups.items())}
 
 
 def main(argv: List[str]) -> int:

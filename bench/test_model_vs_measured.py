@@ -50,4 +50,8 @@ def test_command_reads_the_records_folder(tmp_path, capsys):
     assert model_vs_measured.main([str(model), str(H200_DISPATCH)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("measured (GPU us per call") and "H200 SXM" in out[0]
-    assert len(out) == 2 + len(_decisions())
+    measured = [d for d in _decisions() if "cuda" in d["timings_us"]]
+    assert len(out) == 2 + len(_decisions()) + 3  # + a geomean line per pass
+    assert out[-1].startswith("geomean measured / modelled, cuda weight_grad:")
+    ratios = model_vs_measured.summary(model_vs_measured.join(_model({"cuda": 50.0}), _decisions()))
+    assert sum(n for _, n in ratios.values()) == len(measured)
