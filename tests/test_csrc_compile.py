@@ -162,12 +162,14 @@ def test_async_copy_wrapper_emits_cp_async(compiled):
 
 
 def test_tile_interface_uses_tensor_cores(compiled):
-    ptx = compiled["ptx"]
-    # One mma per layout of B for half inputs (PTX names only the f32 accumulator types) and for
-    # bfloat16 inputs.
-    for layout in ("row.row", "row.col"):
-        assert f"wmma.mma.sync.aligned.{layout}.m16n16k16.f32.f32" in ptx, layout
-        assert f"wmma.mma.sync.aligned.{layout}.m16n16k16.f32.bf16.bf16.f32" in ptx, layout
+    """pk/tile.h: mma.sync m16n8k16 for half and bfloat16, operands by ldmatrix from the shared
+    space, transposed and not, in the self-test kernels and in every 16-bit conv kernel."""
+    for ptx in (compiled["ptx"], compiled["conv.ptx"]):
+        for types in ("f16.f16", "bf16.bf16"):
+            assert f"mma.sync.aligned.m16n8k16.row.col.f32.{types}.f32" in ptx, types
+        assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in ptx
+        assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in ptx
+        assert "wmma." not in ptx
 
 
 def test_target_architectures_match_the_build():

@@ -141,7 +141,7 @@ def test_missing_syncwarp_gives_a_wrong_answer(selftest):
 @pytest.mark.parametrize("case, message", [
     ("early_exit", "__syncthreads() reached by 63 of 64 threads"),
     ("divergent_warp_op", "different warp ops"),
-    ("tile_misaligned", "pk::tile::load(A): pointer not 32-byte aligned"),
+    ("tile_misaligned", "pk::tile::load_a: ldmatrix row address not 16-byte aligned"),
     ("async_not_waited", "cp.async copies it never waited for"),
 ])
 def test_misuse_stops_the_launch_with_a_message(selftest, case, message):

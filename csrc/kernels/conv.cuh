@@ -12,7 +12,8 @@
 // A block computes a 64x64 tile over K slices of 32: a 64x32 slice of A and a 32x64 slice of B
 // are staged in shared memory (padding taps, tails and out-of-range rows as zero; row/column
 // offsets decoded once, depth offsets once per slice by cursors stepped without division), then
-//   half/bfloat16: 4 warps, each 32x32 of 16x16x16 tensor-core tiles (pk/tile.h), fp32 accumulators;
+//   half/bfloat16: 4 warps, each 32x32 of 16x8x16 mma.sync tiles fed by ldmatrix (pk/tile.h), fp32
+//                  accumulators;
 //   float:         FMA, each thread 8x4 outputs.
 // Staging: 16-bit operands with channels per group a multiple of 8 go through a 3-stage cp.async
 // pipeline (pk/async_copy.h; 16-byte copies into tiles stored the way memory is contiguous, each
@@ -392,10 +393,11 @@ struct WeightGradProblem {
 // A staged operand tile in shared memory: A is kBlockM rows x kBlockK depth, B kBlockK depth x
 // kBlockN columns; `i` is A's row or B's column. 16-bit tiles are stored contiguous along the
 // dimension that is contiguous in memory, so a run of 16 bytes is one copy (cp.async's unit) and
-// wmma reads the tile in the matching layout; fp32 tiles are stored the way the FMA loop reads
-// them without bank conflicts (A row-major, B depth-major). Rows are padded by 8 elements: 16-bit
-// rows stay a multiple of 8 elements (wmma's leading-dimension rule), every 16-row fragment
-// stays 32-byte aligned, and rows start on other banks.
+// ldmatrix reads the tile in the matching layout (transposing where depth is not contiguous);
+// fp32 tiles are stored the way the FMA loop reads them without bank conflicts (A row-major, B
+// depth-major). Rows are padded by 8 elements: 16-bit rows stay a multiple of 16 bytes (every
+// 8-element segment ldmatrix reads is 16-byte aligned) and 8 consecutive rows start on
+// different banks.
 template <bool kDepthContiguous, int kExtent>
 struct TileLayout {
   static constexpr bool kAlongDepth = kDepthContiguous;
@@ -409,8 +411,6 @@ struct Tiles {
   static constexpr bool kTensorCores = !std::is_same<T, float>::value;
   using A = TileLayout<kTensorCores ? Problem::kAAlongDepth : true, kBlockM>;
   using B = TileLayout<kTensorCores ? Problem::kBAlongDepth : false, kBlockN>;
-  using FragmentA = tile::FragmentA<T, typename std::conditional<A::kAlongDepth, tile::RowMajor, tile::ColMajor>::type>;
-  using FragmentB = tile::FragmentB<T, typename std::conditional<B::kAlongDepth, tile::ColMajor, tile::RowMajor>::type>;
   static constexpr int kStageElements = A::kElements + B::kElements;
   static_assert(kStageElements * sizeof(T) % 32 == 0, "every stage's tiles start 32-byte aligned");
   static constexpr std::size_t kStagingBytes = sizeof(T) * STAGES * kStageElements;
@@ -469,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   const int g = p.bind(blockIdx.z);
   const index_t m0 = index_t(blockIdx.x) * kBlockM;
   if (m0 >= p.rows) return;  // the whole block: a stride phase with fewer rows than the grid has
-  // wmma wants 32-byte aligned tiles: PK_SHARED declares them so. No realignment through an
+  // PK_SHARED declares the tiles 32-byte aligned in the shared space. No realignment through an
   // integer here: nvcc then loses the address space and the tiles load by generic LD/ST.
   PK_SHARED(unsigned char, shared, Config::kSharedBytes);
   T* const staging = reinterpret_cast<T*>(shared);  // STAGES x (A tile, B tile)
@@ -483,13 +483,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   const index_t k_end = k_begin + split_len < p.depth ? k_begin + split_len : p.depth;
 
   float acc[kTensorCores ? 1 : 8][kTensorCores ? 1 : 4];
-  tile::Accumulator frag_acc[kTensorCores ? 2 : 1][kTensorCores ? 2 : 1];
+  // Each warp's 32x32: 2 x 4 tensor-core tiles of 16x8.
+  constexpr int kWarpTilesM = 32 / tile::kM, kWarpTilesN = 32 / tile::kN;
+  tile::Accumulator frag_acc[kTensorCores ? kWarpTilesM : 1][kTensorCores ? kWarpTilesN : 1];
   const int warp = tid / 32, warp_m = warp / 2, warp_n = warp % 2;  // 2x2 warps of 32x32
   if constexpr (kTensorCores) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < kWarpTilesM; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) tile::fill(frag_acc[i][j], 0.0f);
+      for (int j = 0; j < kWarpTilesN; ++j) tile::fill(frag_acc[i][j], 0.0f);
   } else {
 #pragma unroll
     for (int i = 0; i < 8; ++i)
@@ -527,16 +529,18 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
     if constexpr (kTensorCores) {
 #pragma unroll
       for (int kk = 0; kk < kBlockK; kk += tile::kK) {
-        typename Config::FragmentA a[2];
-        typename Config::FragmentB b[2];
+        tile::FragmentA<T> a[kWarpTilesM];
+        tile::FragmentB<T> b[kWarpTilesN];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) tile::load(a[i], As + TileA::at(warp_m * 32 + i * 16, kk), TileA::kLd);
+        for (int i = 0; i < kWarpTilesM; ++i)
+          tile::load_a<TileA::kAlongDepth>(a[i], As + TileA::at(warp_m * 32 + i * tile::kM, kk), TileA::kLd);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) tile::load(b[j], Bs + TileB::at(warp_n * 32 + j * 16, kk), TileB::kLd);
+        for (int j = 0; j < kWarpTilesN; j += 2)  // a 16-column load fills two fragments
+          tile::load_b<TileB::kAlongDepth>(b[j], b[j + 1], Bs + TileB::at(warp_n * 32 + j * tile::kN, kk), TileB::kLd);
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < kWarpTilesM; ++i)
 #pragma unroll
-          for (int j = 0; j < 2; ++j) tile::mma(frag_acc[i][j], a[i], b[j]);
+          for (int j = 0; j < kWarpTilesN; ++j) tile::mma(frag_acc[i][j], a[i], b[j]);
       }
     } else {
       const int ty = tid / 16, tx = tid % 16;  // thread (ty, tx) owns rows ty + 8i, cols tx + 16j
@@ -706,10 +710,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   // The accumulators go to shared memory, over the staging tiles.
   if constexpr (kTensorCores) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < kWarpTilesM; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        tile::store(Cs + (warp_m * 32 + i * 16) * kLdC + warp_n * 32 + j * 16, frag_acc[i][j], kLdC);
+      for (int j = 0; j < kWarpTilesN; ++j)
+        tile::store(Cs + (warp_m * 32 + i * tile::kM) * kLdC + warp_n * 32 + j * tile::kN, frag_acc[i][j], kLdC);
   } else {
     const int ty = tid / 16, tx = tid % 16;
 #pragma unroll

@@ -516,6 +516,18 @@ void async_wait(int pending_groups) {
   f.pending.swap(still);
 }
 
+bool in_shared_memory(const void* p, std::size_t bytes) {
+  const Launch& l = current_launch("a shared-memory check");
+  const auto* begin = static_cast<const unsigned char*>(p);
+  auto holds = [&](const void* data, std::size_t size) {
+    const auto* base = static_cast<const unsigned char*>(data);
+    return data != nullptr && begin >= base && begin + bytes <= base + size;
+  };
+  for (const SharedAllocation& a : l.shared)
+    if (holds(a.data, a.bytes)) return true;
+  return holds(l.dynamic_shared, l.dynamic_shared_bytes);
+}
+
 void report_fault(const char* message) {
   if (t_launch == nullptr || t_launch->current == nullptr) throw std::runtime_error(message);
   // Recorded only: the scheduler stops the launch when this thread next yields or ends.

@@ -100,25 +100,47 @@ __global__ void histogram_kernel(const int* values, int n, int bins, int* histog
   for (int b = threadIdx.x; b < bins; b += blockDim.x) atomicAdd(&histogram[b], local[b]);
 }
 
-// C (M x N, float) = A (M x K, row-major) * B (K x N, LayoutB), one warp per 16x16 tile of C.
+// How a test matrix is stored in global memory.
+struct RowMajor {
+  static constexpr bool row_major = true;
+};
+struct ColMajor {
+  static constexpr bool row_major = false;
+};
+
+// C (M x N, float) = A (M x K, row-major) * B (K x N, LayoutB), one warp per 16x16 tile of C:
+// each 16-deep slice of A and B is staged in shared memory as stored in global memory, read by
+// pk::tile::load_a / load_b (B transposed by ldmatrix when it is row-major: N contiguous), two
+// 16x8 products. `shared_offset` (elements) shifts the shared tiles (1: misaligned ldmatrix).
 template <typename T, typename LayoutB>
-__global__ void tile_matmul_kernel(const T* a, const T* b, float* c, int M, int N, int K) {
+__global__ void tile_matmul_kernel(const T* a, const T* b, float* c, int M, int N, int K, int shared_offset) {
   using namespace pk::tile;
-  const int tile_m = blockIdx.x, tile_n = blockIdx.y;
-  FragmentA<T, RowMajor> fa;
-  FragmentB<T, LayoutB> fb;
-  Accumulator acc;
-  fill(acc, 0.0f);
+  constexpr int kLd = 24;  // 16 + 8: rows of 48 bytes, 16-byte aligned
+  PK_SHARED(T, a_tile, 16 * kLd + 8);
+  PK_SHARED(T, b_tile, 16 * kLd + 8);
+  const int tile_m = blockIdx.x, tile_n = blockIdx.y, lane = threadIdx.x;
+  FragmentA<T> fa;
+  FragmentB<T> fb[2];
+  Accumulator acc[2];
+  fill(acc[0], 0.0f);
+  fill(acc[1], 0.0f);
   for (int k0 = 0; k0 < K; k0 += kK) {
-    load(fa, a + tile_m * kM * K + k0, K);
-    if (LayoutB::row_major)
-      load(fb, b + k0 * N + tile_n * kN, N);
-    else
-      load(fb, b + tile_n * kN * K + k0, K);
-    mma(acc, fa, fb);
+    for (int e = lane; e < 16 * 16; e += 32) {
+      const int i = e / 16, j = e % 16;  // A: (m, k); B: (k, n) row-major, (n, k) column-major
+      a_tile[i * kLd + j] = a[(tile_m * 16 + i) * K + k0 + j];
+      b_tile[i * kLd + j] = LayoutB::row_major ? b[(k0 + i) * N + tile_n * 16 + j] : b[(tile_n * 16 + i) * K + k0 + j];
+    }
+    __syncwarp();  // the slice is staged
+    load_a<true>(fa, a_tile + shared_offset, kLd);
+    load_b<!LayoutB::row_major>(fb[0], fb[1], b_tile + shared_offset, kLd);
+    mma(acc[0], fa, fb[0]);
+    mma(acc[1], fa, fb[1]);
+    __syncwarp();  // every lane has loaded before the next slice overwrites the tiles
   }
-  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= 0.5f;  // element-wise epilogue
-  store(c + tile_m * kM * N + tile_n * kN, acc, N);
+  for (Accumulator& part : acc)
+    for (float& v : part.x) v *= 0.5f;  // element-wise epilogue
+  store(c + tile_m * 16 * N + tile_n * 16, acc[0], N);
+  store(c + tile_m * 16 * N + tile_n * 16 + 8, acc[1], N);
 }
 
 // Transpose through a padded 2-D shared tile, with a 2-D thread block (16 x 16) on a 2-D grid.

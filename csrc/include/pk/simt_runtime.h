@@ -59,6 +59,9 @@ int lane_id();
 void* shared_storage(const void* site, std::size_t bytes);
 void* dynamic_shared_storage();
 
+// Whether [p, p + bytes) lies inside one of the running block's shared-memory allocations.
+bool in_shared_memory(const void* p, std::size_t bytes);
+
 // Records a fault found by checks inside device helpers (e.g. a misaligned tile load); the caller
 // skips the faulty access, and the launch stops and throws when this thread next yields or ends.
 void report_fault(const char* message);
