@@ -36,8 +36,8 @@ MAX_SPLITS = 1024
 
 
 @triton.jit
-def _tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
-          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def reduction_tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Offsets and mask of reduction tile t (n-block major, s-block minor) in channel block cb,
     plus the number of valid (n, s) elements per channel."""
     nb = t // num_sb
@@ -53,7 +53,8 @@ def _tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
 
 
 @triton.jit
-def _channel_sum(x):
+def channel_sum(x):
+    """Per-channel sum of a [BLOCK_N, BLOCK_C, BLOCK_S] tile."""
     return tl.sum(tl.sum(x, 2), 0)
 
 
@@ -82,14 +83,14 @@ def _stats_kernel(x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr,
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
     for t in range(t_begin, t_end):
-        offsets, mask, _, tile_count = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
-                                             BLOCK_N, BLOCK_C, BLOCK_S)
+        offsets, mask, _, tile_count = reduction_tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+                                                      BLOCK_N, BLOCK_C, BLOCK_S)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x = tl.where(mask, x - shift[None, :, None], 0.0)
         n_b = tile_count.to(tl.float32)
-        mean_b = _channel_sum(x) / n_b
+        mean_b = channel_sum(x) / n_b
         centred = tl.where(mask, x - mean_b[None, :, None], 0.0)
-        m2_b = _channel_sum(centred * centred)
+        m2_b = channel_sum(centred * centred)
         # Chan et al.: merge (count, mean, m2) with the tile's (n_b, mean_b, m2_b)
         total = count + n_b
         delta = mean_b - mean
@@ -160,8 +161,8 @@ def _normalize_kernel(x_ptr, res_ptr, out_ptr, mean_ptr, spread_ptr, weight_ptr,
                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     t = tl.program_id(0)
     cb = tl.program_id(1)
-    offsets, mask, offs_c, _ = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
-                                     BLOCK_N, BLOCK_C, BLOCK_S)
+    offsets, mask, offs_c, _ = reduction_tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+                                              BLOCK_N, BLOCK_C, BLOCK_S)
     mean, _, scale, shift = _channel_affine(mean_ptr, spread_ptr, weight_ptr, bias_ptr, offs_c, C, eps,
                                             SPREAD_IS_VAR, HAS_WEIGHT, HAS_BIAS)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -204,13 +205,13 @@ def _backward_reduce_kernel(grad_ptr, x_ptr, out_ptr, mean_ptr, invstd_ptr, part
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
     for t in range(t_begin, t_end):
-        offsets, mask, _, _ = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
-                                    BLOCK_N, BLOCK_C, BLOCK_S)
+        offsets, mask, _, _ = reduction_tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+                                             BLOCK_N, BLOCK_C, BLOCK_S)
         g = _masked_grad(grad_ptr, out_ptr, offsets, mask, RELU, MASK_STORED=True)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x_hat = (x - mean[None, :, None]) * invstd[None, :, None]
-        sum_g += _channel_sum(g)
-        sum_gx += _channel_sum(g * x_hat)
+        sum_g += channel_sum(g)
+        sum_gx += channel_sum(g * x_hat)
     tl.store(part_g_ptr + split * C + offs_c, sum_g, mask=valid)
     tl.store(part_gx_ptr + split * C + offs_c, sum_gx, mask=valid)
 
@@ -225,8 +226,8 @@ def _backward_elementwise_kernel(grad_ptr, x_ptr, out_ptr, mean_ptr, invstd_ptr,
     # training: dx = gamma * invstd * (g - mean(g) - x_hat * mean(g * x_hat));  eval: gamma * invstd * g
     t = tl.program_id(0)
     cb = tl.program_id(1)
-    offsets, mask, offs_c, _ = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
-                                     BLOCK_N, BLOCK_C, BLOCK_S)
+    offsets, mask, offs_c, _ = reduction_tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+                                              BLOCK_N, BLOCK_C, BLOCK_S)
     mean, invstd, scale, _ = _channel_affine(mean_ptr, invstd_ptr, weight_ptr, weight_ptr, offs_c, C,
                                              0.0, False, HAS_WEIGHT, False)
     g = _masked_grad(grad_ptr, out_ptr, offsets, mask, RELU, MASK_STORED=False)
@@ -294,7 +295,8 @@ def blocks(n: int, c: int, s: int):
     return TILE // block_s, 1, block_s
 
 
-def _layout_of(input: torch.Tensor):
+def nsc_layout(input: torch.Tensor):
+    """(input, its (N, C, S) layout), input copied to contiguous when neither dense format."""
     if not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last)
             or input.is_contiguous(memory_format=torch.channels_last_3d)):
         input = input.contiguous()
@@ -310,7 +312,7 @@ def forward(input, running_mean, running_var, weight, bias, residual, training: 
             relu: bool):
     """(out, batch mean, unbiased batch var, invstd); the statistics are empty in eval mode."""
     running_mean, running_var, weight, bias = map(_dense, (running_mean, running_var, weight, bias))
-    x, layout = _layout_of(input)
+    x, layout = nsc_layout(input)
     out = _alloc.empty_like(x)
     c = layout.c
     if training:
@@ -340,7 +342,7 @@ def backward(grad, input, output, mean, invstd, weight, has_residual: bool, trai
     """(grad_input, sum g * x_hat = grad_weight, sum g = grad_bias, grad_residual or empty);
     `mean`/`invstd` are fp32 per channel (batch statistics in training, running ones in eval)."""
     mean, invstd, weight = map(_dense, (mean, invstd, weight))
-    x, layout = _layout_of(input)
+    x, layout = nsc_layout(input)
     grad = layout.like(grad)
     out = layout.like(output) if relu else x
     c = layout.c

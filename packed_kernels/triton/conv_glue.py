@@ -29,7 +29,7 @@ import triton.language as tl
 from .. import _alloc
 from .._conventions import fp32_vector
 from .._layouts import format_of
-from .batch_norm import REDUCE_WARPS, _channel_sum, _layout_of, _tile, tile_shapes
+from .batch_norm import REDUCE_WARPS, channel_sum, nsc_layout, reduction_tile, tile_shapes
 
 # the epilogue pass keeps grad_z, y and grad_y alive per element: 8 warps (16 elements a thread
 # in a 4096-element tile) keep it within registers where 4 spill
@@ -54,8 +54,9 @@ def _sum_kernel(x_ptr, part_ptr, N, C, S, stride_n, stride_c, num_sb, num_tiles,
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
     for t in range(t_begin, t_end):
-        offsets, mask, _, _ = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb, BLOCK_N, BLOCK_C, BLOCK_S)
-        total += _channel_sum(tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
+        offsets, mask, _, _ = reduction_tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+                                             BLOCK_N, BLOCK_C, BLOCK_S)
+        total += channel_sum(tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
     tl.store(part_ptr + split * C + offs_c, total, mask=offs_c < C)
 
 
@@ -81,7 +82,8 @@ def _epilogue_grad_kernel(grad_out_ptr, out_ptr, y_ptr, out_scale_ptr, grad_stat
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
     for t in range(t_begin, t_end):
-        offsets, mask, _, _ = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb, BLOCK_N, BLOCK_C, BLOCK_S)
+        offsets, mask, _, _ = reduction_tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+                                             BLOCK_N, BLOCK_C, BLOCK_S)
         grad_z = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if RELU:  # as torch's relu backward: 0 where out <= 0 (a NaN output passes the gradient)
             grad_z = tl.where(tl.load(out_ptr + offsets, mask=mask, other=0.0) <= 0, 0.0, grad_z)
@@ -89,7 +91,7 @@ def _epilogue_grad_kernel(grad_out_ptr, out_ptr, y_ptr, out_scale_ptr, grad_stat
         if HAS_SCALE or STATS:
             y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             if HAS_SCALE:
-                sum_grad_zy += _channel_sum(grad_z * y)
+                sum_grad_zy += channel_sum(grad_z * y)
             if STATS:
                 centred = tl.where(mask, y - mean[None, :, None], 0.0)
                 grad_y = grad_y + mean_term[None, :, None] + centred * var_term[None, :, None]
@@ -98,8 +100,8 @@ def _epilogue_grad_kernel(grad_out_ptr, out_ptr, y_ptr, out_scale_ptr, grad_stat
             tl.store(grad_y_ptr + offsets, grad_y.to(grad_y_ptr.dtype.element_ty), mask=mask)
         if STORE_GRAD_Z:
             tl.store(grad_res_ptr + offsets, grad_z.to(grad_res_ptr.dtype.element_ty), mask=mask)
-        sum_grad_y += _channel_sum(grad_y)
-        sum_grad_z += _channel_sum(grad_z)
+        sum_grad_y += channel_sum(grad_y)
+        sum_grad_z += channel_sum(grad_z)
     base = split * C + offs_c
     tl.store(part_grad_y_ptr + base, sum_grad_y, mask=valid)
     tl.store(part_grad_z_ptr + base, sum_grad_z, mask=valid)
@@ -125,7 +127,8 @@ def _prologue_grad_kernel(grad_x_hat_ptr, x_ptr, in_scale_ptr, in_shift_ptr, gra
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
     for t in range(t_begin, t_end):
-        offsets, mask, _, _ = _tile(t, cb, N, C, S, stride_n, stride_c, num_sb, BLOCK_N, BLOCK_C, BLOCK_S)
+        offsets, mask, _, _ = reduction_tile(t, cb, N, C, S, stride_n, stride_c, num_sb,
+                                             BLOCK_N, BLOCK_C, BLOCK_S)
         grad_u = tl.load(grad_x_hat_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if RELU or HAS_SCALE:
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -133,12 +136,12 @@ def _prologue_grad_kernel(grad_x_hat_ptr, x_ptr, in_scale_ptr, in_shift_ptr, gra
                 u = x * scale[None, :, None] + shift[None, :, None]
                 grad_u = tl.where(u <= 0, 0.0, grad_u)
             if HAS_SCALE:
-                sum_grad_ux += _channel_sum(grad_u * x)
+                sum_grad_ux += channel_sum(grad_u * x)
         if STORE_GRAD_INPUT:
             tl.store(grad_input_ptr + offsets,
                      (grad_u * scale[None, :, None]).to(grad_input_ptr.dtype.element_ty), mask=mask)
         if HAS_SHIFT:
-            sum_grad_u += _channel_sum(grad_u)
+            sum_grad_u += channel_sum(grad_u)
     base = split * C + offs_c
     if HAS_SCALE:
         tl.store(part_grad_ux_ptr + base, sum_grad_ux, mask=valid)
@@ -156,7 +159,7 @@ def _parts(count: int, splits: int, c: int, like: torch.Tensor):
 
 def channel_mean(y: torch.Tensor) -> torch.Tensor:
     """Per-channel mean of y over (N, H, W) in fp32: per-split sums, reduced in order."""
-    y, layout = _layout_of(y)
+    y, layout = nsc_layout(y)
     splits, tiles_per_split = layout.splits(y.device)
     (part,) = _parts(1, splits, layout.c, y)
     _sum_kernel[(splits, layout.num_cb)](y, part, *layout.args(), layout.num_tiles, tiles_per_split,
@@ -180,7 +183,7 @@ def epilogue_backward(grad_out: torch.Tensor, out: torch.Tensor, y: Optional[tor
     grad_stats = fp32_vector(grad_stats)
     fmt = format_of(out)
     out = out.contiguous(memory_format=fmt)
-    out, layout = _layout_of(out)
+    out, layout = nsc_layout(out)
     grad_out = layout.like(grad_out)
     store_grad_y = relu or has_scale or stats  # otherwise grad_y = grad_z = grad_out
     store_grad_z = residual is not None and relu  # otherwise grad_z = grad_out
@@ -218,7 +221,7 @@ def prologue_backward(grad_x_hat: torch.Tensor, input: torch.Tensor, in_scale: O
     fmt = format_of(input)
     if not (relu or has_scale or has_shift):
         return grad_x_hat.contiguous(memory_format=fmt), None, None
-    x, layout = _layout_of(input.contiguous(memory_format=fmt))
+    x, layout = nsc_layout(input.contiguous(memory_format=fmt))
     grad_x_hat = layout.like(grad_x_hat)
     store = relu or has_scale  # otherwise grad_input = grad_u = grad_x_hat
     splits, tiles_per_split = layout.splits(x.device)
