@@ -111,8 +111,8 @@ struct Bounds {
 };
 PK_DEVICE bool inside(const Coord& fixed, const Coord& step, Bounds bounds) {
   // A negative coordinate wraps above the bound: one unsigned compare per dimension.
-  return static_cast<unsigned>(fixed.h + step.h) < static_cast<unsigned>(bounds.h) &&
-         static_cast<unsigned>(fixed.w + step.w) < static_cast<unsigned>(bounds.w);
+  return (static_cast<unsigned>(fixed.h + step.h) < static_cast<unsigned>(bounds.h)) &
+         (static_cast<unsigned>(fixed.w + step.w) < static_cast<unsigned>(bounds.w));
 }
 
 // The problem interface. Each problem decodes its indices once: a row's (RowInfo: A's row part
@@ -436,7 +436,7 @@ PK_DEVICE void run_start(int e, int& i, int& k) {
 // operand that has them; otherwise it is zero.
 template <bool kBounded>
 PK_DEVICE bool run_is_read(bool valid, const Coord& fixed, const Coord& step, Bounds bounds) {
-  if constexpr (kBounded) return valid && inside(fixed, step, bounds);
+  if constexpr (kBounded) return valid & inside(fixed, step, bounds);  // &: no branches
   return valid;
 }
 
@@ -516,9 +516,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   static_assert(kBlockK <= kThreads, "one thread per depth index of a slice");
   typename Problem::DepthCursor cursor{};
   if (tid < kBlockK) cursor = p.depth_cursor(g, k_begin + tid);
-  auto decode = [&](int step) {
+  auto decode = [&](int step, int slot_index) {
     if (step >= steps || tid >= kBlockK) return;
-    depth_info[(step % kSlots) * kBlockK + tid] = p.depth_info(g, cursor);
+    depth_info[slot_index * kBlockK + tid] = p.depth_info(g, cursor);
     p.advance(cursor, kBlockK);
   };
   const T* const a_base = p.a_base();
@@ -565,7 +565,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
     for (int step = 0; step < steps; ++step) {
       const index_t k0 = k_begin + index_t(step) * kBlockK;
       const DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
-      decode(step);
+      decode(step, step % kSlots);
       __syncthreads();  // the decoded indices are written and the previous step's compute is done
       // A run lies wholly inside or outside the tile's valid range (the extents are multiples of VEC).
       for (int e = tid; e < kBlockM * kBlockK / VEC; e += kThreads) {
@@ -627,51 +627,58 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       b_fixed[t] = col_info[b_col[t]].b;
       b_valid[t] = n0 + b_col[t] < p.cols;
     }
-    auto a_read = [&](int t, index_t k0, const DepthInfo& d) {
-      return run_is_read<Problem::kABounded>(a_valid[t] && k0 + a_k[t] < k_end, a_fixed[t], d.a, p.a_bounds());
+    // depth_left: the slice's valid depth indices (kBlockK but in the last slice of a slab).
+    auto a_read = [&](int t, int depth_left, const DepthInfo& d) {
+      return run_is_read<Problem::kABounded>(a_valid[t] & (a_k[t] < depth_left), a_fixed[t], d.a, p.a_bounds());
     };
-    auto b_read = [&](int t, index_t k0, const DepthInfo& d) {
-      return run_is_read<Problem::kBBounded>(b_valid[t] && k0 + b_k[t] < k_end, b_fixed[t], d.b, p.b_bounds());
+    auto b_read = [&](int t, int depth_left, const DepthInfo& d) {
+      return run_is_read<Problem::kBBounded>(b_valid[t] & (b_k[t] < depth_left), b_fixed[t], d.b, p.b_bounds());
     };
-    // Copies of slice `step` into stage step % STAGES, from its decoded slot.
-    auto issue = [&](int step) {
+    auto depth_left = [&](int step) {
+      const index_t left = k_end - k_begin - index_t(step) * kBlockK;
+      return left < kBlockK ? static_cast<int>(left) : kBlockK;
+    };
+    // Copies of slice `step` into stage step % STAGES (`stage`), from its decoded slot (step %
+    // kSlots, `slot_index`): the ring positions are counted, not divided.
+    auto issue = [&](int step, int stage, int slot_index) {
       if (step < steps) {
-        const index_t k0 = k_begin + index_t(step) * kBlockK;
-        const DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
-        T* const As = staging + (step % STAGES) * Config::kStageElements;
+        const int left = depth_left(step);
+        const DepthInfo* const slot = depth_info + slot_index * kBlockK;
+        T* const As = staging + stage * Config::kStageElements;
         T* const Bs = As + TileA::kElements;
 #pragma unroll
         for (int t = 0; t < kRunsA; ++t) {
           const DepthInfo& d = slot[a_k[t]];
-          const bool read = a_read(t, k0, d);
+          const bool read = a_read(t, left, d);
           async_copy_16(As + TileA::at(a_row[t], a_k[t]), a_base + (read ? a_fixed[t].offset + d.a.offset : 0), read);
         }
 #pragma unroll
         for (int t = 0; t < kRunsB; ++t) {
           const DepthInfo& d = slot[b_k[t]];
-          const bool read = b_read(t, k0, d);
+          const bool read = b_read(t, left, d);
           async_copy_16(Bs + TileB::at(b_col[t], b_k[t]), b_base + (read ? b_fixed[t].offset + d.b.offset : 0), read);
         }
       }
       async_commit();  // one group per step, empty past the end: the wait below counts steps
     };
+    static_assert(kSlots == STAGES, "a slice's stage and decoded slot share one ring position");
     // Prologue: slices 0 .. STAGES-2 in flight, slice STAGES-1 decoded.
     for (int s = 0; s < STAGES - 1; ++s) {
-      decode(s);
+      decode(s, s);
       __syncthreads();  // slice s decoded; slice s - 2 (same slot) issued by every thread
-      issue(s);
+      issue(s, s, s);
     }
     // The input prologue on the runs this thread copied for slice `step` (the same runs issue() took).
-    auto transform_own = [&](int step) {
-      const index_t k0 = k_begin + index_t(step) * kBlockK;
-      const DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
-      T* const As = staging + (step % STAGES) * Config::kStageElements;
+    auto transform_own = [&](int step, int stage) {
+      const int left = depth_left(step);
+      const DepthInfo* const slot = depth_info + stage * kBlockK;
+      T* const As = staging + stage * Config::kStageElements;
       T* const Bs = As + TileA::kElements;
       if constexpr (Problem::kPrologueOnA) {
 #pragma unroll
         for (int t = 0; t < kRunsA; ++t) {
           const DepthInfo& d = slot[a_k[t]];
-          if (!a_read(t, k0, d)) continue;
+          if (!a_read(t, left, d)) continue;
           Vec<T, VEC>* const run = reinterpret_cast<Vec<T, VEC>*>(As + TileA::at(a_row[t], a_k[t]));
           Vec<T, VEC> v = *run;
           apply_prologue(p, p.a_channel(row_info[a_row[t]], d), v.v);
@@ -682,7 +689,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
 #pragma unroll
         for (int t = 0; t < kRunsB; ++t) {
           const DepthInfo& d = slot[b_k[t]];
-          if (!b_read(t, k0, d)) continue;
+          if (!b_read(t, left, d)) continue;
           Vec<T, VEC>* const run = reinterpret_cast<Vec<T, VEC>*>(Bs + TileB::at(b_col[t], b_k[t]));
           Vec<T, VEC> v = *run;
           apply_prologue(p, p.b_channel(col_info[b_col[t]], d), v.v);
@@ -690,18 +697,21 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
         }
       }
     };
-    decode(STAGES - 1);
-    for (int step = 0; step < steps; ++step) {
+    decode(STAGES - 1, STAGES - 1);
+    // stage: step % STAGES; newest: (step + STAGES - 1) % STAGES, the ring position issued next
+    for (int step = 0, stage = 0, newest = STAGES - 1; step < steps; ++step) {
       async_wait<STAGES - 2>();  // this thread's copies of slice `step` have landed
-      if constexpr (Problem::kPrologue) transform_own(step);
+      if constexpr (Problem::kPrologue) transform_own(step, stage);
       // Every thread's copies of slice `step` landed (and are transformed), every thread is done
       // computing step - 1 (whose stage the next issue overwrites), slice step + STAGES - 1 is decoded.
       __syncthreads();
-      issue(step + STAGES - 1);
+      issue(step + STAGES - 1, newest, newest);
       // Its slot (step's, in a ring of STAGES) was last read by transform_own(step), above the barrier.
-      decode(step + STAGES);
-      const T* const As = staging + (step % STAGES) * Config::kStageElements;
+      decode(step + STAGES, stage);
+      const T* const As = staging + stage * Config::kStageElements;
       compute(As, As + TileA::kElements);
+      newest = stage;
+      stage = stage + 1 == STAGES ? 0 : stage + 1;
     }
     async_wait<0>();  // only empty groups are left; the accumulators overwrite the stages next
   }
