@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Builds packed_kernels with its compiled extensions.
 
   packed_kernels._C     csrc/cuda/*.cu through nvcc (no torch headers) + csrc/bindings.cpp through

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """packed_kernels' benchmark suite: `python -m bench {table,conv,ensemble,bn,report}`.
 
 Every measurement names the device it ran on; records go to bench/results/ as JSON with the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Batch-norm benchmark: training forward and forward+backward of BN + ReLU on the PE model's
 activation shapes, pk.batch_norm per backend vs torch (cuDNN BN then ReLU on a GPU), as GB/s
 of compulsory traffic against the card's copy bandwidth measured in the same run

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`python -m bench <command>`: the one entry point of the benchmark suite.
 
   table     the paper's speed table (training s/epoch, inference images/s, peak memory)

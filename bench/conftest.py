@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Fixtures for the benchmark suite (pytest bench/ --benchmark-json=...).
 
 On a GPU the cases are the real ones (batch 128, M=4 B=1024 C=1000 fp16, ...); without one the

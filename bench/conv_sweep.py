@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Per-layer grouped-conv sweep: packed_kernels vs cuDNN grouped (F.conv2d with groups,
 cudnn.benchmark on) vs the dense conv of equal FLOPs, forward and backward timed separately,
 with TFLOP/s, GB/s and the fraction of the roofline bound measured on this card in this run.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The engine decisions behind backend="auto" for a speed-table row's model: one training and
 one inference step (fp16 autocast, channels_last, batch 128 by default) make every kind of
 convolution the model runs decide its engines, measured on this GPU against cuDNN; the report

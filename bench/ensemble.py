@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ensemble-op benchmark: ensemble_mean / ensemble_scores forward and the mean's backward,
 per backend, as achieved GB/s against the card's copy bandwidth measured in the same run.
 

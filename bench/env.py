@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What a measurement ran on: device, driver, library versions and commit, for every record."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Measured beside modelled time per conv layer and pass: the engine decisions a GPU run measured
 (`bench dispatch` records: GPU us per call of each engine, in the model's own calls) joined with
 `bench model --json` records on the decision key (pass, weight shape, groups, stride, padding,

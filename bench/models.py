@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The speed table's rows and how each one's model is built.
 
 One place maps a row ("PE-(2,4,1)", impl "stock" or "packed_kernels") to a model from

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Host overhead per call: what packed_kernels' Python layer adds over the torch calls it stands
 for, on shapes it has seen before (the steady state of a training loop).
 

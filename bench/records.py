@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """JSON records under bench/results/: one file per run of a benchmark, with its environment.
 
 Layout: bench/results/<date>-<device>/<kind>-<time>.json. CPU smoke runs go to

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Records -> report.md and PNG plots (one set per record, so no figure mixes devices).
 
   table    -> markdown speed table beside the paper's ratios; <stem>-throughput.png

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Where a speed-table step spends its time: one training step and one inference step of a
 row under torch.profiler, per kernel (GPU time, launches) and in total (GPU-busy time vs the
 step's wall time: a step far longer than its kernels is bound by the host).

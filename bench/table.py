@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The paper's speed table: training s/epoch and inference images/s per model, implementation
 and precision, with peak training memory, printed beside the paper's figures as ratios to the
 single model on stock PyTorch.

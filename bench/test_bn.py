@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The batch-norm benchmark's cases (BN + ReLU, training) as pytest-benchmark benchmarks, and
 the bookkeeping behind its GB/s."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`python -m bench` options reach the benchmark's configuration (the run itself is replaced)."""
 
 import pytest

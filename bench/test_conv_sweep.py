@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The conv sweep's cases as pytest-benchmark benchmarks: each layer of the PE models, ours vs
 the torch grouped conv (cuDNN on a GPU) vs the dense conv of equal FLOPs; plus the sweep's
 layer extraction and FLOP/byte bookkeeping."""

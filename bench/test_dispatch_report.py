@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`python -m bench dispatch`: on the CPU nothing is measured (auto is the torch engine there),
 which the report says; the report's format from decisions as a GPU makes them."""
 

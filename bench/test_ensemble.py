@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ensemble-op benchmark's cases (M=4, B=1024, C=1000; fp16 on a GPU, fp32 on the CPU)
 as pytest-benchmark benchmarks, and the bandwidth bookkeeping behind its GB/s."""
 

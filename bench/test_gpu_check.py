@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """bench/gpu_check.sh's step plan, checked through its dry run (the real run needs a GPU)."""
 
 import os

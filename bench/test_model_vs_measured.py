@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """bench/model_vs_measured.py: measured engine decisions joined with modelled conv layers."""
 
 import json

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`python -m bench overhead`: a real (short) measurement on the CPU; its targets are reported,
 not asserted (a timed assertion would be flaky: the benchmark is the place for the figure)."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`python -m bench report` on recorded fixtures (real CPU records in bench/fixtures/)."""
 
 import json

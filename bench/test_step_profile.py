@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`python -m bench profile`: a reduced real run on the CPU (the per-kernel table is GPU-only)."""
 
 from bench import cli

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The speed table's cases as pytest-benchmark benchmarks, plus the table's own behaviour.
 
 On a GPU: batch 128 and ResNet-50 shapes, fp32 and fp16. On the CPU: batch 2, fp32, a few

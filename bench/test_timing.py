@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The timing and record helpers every benchmark relies on."""
 
 import json

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Timing done one way for every benchmark here.
 
 On a GPU: CUDA events around each call (like triton.testing.do_bench), warm-up calls excluded,

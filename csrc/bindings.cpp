@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The only torch-facing source: input checks, device and stream, dtype mapping, Python module.
 // Compiled twice by the host compiler: into packed_kernels._C (CUDA tensors, the current CUDA
 // stream, kernels built by nvcc) and with -DPK_SIMT=1 into packed_kernels._simt (CPU tensors,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """packed_kernels: fused CUDA C++ and Triton kernels for Packed-Ensembles in PyTorch."""
 
 from . import dispatch, export

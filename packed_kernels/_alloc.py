@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Output allocation for the kernel launchers.
 
 Inside `poisoned_outputs()` (the tests run in it) every output starts as NaN, so an element a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Backend choice: one place that knows which engines exist and which can run a given call.
 
 Backends:

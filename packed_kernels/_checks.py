@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Input validation shared by every op: runs in Python, before any kernel is launched."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The environment variables the library reads while it runs, in one place, each read when it
 is used (never at import, so setting one in a running process takes effect).
 

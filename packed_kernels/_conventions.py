@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Conventions every op and kernel shares, in one place."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The public models' and Packed-Ensembles layers' arguments, each described once:
 `with_arguments` (models) and `with_layer_arguments` (layers) append the description of every
 parameter a class or factory takes to its docstring (what help() shows), and refuse, at

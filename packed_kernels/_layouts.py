@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Memory layouts: the format an output keeps (that of its input), and how each kernel backend
 reads a conv weight (C_out, C_in/groups, KH, KW): the permutation of it that the launchers make
 contiguous (a weight already strided that way costs them no copy)."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Merging per-tile channel statistics into mean and (biased) variance.
 
 A kernel that reduces a tile of rows writes, per channel, the tile's sum and its M2 (sum of

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Which engine runs a convolution when the caller leaves the choice to the library
 (backend=None or "auto" on CUDA tensors).
 

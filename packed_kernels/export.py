@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Deployment without packed_kernels: torch.export and ONNX programs of models built on its ops.
 
 A model whose layers call packed_kernels ops traces (torch.export.export) to a program holding

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Evaluation metrics of the Packed-Ensembles paper as plain functions.
 
 Classification (inputs: predicted probabilities (N, C) and integer targets (N,)):

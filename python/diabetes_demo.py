@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Regression as in the paper's appendix N: a PackedLinear MLP with a heteroscedastic Gaussian head,
 PE-(2,3,1), against the single MLP and Deep Ensembles (M=3), on scikit-learn's diabetes data.
 

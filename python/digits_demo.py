@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Packed-Ensembles on real data, CPU-sized: scikit-learn's 8x8 digits, trained on classes 0-4,
 with the test images of classes 5-9 as out-of-distribution inputs.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Evaluate a checkpoint of python/train.py: accuracy, NLL, ECE (15 bins), Brier score, and OOD
 detection (AUROC, AUPR, FPR95) for the criteria MSP, max logit, entropy, mutual information and
 variation ratio, all computed from packed_kernels.ensemble_scores; writes metrics.json, a

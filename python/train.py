@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Train a model of the zoo (single, Packed-Ensembles, Deep Ensembles, ...) with the paper's recipe.
 
   python python/train.py --dataset digits --model small_cnn --method packed -M 4 --alpha 2 \

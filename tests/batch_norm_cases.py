@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Shared batch-norm test pieces: inputs, the torch reference, and the check of pk.batch_norm's
 forward (+ running statistics) and backward against torch in float64 (tests/helpers.py)."""
 

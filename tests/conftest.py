@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Test harness: picks the backends this machine can run.
 
 Without a GPU, Triton kernels run under Triton's interpreter (TRITON_INTERPRET must be set

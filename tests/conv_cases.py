@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Convolution test cases shared by the Triton and the CUDA/simt conv tests: the shape grid, the
 fusion option sets, input builders and the fused op spelled out in plain torch."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Accuracy judgement shared by the tests.
 
 Reference: the torch op in float64 on the CPU. A low-precision result passes when its error

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """batch_norm (+ residual + ReLU): every backend against the float64 reference."""
 
 import pytest

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The CUDA C++ batch norm (csrc/kernels/batch_norm.cuh) through backend="simt" (the same source
 on the SIMT emulator) and, on a GPU, backend="cuda": against torch in float64 (tests/helpers.py),
 every dtype, NCHW and channels_last, training and eval, forward and backward. Shapes stay at a

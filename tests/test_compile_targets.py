@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Compile-for-target check of every Triton kernel configuration, without a GPU.
 
 tools/compile_triton_targets.py compiles each case of every packed_kernels.triton module's

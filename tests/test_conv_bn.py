@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """ConvBNAct2d against the unfused torch modules (Conv2d -> BatchNorm2d -> [+ residual] -> ReLU)."""
 
 import copy

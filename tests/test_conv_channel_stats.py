@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """fused_conv2d(channel_stats=True): BatchNorm's batch mean and biased variance of the conv
 output, from the epilogue's per-tile (sum, M2) partials merged with Chan's formula, on every
 backend; stable where the old sum / sum-of-squares statistics cancelled (|mean| >> std)."""

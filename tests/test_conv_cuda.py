@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The CUDA C++ grouped convolution (csrc/kernels/conv.cuh) through backend="simt" (the same
 source on the SIMT emulator, barrier orders shuffled) and, on a GPU, backend="cuda".
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The per-channel glue of fused_conv2d's backward: the fused Triton passes
 (packed_kernels/triton/conv_glue.py) against the torch glue they replace (ops/conv.py
 _epilogue_glue / _prologue_glue), and fused_conv2d's backward end to end with the Triton glue

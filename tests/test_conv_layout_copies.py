@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Layout copies on the kernel engines for NCHW callers: the kernels read channels_last, so each
 NCHW tensor is copied once per pass that reads it and never twice for the same pass."""
 

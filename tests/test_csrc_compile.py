@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Compile-for-target check of the csrc CUDA kernels, without a GPU.
 
 nvcc compiles every csrc/cuda/*.cu (every kernel instantiation the extension ships) and the

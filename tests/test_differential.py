@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Property-based differential tests: drawn shapes, dtypes (the convs), layouts (dense,
 channels_last, strided views), empty batches, NaN/±inf at drawn positions and options, on each
 backend runnable here, against torch's own functions. A result must have torch's NaN positions

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The measured engine choice (packed_kernels.dispatch) with fake engines: the choice, engines
 that disagree or fail, the disk cache, CUDA-graph capture, the policies, and the conv ops'
 backend "auto" deciding when they run (under torch.compile too)."""

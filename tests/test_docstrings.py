@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """help() of every public callable documents each of its parameters (by name), and every
 public module has a docstring."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """ensemble_mean / ensemble_scores: every backend against the float64 reference."""
 
 import pytest

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Deployment without packed_kernels: every custom op's decomposition computes what the op
 computes on the torch backend, and an exported PE ResNet-18 runs after a save/load in a process
 that never imports packed_kernels, and in onnxruntime."""

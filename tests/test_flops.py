@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """FLOP formulas: FlopCounterMode counts each packed_kernels op as it counts the op's stock torch
 equivalent, and a Packed-Ensembles ResNet-50 counts the paper's Table 10 figures."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The models on the fused conv + BN path (packed_kernels.nn.BatchNorm2d as the norm layer) against
 the same weights on torch.nn.BatchNorm2d: outputs, input and parameter gradients and running
 statistics over training steps, then eval; per backend; and the kernel calls a block makes."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The package's import structure, read from the source with ast (nothing is imported): no
 import cycle among packed_kernels' modules, and the kernel layers (packed_kernels/triton/, the
 csrc bindings) never import the ops above them."""

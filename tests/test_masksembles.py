@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Masksembles: mask generation, the masked layers and the ResNet (torch-uncertainty 0.13's
 masked_resnet: same names, parameter counts and, for the same masks, outputs)."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """packed_kernels.metrics against scikit-learn on random cases and against hand-worked cases."""
 
 import math

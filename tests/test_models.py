@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """packed_kernels.models: parameter counts against torch-uncertainty 0.13 (counted with its own
 code) and the paper, the baselines' reductions, forward/backward of every model at tiny size,
 and ecosystem behaviour (compile, autocast, channels_last, DDP, serialisation, dtypes)."""

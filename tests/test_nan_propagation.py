@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """NaN goes where torch sends it: through fused ReLUs (torch.relu keeps NaN), into the statistics
 and outputs it touches, and, backwards, torch's relu gradient passes where the output is NaN.
 A model that produces NaN under torch must produce it on every backend too."""

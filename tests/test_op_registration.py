@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Every custom op passes torch.library.opcheck on every backend this machine runs, and a small
 model built on the ops compiles with torch.compile(fullgraph=True), forward and backward."""
 

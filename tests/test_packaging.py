@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The source distribution builds outside the repository: it holds everything setup.py needs,
 installs (the simt extension compiled from it), runs, and states its license and the torch it
 was compiled against. One version, in packed_kernels/_version.py."""
@@ -154,3 +155,18 @@ def test_an_extension_built_for_another_torch_says_so(monkeypatch):
     with pytest.raises(_backend.BackendUnavailableError,
                        match=rf"compiled against another torch than this one \({re.escape(torch.__version__)}\)"):
         _backend.extension("_simt")
+
+
+def test_every_source_file_has_the_spdx_line():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import spdx_headers
+    finally:
+        sys.path.pop(0)
+    files = spdx_headers.source_files()
+    assert len(files) > 50
+    missing = [str(p.relative_to(ROOT)) for p in files if not spdx_headers.has_header(p.read_text())]
+    assert not missing, f"no SPDX line (run python tools/spdx_headers.py): {missing}"
+    script = "#!/usr/bin/env python\n\"\"\"doc\"\"\"\n"
+    assert spdx_headers.with_header(Path("x.py"), script) == \
+        "#!/usr/bin/env python\n# SPDX-License-Identifier: Apache-2.0\n\"\"\"doc\"\"\"\n"

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """packed_kernels.nn: the Packed-Ensembles layers against an independent re-statement of
 torch-uncertainty 0.13's rules (channel rounding, gamma fallback, first/last, estimator-major
 outputs, state_dict layout) and against M independent nn.Conv2d / nn.Linear on channel slices."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The rest of torch-uncertainty 0.13's packed layers: PackedLinear's every implementation,
 PackedConv3d and PackedConvTranspose2d, and pk.convert swapping them."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The SASS-level performance model (`python -m bench model`) and its guard rails, without a GPU.
 
 One run models every conv layer of PE-(2,4,1) and PE-(2,4,2) (CIFAR-100 ResNet-50, batch 128,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """README.md's API section names every public function and class of the package (its
 signatures are checked against the code by tests/test_docstrings.py's docstrings, not here)."""
 

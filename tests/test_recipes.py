@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The recipes in python/: train -> evaluate, resume after a hard kill, bad input, the demos
 (smoke budgets), the data readers and DistributedDataParallel through torchrun."""
 

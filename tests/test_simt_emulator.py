@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The SIMT emulator (csrc/simt, csrc/include/pk): barriers, shared memory, warp collectives,
 atomics, tensor-core tiles and half/bfloat16, checked by running kernels on the CPU.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Per-channel vectors that are views (every other element of a longer tensor) or expanded
 (stride 0: a read past one element would leave the storage) give torch's answer on every
 backend: the kernels read vectors with stride 1, so the launchers must hand them dense ones."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Triton grouped convolution (packed_kernels.triton.conv) and fused_conv2d.
 
 Every result is judged against torch in float64 on the CPU (F.conv2d with the user's own

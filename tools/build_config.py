@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Compiler settings of the csrc build, in one place for setup.py and the compile-for-target test."""
 
 import os

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Compile every Triton kernel configuration for one GPU architecture, without a GPU.
 
 Usage: python tools/compile_triton_targets.py ARCH [ARCH ...]

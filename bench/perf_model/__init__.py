@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """A CPU-only performance model of the grouped-conv, batch-norm and ensemble kernels, read off
 their SASS: per layer of the Packed-Ensembles ResNets and per pass, what the library launches
 (Triton and CUDA C++), compiled for a GPU target, its main loop's instruction mix, and a modelled

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Guard rails read off the conv kernels' SASS (used by tests/test_perf_model.py): the main loop
 of a tensor-core conv must read its shared-memory tiles through shared-memory instructions
 (LDS / LDSM / cp.async), never through generic LD/ST, which cost an address-space check per

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The GPUs the performance model knows: counts and rates, each with where it comes from.
 
 Tensor-core rates are dense (no sparsity), 16-bit inputs with fp32 accumulation (what the conv

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Compiles exactly what the library launches for one conv layer and pass, for a GPU target,
 without a GPU, and caches the cubins by the hash of everything that goes into them.
 

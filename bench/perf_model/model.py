@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The modelled time of one kernel launch, from its SASS, and its fraction of the roofline.
 
 modelled = max(issue, tensor, dram, l2), each over the launch's waves:

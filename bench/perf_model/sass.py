@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """SASS reading: one kernel's instructions from `cuobjdump -sass`, its control-flow graph, its
 natural loops, and the instruction mix of the main loop (the innermost loop that holds the
 tensor-core instructions, or the FMAs of a kernel without them).

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The batch-norm and ensemble kernels in the performance model: what the library launches for
 one layer and pass (Triton and CUDA C++), compiled for the target like the convs, with the
 bytes each launch moves as its code is written (passes over the tensor, split partials).

@@ -1,2 +1,3 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA build of the batch-norm kernels (no torch headers).
 #include "batch_norm.cuh"

@@ -1,2 +1,3 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA build of the ensemble kernels (no torch headers).
 #include "ensemble.cuh"

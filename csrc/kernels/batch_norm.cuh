@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Batch-norm kernels (+ residual + ReLU), written as bandwidth-bound kernels. Written once for
 // nvcc and the SIMT emulator (pk/simt.h). Semantics: packed_kernels/ops/batch_norm.py; layout:
 // batch_norm.h.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Launchers of the batch-norm kernels: raw pointers, sizes and a stream; no torch.
 // Defined by batch_norm.cuh, compiled by csrc/cuda/batch_norm.cu (nvcc) and
 // csrc/simt/batch_norm.cpp (the emulator). Semantics: packed_kernels/ops/batch_norm.py.

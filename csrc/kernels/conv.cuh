@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Block-diagonal grouped 2-D convolution as implicit GEMMs, the group on grid axis z. Written
 // once for nvcc and the SIMT emulator (pk/simt.h). Layouts and semantics: conv.h.
 //

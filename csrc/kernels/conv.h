@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Launchers of the block-diagonal grouped 2-D convolution kernels: raw pointers, sizes and a
 // stream; no torch. Defined by conv.cuh, compiled by csrc/cuda/conv.cu (nvcc) and
 // csrc/simt/conv.cpp (the emulator). Semantics: packed_kernels/ops/conv.py (reference_*).

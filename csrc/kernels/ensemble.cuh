@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Ensemble reduction kernels, one block per output row (b, s). Written once for nvcc and the
 // SIMT emulator (pk/simt.h). Semantics and gradients: packed_kernels/ops/ensemble.py.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Launchers of the ensemble-reduction kernels: raw pointers, sizes and a stream; no torch.
 // Defined by ensemble.cuh, compiled by csrc/cuda/ensemble.cu (nvcc) and csrc/simt/ensemble.cpp
 // (the emulator). Semantics: packed_kernels/ops/ensemble.py (reference_* functions).

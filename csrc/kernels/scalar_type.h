@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // What every launcher header shares: the element types the kernels are built for and the stream
 // type (torch-free, so the nvcc and emulator translation units include no torch headers).
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The SIMT emulator (see pk/simt_runtime.h for what it promises).
 #include "pk/simt_runtime.h"
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The grouped convolution kernels (csrc/kernels/conv.cuh) on the SIMT emulator, outside Python,
 // so tests/test_conv_cuda.py can build them with -fsanitize=address,undefined: every launcher
 // runs once per dtype on a small odd shape (partial row and column tiles, padding, stride,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Instantiates every self-test kernel for nvcc, so tests/test_csrc_compile.py can check that the
 // portability layer (shuffles, votes, atomics, shared memory, tensor-core tiles) compiles for the
 // real targets. Not part of the extension.

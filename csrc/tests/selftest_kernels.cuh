@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Kernels that exercise the SIMT portability layer: the emulator's self-test runs them on the
 // CPU (csrc/tests/simt_selftest.cpp) and tests/test_csrc_compile.py compiles them with nvcc.
 // Some are wrong on purpose (a missing barrier, out-of-bounds writes, barrier misuse): the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The emulator's self-test: runs the kernels of selftest_kernels.cuh (and the real ensemble
 // kernels) and prints key=value results for tests/test_simt_emulator.py to judge; usage: simt_selftest <case>.
 // Built by the test with g++ -DPK_SIMT=1 -fsanitize=address,undefined (the CPU emulator), and on a

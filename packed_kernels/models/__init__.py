@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The model zoo: Packed-Ensembles ResNets / Wide-ResNet (torch-uncertainty compatible) and
 the baselines of the speed table (Single, Deep Ensembles, MIMO, BatchEnsemble, Masksembles).
 Every model returns estimator-major logits (M*B, classes)."""

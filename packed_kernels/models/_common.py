@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Pieces shared by the model zoo: architecture tables, styles and the default norm layer."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Baselines for the speed table, on the same ops as the Packed-Ensembles (every convolution
 runs through packed_kernels.grouped_conv2d). All return estimator-major logits
 (M*B, num_classes) in training and in eval, so pk.ensemble_mean / ensemble_scores apply.

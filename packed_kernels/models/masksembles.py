@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Masksembles ResNets (Durasov et al., CVPR 2021), module-for-module torch-uncertainty 0.13's
 masked_resnet: same attribute names (its state_dicts load with strict=True), mask generation,
 parameter counts and, for the same masks, outputs.

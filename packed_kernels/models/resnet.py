@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Packed-Ensembles ResNets, module-for-module torch-uncertainty 0.13's packed_resnet (same
 attribute names, so its state_dicts load, and the same parameter counts for every
 configuration), built on packed_kernels.nn layers.

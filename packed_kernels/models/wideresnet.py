@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Packed-Ensembles Wide-ResNet-28x10, module-for-module torch-uncertainty 0.13's
 packed_wideresnet28x10 (same attribute names and parameter counts). Outputs (M*B, classes)."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Drop-in modules: Packed-Ensembles layers (torch-uncertainty compatible) and the ensemble head."""
 
 from .batch_norm import BatchNorm2d

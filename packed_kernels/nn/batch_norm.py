@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """BatchNorm2d on packed_kernels.batch_norm: a drop-in for torch.nn.BatchNorm2d."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Conv2d -> BatchNorm2d -> [+ residual] -> ReLU as fused kernels: conv_bn_act() on existing
 conv and batch-norm modules (what the models' blocks call), and ConvBNAct2d, a module holding
 the pair.

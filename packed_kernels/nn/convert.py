@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The model-wide tools. convert(model): put packed_kernels modules in place of
 torch-uncertainty's packed layers (PackedConv1d/2d/3d, PackedConvTranspose2d, PackedLinear of
 every implementation), grouped nn.Conv2d and nn.BatchNorm2d, in place, sharing the same

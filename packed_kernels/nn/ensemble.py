@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The ensemble head: training targets for estimator-major logits, and inference through the
 fused ensemble ops (mean prediction and uncertainty scores from one pass)."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Masksembles layers (Durasov et al., CVPR 2021), drop-in for torch-uncertainty 0.13's
 MaskedConv2d and MaskedLinear: same arguments, state_dict (`mask.masks`, `conv.*` /
 `linear.*`) and outputs for the same masks.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Packed-Ensembles convolutions, drop-in for torch-uncertainty 0.13's PackedConv1d/2d/3d and
 PackedConvTranspose2d, and GroupedConv2d (a grouped nn.Conv2d on our op).
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Packed-Ensembles Linear, drop-in for torch-uncertainty 0.13's PackedLinear (every
 implementation): same arguments, state_dict and outputs."""
 

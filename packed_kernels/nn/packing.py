@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The packing rules every Packed-Ensembles layer shares (torch-uncertainty 0.13's): argument
 checks, channel and group geometry, the estimator-major output rearrange, autocast of the
 operands handed to our ops, and the "stock" backend name.

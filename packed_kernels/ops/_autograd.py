@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The custom ops' plumbing: registration with an eager fast path, and output aliasing."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Batch norm over channels, then an optional residual add and activation, in one op."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Block-diagonal grouped 2-D convolution with the semantics of torch.nn.functional.conv2d."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The argument checks of the conv ops (grouped_conv2d, fused_conv2d): every bad argument is
 named in a Python error before any launch. Results are cached per call signature
 (ValidatedCalls), so a training loop's repeated calls are checked once."""

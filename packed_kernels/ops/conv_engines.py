@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The convolution engines behind `backend=` — torch (cuDNN), triton, cuda (the CUDA C++ kernels)
 and simt (the same source on the CPU emulator) — as one table of forward / input-gradient /
 weight-gradient functions with the fusion hooks, and backend "auto": each pass measured once

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The torch semantics of the grouped convolution and its fusions: what every engine is tested
 against, the torch engine itself, and the backward's per-channel glue where Triton does not run.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Decompositions of every packed_kernels custom op into stock torch (aten) ops.
 
 `ExportedProgram.run_decompositions(DECOMPOSITIONS)` (merged into torch's default table, as

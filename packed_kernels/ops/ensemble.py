@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Ensemble reduction over estimator-major logits: the mean prediction and uncertainty scores.
 
 Logits are (M*B, C) or (M*B, C, *): rows m*B .. m*B+B-1 belong to estimator m, as produced by

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """FLOP formulas of the packed_kernels custom ops, for torch.utils.flop_counter.FlopCounterMode
 (and with it torch.profiler's with_flops).
 

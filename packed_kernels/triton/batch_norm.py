@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Triton kernels for batch norm (+ residual + ReLU): training and eval, forward and backward.
 
 Every tensor is seen as (N, C, S) with the spatial dims flattened into S:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What the compile-for-target check needs to know about one kernel configuration."""
 
 import inspect

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Triton kernels for block-diagonal grouped 2-D convolution: forward, input-gradient and
 weight-gradient as implicit GEMMs, with the group on grid axis 2.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Triton kernels for the per-channel glue of fused_conv2d's backward (ops/conv.py).
 
 For y = conv(x_hat) + bias, x_hat = in_act(x * in_scale + in_shift),

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Tile configs for the grouped-conv kernels: a heuristic default, and autotuning per
 (kernel, shape class, dtype, layout, GPU) with an on-disk cache.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Triton kernels for the ensemble reduction: one program per output row (b, s).
 
 Each program holds a [BLOCK_M, BLOCK_C] tile (all estimators, a slice of the classes) and

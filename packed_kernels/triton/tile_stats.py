@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Per-tile channel statistics merged into mean and biased variance in one launch (the formula
 is _tile_stats.py's; its torch spelling takes about a dozen small launches per conv).
 

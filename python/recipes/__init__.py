@@ -1,1 +1,2 @@
+# SPDX-License-Identifier: Apache-2.0
 """Training and evaluation recipes built on packed_kernels (used by python/*.py)."""

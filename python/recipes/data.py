@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Datasets for the recipes, held in memory as tensors (torchvision is not needed).
 
 Sources:

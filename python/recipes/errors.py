@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """User-facing errors of the recipes: printed as one clear line, exit status 2, no traceback."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Predictions, metrics and plots for a trained ensemble.
 
 A model maps images (B, C, H, W) to estimator-major logits (M*B, K); packed_kernels.ensemble_scores

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Model choice for the recipes: a name and an ensembling method -> a model of the zoo.
 
 Every model maps inputs (B, ...) to estimator-major logits (M*B, K). The recipes build them

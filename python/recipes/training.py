@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The training loop: SGD with the paper's step schedule (or cosine), autocast, channels_last,
 DistributedDataParallel, a progress bar, per-epoch checkpoints with resume, JSON-lines metrics.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Asynchronous global -> shared copies for multi-stage pipelines. nvcc: cp.async (sm_80+; a
 // plain copy on older targets); PK_SIMT: the emulator's copy queue, which lands each copy either
 // at once or only at the wait that covers it (chosen at random), so a missing wait or a missing

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Division by a divisor fixed for a whole launch, as a multiply-high and a shift (Granlund and
 // Montgomery, "Division by invariant integers using multiplication", 1994): for 0 <= n < 2^31 and
 // 1 <= d < 2^31, with l = ceil(log2 d) and m = ceil(2^(31 + l) / d) (< 2^32),

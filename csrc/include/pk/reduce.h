@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Warp and block reductions for any value type with a symmetric merge (merge(a, b) == merge(b, a)
 // bit for bit, so every lane of a butterfly ends with the same result).
 #pragma once

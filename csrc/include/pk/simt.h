@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The SIMT portability layer: one kernel source compiles under nvcc (real CUDA) and under a host
 // C++ compiler with -DPK_SIMT=1 (the CPU emulator, pk/simt_runtime.h).
 //

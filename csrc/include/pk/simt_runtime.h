@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The SIMT emulator's runtime: runs a CUDA grid on one CPU thread (PK_SIMT builds only).
 //
 // Blocks run one after another. Every thread of a block is a cooperative fiber (ucontext) that

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Tensor-core tiles: mma.sync m16n8k16 (row.col) on half or bfloat16 inputs with float
 // accumulators, its operands loaded from shared memory by ldmatrix (x4, .trans where the tile is
 // stored the other way). nvcc: the PTX instructions (sm_80+); PK_SIMT: the emulator, which

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Element types usable on both sides: pk::half and pk::bfloat16 are CUDA's __half and
 // __nv_bfloat16 under nvcc, and bit-identical emulations (round to nearest even) under PK_SIMT.
 // Kernels load and store them and do their math in float: pk::to_float / pk::from_float<T>.

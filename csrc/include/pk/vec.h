@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Vectorised global loads and stores: VEC elements of T as one aligned access (16 bytes for
 // VEC * sizeof(T) == 16), converted to and from float.
 #pragma once
