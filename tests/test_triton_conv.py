@@ -103,6 +103,58 @@ def test_non_contiguous_input_and_grad(dtype):
     assert_close(grad_w, ref_w, low_w, dtype, "strided weight grad")
 
 
+def _check_conv_and_grads(x, w, args, dtype, what):
+    """Forward and both gradients of pk.grouped_conv2d (Triton) against F.conv2d in fp64."""
+    device = require_backend("triton", dtype)
+    x, w = x.to(dtype), w.to(dtype)
+    grad_seed = torch.randn(F.conv2d(x.double(), w.double(), None, **args).shape)
+    ours, ours_grads = run_with_grads(lambda *t: pk.grouped_conv2d(*t, **args, backend="triton"),
+                                      (x.to(device), w.to(device)), grad_seed)
+    ref, ref_grads = run_with_grads(lambda *t: F.conv2d(*t, **args), (x.double(), w.double()), grad_seed)
+    low, low_grads = run_with_grads(lambda *t: F.conv2d(*t, **args), (x, w), grad_seed)
+    assert_close(ours, ref, low, dtype, f"{what} forward")
+    for name, g, r, t in zip(("input", "weight"), ours_grads, ref_grads, low_grads):
+        assert_close(g, r, t, dtype, f"{what} grad {name}")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_whole_channel_blocks_across_taps_and_stride_phases(dtype):
+    """Channels per group that the K tile divides (the unmasked channel blocks), several blocks
+    per tap, stride 2 with odd maps (phases of unequal size)."""
+    x = torch.randn(2, 64, 7, 6).to(memory_format=torch.channels_last)
+    w = torch.randn(32, 32, 3, 3) / 17
+    _check_conv_and_grads(x, w, dict(stride=2, padding=1, groups=2), dtype, "32 per group, s2")
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(kernel=(5, 3), stride=(3, 2), padding=(4, 1), dilation=(2, 1)),  # tap step 3 along h
+    dict(kernel=(2, 4), stride=(2, 3), padding=(0, 2), dilation=(2, 3)),  # phases no tap reaches
+    dict(kernel=(1, 1), stride=(3, 2), padding=(0, 0), dilation=(1, 1)),  # strided 1x1
+], ids=["step3", "untouched_phases", "1x1_s3x2"])
+def test_input_grad_stride_phases(geometry):
+    """The input gradient visits, per stride phase, only the taps that reach it; phases that no
+    tap reaches (stride and dilation sharing a factor) get zeros."""
+    kernel = geometry.pop("kernel")
+    x = torch.randn(2, 6, 11, 10).to(memory_format=torch.channels_last)
+    w = torch.randn(4, 3, *kernel)
+    _check_conv_and_grads(x, w, dict(geometry, groups=2), torch.float32, str(geometry))
+
+
+def test_weight_grad_pixel_tiles_span_images():
+    """Weight-gradient K tiles spanning several whole images of a small map (2x3 outputs),
+    with the pixel range split."""
+    x = torch.randn(20, 8, 4, 6).to(memory_format=torch.channels_last)
+    w = torch.randn(8, 4, 3, 3) / 6
+    _check_conv_and_grads(x, w, dict(stride=2, padding=1, groups=2), torch.float32, "2x3 maps")
+
+
+def test_input_grad_grid_limit_raises_before_launch():
+    """Groups x stride phases share grid axis z: past CUDA's limit a clear error, no launch."""
+    grad, weight = torch.empty(1, 20000, 2, 2), torch.empty(20000, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"groups \(20000\) x stride phases \(2 x 2\)"):
+        tc.conv_input_grad(grad, weight, (1, 20000, 4, 4), (2, 2), (0, 0, 0, 0), (1, 1), 20000)
+
+
 # ---------------------------------------------------------------------------------------------
 # fused_conv2d
 # ---------------------------------------------------------------------------------------------

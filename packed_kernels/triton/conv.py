@@ -9,10 +9,13 @@ every group's channel run starts 16-byte aligned (VEC > 1), the kernels say so a
 emits 16-byte vector loads (cp.async); otherwise elements load one by one, and only small tiles
 fit the registers (see conv_tuning). The GEMM views, per group g:
   forward      rows = output pixels (n, oh, ow), cols = output channels, K = (kh, kw, c_in)
-  input grad   rows = input pixels (n, ih, iw),  cols = input channels,  K = (kh, kw, c_out)
+  input grad   rows = input pixels (n, ih, iw) of one stride phase, cols = input channels,
+               K = (the taps that reach that phase, c_out)
   weight grad  rows = output channels,           cols = input channels,  K = output pixels,
                one program column per tap (kh, kw) and per split of the pixel range
-A 1x1 kernel is the same code with a single tap: a grouped GEMM.
+A 1x1 kernel is the same code with a single tap: a grouped GEMM. The forward and input-gradient
+K loops are one flat loop over (tap, channel block), so the software pipeline runs across taps;
+addresses advance by scalar offsets added to loop-invariant pointer tiles.
 
 Fusion hooks (all constexpr-gated, so the plain conv pays nothing):
   prologue  x_hat = act(x * in_scale[c] + in_shift[c]) while loading; padding stays zero
@@ -68,6 +71,49 @@ def _range_mask(start, BLOCK: tl.constexpr, limit, VEC: tl.constexpr):
 
 
 @triton.jit
+def _channel_mask(start, BLOCK: tl.constexpr, limit, VEC: tl.constexpr, EVEN: tl.constexpr):
+    """_range_mask of a K step's channel block; all true (and folded away) where the launcher
+    checked that BLOCK divides the channel count."""
+    if EVEN:
+        return tl.full([BLOCK], 1, tl.int1)
+    return _range_mask(start, BLOCK, limit, VEC)
+
+
+@triton.jit
+def _next_k_step(c0, kw, kh, CHANNELS, KW, BLOCK_K: tl.constexpr):
+    """The K loop's next (kh, kw, channel block) in that order, by increments and wraps (no
+    division): one flat loop over taps and channel blocks pipelines across taps."""
+    c0 += BLOCK_K
+    next_tap = c0 >= CHANNELS
+    c0 = tl.where(next_tap, 0, c0)
+    kw += next_tap.to(tl.int32)
+    next_row = kw >= KW
+    kw = tl.where(next_row, 0, kw)
+    kh += next_row.to(tl.int32)
+    return c0, kw, kh
+
+
+@triton.jit
+def _load_input_at(ptrs, ok, in_scale_ptr, in_shift_ptr, chan, chan_ok,
+                   HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr, VEC: tl.constexpr):
+    """_load_input_tile from a ready tile of pointers (the forward's K loop adds one scalar to a
+    loop-invariant tile). The weight gradient keeps _load_input_tile: forming its pointers in the
+    caller instead makes ptxas spill it (fp32 128x64 on sm_80, compile-for-target check)."""
+    if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+        ptrs = tl.multiple_of(ptrs, [1, 16])
+    a = tl.load(ptrs, mask=ok, other=0.0)
+    if HAS_IN_AFFINE or IN_ACT != 0:
+        u = a.to(tl.float32)
+        if HAS_IN_AFFINE:
+            scale = tl.load(in_scale_ptr + chan, mask=chan_ok, other=0.0).to(tl.float32)
+            shift = tl.load(in_shift_ptr + chan, mask=chan_ok, other=0.0).to(tl.float32)
+            u = u * scale[None, :] + shift[None, :]
+        u = _activate(u, IN_ACT)
+        a = tl.where(ok, u, 0.0).to(a.dtype)
+    return a
+
+
+@triton.jit
 def _load_input_tile(x_ptr, in_scale_ptr, in_shift_ptr, pix_off, pix_ok, chan, chan_ok,
                      HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr, VEC: tl.constexpr):
     """[pixels, channels] tile of the (transformed) NHWC input; zero where padded or out of
@@ -98,7 +144,8 @@ def _conv_forward_kernel(
         HAS_BIAS: tl.constexpr, HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
         HAS_OUT_AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_ACT: tl.constexpr,
         STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        VEC: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # x: NHWC (channel stride 1); w: (KH, KW, C_in/groups, C_out), C_out contiguous.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -111,33 +158,33 @@ def _conv_forward_kernel(
     ow = rem - oh * OW
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = _range_mask(pid_n * BLOCK_N, BLOCK_N, COUT_G, VEC)
-    # Per-row offsets once; each tap then adds a scalar (keeps the loop's registers low).
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    row_base = n.to(tl.int64) * sx_n + ih0.to(tl.int64) * sx_h + iw0.to(tl.int64) * sx_w
     first_in = group * CIN_G
-    x_group = x_ptr + first_in
-    w_group = w_ptr + group * COUT_G
+    kk = tl.arange(0, BLOCK_K)
+    # Loop-invariant pointer tiles: each K step adds one scalar offset per operand.
+    row_base = n.to(tl.int64) * sx_n + ih0.to(tl.int64) * sx_h + iw0.to(tl.int64) * sx_w
+    x_tile = x_ptr + first_in + row_base[:, None] + kk[None, :]
+    w_tile = w_ptr + group * COUT_G + kk[:, None] * sw_i + cols[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(KH):
-        ih = ih0 + kh * dil_h
-        h_ok = row_ok & (ih >= 0) & (ih < H)
-        for kw in range(KW):
-            iw = iw0 + kw * dil_w
-            pix_ok = h_ok & (iw >= 0) & (iw < W)
-            pix_off = row_base + (kh * dil_h * sx_h + kw * dil_w * sx_w)
-            w_tap = w_group + kh * sw_h + kw * sw_w
-            for c0 in range(0, CIN_G, BLOCK_K):
-                ks = c0 + tl.arange(0, BLOCK_K)
-                k_ok = _range_mask(c0, BLOCK_K, CIN_G, VEC)
-                a = _load_input_tile(x_group, in_scale_ptr + first_in, in_shift_ptr + first_in,
-                                     pix_off, pix_ok, ks, k_ok, HAS_IN_AFFINE, IN_ACT, VEC)
-                ptrs = w_tap + ks[:, None] * sw_i + cols[None, :]
-                if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
-                    ptrs = tl.multiple_of(ptrs, [1, 16])
-                b = tl.load(ptrs,
-                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST)
+    # One K loop over (tap, channel block): the pipeline runs across taps.
+    c0 = 0
+    kw = 0
+    kh = 0
+    for _ in tl.range(0, KH * KW * tl.cdiv(CIN_G, BLOCK_K)):
+        dh = kh * dil_h
+        dw = kw * dil_w
+        pix_ok = row_ok & (ih0 >= -dh) & (ih0 < H - dh) & (iw0 >= -dw) & (iw0 < W - dw)
+        k_ok = _channel_mask(c0, BLOCK_K, CIN_G, VEC, EVEN_K)
+        a = _load_input_at(x_tile + (dh * sx_h + dw * sx_w + c0),
+                           pix_ok[:, None] & k_ok[None, :], in_scale_ptr + first_in, in_shift_ptr + first_in, c0 + kk, k_ok,
+                           HAS_IN_AFFINE, IN_ACT, VEC)
+        ptrs = w_tile + (kh * sw_h + kw * sw_w + c0 * sw_i)
+        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+            ptrs = tl.multiple_of(ptrs, [1, 16])
+        b = tl.load(ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST)
+        c0, kw, kh = _next_k_step(c0, kw, kh, CIN_G, KW, BLOCK_K)
 
     co = group * COUT_G + cols
     y = acc
@@ -159,75 +206,98 @@ def _conv_forward_kernel(
         ptrs = res_ptr + r_off[:, None] + co[None, :]
         if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
             ptrs = tl.multiple_of(ptrs, [1, 16])
-        y += tl.load(ptrs, mask=out_ok,
-                     other=0.0).to(tl.float32)
+        y += tl.load(ptrs, mask=out_ok, other=0.0).to(tl.float32)
     y = _activate(y, OUT_ACT)
     y_off = n.to(tl.int64) * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w
     ptrs = y_ptr + y_off[:, None] + co[None, :]
     if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
         ptrs = tl.multiple_of(ptrs, [1, 16])
-    tl.store(ptrs, y.to(y_ptr.dtype.element_ty),
-             mask=out_ok)
+    tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _stride_phase(phase, size, pad, KSIZE, dil, stride):
+    """Along one axis, the input indices phase + stride * i (i < count) and the taps that reach
+    them, kernel index first + t * step (t < taps): those with (phase + pad - k * dil) divisible
+    by stride. Through tap t, input index phase + stride * i reads output index
+    i + shift - t * shift_step (exact division). A scalar loop over the kernel, once per program."""
+    taps = 0
+    first = 0
+    second = 0
+    for k in range(KSIZE):
+        hit = (phase + pad - k * dil) % stride == 0
+        second = tl.where(hit & (taps == 1), k, second)
+        first = tl.where(hit & (taps == 0), k, first)
+        taps += hit.to(tl.int32)
+    step = tl.where(taps > 1, second - first, 1)
+    count = tl.cdiv(size - phase, stride)
+    return count, taps, first, step, (phase + pad - first * dil) // stride, step * dil // stride
 
 
 @triton.jit
 def _conv_input_grad_kernel(
         g_ptr, w_ptr, gx_ptr,
-        H, W, OH, OW, M, CIN_G, COUT_G, KH, KW,
+        H, W, OH, OW, N, CIN_G, COUT_G, KH, KW, PHASES_W, PHASES,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         sg_n, sg_h, sg_w, sw_i, sw_h, sw_w, sx_n, sx_h, sx_w,
         INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, VEC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Grid axis 2 is (group, stride phase): a program's input pixels are (phase_h + stride_h * i,
+    # phase_w + stride_w * j), and its K loop visits only the taps that reach them (as the CUDA
+    # C++ input gradient): for stride 2, a quarter of a 3x3 kernel's taps on average.
     # g, gx: NHWC (channel stride 1); w: (KH, KW, C_in/groups, C_out), C_out contiguous.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    group = tl.program_id(2)
+    group = tl.program_id(2) // PHASES
+    phase = tl.program_id(2) % PHASES
+    phase_h = phase // PHASES_W
+    phase_w = phase % PHASES_W
+    HP, taps_h, kh0, kh_step, oh_shift, oh_step = _stride_phase(phase_h, H, pad_h, KH, dil_h, stride_h)
+    WP, taps_w, kw0, kw_step, ow_shift, ow_step = _stride_phase(phase_w, W, pad_w, KW, dil_w, stride_w)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    n = rows // (H * W)
-    rem = rows - n * (H * W)
-    ih = rem // W
-    iw = rem - ih * W
+    row_ok = rows < N * HP * WP  # phases with fewer rows leave their last blocks empty
+    n = rows // (HP * WP)
+    rem = rows - n * (HP * WP)
+    i = rem // WP
+    j = rem - i * WP
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
     col_ok = _range_mask(pid_n * BLOCK_N, BLOCK_N, CIN_G, VEC)
     first_out = group * COUT_G
-    g_group = g_ptr + first_out
-    w_group = w_ptr + first_out
-    g_n = n.to(tl.int64) * sg_n
+    oh0 = i + oh_shift  # output pixel through the first tap; each further tap is a scalar step
+    ow0 = j + ow_shift
+    kk = tl.arange(0, BLOCK_K)  # output channel within the group
+    row_base = n.to(tl.int64) * sg_n + oh0.to(tl.int64) * sg_h + ow0.to(tl.int64) * sg_w
+    g_tile = g_ptr + first_out + row_base[:, None] + kk[None, :]
+    w_tile = w_ptr + first_out + kk[:, None] + cols[None, :] * sw_i
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(KH):
-        # output row oh reads input row ih through tap kh iff oh * stride = ih + pad - kh * dil
-        oh_num = ih + pad_h - kh * dil_h
-        oh = tl.where(oh_num >= 0, oh_num, 0) // stride_h
-        h_ok = row_ok & (oh_num >= 0) & (oh * stride_h == oh_num) & (oh < OH)
-        for kw in range(KW):
-            ow_num = iw + pad_w - kw * dil_w
-            ow = tl.where(ow_num >= 0, ow_num, 0) // stride_w
-            pix_ok = h_ok & (ow_num >= 0) & (ow * stride_w == ow_num) & (ow < OW)
-            pix_off = g_n + oh.to(tl.int64) * sg_h + ow.to(tl.int64) * sg_w
-            w_tap = w_group + kh * sw_h + kw * sw_w
-            for c0 in range(0, COUT_G, BLOCK_K):
-                ks = c0 + tl.arange(0, BLOCK_K)  # output channel within the group
-                k_ok = _range_mask(c0, BLOCK_K, COUT_G, VEC)
-                ptrs = g_group + pix_off[:, None] + ks[None, :]
-                if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
-                    ptrs = tl.multiple_of(ptrs, [1, 16])
-                a = tl.load(ptrs,
-                            mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                ptrs = w_tap + ks[:, None] + cols[None, :] * sw_i
-                if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
-                    ptrs = tl.multiple_of(ptrs, [16, 1])
-                b = tl.load(ptrs,
-                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST)
+    # One K loop over (contributing tap, channel block); a phase no tap reaches stores zeros.
+    c0 = 0
+    tw = 0
+    th = 0
+    for _ in tl.range(0, taps_h * taps_w * tl.cdiv(COUT_G, BLOCK_K)):
+        dh = th * oh_step
+        dw = tw * ow_step
+        pix_ok = row_ok & (oh0 >= dh) & (oh0 < OH + dh) & (ow0 >= dw) & (ow0 < OW + dw)
+        k_ok = _channel_mask(c0, BLOCK_K, COUT_G, VEC, EVEN_K)
+        ptrs = g_tile + (c0 - dh * sg_h - dw * sg_w)
+        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+            ptrs = tl.multiple_of(ptrs, [1, 16])
+        a = tl.load(ptrs, mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+        ptrs = w_tile + ((kh0 + th * kh_step) * sw_h + (kw0 + tw * kw_step) * sw_w + c0)
+        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+            ptrs = tl.multiple_of(ptrs, [16, 1])
+        b = tl.load(ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST)
+        c0, tw, th = _next_k_step(c0, tw, th, COUT_G, taps_w, BLOCK_K)
 
+    ih = phase_h + i * stride_h
+    iw = phase_w + j * stride_w
     x_off = n.to(tl.int64) * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
     ci = group * CIN_G + cols
     ptrs = gx_ptr + x_off[:, None] + ci[None, :]
     if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
         ptrs = tl.multiple_of(ptrs, [1, 16])
-    tl.store(ptrs, acc.to(gx_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(ptrs, acc.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -420,7 +490,7 @@ def _launch_forward(config, partial, x, w_k, bias, y, stride, padding, dilation,
         IN_ACT=ACTIVATION_CODES[prologue.activation], HAS_OUT_AFFINE=out_scale is not None,
         HAS_RESIDUAL=residual is not None, OUT_ACT=ACTIVATION_CODES[epilogue.activation],
         STATS=partial is not None, INPUT_PRECISION=input_precision(x.dtype), UPCAST=_upcast_dot(x),
-        VEC=vec, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        VEC=vec, EVEN_K=cin_g % config.block_k == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -442,19 +512,28 @@ def conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: Seque
     return _to_format(grad_input, memory_format)
 
 
+MAX_GRID_Z = 65535  # CUDA's limit on grid axis z (groups x stride phases in the input gradient)
+
+
 def _launch_input_grad(config, grad, w_k, grad_input, stride, padding, dilation, groups, vec):
     n, c_in, h, w = grad_input.shape
     kh, kw, cin_g, c_out = w_k.shape
+    cout_g = c_out // groups
     oh, ow = grad.shape[2:]
-    m = n * h * w
-    grid = (triton.cdiv(m, config.block_m), triton.cdiv(cin_g, config.block_n), groups)
+    phases_h, phases_w = min(stride[0], h), min(stride[1], w)
+    if groups * phases_h * phases_w > MAX_GRID_Z:
+        raise ValueError(f"Triton conv input gradient: groups ({groups}) x stride phases "
+                         f"({phases_h} x {phases_w}) exceed the grid's {MAX_GRID_Z} on axis z")
+    rows = n * triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1])  # phase (0, 0), the largest
+    grid = (triton.cdiv(rows, config.block_m), triton.cdiv(cin_g, config.block_n),
+            groups * phases_h * phases_w)
     _conv_input_grad_kernel[grid](
-        grad, w_k, grad_input, h, w, oh, ow, m, cin_g, c_out // groups, kh, kw,
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        grad, w_k, grad_input, h, w, oh, ow, n, cin_g, cout_g, kh, kw, phases_w,
+        phases_h * phases_w, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
         *_nhw_strides(grad), w_k.stride(2), w_k.stride(0), w_k.stride(1), *_nhw_strides(grad_input),
         INPUT_PRECISION=input_precision(grad.dtype), UPCAST=_upcast_dot(grad), VEC=vec,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        EVEN_K=cout_g % config.block_k == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[int],
@@ -540,14 +619,18 @@ def compile_cases():
             for aligned in (True, False):
                 vec = 16 // dtype.itemsize if aligned else 1
                 for config in conv_tuning.candidates(kernel_name, dtype, aligned):
-                    for fused in ((False, True) if flags else (False,)):
+                    for fused in ((False, True) if flags or "EVEN_K" in params else (False,)):
                         constexprs = {f: (int(fused) if f.endswith("ACT") else fused) for f in flags}
+                        masked_k = ""
+                        if "EVEN_K" in params:  # the masked channel blocks with the fused hooks
+                            constexprs["EVEN_K"] = not fused
+                            masked_k = ",masked_k" if fused else ""
                         constexprs.update(INPUT_PRECISION=precision, UPCAST=False, VEC=vec,
                                           BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                           BLOCK_K=config.block_k)
                         name = (f"conv.{kernel_name}[{dtype_name},{config.block_m}x{config.block_n}"
                                 f"x{config.block_k},w{config.num_warps},s{config.num_stages},"
-                                f"vec{vec}{',fused' if fused else ''}]")
+                                f"vec{vec}{',fused' if fused and flags else ''}{masked_k}]")
                         cases.append(CompileCase(name, kernel, signature, constexprs,
                                                  num_warps=config.num_warps,
                                                  num_stages=config.num_stages, expects_mma=True))

@@ -80,9 +80,12 @@ def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True) -> List[Ti
         pool = rows_pool if aligned else _UNALIGNED_CONFIGS["pixel_rows"]
         if dtype == torch.float32:
             # ptxas caps these at 128 registers and spills in fp32 (measured by the compile-for-
-            # target check): drop 128x64 (sm_80), run 64x32 unpipelined (sm_86/sm_89).
+            # target check): drop 128x64 (sm_80), run 64x32 unpipelined (sm_86/sm_89), and drop
+            # the forward's 128x128 (its flat K loop with masked channel blocks and the fusion
+            # hooks spills on sm_80/sm_89, even unpipelined).
+            dropped = {(128, 64)} | ({(128, 128)} if kernel == "forward" else set())
             pool = [c._replace(num_stages=1) if (c.block_m, c.block_n) == (64, 32) else c
-                    for c in pool if (c.block_m, c.block_n) != (128, 64)]
+                    for c in pool if (c.block_m, c.block_n) not in dropped]
     return [c for c in pool if _shared_memory(c, dtype) <= SHARED_MEMORY_BUDGET]
 
 
