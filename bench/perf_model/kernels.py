@@ -207,8 +207,25 @@ def _compile_triton(jit, grid, args, kwargs, gpu, pass_name, layer) -> Launch:
         splits = grid[1] // (layer.kernel[0] * layer.kernel[1])
         # fp32 slabs, one per split: written by the kernel, read back by the sum
         extra = 0 if splits == 1 else 2 * splits * layer.c_out * cin_g * layer.kernel[0] * layer.kernel[1] * 4
+    elif pass_name == "input_grad":
+        # one flat K loop over the taps of the program's stride phase (grid axis 2: groups x
+        # phases); blocks beyond a smaller phase's rows exit at once
+        k_blocks = math.ceil(cout_g / c["BLOCK_K"])
+        work, active = 0, 0
+        for ph in range(min(layer.stride[0], layer.h)):
+            for pw in range(min(layer.stride[1], layer.w)):
+                rows_h, taps_h = _phase_1d(ph, layer.h, layer.padding[0], layer.kernel[0], layer.dilation[0], layer.stride[0])
+                rows_w, taps_w = _phase_1d(pw, layer.w, layer.padding[1], layer.kernel[1], layer.dilation[1], layer.stride[1])
+                blocks = math.ceil(values["N"] * rows_h * rows_w / c["BLOCK_M"]) * grid[1] * layer.groups
+                active += blocks
+                work += blocks * taps_h * taps_w * k_blocks
+        trips = [max(1, round(work / max(active, 1)))]
+        extra = 0
+        return Launch("triton", info["name"], cubin, tuple(grid), options["num_warps"], info["shared"],
+                      trips, active, config, (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]),
+                      values[arg_names[0]].element_size(), extra)
     else:
-        depth_channels = cin_g if pass_name == "forward" else cout_g
+        depth_channels = cin_g
         trips = [math.ceil(depth_channels / c["BLOCK_K"])]
         trips += [t for t in (layer.kernel[1], layer.kernel[0]) if t != 1]  # 1: a constant, no loop
         extra = 0
