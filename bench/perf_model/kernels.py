@@ -180,8 +180,9 @@ def compile_triton(jit, args, kwargs, gpu):
             constexprs[name] = attribute
         elif attribute == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
-    source = Path(sys.modules[jit.fn.__module__].__file__)
-    key = _digest(triton.__version__, gpu.arch, jit.fn.__name__, source.read_bytes(), signature,
+    # jit.cache_key hashes the imported kernel and the jit functions and globals it uses: the code
+    # compiled here, even if the file changes during a run
+    key = _digest(triton.__version__, gpu.arch, jit.fn.__name__, jit.cache_key, signature,
                   constexprs, sorted((k[0], v) for k, v in attrs.items()), options)
     folder = CACHE_DIR / "triton"
     cubin, meta = folder / f"{key}.cubin", folder / f"{key}.json"
