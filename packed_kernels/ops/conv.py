@@ -244,7 +244,7 @@ def choose_backend(op: str, backend: Optional[str], input: Tensor, weight: Tenso
             _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)  # names the bad value
         return "torch"
     if backend is None or backend == AUTO:
-        return AUTO if input.device.type == "cuda" else "torch"
+        return AUTO if input.is_cuda else "torch"
     return _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)
 
 
