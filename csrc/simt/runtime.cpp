@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <new>
@@ -14,6 +15,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -38,7 +40,7 @@ constexpr std::size_t kStackBytes = std::size_t(256) << 10;
 #endif
 constexpr int kMaxThreadsPerBlock = 1024;
 
-enum class State { kRunnable, kAtBarrier, kAtWarpOp, kDone, kFaulted };
+enum class State { kRunnable, kAtBarrier, kAtWarpOp, kAtMbarrier, kDone, kFaulted };
 
 struct Stack {
   char* mapping = nullptr;  // guard page, then the usable stack
@@ -74,6 +76,16 @@ struct PendingCopy {
   std::uint64_t group;  // 0 until committed
 };
 
+// A wgmma.mma_async not run yet: its operands are read when it runs.
+struct PendingWgmma {
+  float* acc;
+  int n;
+  WgmmaType type;
+  std::uint64_t desc_a, desc_b;
+  bool scale_d;
+  std::uint64_t group;  // 0 until committed
+};
+
 struct Fiber {
   ucontext_t context;
   ThreadCoords coords;
@@ -92,6 +104,11 @@ struct Fiber {
   std::uint64_t groups_committed = 0;
   std::uint64_t newest_copy_group = 0;  // the group of the last copy issued (landed or not)
   std::uint64_t waited_through = 0;     // every group up to this one was waited for
+  const void* waiting_on = nullptr;     // the mbarrier this thread blocks on (kAtMbarrier)
+  std::vector<std::uintptr_t> unfenced;  // 16-byte chunks its cp.async wrote since its proxy fence
+  bool wgmma_fenced = false;
+  std::vector<PendingWgmma> wgmma_pending;
+  std::uint64_t wgmma_committed = 0, wgmma_newest = 0, wgmma_waited_through = 0;
 };
 
 struct Warp {
@@ -103,14 +120,28 @@ struct Warp {
   std::size_t size = 0;
 };
 
-// Static + dynamic shared memory of one block without cudaFuncSetAttribute (which pk::launch
-// does not call): the same on every architecture.
-constexpr std::size_t kSharedBytesWithoutOptIn = std::size_t(48) << 10;
-
 struct SharedAllocation {
   const void* site;
   std::size_t bytes;
   void* data;
+  std::uint32_t window;  // its shared-window address
+};
+
+constexpr std::size_t kSharedAlignment = 1024;  // a 128-byte swizzle pattern repeats every 1024
+std::uint32_t round_up_window(std::size_t bytes) {
+  return static_cast<std::uint32_t>((bytes + kSharedAlignment - 1) / kSharedAlignment * kSharedAlignment);
+}
+
+struct Mbarrier {
+  unsigned expected = 0, pending = 0, phase = 0;
+  long long tx = 0;  // transaction bytes expected and not yet completed (negative: ahead)
+};
+
+// A cp.async.bulk copy not landed yet.
+struct PendingBulk {
+  void* dst;
+  std::vector<unsigned char> data;
+  void* bar;
 };
 
 struct Launch {
@@ -126,6 +157,11 @@ struct Launch {
   std::string fault;
   int barrier_count = 0;  // true predicates at the last released barrier
   std::mt19937_64 copy_rng;  // when cp.async copies land
+  std::size_t shared_limit = 0;
+  std::uint32_t next_window = 0;  // the shared-window address of the next static allocation
+  std::unordered_map<const void*, Mbarrier> mbarriers;
+  std::vector<PendingBulk> bulk;
+  std::unordered_map<std::uintptr_t, int> unfenced_chunks;  // chunk -> the fiber whose cp.async wrote it
   void* scheduler_fake_stack = nullptr;
   const void* scheduler_stack_bottom = nullptr;
   std::size_t scheduler_stack_size = 0;
@@ -137,12 +173,12 @@ thread_local std::uint64_t t_seed = 0x5eed5eedULL;
 thread_local std::uint64_t t_launch_count = 0;  // varies the resume orders between launches
 
 void* allocate_poisoned(std::size_t bytes) {
-  void* p = ::operator new(bytes ? bytes : 1, std::align_val_t(32));  // as PK_SHARED on a GPU
+  void* p = ::operator new(bytes ? bytes : 1, std::align_val_t(kSharedAlignment));
   std::memset(p, 0xFF, bytes);  // NaN for float/half/bfloat16, -1 for integers
   return p;
 }
 
-void release(void* p) { ::operator delete(p, std::align_val_t(32)); }
+void release(void* p) { ::operator delete(p, std::align_val_t(kSharedAlignment)); }
 
 void free_shared(Launch& l) {
   for (SharedAllocation& a : l.shared) release(a.data);
@@ -200,6 +236,11 @@ void fiber_entry() {
   __sanitizer_finish_switch_fiber(nullptr, &l.scheduler_stack_bottom, &l.scheduler_stack_size);
 #endif
   l.body(l.arg);
+  if (f.wgmma_newest > f.wgmma_waited_through || !f.wgmma_pending.empty()) {
+    record_fault(l, block_name(f) + ": exits with wgmma.mma_async it never waited for "
+                                    "(pk::wgmma::commit / wait<0>() missing)");
+    f.wgmma_pending.clear();
+  }
   if (f.newest_copy_group > f.waited_through) {
     record_fault(l, block_name(f) + ": exits with cp.async copies it never waited for "
                                     "(pk::async_wait<0>() missing)");
@@ -241,6 +282,43 @@ std::string block_name(const Fiber& f) {
          ") thread (" + std::to_string(t.x) + "," + std::to_string(t.y) + "," + std::to_string(t.z) + ")";
 }
 
+// --- sm_90: mbarriers, bulk copies, proxy fences, wgmma ------------------------------------------
+
+// A cp.async (generic proxy) write landed: wgmma may read it only after the writer's proxy fence.
+void note_generic_write(Launch& l, Fiber& f, const void* dst, std::size_t bytes) {
+  const std::uintptr_t first = reinterpret_cast<std::uintptr_t>(dst) / 16;
+  const std::uintptr_t last = (reinterpret_cast<std::uintptr_t>(dst) + bytes - 1) / 16;
+  for (std::uintptr_t chunk = first; chunk <= last; ++chunk) {
+    l.unfenced_chunks[chunk] = f.index;
+    f.unfenced.push_back(chunk);
+  }
+}
+
+void complete_phase_if_done(Launch& l, void* bar, Mbarrier& b) {
+  if (b.pending != 0 || b.tx != 0) return;
+  ++b.phase;
+  b.pending = b.expected;
+  for (Fiber& g : l.fibers)  // waiters recheck their parity when they resume
+    if (g.state == State::kAtMbarrier && g.waiting_on == bar) g.state = State::kRunnable;
+}
+
+// Lands the bulk copies in flight on `bar` (every bar: nullptr); returns whether any landed.
+bool land_bulk_copies(Launch& l, const void* bar) {
+  bool landed = false;
+  std::vector<PendingBulk> still;
+  std::vector<PendingBulk> now;
+  for (PendingBulk& c : l.bulk) (bar == nullptr || c.bar == bar ? now : still).push_back(std::move(c));
+  l.bulk.swap(still);
+  for (PendingBulk& c : now) {
+    std::memcpy(c.dst, c.data.data(), c.data.size());
+    Mbarrier& b = l.mbarriers[c.bar];
+    b.tx -= static_cast<long long>(c.data.size());
+    complete_phase_if_done(l, c.bar, b);
+    landed = true;
+  }
+  return landed;
+}
+
 // --- one block -------------------------------------------------------------------------------
 
 std::vector<int> resume_order(std::uint64_t phase, int n, std::mt19937_64& rng) {
@@ -258,6 +336,10 @@ void run_block(Launch& l, uint3 block_idx, uint3 block_dim, uint3 grid_dim) {
   const int n = static_cast<int>(l.fibers.size());
   free_shared(l);
   if (l.dynamic_shared_bytes) l.dynamic_shared = allocate_poisoned(l.dynamic_shared_bytes);
+  l.next_window = round_up_window(l.dynamic_shared_bytes);
+  l.mbarriers.clear();
+  l.bulk.clear();
+  l.unfenced_chunks.clear();
   for (int i = 0; i < n; ++i) {
     Fiber& f = l.fibers[i];
     f.index = i;
@@ -270,6 +352,11 @@ void run_block(Launch& l, uint3 block_idx, uint3 block_dim, uint3 grid_dim) {
     f.groups_committed = 0;
     f.newest_copy_group = 0;
     f.waited_through = 0;
+    f.waiting_on = nullptr;
+    f.unfenced.clear();
+    f.wgmma_fenced = false;
+    f.wgmma_pending.clear();
+    f.wgmma_committed = f.wgmma_newest = f.wgmma_waited_through = 0;
     f.coords.thread_idx = {i % block_dim.x, (i / block_dim.x) % block_dim.y, i / (block_dim.x * block_dim.y)};
     f.coords.block_idx = block_idx;
     f.coords.block_dim = block_dim;
@@ -302,15 +389,34 @@ void run_block(Launch& l, uint3 block_idx, uint3 block_dim, uint3 grid_dim) {
       if (!l.fault.empty()) break;
     }
     if (!l.fault.empty()) break;
-    int runnable = 0, at_barrier = 0, at_warp_op = 0, done = 0;
+    int runnable = 0, at_barrier = 0, at_warp_op = 0, at_mbarrier = 0, done = 0;
     for (const Fiber& f : l.fibers) {
       runnable += f.state == State::kRunnable;
+      at_mbarrier += f.state == State::kAtMbarrier;
       at_barrier += f.state == State::kAtBarrier;
       at_warp_op += f.state == State::kAtWarpOp;
       done += f.state == State::kDone;
     }
     if (runnable) continue;
-    if (done == n) break;
+    if (done == n) {
+      if (!l.bulk.empty())
+        l.fault = "block (" + std::to_string(block_idx.x) + "," + std::to_string(block_idx.y) + "," +
+                  std::to_string(block_idx.z) + "): exits with cp.async.bulk copies no mbarrier wait "
+                  "took in (undefined on a GPU)";
+      break;
+    }
+    if (at_mbarrier) {
+      // Nothing else can run: copies still in flight land now, and their transactions may
+      // complete the phases the blocked threads wait for.
+      if (land_bulk_copies(l, nullptr)) continue;
+      for (const Fiber& f : l.fibers) {
+        if (f.state != State::kAtMbarrier) continue;
+        l.fault = block_name(f) + ": waits on an mbarrier phase that can never complete (missing " +
+                  "arrivals or transaction bytes, or a wait on the wrong parity: deadlock on a GPU)";
+        break;
+      }
+      break;
+    }
     if (at_warp_op) {
       for (const Fiber& f : l.fibers) {
         if (f.state != State::kAtWarpOp) continue;
@@ -356,16 +462,17 @@ int lane_id() { return current_launch("lane_id").current->lane; }
 
 void set_seed(std::uint64_t seed) { t_seed = seed; }
 
-void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*body)(void*), void* arg) {
+void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*body)(void*), void* arg,
+            std::size_t shared_limit) {
   if (t_launch != nullptr) throw std::runtime_error("simt: kernels cannot launch kernels");
   const std::uint64_t threads = std::uint64_t(block.x) * block.y * block.z;
   if (threads == 0 || threads > kMaxThreadsPerBlock)
     throw std::invalid_argument("simt: a block needs 1 to 1024 threads, got " + std::to_string(threads));
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) throw std::invalid_argument("simt: empty grid");
-  if (dynamic_shared_bytes > kSharedBytesWithoutOptIn)
+  if (dynamic_shared_bytes > shared_limit)
     throw std::invalid_argument("simt: " + std::to_string(dynamic_shared_bytes) + " bytes of dynamic "
-                                "shared memory: a launch gets 48 KiB without an opt-in, which "
-                                "pk::launch does not make");
+                                "shared memory: a launch gets " + std::to_string(shared_limit >> 10) +
+                                " KiB (pk::launch: 48 KiB without an opt-in; pk::launch_opt_in: 227 KiB)");
   t_stacks.reserve(threads);
   Launch l;
   l.body = body;
@@ -373,6 +480,7 @@ void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*body
   l.fibers.resize(threads);
   l.warps.resize((threads + kWarpSize - 1) / kWarpSize);
   l.dynamic_shared_bytes = dynamic_shared_bytes;
+  l.shared_limit = shared_limit;
   LaunchScope scope(&l);
   ++t_launch_count;
   const uint3 block_dim{block.x, block.y, block.z};
@@ -451,12 +559,14 @@ void* shared_storage(const void* site, std::size_t bytes) {
     if (a.site == site) return a.data;
     total += a.bytes;
   }
-  if (total > kSharedBytesWithoutOptIn) {  // static + dynamic: the launch would fail on a GPU
+  if (total > l.shared_limit) {  // static + dynamic: the launch would fail on a GPU
     record_fault(l, block_name(*l.current) + ": " + std::to_string(total) + " bytes of static + "
-                        "dynamic shared memory, over the 48 KiB a launch gets without an opt-in");
+                        "dynamic shared memory, over the " + std::to_string(l.shared_limit >> 10) +
+                        " KiB this launch gets");
     abandon(l, *l.current);
   }
-  l.shared.push_back({site, bytes, allocate_poisoned(bytes)});
+  l.shared.push_back({site, bytes, allocate_poisoned(bytes), l.next_window});
+  l.next_window += round_up_window(bytes);
   return l.shared.back().data;
 }
 
@@ -487,6 +597,7 @@ void async_copy(void* dst, const void* src, std::size_t bytes) {
   f.newest_copy_group = f.groups_committed + 1;
   if (l.copy_rng() & 1) {
     std::memcpy(dst, c.data, bytes);  // landed at once
+    note_generic_write(l, f, dst, bytes);
   } else {
     f.pending.push_back(c);
   }
@@ -510,6 +621,7 @@ void async_wait(int pending_groups) {
   for (const PendingCopy& c : f.pending) {
     if (c.group != 0 && c.group <= newest_landed) {
       std::memcpy(c.dst, c.data, c.bytes);
+      note_generic_write(l, f, c.dst, c.bytes);
     } else {
       still.push_back(c);
     }
@@ -533,6 +645,293 @@ void report_fault(const char* message) {
   if (t_launch == nullptr || t_launch->current == nullptr) throw std::runtime_error(message);
   // Recorded only: the scheduler stops the launch when this thread next yields or ends.
   record_fault(*t_launch, block_name(*t_launch->current) + ": " + message);
+}
+
+// --- sm_90 ----------------------------------------------------------------------------------
+
+namespace {
+
+const SharedAllocation* allocation_of(const Launch& l, const void* p, std::size_t bytes, std::uint32_t* window) {
+  const auto* begin = static_cast<const unsigned char*>(p);
+  for (const SharedAllocation& a : l.shared) {
+    const auto* base = static_cast<const unsigned char*>(a.data);
+    if (begin >= base && begin + bytes <= base + a.bytes) {
+      *window = a.window + static_cast<std::uint32_t>(begin - base);
+      return &a;
+    }
+  }
+  return nullptr;
+}
+
+// Records "<thread>: <what><detail>" and stops the thread (no temporaries left in the caller's
+// expression: they would never be destroyed).
+[[noreturn]] void fail(Launch& l, const char* what, const char* detail = "") {
+  record_fault(l, block_name(*l.current) + ": " + what + detail);
+  abandon(l, *l.current);
+}
+
+Mbarrier& mbarrier_at(Launch& l, void* bar, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(bar) % 8 != 0 || !in_shared_memory(bar, 8))
+    fail(l, what, " on an address that is not an 8-byte aligned shared-memory word");
+  auto found = l.mbarriers.find(bar);
+  if (found == l.mbarriers.end())
+    fail(l, what, " on an mbarrier that was never initialised (or not before a barrier made its "
+                  "initialisation visible)");
+  return found->second;
+}
+
+}  // namespace
+
+std::uint32_t shared_address(const void* p) {
+  Launch& l = current_launch("pk::shared_address");
+  if (l.dynamic_shared != nullptr) {
+    const auto* base = static_cast<const unsigned char*>(l.dynamic_shared);
+    const auto* q = static_cast<const unsigned char*>(p);
+    if (q >= base && q <= base + l.dynamic_shared_bytes) return static_cast<std::uint32_t>(q - base);
+  }
+  std::uint32_t window = 0;
+  if (allocation_of(l, p, 0, &window) != nullptr) return window;
+  fail(l, "takes the shared-memory address of a pointer outside shared memory");
+}
+
+void* shared_pointer(std::uint32_t address, std::size_t bytes) {
+  Launch& l = current_launch("pk::shared_pointer");
+  if (l.dynamic_shared != nullptr && std::size_t(address) + bytes <= l.dynamic_shared_bytes)
+    return static_cast<unsigned char*>(l.dynamic_shared) + address;
+  for (const SharedAllocation& a : l.shared)
+    if (address >= a.window && std::size_t(address - a.window) + bytes <= a.bytes)
+      return static_cast<unsigned char*>(a.data) + (address - a.window);
+  return nullptr;
+}
+
+void mbarrier_init(void* bar, unsigned count) {
+  Launch& l = current_launch("pk::mbarrier::init");
+  if (reinterpret_cast<std::uintptr_t>(bar) % 8 != 0 || !in_shared_memory(bar, 8))
+    fail(l, "mbarrier.init on an address that is not an 8-byte aligned shared-memory word");
+  if (count == 0 || count >= (1u << 20)) fail(l, "mbarrier.init with a count outside [1, 2^20)");
+  Mbarrier b;
+  b.expected = b.pending = count;
+  l.mbarriers[bar] = b;
+  std::memset(bar, 0, 8);  // the word holds the barrier's state on a GPU: not data any more
+}
+
+void mbarrier_arrive(void* bar, unsigned expect_tx_bytes) {
+  Launch& l = current_launch("pk::mbarrier::arrive");
+  Mbarrier& b = mbarrier_at(l, bar, "mbarrier.arrive");
+  if (b.pending == 0) fail(l, "mbarrier.arrive on a phase that has no pending arrivals left");
+  b.tx += expect_tx_bytes;
+  --b.pending;
+  complete_phase_if_done(l, bar, b);
+}
+
+void mbarrier_wait_parity(void* bar, unsigned parity) {
+  Launch& l = current_launch("pk::mbarrier::wait");
+  Fiber& f = *l.current;
+  bool landed = false;
+  for (;;) {
+    Mbarrier& b = mbarrier_at(l, bar, "mbarrier.try_wait.parity");
+    if ((b.phase & 1u) != (parity & 1u)) return;  // the phase of that parity has completed
+    if (!landed) {  // the copies this phase waits for land now (a wait that returned early above
+      landed = true;  // leaves them in flight: reading their bytes then reads poison)
+      if (land_bulk_copies(l, bar)) continue;
+    }
+    f.waiting_on = bar;
+    f.state = State::kAtMbarrier;
+    yield(l, f);
+    f.waiting_on = nullptr;
+  }
+}
+
+void bulk_copy(void* dst, const void* src, std::size_t bytes, void* bar) {
+  Launch& l = current_launch("pk::bulk_copy");
+  mbarrier_at(l, bar, "cp.async.bulk's mbarrier");
+  if (bytes == 0 || bytes % 16 != 0 || reinterpret_cast<std::uintptr_t>(dst) % 16 != 0 ||
+      reinterpret_cast<std::uintptr_t>(src) % 16 != 0)
+    fail(l, "cp.async.bulk needs 16-byte aligned addresses and a size that is a nonzero multiple of 16");
+  if (!in_shared_memory(dst, bytes)) fail(l, "cp.async.bulk's destination is not inside shared memory");
+  PendingBulk c{dst, std::vector<unsigned char>(static_cast<const unsigned char*>(src),
+                                                static_cast<const unsigned char*>(src) + bytes), bar};
+  l.bulk.push_back(std::move(c));
+  if (l.copy_rng() & 1) {  // landed at once (only this copy: the others stay in flight)
+    PendingBulk last = std::move(l.bulk.back());
+    l.bulk.pop_back();
+    std::memcpy(last.dst, last.data.data(), bytes);
+    Mbarrier& b = l.mbarriers[bar];
+    b.tx -= static_cast<long long>(bytes);
+    complete_phase_if_done(l, bar, b);
+  }
+}
+
+void fence_proxy_async() {
+  Launch& l = current_launch("pk::fence_proxy_async");
+  Fiber& f = *l.current;
+  for (std::uintptr_t chunk : f.unfenced) {
+    auto found = l.unfenced_chunks.find(chunk);
+    if (found != l.unfenced_chunks.end() && found->second == f.index) l.unfenced_chunks.erase(found);
+  }
+  f.unfenced.clear();
+}
+
+namespace {
+
+// The shared-window address of element (row, k) (k < 16, 16-bit elements) of a K-major operand
+// as its descriptor lays it out (the PTX ISA's canonical layouts, CUTLASS's GmmaDescriptor): rows
+// of 8 form core matrices; with swizzle width W (32/64/128 bytes) row r % 8 starts W * (r % 8)
+// bytes in and the 16 k of a row are 32 contiguous bytes, without swizzle a core matrix row is
+// 16 bytes and k 8-15 sit LBO bytes after k 0-7; groups of 8 rows are SBO bytes apart; swizzling
+// then XORs address bits 4.. with bits 7.. (1, 2 or 3 bits for 32, 64, 128 bytes).
+struct Descriptor {
+  std::uint32_t start, leading, stride;
+  int swizzle_bits;  // 0 (none), 1 (32 B), 2 (64 B), 3 (128 B)
+  int row_bytes;
+};
+
+bool decode(std::uint64_t desc, Descriptor* d, std::string* error) {
+  d->start = static_cast<std::uint32_t>(desc & 0x3fff) << 4;
+  d->leading = static_cast<std::uint32_t>((desc >> 16) & 0x3fff) << 4;
+  d->stride = static_cast<std::uint32_t>((desc >> 32) & 0x3fff) << 4;
+  const unsigned base_offset = static_cast<unsigned>((desc >> 49) & 7);
+  const unsigned mode = static_cast<unsigned>(desc >> 62);
+  static const int kBits[4] = {0, 3, 2, 1};  // layout type 0 none, 1 128 B, 2 64 B, 3 32 B
+  d->swizzle_bits = kBits[mode];
+  d->row_bytes = d->swizzle_bits ? 16 << d->swizzle_bits : 16;
+  if (base_offset != 0) {
+    *error = "a wgmma descriptor with a nonzero base offset (not emulated)";
+    return false;
+  }
+  const std::uint32_t phase_mask = (1u << d->swizzle_bits) - 1;
+  if (d->swizzle_bits && ((d->start >> 7) & phase_mask) != 0) {
+    *error = "a swizzled wgmma operand that starts inside its swizzle pattern (address bits 7.. "
+             "not 0: the hardware would need a base offset)";
+    return false;
+  }
+  return true;
+}
+
+std::uint32_t element_address(const Descriptor& d, int row, int k) {
+  const int k_bytes = 2 * k;
+  std::uint32_t a = d.start + d.stride * (row / 8);
+  if (d.swizzle_bits == 0) {
+    a += 16 * (row % 8) + d.leading * (k_bytes / 16) + k_bytes % 16;
+  } else {
+    a += d.row_bytes * (row % 8) + k_bytes;
+    const std::uint32_t mask = (1u << d.swizzle_bits) - 1;
+    a ^= ((a >> 7) & mask) << 4;
+  }
+  return a;
+}
+
+// Reads a K-major rows x 16 operand; false (with a message) where it leaves shared memory or reads
+// bytes cp.async wrote that their writer has not fenced for the async proxy.
+float bits_to_float(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+float bfloat16_to_float(std::uint16_t bits) { return bits_to_float(std::uint32_t(bits) << 16); }
+float half_to_float(std::uint16_t h) {  // exact: every half is a float
+  const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16;
+  const int exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  if (exponent == 0x1f) return bits_to_float(sign | 0x7f800000u | std::uint32_t(mantissa) << 13);
+  const float magnitude = exponent == 0 ? std::ldexp(float(mantissa), -24)
+                                        : std::ldexp(float(mantissa | 0x400), exponent - 25);
+  return sign ? -magnitude : magnitude;
+}
+
+bool gather(Launch& l, std::uint64_t desc, int rows, WgmmaType type, std::vector<float>& out, std::string* error) {
+  Descriptor d;
+  if (!decode(desc, &d, error)) return false;
+  out.resize(std::size_t(rows) * 16);
+  for (int r = 0; r < rows; ++r) {
+    for (int k = 0; k < 16; ++k) {
+      const std::uint32_t address = element_address(d, r, k);
+      const void* p = shared_pointer(address, 2);
+      if (p == nullptr) {
+        *error = "a wgmma operand element at shared address " + std::to_string(address) +
+                 " outside shared memory (wrong descriptor?)";
+        return false;
+      }
+      if (!l.unfenced_chunks.empty() &&
+          l.unfenced_chunks.count(reinterpret_cast<std::uintptr_t>(p) / 16)) {
+        *error = "wgmma reads shared memory that cp.async wrote without a fence.proxy.async by its "
+                 "writer (pk::fence_proxy_async) before the barrier";
+        return false;
+      }
+      std::uint16_t bits;
+      std::memcpy(&bits, p, 2);
+      out[std::size_t(r) * 16 + k] = type == WgmmaType::kHalf ? half_to_float(bits) : bfloat16_to_float(bits);
+    }
+  }
+  return true;
+}
+
+void run_wgmma(Launch& l, const Fiber& f, const PendingWgmma& op) {
+  std::vector<float> a, b;
+  std::string error;
+  if (!gather(l, op.desc_a, 64, op.type, a, &error) || !gather(l, op.desc_b, op.n, op.type, b, &error)) {
+    record_fault(l, block_name(f) + ": " + error);
+    return;
+  }
+  // The D fragment: warp w of the warpgroup holds rows 16 w.., lane (g = lane / 4, t = lane % 4)
+  // register i holds row 16 w + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 t + (i & 1).
+  const int warp = (f.index / kWarpSize) % 4, g = f.lane / 4, t = f.lane % 4;
+  for (int i = 0; i < op.n / 2; ++i) {
+    const int row = 16 * warp + g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * t + (i & 1);
+    float sum = op.scale_d ? op.acc[i] : 0.0f;
+    for (int k = 0; k < 16; ++k) sum += a[std::size_t(row) * 16 + k] * b[std::size_t(col) * 16 + k];
+    op.acc[i] = sum;
+  }
+}
+
+}  // namespace
+
+void wgmma_fence() {
+  Launch& l = current_launch("pk::wgmma::fence");
+  l.current->wgmma_fenced = true;
+}
+
+void wgmma_mma(float* acc, int n, WgmmaType type, std::uint64_t desc_a, std::uint64_t desc_b, bool scale_d) {
+  Launch& l = current_launch("pk::wgmma::mma");
+  Fiber& f = *l.current;
+  const int threads = static_cast<int>(l.fibers.size());
+  if (threads % 128 != 0) fail(l, "wgmma in a block whose size is not a multiple of a warpgroup (128 threads)");
+  if (n < 8 || n > 256 || n % 8 != 0) fail(l, "wgmma m64nNk16 with N outside 8..256 in steps of 8");
+  if (!f.wgmma_fenced)
+    fail(l, "wgmma.mma_async without a wgmma.fence since the start or the last wait (pk::wgmma::fence)");
+  PendingWgmma op{acc, n, type, desc_a, desc_b, scale_d, 0};
+  f.wgmma_newest = f.wgmma_committed + 1;
+  // In issue order: once one waits, every later one waits too.
+  if (f.wgmma_pending.empty() && (l.copy_rng() & 1)) {
+    run_wgmma(l, f, op);
+  } else {
+    f.wgmma_pending.push_back(op);
+  }
+}
+
+void wgmma_commit() {
+  Launch& l = current_launch("pk::wgmma::commit");
+  Fiber& f = *l.current;
+  ++f.wgmma_committed;
+  for (PendingWgmma& op : f.wgmma_pending)
+    if (op.group == 0) op.group = f.wgmma_committed;
+}
+
+void wgmma_wait(int pending_groups) {
+  Launch& l = current_launch("pk::wgmma::wait");
+  Fiber& f = *l.current;
+  const std::uint64_t newest_done =
+      f.wgmma_committed > std::uint64_t(pending_groups) ? f.wgmma_committed - pending_groups : 0;
+  f.wgmma_waited_through = std::max(f.wgmma_waited_through, newest_done);
+  std::vector<PendingWgmma> still;
+  for (const PendingWgmma& op : f.wgmma_pending) {
+    if (still.empty() && op.group != 0 && op.group <= newest_done) {
+      run_wgmma(l, f, op);
+    } else {
+      still.push_back(op);
+    }
+  }
+  f.wgmma_pending.swap(still);
+  f.wgmma_fenced = false;
 }
 
 }  // namespace simt

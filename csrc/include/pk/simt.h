@@ -9,7 +9,8 @@
 //    __ballot_sync/__any_sync/__all_sync, atomicAdd/atomicMax/atomicMin/atomicExch/atomicCAS;
 //  - declare shared memory with PK_SHARED(T, name, count), PK_SHARED_2D(T, name, rows, cols)
 //    and PK_DYNAMIC_SHARED(T, name) instead of __shared__, and don't take sizeof() of them;
-//  - launch with pk::launch(kernel, grid, block, dynamic_shared_bytes, stream, args...);
+//  - launch with pk::launch(kernel, grid, block, dynamic_shared_bytes, stream, args...)
+//    (pk::launch_opt_in where a block takes over 48 KiB of dynamic shared memory);
 //  - device helpers are PK_DEVICE (host+device ones PK_HOST_DEVICE);
 //  - half/bfloat16 are pk::half / pk::bfloat16 (pk/types.h); do math in float through
 //    pk::to_float / pk::from_float<T>;
@@ -174,22 +175,38 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 namespace pk {
 using Stream = void*;  // a cudaStream_t under nvcc; ignored by the emulator
 
+namespace simt {
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t dynamic_shared_bytes,
-            Stream /*stream*/, Args&&... args) {
+void launch_kernel(std::size_t shared_limit, void (*kernel)(Params...), dim3 grid, dim3 block,
+                   std::size_t dynamic_shared_bytes, Args&&... args) {
   struct Call {
     void (*kernel)(Params...);
     std::tuple<std::decay_t<Params>...> args;
   };
   Call call{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)};
   // Every thread gets its own copy of the parameters, as on the GPU.
-  simt::launch(grid, block, dynamic_shared_bytes,
-               [](void* p) {
-                 Call& c = *static_cast<Call*>(p);
-                 auto copy = c.args;
-                 std::apply(c.kernel, copy);
-               },
-               &call);
+  launch(grid, block, dynamic_shared_bytes,
+         [](void* p) {
+           Call& c = *static_cast<Call*>(p);
+           auto copy = c.args;
+           std::apply(c.kernel, copy);
+         },
+         &call, shared_limit);
+}
+}  // namespace simt
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t dynamic_shared_bytes,
+            Stream /*stream*/, Args&&... args) {
+  simt::launch_kernel(simt::kSharedBytesWithoutOptIn, kernel, grid, block, dynamic_shared_bytes,
+                      std::forward<Args>(args)...);
+}
+// pk::launch with up to 227 KiB of dynamic shared memory (sm_90's opt-in limit; sm_80 allows 163).
+template <typename... Params, typename... Args>
+void launch_opt_in(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t dynamic_shared_bytes,
+                   Stream /*stream*/, Args&&... args) {
+  simt::launch_kernel(simt::kSharedBytesWithOptIn, kernel, grid, block, dynamic_shared_bytes,
+                      std::forward<Args>(args)...);
 }
 }  // namespace pk
 
@@ -216,6 +233,18 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t dynami
   const cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess)
     throw std::runtime_error(std::string("packed_kernels: kernel launch failed: ") + cudaGetErrorString(error));
+}
+
+template <typename... Params, typename... Args>
+void launch_opt_in(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t dynamic_shared_bytes,
+                   Stream stream, Args&&... args) {
+  const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(dynamic_shared_bytes));
+  if (error != cudaSuccess)
+    throw std::runtime_error(std::string("packed_kernels: cannot opt in to ") +
+                             std::to_string(dynamic_shared_bytes) + " bytes of shared memory: " +
+                             cudaGetErrorString(error));
+  launch(kernel, grid, block, dynamic_shared_bytes, stream, std::forward<Args>(args)...);
 }
 }  // namespace pk
 

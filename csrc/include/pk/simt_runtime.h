@@ -38,9 +38,15 @@ struct ThreadCoords {
 };
 const ThreadCoords& coords();
 
+// The static + dynamic shared memory a launch gets without an opt-in, and with one (sm_90's
+// cudaFuncAttributeMaxDynamicSharedMemorySize limit).
+constexpr std::size_t kSharedBytesWithoutOptIn = std::size_t(48) << 10;
+constexpr std::size_t kSharedBytesWithOptIn = std::size_t(227) << 10;
+
 // Runs `body(arg)` as every thread of every block of the grid; throws std::runtime_error when a
 // block misuses barriers or warp ops (the message names the block and the fault).
-void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*body)(void*), void* arg);
+void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*body)(void*), void* arg,
+            std::size_t shared_limit = kSharedBytesWithoutOptIn);
 
 // Block-wide barrier (__syncthreads) and the warp-level one (__syncwarp). sync_threads returns
 // how many threads of the block passed a true predicate (__syncthreads_count/_and/_or).
@@ -74,6 +80,40 @@ void report_fault(const char* message);
 void async_copy(void* dst, const void* src, std::size_t bytes);
 void async_commit();
 void async_wait(int pending_groups);
+
+// --- sm_90 (pk/mbarrier.h, pk/wgmma.h) ---------------------------------------------------------
+// Shared-memory addresses as the GPU's shared window numbers them: the dynamic allocation at 0,
+// static ones after it, each at a multiple of 1024 (host allocations are 1024-byte aligned too, so
+// address bits 0-9, the ones swizzling reads, agree). shared_address faults outside shared memory;
+// shared_pointer returns nullptr where [address, address + bytes) is not inside one allocation.
+std::uint32_t shared_address(const void* p);
+void* shared_pointer(std::uint32_t address, std::size_t bytes);
+
+// mbarrier objects (8 bytes of shared memory, 8-byte aligned): a phase completes when its pending
+// arrivals and its transaction count both reach 0; then the next phase starts with `count`
+// pending arrivals. wait_parity(p) returns once the phase of parity p has completed (the current
+// phase's parity differs from p), blocking this thread until then; a wait that can never return
+// (every thread blocked) stops the launch with a deadlock message.
+void mbarrier_init(void* bar, unsigned count);
+void mbarrier_arrive(void* bar, unsigned expect_tx_bytes);  // expect_tx (0: none), then one arrival
+void mbarrier_wait_parity(void* bar, unsigned parity);
+// cp.async.bulk global -> shared with complete_tx on `bar`: the source is read now; the bytes land
+// (and complete their transactions) either now or only when a wait on `bar` needs them, at random.
+void bulk_copy(void* dst, const void* src, std::size_t bytes, void* bar);
+// fence.proxy.async: this thread's landed cp.async (generic proxy) writes become readable by wgmma
+// (async proxy); wgmma reading a byte written by cp.async without it is a fault.
+void fence_proxy_async();
+
+// wgmma.mma_async m64nNk16 .f32 (half or bfloat16 A and B from shared memory through descriptors,
+// both K-major): this thread's N/2 accumulators `acc` (the PTX ISA's D fragment) += A B^T (or =,
+// without scale_d). It runs either now or at the wait_group covering it, at random, reading shared
+// memory and acc then. fence must precede the first mma_async after the start and after every
+// wait (stricter than the ISA, which asks for it only where registers were touched in between).
+enum class WgmmaType : int { kHalf = 0, kBfloat16 = 1 };
+void wgmma_fence();
+void wgmma_mma(float* acc, int n, WgmmaType type, std::uint64_t desc_a, std::uint64_t desc_b, bool scale_d);
+void wgmma_commit();
+void wgmma_wait(int pending_groups);
 
 // Settings for tests: the seed of the shuffled resume orders.
 void set_seed(std::uint64_t seed);

@@ -1,0 +1,191 @@
+// SPDX-License-Identifier: Apache-2.0
+// The sm_90 layer's self-test: runs hopper_selftest_kernels.cuh and prints key=value results for
+// tests/test_simt_hopper.py to judge; usage: hopper_selftest <case>. Built by the test with
+// g++ -DPK_SIMT=1 -fsanitize=address,undefined (the emulator); with nvcc -x cu -arch=sm_90a on an
+// H100/H200 the same cases run on the GPU (except those about emulator faults).
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "hopper_selftest_kernels.cuh"
+
+namespace {
+
+using hopper_selftest::Variant;
+using pk::wgmma::Swizzle;
+
+std::mt19937 rng(4321);
+
+#ifdef PK_SIMT_ENABLED
+void* allocate(std::size_t bytes) { return ::operator new(bytes, std::align_val_t(32)); }
+void release(void* p) { ::operator delete(p, std::align_val_t(32)); }
+void finish() {}
+#else
+void check(cudaError_t e) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "CUDA error: %s\n", cudaGetErrorString(e));
+    std::exit(3);
+  }
+}
+void* allocate(std::size_t bytes) {
+  void* p = nullptr;
+  check(cudaMallocManaged(&p, bytes));
+  return p;
+}
+void release(void* p) { check(cudaFree(p)); }
+void finish() { check(cudaDeviceSynchronize()); }
+#endif
+
+template <typename T>
+struct Array {
+  T* data;
+  std::size_t size;
+  explicit Array(std::size_t n) : data(static_cast<T*>(allocate(n * sizeof(T)))), size(n) {}
+  ~Array() { release(data); }
+  Array(const Array&) = delete;
+  Array& operator=(const Array&) = delete;
+  T& operator[](std::size_t i) { return data[i]; }
+};
+
+const Swizzle kModes[] = {Swizzle::kNone, Swizzle::k32, Swizzle::k64, Swizzle::k128};
+const char* name(Swizzle s) {
+  return s == Swizzle::kNone ? "none" : s == Swizzle::k32 ? "32b" : s == Swizzle::k64 ? "64b" : "128b";
+}
+
+// The largest |c - reference| / sum |a b| over the tile; runs the gemm kernel once.
+template <typename T, int N>
+double gemm_error(Swizzle write, Swizzle read, int variant) {
+  constexpr int K = hopper_selftest::kGemmK;
+  Array<T> a(64 * K), b(N * K);
+  Array<float> c(64 * N);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (std::size_t i = 0; i < a.size; ++i) a[i] = pk::from_float<T>(normal(rng));
+  for (std::size_t i = 0; i < b.size; ++i) b[i] = pk::from_float<T>(normal(rng));
+  for (std::size_t i = 0; i < c.size; ++i) c[i] = NAN;
+  const std::size_t smem = 1024 + (64 + N) * K * sizeof(T);
+  pk::launch_opt_in(hopper_selftest::wgmma_gemm_kernel<T, N>, dim3(1), dim3(128), smem, nullptr, a.data, b.data,
+                    c.data, static_cast<int>(write), static_cast<int>(read), variant);
+  finish();
+  double worst = 0.0;
+  for (int m = 0; m < 64; ++m)
+    for (int n = 0; n < N; ++n) {
+      double sum = 0.0, magnitude = 0.0;
+      for (int k = 0; k < K; ++k) {
+        const double p = double(pk::to_float(a[m * K + k])) * pk::to_float(b[n * K + k]);
+        sum += p;
+        magnitude += std::fabs(p);
+      }
+      const double error = std::fabs(c[m * N + n] - sum) / magnitude;
+      worst = std::isnan(error) || error > worst ? (std::isnan(error) ? INFINITY : error) : worst;
+    }
+  return worst;
+}
+
+// Runs `body`, printing fault=<message> when the launch stops with one (fault=none otherwise).
+template <typename Body>
+void catching(Body body) {
+  try {
+    body();
+    std::printf("fault=none\n");
+  } catch (const std::exception& e) {
+    std::printf("fault=%s\n", e.what());
+  }
+}
+
+void case_wgmma() {  // every swizzle mode, half and bfloat16, N = 32 / 64 / 128
+  for (Swizzle s : kModes) {
+    std::printf("half_n128_%s=%.3g\n", name(s), gemm_error<pk::half, 128>(s, s, hopper_selftest::kCorrect));
+    std::printf("bfloat16_n64_%s=%.3g\n", name(s), gemm_error<pk::bfloat16, 64>(s, s, hopper_selftest::kCorrect));
+    std::printf("half_n32_%s=%.3g\n", name(s), gemm_error<pk::half, 32>(s, s, hopper_selftest::kCorrect));
+  }
+}
+
+void case_wgmma_wrong_swizzle() {  // operands written for one mode, read through another's descriptors
+  for (Swizzle w : kModes)
+    for (Swizzle r : kModes)
+      if (w != r) std::printf("write_%s_read_%s=%.3g\n", name(w), name(r), gemm_error<pk::half, 64>(w, r, 0));
+}
+
+void case_wgmma_wrong_stride() {
+  for (Swizzle s : kModes)
+    std::printf("%s=%.3g\n", name(s), gemm_error<pk::half, 64>(s, s, hopper_selftest::kWrongStride));
+}
+
+void case_wgmma_no_wait() {
+  double worst = 0.0;
+  for (int launch = 0; launch < 4; ++launch)
+    worst = std::max(worst, gemm_error<pk::half, 64>(Swizzle::k128, Swizzle::k128, hopper_selftest::kNoWgmmaWait));
+  std::printf("error=%.3g\n", worst);
+}
+
+void case_wgmma_no_fence() {
+  catching([] { gemm_error<pk::half, 64>(Swizzle::k128, Swizzle::k128, hopper_selftest::kNoWgmmaFence); });
+}
+
+void case_wgmma_no_proxy_fence() {
+  catching([] { gemm_error<pk::half, 64>(Swizzle::k128, Swizzle::k128, hopper_selftest::kNoProxyFence); });
+}
+
+// Mismatching elements of the bulk-copy pipeline (blocks x 128 sums of `chunks` chunks).
+int bulk_mismatches(int variant) {
+  const int blocks = 4, chunks = 10;
+  Array<float> x(std::size_t(blocks) * chunks * 128), out(blocks * 128);
+  std::uniform_int_distribution<int> small(-8, 8);
+  for (std::size_t i = 0; i < x.size; ++i) x[i] = float(small(rng));  // sums exact in float
+  pk::launch(hopper_selftest::bulk_pipeline_kernel, dim3(blocks), dim3(128), 0, nullptr, x.data, out.data,
+             chunks, variant);
+  finish();
+  int mismatches = 0;
+  for (int b = 0; b < blocks; ++b)
+    for (int t = 0; t < 128; ++t) {
+      float sum = 0.0f;
+      for (int i = 0; i < chunks; ++i) sum += x[(std::size_t(b) * chunks + i) * 128 + t];
+      mismatches += !(out[b * 128 + t] == sum);
+    }
+  return mismatches;
+}
+
+void case_bulk_pipeline() {
+  int mismatches = 0;
+  for (int launch = 0; launch < 4; ++launch) mismatches += bulk_mismatches(hopper_selftest::kCorrect);
+  std::printf("mismatches=%d\n", mismatches);
+}
+
+// A broken pipeline either gives a wrong answer or stops as a deadlock; never passes.
+void broken_pipeline(int variant) {
+  catching([variant] {
+    int mismatches = 0;
+    for (int launch = 0; launch < 4; ++launch) mismatches += bulk_mismatches(variant);
+    std::printf("mismatches=%d\n", mismatches);
+  });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::map<std::string, void (*)()> cases = {
+      {"wgmma", case_wgmma},
+      {"wgmma_wrong_swizzle", case_wgmma_wrong_swizzle},
+      {"wgmma_wrong_stride", case_wgmma_wrong_stride},
+      {"wgmma_no_wait", case_wgmma_no_wait},
+      {"wgmma_no_fence", case_wgmma_no_fence},
+      {"wgmma_no_proxy_fence", case_wgmma_no_proxy_fence},
+      {"bulk_pipeline", case_bulk_pipeline},
+      {"bulk_wrong_parity", [] { broken_pipeline(hopper_selftest::kWrongParity); }},
+      {"bulk_no_empty_wait", [] { broken_pipeline(hopper_selftest::kNoEmptyWait); }},
+      {"bulk_no_expect_tx", [] { broken_pipeline(hopper_selftest::kNoExpectTx); }},
+  };
+  if (argc != 2 || !cases.count(argv[1])) {
+    std::fprintf(stderr, "usage: %s <case>; cases:", argv[0]);
+    for (const auto& c : cases) std::fprintf(stderr, " %s", c.first.c_str());
+    std::fprintf(stderr, "\n");
+    return 2;
+  }
+  cases.at(argv[1])();
+  return 0;
+}

@@ -1,0 +1,80 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The emulator's sm_90 layer (pk/mbarrier.h, pk/wgmma.h): wgmma reading shared-memory operands
+through descriptors in every swizzle mode, mbarrier phases completing on arrivals and bulk-copy
+transaction bytes, and the proxy fence between cp.async and wgmma, checked by running
+csrc/tests/hopper_selftest_kernels.cuh on the CPU under ASan and UBSan. Each misuse must give a
+wrong answer or stop the launch with a message, never pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REQUIRED
+from helpers import CSRC, build_sanitized_selftest, run_sanitized
+
+MODES = ("none", "32b", "64b", "128b")
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory):
+    return build_sanitized_selftest(CSRC / "tests" / "hopper_selftest.cpp",
+                                    tmp_path_factory.mktemp("hopper") / "hopper_selftest", "simt" in REQUIRED)
+
+
+def results(binary, case: str) -> dict:
+    done = run_sanitized(binary, case)
+    assert done.returncode == 0, f"{case} failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
+    assert "runtime error" not in done.stderr, done.stderr[-4000:]  # UBSan
+    return dict(line.partition("=")[::2] for line in done.stdout.splitlines() if "=" in line)
+
+
+def test_wgmma_matches_the_reference_in_every_swizzle_mode(selftest):
+    # Products of half/bfloat16 inputs are exact in float; float accumulation of K = 64 terms errs
+    # by at most 64 * 2^-24 relative to sum |a b|.
+    out = results(selftest, "wgmma")
+    assert len(out) == 12, out
+    for key, value in out.items():
+        assert float(value) <= 64 * 2.0 ** -24, (key, value)
+
+
+def test_operands_read_with_another_swizzle_mode_give_a_wrong_answer(selftest):
+    out = results(selftest, "wgmma_wrong_swizzle")
+    assert len(out) == len(MODES) * (len(MODES) - 1), out
+    for key, value in out.items():
+        assert not float(value) < 1e-2, (key, value)
+
+
+def test_a_wrong_stride_byte_offset_gives_a_wrong_answer(selftest):
+    out = results(selftest, "wgmma_wrong_stride")
+    assert set(out) == set(MODES), out
+    for key, value in out.items():
+        assert not float(value) < 1e-2, (key, value)
+
+
+def test_reading_accumulators_before_the_wait_gives_a_wrong_answer(selftest):
+    # Each mma runs at issue or only at the wait covering it, at random.
+    assert not float(results(selftest, "wgmma_no_wait")["error"]) < 1e-2
+
+
+@pytest.mark.parametrize("case, message", [
+    ("wgmma_no_fence", "wgmma.mma_async without a wgmma.fence"),
+    ("wgmma_no_proxy_fence", "wgmma reads shared memory that cp.async wrote without a fence.proxy.async"),
+])
+def test_misuse_stops_the_launch_with_a_message(selftest, case, message):
+    assert message in results(selftest, case)["fault"]
+
+
+def test_bulk_copy_pipeline_gives_the_reference_answer(selftest):
+    out = results(selftest, "bulk_pipeline")
+    assert int(out["mismatches"]) == 0
+
+
+@pytest.mark.parametrize("case", ["bulk_wrong_parity", "bulk_no_empty_wait", "bulk_no_expect_tx"])
+def test_a_broken_mbarrier_pipeline_never_passes(selftest, case):
+    # A wait on the wrong phase, a stage refilled before its consumers released it, or a full
+    # barrier armed without its transaction bytes: a wrong sum, or a deadlock the emulator names.
+    out = results(selftest, case)
+    if out["fault"] == "none":
+        assert int(out["mismatches"]) > 0, out
+    else:
+        assert "waits on an mbarrier phase that can never complete" in out["fault"], out
