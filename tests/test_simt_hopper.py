@@ -64,6 +64,19 @@ def test_misuse_stops_the_launch_with_a_message(selftest, case, message):
     assert message in results(selftest, case)["fault"]
 
 
+def test_tensor_copies_land_swizzled_with_zeros_past_the_edges(selftest):
+    # The weight-like operand comes by a 2-D tensor copy into the 128-byte swizzle wgmma reads;
+    # a box past the tensor's last rows and columns gets zeros there.
+    out = results(selftest, "tma_gemm")
+    assert set(out) == {"half_full", "bfloat16_edges"}, out
+    for key, value in out.items():
+        assert float(value) <= 64 * 2.0 ** -24, (key, value)
+
+
+def test_reading_a_tensor_copy_before_its_barrier_gives_a_wrong_answer(selftest):
+    assert not float(results(selftest, "tma_no_wait")["error"]) < 1e-2
+
+
 def test_bulk_copy_pipeline_gives_the_reference_answer(selftest):
     out = results(selftest, "bulk_pipeline")
     assert int(out["mismatches"]) == 0

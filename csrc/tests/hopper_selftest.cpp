@@ -86,6 +86,36 @@ double gemm_error(Swizzle write, Swizzle read, int variant) {
   return worst;
 }
 
+// The largest relative error of the tensor-copy gemm: b is rows x cols (row stride cols) inside
+// the N x kGemmK box, the rest of the box zeros.
+template <typename T, int N>
+double tma_gemm_error(int rows, int cols, int variant) {
+  constexpr int K = hopper_selftest::kGemmK;
+  Array<T> a(64 * K), b(std::size_t(rows) * cols);
+  Array<float> c(64 * N);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (std::size_t i = 0; i < a.size; ++i) a[i] = pk::from_float<T>(normal(rng));
+  for (std::size_t i = 0; i < b.size; ++i) b[i] = pk::from_float<T>(normal(rng));
+  const pk::TensorMap2D map = pk::make_tensor_map_2d(b.data, rows, cols, cols, N, K);
+  pk::launch_opt_in(hopper_selftest::tma_gemm_kernel<T, N>, dim3(1), dim3(128), 1024 + (64 + N) * K * sizeof(T),
+                    nullptr, a.data, map, c.data, variant);
+  finish();
+  double worst = 0.0;
+  for (int m = 0; m < 64; ++m)
+    for (int n = 0; n < N; ++n) {
+      double sum = 0.0, magnitude = 1e-30;
+      for (int k = 0; k < K; ++k) {
+        const double bv = n < rows && k < cols ? double(pk::to_float(b[std::size_t(n) * cols + k])) : 0.0;
+        const double p = double(pk::to_float(a[m * K + k])) * bv;
+        sum += p;
+        magnitude += std::fabs(p);
+      }
+      const double error = std::fabs(c[m * N + n] - sum) / magnitude;
+      worst = std::isnan(error) ? INFINITY : std::max(worst, error);
+    }
+  return worst;
+}
+
 // Runs `body`, printing fault=<message> when the launch stops with one (fault=none otherwise).
 template <typename Body>
 void catching(Body body) {
@@ -129,6 +159,18 @@ void case_wgmma_no_fence() {
 
 void case_wgmma_no_proxy_fence() {
   catching([] { gemm_error<pk::half, 64>(Swizzle::k128, Swizzle::k128, hopper_selftest::kNoProxyFence); });
+}
+
+void case_tma_gemm() {  // a full box, and one past the tensor's last rows and columns
+  std::printf("half_full=%.3g\n", tma_gemm_error<pk::half, 64>(64, 64, hopper_selftest::kCorrect));
+  std::printf("bfloat16_edges=%.3g\n", tma_gemm_error<pk::bfloat16, 128>(120, 40, hopper_selftest::kCorrect));
+}
+
+void case_tma_no_wait() {
+  double worst = 0.0;
+  for (int launch = 0; launch < 4; ++launch)
+    worst = std::max(worst, tma_gemm_error<pk::half, 64>(64, 64, hopper_selftest::kNoTmaWait));
+  std::printf("error=%.3g\n", worst);
 }
 
 // Mismatching elements of the bulk-copy pipeline (blocks x 128 sums of `chunks` chunks).
@@ -175,6 +217,8 @@ int main(int argc, char** argv) {
       {"wgmma_no_wait", case_wgmma_no_wait},
       {"wgmma_no_fence", case_wgmma_no_fence},
       {"wgmma_no_proxy_fence", case_wgmma_no_proxy_fence},
+      {"tma_gemm", case_tma_gemm},
+      {"tma_no_wait", case_tma_no_wait},
       {"bulk_pipeline", case_bulk_pipeline},
       {"bulk_wrong_parity", [] { broken_pipeline(hopper_selftest::kWrongParity); }},
       {"bulk_no_empty_wait", [] { broken_pipeline(hopper_selftest::kNoEmptyWait); }},

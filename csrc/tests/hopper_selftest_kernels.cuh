@@ -8,6 +8,7 @@
 #include "pk/async_copy.h"
 #include "pk/mbarrier.h"
 #include "pk/simt.h"
+#include "pk/tma.h"
 #include "pk/types.h"
 #include "pk/wgmma.h"
 
@@ -23,6 +24,7 @@ enum Variant : int {
   kWrongParity = 5,       // waits on the other phase's parity
   kNoEmptyWait = 6,       // the producer refills a stage before the consumers released it
   kNoExpectTx = 7,        // arrives on the full barrier without the transaction bytes
+  kNoTmaWait = 8,         // reads the tensor copy's box without waiting on its barrier
 };
 
 constexpr int kGemmK = 64;  // the whole depth is staged at once
@@ -87,6 +89,47 @@ __global__ void wgmma_gemm_kernel(const T* a, const T* b, float* c, int write_sw
   const int warp = tid / 32, g = tid % 32 / 4, t = tid % 4;
   for (int i = 0; i < N / 2; ++i)
     c[(16 * warp + g + 8 * ((i >> 1) & 1)) * N + 8 * (i >> 2) + 2 * t + (i & 1)] = result[i];
+}
+
+// c (64 x N) = a (64 x kGemmK) b^T with b's N x kGemmK box brought by a tensor copy (rows and
+// columns past the tensor's arrive as zeros), a staged by cp.async as above, 128-byte swizzle.
+template <typename T, int N>
+__global__ void tma_gemm_kernel(const T* a, const PK_GRID_CONSTANT pk::TensorMap2D b_map, float* c, int variant) {
+  PK_DYNAMIC_SHARED(unsigned char, smem);
+  PK_SHARED(std::uint64_t, full, 1);
+  constexpr auto kMode = pk::wgmma::Swizzle::k128;
+  unsigned char* const a_tile = smem + ((1024 - pk::shared_address(smem) % 1024) % 1024);
+  unsigned char* const b_tile = a_tile + 64 * kGemmK * 2;
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    pk::mbarrier::init(full, 1);
+    pk::mbarrier::fence_init();
+  }
+  __syncthreads();
+  if (tid == 0) {
+    pk::mbarrier::arrive_expect_tx(full, N * kGemmK * 2);
+    pk::tma_load_2d(b_tile, b_map, 0, 0, full);
+  }
+  constexpr int kChunks = kGemmK * 2 / 16;
+  for (int i = tid; i < 64 * kChunks; i += 128)
+    pk::async_copy_16(a_tile + operand_offset(kMode, 64, i / kChunks, 16 * (i % kChunks)),
+                      a + (i / kChunks) * kGemmK + 8 * (i % kChunks), true);
+  pk::async_commit();
+  pk::async_wait<0>();
+  pk::fence_proxy_async();
+  __syncthreads();
+  if (variant != kNoTmaWait) pk::mbarrier::wait(full, 0);
+  float acc[N / 2];
+  pk::wgmma::fence();
+  for (int j = 0; j < kGemmK / 16; ++j)
+    pk::wgmma::mma<N, T>(acc, operand_descriptor(a_tile, kMode, 64, j, 0), operand_descriptor(b_tile, kMode, N, j, 0),
+                         j > 0);
+  pk::wgmma::commit();
+  pk::wgmma::wait<0>();
+  if (variant == kNoTmaWait) pk::mbarrier::wait(full, 0);  // the copy completes before the exit
+  const int warp = tid / 32, g = tid % 32 / 4, t = tid % 4;
+  for (int i = 0; i < N / 2; ++i)
+    c[(16 * warp + g + 8 * ((i >> 1) & 1)) * N + 8 * (i >> 2) + 2 * t + (i & 1)] = acc[i];
 }
 
 // out[block][tid] = sum over chunks of x[chunk][tid]: thread 0 streams 128-float chunks into a
