@@ -151,6 +151,8 @@ struct Launch {
   std::vector<Warp> warps;
   std::vector<SharedAllocation> shared;
   void* dynamic_shared = nullptr;
+  void* dynamic_allocation = nullptr;   // dynamic_shared - dynamic_window % 1024
+  std::uint32_t dynamic_window = 0;     // the dynamic allocation's shared-window address
   std::size_t dynamic_shared_bytes = 0;
   ucontext_t scheduler;
   Fiber* current = nullptr;
@@ -183,8 +185,8 @@ void release(void* p) { ::operator delete(p, std::align_val_t(kSharedAlignment))
 void free_shared(Launch& l) {
   for (SharedAllocation& a : l.shared) release(a.data);
   l.shared.clear();
-  if (l.dynamic_shared) release(l.dynamic_shared);
-  l.dynamic_shared = nullptr;
+  if (l.dynamic_allocation) release(l.dynamic_allocation);
+  l.dynamic_allocation = l.dynamic_shared = nullptr;
 }
 
 // --- context switches (annotated so ASan follows the fiber stacks) --------------------------
@@ -335,8 +337,16 @@ std::vector<int> resume_order(std::uint64_t phase, int n, std::mt19937_64& rng) 
 void run_block(Launch& l, uint3 block_idx, uint3 block_dim, uint3 grid_dim) {
   const int n = static_cast<int>(l.fibers.size());
   free_shared(l);
-  if (l.dynamic_shared_bytes) l.dynamic_shared = allocate_poisoned(l.dynamic_shared_bytes);
-  l.next_window = round_up_window(l.dynamic_shared_bytes);
+  // As on a GPU, dynamic shared memory need not start on a swizzle pattern (it follows the
+  // static allocations there): 32-byte aligned (PK_DYNAMIC_SHARED's promise), at an offset that
+  // changes between launches, so a kernel that assumes more alignment reads a wrong layout. The
+  // host storage keeps the window's address bits 0-9.
+  l.dynamic_window = static_cast<std::uint32_t>(32 * (1 + t_launch_count % 31));
+  if (l.dynamic_shared_bytes) {
+    l.dynamic_allocation = allocate_poisoned(l.dynamic_window + l.dynamic_shared_bytes);
+    l.dynamic_shared = static_cast<unsigned char*>(l.dynamic_allocation) + l.dynamic_window;
+  }
+  l.next_window = round_up_window(l.dynamic_window + l.dynamic_shared_bytes);
   l.mbarriers.clear();
   l.bulk.clear();
   l.unfenced_chunks.clear();
@@ -687,7 +697,7 @@ std::uint32_t shared_address(const void* p) {
   if (l.dynamic_shared != nullptr) {
     const auto* base = static_cast<const unsigned char*>(l.dynamic_shared);
     const auto* q = static_cast<const unsigned char*>(p);
-    if (q >= base && q <= base + l.dynamic_shared_bytes) return static_cast<std::uint32_t>(q - base);
+    if (q >= base && q <= base + l.dynamic_shared_bytes) return l.dynamic_window + static_cast<std::uint32_t>(q - base);
   }
   std::uint32_t window = 0;
   if (allocation_of(l, p, 0, &window) != nullptr) return window;
@@ -696,8 +706,9 @@ std::uint32_t shared_address(const void* p) {
 
 void* shared_pointer(std::uint32_t address, std::size_t bytes) {
   Launch& l = current_launch("pk::shared_pointer");
-  if (l.dynamic_shared != nullptr && std::size_t(address) + bytes <= l.dynamic_shared_bytes)
-    return static_cast<unsigned char*>(l.dynamic_shared) + address;
+  if (l.dynamic_shared != nullptr && address >= l.dynamic_window &&
+      std::size_t(address - l.dynamic_window) + bytes <= l.dynamic_shared_bytes)
+    return static_cast<unsigned char*>(l.dynamic_shared) + (address - l.dynamic_window);
   for (const SharedAllocation& a : l.shared)
     if (address >= a.window && std::size_t(address - a.window) + bytes <= a.bytes)
       return static_cast<unsigned char*>(a.data) + (address - a.window);

@@ -25,6 +25,7 @@ enum Variant : int {
   kNoEmptyWait = 6,       // the producer refills a stage before the consumers released it
   kNoExpectTx = 7,        // arrives on the full barrier without the transaction bytes
   kNoTmaWait = 8,         // reads the tensor copy's box without waiting on its barrier
+  kNoRealign = 9,         // takes dynamic shared memory as aligned to the swizzle pattern
 };
 
 constexpr int kGemmK = 64;  // the whole depth is staged at once
@@ -59,7 +60,8 @@ __global__ void wgmma_gemm_kernel(const T* a, const T* b, float* c, int write_sw
   const auto write = static_cast<pk::wgmma::Swizzle>(write_swizzle);
   const auto read = static_cast<pk::wgmma::Swizzle>(read_swizzle);
   // The 1024-byte aligned start of the tiles (a 128-byte swizzle pattern repeats every 1024).
-  unsigned char* const a_tile = smem + ((1024 - pk::shared_address(smem) % 1024) % 1024);
+  unsigned char* const a_tile =
+      variant == kNoRealign ? smem : smem + ((1024 - pk::shared_address(smem) % 1024) % 1024);
   unsigned char* const b_tile = a_tile + 64 * kGemmK * 2;
   const int tid = threadIdx.x;
   constexpr int kChunks = kGemmK * 2 / 16;  // 16-byte chunks per row

@@ -82,9 +82,10 @@ void async_commit();
 void async_wait(int pending_groups);
 
 // --- sm_90 (pk/mbarrier.h, pk/wgmma.h) ---------------------------------------------------------
-// Shared-memory addresses as the GPU's shared window numbers them: the dynamic allocation at 0,
-// static ones after it, each at a multiple of 1024 (host allocations are 1024-byte aligned too, so
-// address bits 0-9, the ones swizzling reads, agree). shared_address faults outside shared memory;
+// Shared-memory addresses as the GPU's shared window numbers them: the dynamic allocation at a
+// 32-byte aligned offset below 1024 that changes between launches (a kernel aligns it to a
+// swizzle pattern itself, as on a GPU), static ones after it at multiples of 1024; host storage
+// has the same address bits 0-9, the ones swizzling reads. shared_address faults outside shared memory;
 // shared_pointer returns nullptr where [address, address + bytes) is not inside one allocation.
 std::uint32_t shared_address(const void* p);
 void* shared_pointer(std::uint32_t address, std::size_t bytes);
