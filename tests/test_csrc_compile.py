@@ -4,7 +4,10 @@
 nvcc compiles every csrc/cuda/*.cu (every kernel instantiation the extension ships) and the
 emulator's self-test kernels for sm_80/86/89/90 with -Xptxas -v; registers, spills and shared
 memory are read from ptxas. A spill fails, the tensor-core tile interface must produce mma
-instructions, and the pipelined conv kernels and pk/async_copy.h must produce cp.async."""
+instructions, and the pipelined conv kernels and pk/async_copy.h must produce cp.async. sm_90
+builds the architecture-specific sm_90a: the sm_90 forward (conv_sm90.cuh) must produce wgmma
+(HGMMA in its SASS, with no waits ptxas injects), tensor copies, mbarrier waits and proxy fences,
+and the sm_90 self-test kernels (csrc/tests/hopper_selftest_kernels.cuh) must compile there."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import triton
 
 from conftest import REQUIRED
 from helpers import TARGET_ARCHS, parse_ptxas_verbose
@@ -25,11 +29,13 @@ import build_config  # noqa: E402
 CSRC = ROOT / "csrc"
 KERNEL_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
 SELFTEST_SOURCE = CSRC / "tests" / "selftest_kernels.cu"
+HOPPER_SELFTEST_SOURCE = CSRC / "tests" / "hopper_selftest.cpp"
 # Exactly as setup.py compiles them.
 NVCC_FLAGS = [*build_config.NVCC_FLAGS, *build_config.TORCH_NVCC_DEFINES,
               *(f"-I{d}" for d in build_config.include_dirs(str(ROOT))), f"-I{CSRC / 'tests'}"]
 MAX_THREADS = 512  # the ensemble kernels' __launch_bounds__
 REGISTERS_PER_SM = 65536
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
 def _nvcc():
@@ -55,18 +61,25 @@ def compiled(tmp_path_factory):
         command = [nvcc, *NVCC_FLAGS, *gencode, "-Xptxas", "-v", "-c", str(source),
                    "-o", str(out / f"{source.stem}.o")]
         jobs[source.name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ptx_files = {"ptx": (SELFTEST_SOURCE, out / "selftest.ptx"),
-                 "conv.ptx": (CSRC / "cuda" / "conv.cu", out / "conv.ptx")}
-    for name, (source, ptx) in ptx_files.items():
-        jobs[name] = subprocess.Popen([nvcc, *NVCC_FLAGS, "-arch=sm_80", "-ptx", str(source), "-o", str(ptx)],
+    jobs[HOPPER_SELFTEST_SOURCE.name] = subprocess.Popen(
+        [nvcc, *NVCC_FLAGS, "-x", "cu", "-arch=sm_90a", "-Xptxas", "-v", "-c", str(HOPPER_SELFTEST_SOURCE),
+         "-o", str(out / "hopper_selftest.o")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ptx_files = {"ptx": (SELFTEST_SOURCE, out / "selftest.ptx", "sm_80"),
+                 "conv.ptx": (CSRC / "cuda" / "conv.cu", out / "conv.ptx", "sm_80"),
+                 "conv_sm90a.ptx": (CSRC / "cuda" / "conv.cu", out / "conv_sm90a.ptx", "sm_90a")}
+    for name, (source, ptx, arch) in ptx_files.items():
+        jobs[name] = subprocess.Popen([nvcc, *NVCC_FLAGS, f"-arch={arch}", "-ptx", str(source), "-o", str(ptx)],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     reports = {}
     for name, job in jobs.items():
         text, _ = job.communicate(timeout=1200)
         assert job.returncode == 0, f"nvcc failed on {name}:\n{text[-4000:]}"
         reports[name] = text
-    for name, (_, ptx) in ptx_files.items():
+    for name, (_, ptx, _) in ptx_files.items():
         reports[name] = ptx.read_text()
+    sass = subprocess.run([str(CUOBJDUMP), "-sass", str(out / "conv.o")], capture_output=True, text=True)
+    assert sass.returncode == 0, sass.stderr[-4000:]
+    reports["conv.sass"] = sass.stdout
     return reports
 
 
@@ -74,13 +87,16 @@ def test_kernel_sources_exist():
     assert [s.name for s in KERNEL_SOURCES] == ["batch_norm.cu", "conv.cu", "ensemble.cu"], "update the expectations below"
 
 
-@pytest.mark.parametrize("source", [s.name for s in KERNEL_SOURCES] + [SELFTEST_SOURCE.name])
+@pytest.mark.parametrize("source", [s.name for s in KERNEL_SOURCES] + [SELFTEST_SOURCE.name,
+                                                                        HOPPER_SELFTEST_SOURCE.name])
 def test_every_kernel_compiles_for_every_target_without_spills(compiled, source):
     kernels = parse_ptxas_verbose(compiled[source])
     assert kernels, f"ptxas reported no kernels for {source}"
     names = {k["name"] for k in kernels}
-    for arch in TARGET_ARCHS:
-        assert {k["name"] for k in kernels if k["arch"] == f"sm_{arch}"} == names, f"sm_{arch} misses kernels"
+    archs = [90] if source == HOPPER_SELFTEST_SOURCE.name else TARGET_ARCHS
+    for arch in archs:
+        target = f"sm_{build_config.sass_target(arch)}"
+        assert {k["name"] for k in kernels if k["arch"] == target} == names, f"{target} misses kernels"
     for k in kernels:
         where = f"{k['name']} on {k['arch']}"
         assert k["spill_stores"] == 0 and k["spill_loads"] == 0, f"{where} spills: {k}"
@@ -99,8 +115,11 @@ CONV_THREADS = 128  # conv.cuh's kThreads (its __launch_bounds__)
 
 
 # Per problem: fp32 (16-byte, scalar loads) + per 16-bit type (cp.async pipeline, scalar loads),
-# twice for the problems with an input prologue (kernels with and without it).
-CONV_KERNELS_PER_ARCH = {"forward": 2 * (2 + 2 * 2), "input_grad": 2 + 2 * 2, "weight_grad": 2 * (2 + 2 * 2)}
+# twice for the problems with an input prologue (kernels with and without it); the sm_90 forward
+# per 16-bit type and column tile (64, 128).
+CONV_KERNELS_PER_ARCH = {"forward": 2 * (2 + 2 * 2), "input_grad": 2 + 2 * 2, "weight_grad": 2 * (2 + 2 * 2),
+                         "forward_sm90": 2 * 2}
+SM90_KERNEL = "forward_sm90_kernel"
 
 
 def test_conv_kernels_fit_their_launch_bounds(compiled):
@@ -137,6 +156,9 @@ def test_conv_half_paths_use_tensor_cores(compiled):
         # mangled element types: __half (6__half), __nv_bfloat16 (13__nv_bfloat16), float (If)
         sixteen_bit = "6__half" in name or "13__nv_bfloat16" in name
         uses_mma = "mma.sync" in body
+        if SM90_KERNEL in name:  # wgmma, only in sm_90a code (test_sm90_forward_uses_wgmma_and_tensor_copies)
+            assert not uses_mma and "wgmma" not in body, name
+            continue
         assert uses_mma == sixteen_bit, f"{name}: tensor cores {'missing' if sixteen_bit else 'used for fp32'}"
 
 
@@ -151,8 +173,35 @@ def test_conv_pipelined_kernels_use_cp_async(compiled):
             assert "cp.async.cg.shared.global" in body, f"{name}: no cp.async"
             assert "cp.async.commit_group" in body and "cp.async.wait_group 1" in body, name
             assert "cp.async.wait_group 0" in body, name
-        else:
+        elif SM90_KERNEL not in name:  # the sm_90 forward gathers its A operand by cp.async too
             assert "cp.async" not in body, f"{name}: cp.async outside the pipelined kernels"
+
+
+def test_sm90_forward_uses_wgmma_and_tensor_copies(compiled):
+    """conv_sm90.cuh for sm_90a: wgmma m64nNk16 (N = 64, 128; half and bfloat16) from descriptors,
+    committed and drained one group behind; the weight by 2-D tensor copies completing on mbarriers
+    (expect_tx, parity waits); the activations by cp.async made visible to wgmma by the proxy
+    fence. In the SASS: 4 HGMMA per K slice and per kernel, and ptxas injected no warpgroup waits
+    (which would serialise the wgmma: accumulators touched between them)."""
+    entries = {n: b for n, b in _ptx_entries(compiled["conv_sm90a.ptx"]).items() if SM90_KERNEL in n}
+    assert len(entries) == CONV_KERNELS_PER_ARCH["forward_sm90"], sorted(entries)
+    for name, body in entries.items():
+        n = "128" if "Li128E" in name else "64"
+        types = "bf16.bf16" if "13__nv_bfloat16" in name else "f16.f16"
+        for instruction in (f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{types}", "wgmma.fence.sync.aligned",
+                            "wgmma.commit_group.sync.aligned", "wgmma.wait_group.sync.aligned 1",
+                            "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes",
+                            "mbarrier.arrive.expect_tx", "mbarrier.try_wait.parity", "fence.proxy.async",
+                            "cp.async.cg.shared.global"):
+            assert instruction in body, f"{name}: no {instruction}"
+    sass = compiled["conv.sass"]
+    sm90a = [part.split("arch = ")[0] for part in sass.split("arch = sm_90a")[1:]]  # up to the next cubin
+    kernels = [chunk for part in sm90a for chunk in part.split("Function : ")[1:] if SM90_KERNEL in chunk.split()[0]]
+    assert len(kernels) == CONV_KERNELS_PER_ARCH["forward_sm90"]
+    for code in kernels:
+        assert code.count("HGMMA.64x") == 4, code.split()[0]
+        assert "UTMALDG.2D" in code and "SYNCS.PHASECHK" in code, code.split()[0]
+    assert "is injected" not in compiled["conv.cu"], "ptxas serialised wgmma (warpgroup waits injected)"
 
 
 def test_async_copy_wrapper_emits_cp_async(compiled):

@@ -23,9 +23,18 @@ def target_archs() -> list:
     return [int(a) for a in value.replace(",", ";").split(";") if a.strip()]
 
 
+# Architectures whose SASS is built for the architecture-specific target ("90" -> sm_90a): the
+# sm_90 kernels' wgmma exists only there. PTX for forward compatibility stays generic.
+ARCH_SPECIFIC = {90}
+
+
+def sass_target(arch: int) -> str:
+    return f"{arch}a" if arch in ARCH_SPECIFIC else str(arch)
+
+
 def cuda_arch_flags(archs=None) -> list:
     """SASS for each architecture, plus PTX of the newest for forward compatibility."""
     archs = target_archs() if archs is None else list(archs)
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    flags = [f"-gencode=arch=compute_{sass_target(a)},code=sm_{sass_target(a)}" for a in archs]
     newest = max(archs)
     return flags + [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
