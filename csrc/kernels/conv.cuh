@@ -838,6 +838,10 @@ void launch_gemm_with_prologue(const Problem& p, bool vectorized, index_t grid_z
   }
 }
 
+// The sm_90 forward (conv_sm90.cuh): runs it and returns true where it applies.
+template <typename T>
+bool forward_sm90(const ForwardProblem<T>& p, int groups, Stream stream);
+
 template <typename T>
 void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, const Epilogue& epi,
              void* y, float* stats, Stream stream) {
@@ -858,6 +862,7 @@ void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, 
   p.out_activation = static_cast<int>(epi.activation);
   p.y = static_cast<T*>(y);
   p.stats = stats;
+  if (forward_sm90<T>(p, s.groups, stream)) return;
   launch_gemm_with_prologue<T>(p, vectorizable<T>(p.geo, x, w), s.groups, 1, p.depth, stream);
 }
 
@@ -965,3 +970,5 @@ void weight_grad(ScalarType dtype, const Shape& s, const void* grad, const void*
 
 }  // namespace conv
 }  // namespace pk
+
+#include "conv_sm90.cuh"  // defines forward_sm90
