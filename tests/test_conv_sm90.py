@@ -1,0 +1,44 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The sm_90 forward convolution (csrc/kernels/conv_sm90.cuh: wgmma from 128-byte swizzled shared
+memory, the weight by 2-D tensor copies completing on mbarriers, the activations by cp.async)
+through backend="simt" with PACKED_KERNELS_SIMT_ARCH=90, which selects it in the emulator as an
+sm_90 device does on a GPU. Shapes with channels per group a multiple of 8 (the path's
+condition): several row and column tiles, column tiles of 64 and 128 channels, K tails, more K
+slices than stages, padding taps, strides, dilation, groups; the epilogue and channel statistics
+run on it too (an input prologue falls back to the mma.sync kernel)."""
+
+import pytest
+import torch
+
+from conv_cases import check_fused_matches_fp64
+from test_conv_cuda import _check_conv, _ids
+
+# name: (batch, c_in, c_out, (h, w), kernel, stride, padding, dilation, groups)
+SM90_CASES = {
+    "grouped_3x3_k_tail": (2, 32, 48, (9, 7), 3, 1, 1, 1, 2),         # 24 channels: one 64 tile
+    "wide_1x1_s2_two_column_tiles": (1, 16, 256, (7, 6), 1, 2, 0, 1, 1),  # 128-channel tiles
+    "deep_3x3_s2_dilated": (1, 64, 32, (11, 10), 3, 2, 2, 2, 2),     # 5 slices through 4 stages
+    "rows_and_channel_tails": (2, 8, 136, (10, 9), 3, 1, 1, 1, 1),   # 3 row tiles, 136 = 128 + 8
+}
+
+
+@pytest.fixture(autouse=True)
+def sm90(monkeypatch):
+    monkeypatch.setenv("PACKED_KERNELS_SIMT_ARCH", "90")
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=_ids)
+@pytest.mark.parametrize("name", list(SM90_CASES))
+def test_sm90_forward_matches_fp64(name, dtype):
+    _check_conv("simt", name, dtype, "channels_last", SM90_CASES[name])
+
+
+@pytest.mark.parametrize("options", ["epilogue", "stats"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=_ids)
+def test_sm90_forward_fused_matches_fp64(options, dtype):
+    check_fused_matches_fp64("simt", options, dtype, "channels_last", SM90_CASES["deep_3x3_s2_dilated"])
+
+
+def test_sm90_forward_nchw_input_matches_fp64():
+    # NCHW goes through the layout transform to the same kernel.
+    _check_conv("simt", "rows_and_channel_tails", torch.float16, "nchw", SM90_CASES["rows_and_channel_tails"])
