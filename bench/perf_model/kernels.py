@@ -8,9 +8,10 @@ no autotuning off a GPU), grid, scalar arguments and constexprs are the launcher
 arguments are specialised as the JIT does (pointers and ints divisible by 16, ints equal to 1
 as constants) and compiled with triton.compile for the target.
 
-CUDA C++: csrc/cuda/conv.cu compiled with nvcc -cubin for the target with the build's flags;
-the instantiation and grid are chosen by the rules of conv.cuh's launch_gemm / weight_grad
-(mirrored below, their constants read from conv.cuh itself).
+CUDA C++: csrc/cuda/conv.cu compiled with nvcc -cubin for the target with the build's flags
+(sm_90a for sm_90, as the build); the instantiation and grid are chosen by the rules of conv.cuh's
+launch_gemm / weight_grad and, on sm_90, conv_sm90.cuh's forward_sm90 (mirrored below, their
+constants read from the headers themselves).
 """
 
 from __future__ import annotations
@@ -240,18 +241,24 @@ def _compile_triton(jit, grid, args, kwargs, gpu, pass_name, layer) -> Launch:
 # ---------------------------------------------------------------------------------------------
 
 CONV_HEADER = ROOT / "csrc" / "kernels" / "conv.cuh"
+SM90_HEADER = ROOT / "csrc" / "kernels" / "conv_sm90.cuh"
+
+
+def _header_constants(header: Path, names) -> Dict[str, int]:
+    text = header.read_text()
+    found = {}
+    for name in names:
+        match = re.search(rf"\b{name}\s*=\s*(\d+)", text)
+        if match is None:
+            raise RuntimeError(f"{header.name}: no constant {name}; update bench/perf_model/kernels.py")
+        found[name] = int(match.group(1))
+    return found
 
 
 def cuda_constants() -> Dict[str, int]:
     """The tile and dispatch constants of conv.cuh, read from the header (not copied)."""
-    text = CONV_HEADER.read_text()
-    found = {}
-    for name in ("kThreads", "kBlockM", "kBlockN", "kBlockK", "kAsyncStages", "kTargetBlocks", "kMaxSplits"):
-        match = re.search(rf"\b{name}\s*=\s*(\d+)", text)
-        if match is None:
-            raise RuntimeError(f"conv.cuh: no constant {name}; update bench/perf_model/kernels.py")
-        found[name] = int(match.group(1))
-    return found
+    return _header_constants(CONV_HEADER, ("kThreads", "kBlockM", "kBlockN", "kBlockK", "kAsyncStages",
+                                           "kTargetBlocks", "kMaxSplits"))
 
 
 def nvcc() -> str:
@@ -279,7 +286,8 @@ def cuda_cubin(arch: int, source: Path = ROOT / "csrc" / "cuda" / "conv.cu",
     if not cubin.exists():
         cubin.parent.mkdir(parents=True, exist_ok=True)
         tmp = cubin.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([compiler, *flags, f"-arch=sm_{arch}", "-cubin", str(source), "-o", str(tmp)],
+        target = build_config.sass_target(arch)  # sm_90a: the sm_90 forward's wgmma
+        subprocess.run([compiler, *flags, f"-arch=sm_{target}", "-cubin", str(source), "-o", str(tmp)],
                        check=True, capture_output=True, text=True)
         os.replace(tmp, cubin)
     return cubin
@@ -293,6 +301,26 @@ _PROBLEM = {"forward": "14ForwardProblem", "input_grad": "16InputGradProblem",
 def cuda_kernel_name(dtype_name: str, vec: int, stages: int, pass_name: str) -> str:
     t = _MANGLED_TYPE[dtype_name]
     return f"_ZN2pk4conv6detail11gemm_kernelI{t}Li{vec}ELi{stages}ENS1_{_PROBLEM[pass_name]}I"
+
+
+def sm90_forward_launch(layer, batch: int, dtype_name: str, cubin: Path) -> Launch:
+    """conv_sm90.cuh's forward: one warpgroup per 64 x BN tile (BN = 128 where a group has more
+    than 64 output channels, else 64), slices of kSm90BlockK, kSm90Stages stages of A and B tiles
+    in dynamic shared memory (the fp32 accumulator tile reuses them)."""
+    c = _header_constants(SM90_HEADER, ("kSm90Threads", "kSm90BlockK", "kSm90Stages"))
+    bm, bk = cuda_constants()["kBlockM"], c["kSm90BlockK"]
+    itemsize = DTYPES[dtype_name].itemsize
+    cin_g, cout_g = layer.c_in // layer.groups, layer.c_out // layer.groups
+    bn = 128 if cout_g > 64 else 64
+    oh, ow = layer.out_hw()
+    rows, depth = batch * oh * ow, layer.kernel[0] * layer.kernel[1] * cin_g
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    grid = (cdiv(rows, bm), cdiv(cout_g, bn), layer.groups)
+    shared = 1024 + max(c["kSm90Stages"] * (bm + bn) * bk * itemsize, 4 * bm * (bn + 4))
+    prefix = f"_ZN2pk4conv6detail19forward_sm90_kernelI{_MANGLED_TYPE[dtype_name]}Li{bn}E"
+    config = f"{bm}x{bn}x{bk} wgmma s{c['kSm90Stages']} tma"
+    return Launch("cuda", prefix, cubin, grid, c["kSm90Threads"] // 32, shared, [cdiv(depth, bk)],
+                  math.prod(grid), config, (bm, bn, bk), itemsize)
 
 
 def _phase_1d(first, size, pad, kernel, dilation, stride):
@@ -323,6 +351,8 @@ def cuda_launches(layer, pass_name: str, batch: int, dtype_name: str, gpu) -> Li
     launch = lambda grid, trips, active, extra=0: Launch(  # noqa: E731
         "cuda", prefix, cubin, grid, k["kThreads"] // 32, 0, trips, active, config, (bm, bn, bk),
         itemsize, extra)
+    if pass_name == "forward" and gpu.arch == 90 and dtype_name != "fp32" and cin_g % vec16 == 0:
+        return [sm90_forward_launch(layer, batch, dtype_name, cubin)]  # conv_sm90.cuh's conditions
     if pass_name == "forward":
         rows, depth = batch * oh * ow, kh * kw * cin_g
         grid = (cdiv(rows, bm), cdiv(cout_g, bn), layer.groups)
