@@ -72,7 +72,7 @@ inline void tma_load_2d(void* shared_dst, const TensorMap2D& map, int col, int r
 
 #else
 
-struct alignas(64) TensorMap2D {
+struct TensorMap2D {  // CUtensorMap carries its own alignment
   CUtensorMap map;
 };
 
