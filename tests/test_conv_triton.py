@@ -148,6 +148,25 @@ def test_weight_grad_pixel_tiles_span_images():
     _check_conv_and_grads(x, w, dict(stride=2, padding=1, groups=2), torch.float32, "2x3 maps")
 
 
+def test_weight_grad_runs_of_positions_launched_in_batches(monkeypatch):
+    """A map with many runs of positions (one fp32 slab each) under a small grid limit: the
+    runs go out in several launches whose sums add up to the whole gradient."""
+    launches = []
+    kernel = tc._conv_weight_grad_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(tc, "_conv_weight_grad_kernel", Counting())
+    monkeypatch.setattr(tc, "MAX_GRID_Y", 2 * 9)  # two runs of positions per launch of a 3x3
+    x = torch.randn(2, 8, 12, 11).to(memory_format=torch.channels_last)
+    w = torch.randn(8, 4, 3, 3) / 6
+    _check_conv_and_grads(x, w, dict(stride=1, padding=1, groups=2), torch.float32, "batched runs")
+    assert len(launches) == 3  # 132 positions in runs of 32: 5 runs, 2 per launch
+
+
 def test_input_grad_grid_limit_raises_before_launch():
     """Groups x stride phases share grid axis z: past CUDA's limit a clear error, no launch."""
     grad, weight = torch.empty(1, 20000, 2, 2), torch.empty(20000, 1, 1, 1)
@@ -293,22 +312,27 @@ def test_opcheck():
 # tile configs and autotuning
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_heuristic_picks_only_compiled_configs(dtype):
+@pytest.mark.parametrize("dtype, tf32", [(torch.float32, True), (torch.float32, False),
+                                         (torch.float16, False), (torch.bfloat16, False)], ids=str)
+def test_heuristic_picks_only_compiled_configs(dtype, tf32):
+    torch.backends.cudnn.allow_tf32 = tf32  # fp32 without TF32 (ieee) has its own list; conftest restores it
     kernels = {"forward": tc._conv_forward_kernel, "input_grad": tc._conv_input_grad_kernel,
                "weight_grad": tc._conv_weight_grad_kernel}
     names = {v: k for k, v in kernels.items()}
     compiled = {(names[c.kernel], c.signature["x_ptr" if "x_ptr" in c.signature else "g_ptr"],
-                 c.constexprs["VEC"], c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"],
-                 c.constexprs["BLOCK_K"], c.num_warps, c.num_stages) for c in tc.compile_cases()}
+                 c.constexprs["INPUT_PRECISION"], c.constexprs["VEC"], c.constexprs["BLOCK_M"],
+                 c.constexprs["BLOCK_N"], c.constexprs["BLOCK_K"], c.num_warps, c.num_stages)
+                for c in tc.compile_cases()}
     short = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    precision = tc.input_precision(dtype)
+    assert precision == ("tf32" if dtype == torch.float32 and tf32 else "ieee")
     for kernel in conv_tuning.KERNELS:
         for aligned in (True, False):
             vec = 16 // dtype.itemsize if aligned else 1
             pool = conv_tuning.candidates(kernel, dtype, aligned)
             assert pool
             for candidate in pool:
-                assert (kernel, short, vec, *candidate) in compiled
+                assert (kernel, short, precision, vec, *candidate) in compiled
             for cols in (1, 3, 16, 17, 32, 48, 64, 100, 128, 512, 1024):
                 for depth in (1, 3, 16, 24, 32, 64, 256, 100_000):
                     config = conv_tuning.heuristic(kernel, dtype, 100_000, cols, depth, aligned)

@@ -39,6 +39,7 @@ def test_triton_kernels_compile_without_spills(arch, compilers):
     assert compilers[arch].returncode == 0, stderr[-4000:]
     records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert any(r["name"].startswith("ensemble.") for r in records)
+    assert any("fp32-ieee" in r["name"] for r in records)  # fp32 without TF32: FMA dot tiles
     failures = []
     for record in records:
         if record["ptxas_returncode"] != 0:

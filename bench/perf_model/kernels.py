@@ -205,7 +205,8 @@ def _compile_triton(jit, grid, args, kwargs, gpu, pass_name, layer) -> Launch:
     config = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{options['num_warps']} s{options['num_stages']} vec{c['VEC']}"
     cin_g, cout_g = layer.c_in // layer.groups, layer.c_out // layer.groups
     if pass_name == "weight_grad":
-        trips = [math.ceil(values["SPLIT_LEN"] / c["BLOCK_K"])]
+        # a program's K loop: its run of images, IMAGES per step (one run of positions each)
+        trips = [math.ceil(values["SPLIT_N"] / values["IMAGES"])]
         splits = grid[1] // (layer.kernel[0] * layer.kernel[1])
         # fp32 slabs, one per split: written by the kernel, read back by the sum
         extra = 0 if splits == 1 else 2 * splits * layer.c_out * cin_g * layer.kernel[0] * layer.kernel[1] * 4

@@ -12,7 +12,9 @@ fit the registers (see conv_tuning). The GEMM views, per group g:
   input grad   rows = input pixels (n, ih, iw) of one stride phase, cols = input channels,
                K = (the taps that reach that phase, c_out)
   weight grad  rows = output channels,           cols = input channels,  K = output pixels,
-               one program column per tap (kh, kw) and per split of the pixel range
+               one program column per tap (kh, kw), per run of output positions and per
+               split of the images; its K loop steps through images, so its addresses
+               advance by one scalar per step (partial sums summed in order: deterministic)
 A 1x1 kernel is the same code with a single tap: a grouped GEMM. The forward and input-gradient
 K loops are one flat loop over (tap, channel block), so the software pipeline runs across taps;
 addresses advance by scalar offsets added to loop-invariant pointer tiles.
@@ -43,6 +45,7 @@ from .._conventions import ACTIVATION_CODES
 from .._tile_stats import merge_tile_moments
 from .._layouts import kernel_weight
 from . import conv_tuning
+from .conv_tuning import input_precision
 
 
 
@@ -94,14 +97,10 @@ def _next_k_step(c0, kw, kh, CHANNELS, KW, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _load_input_at(ptrs, ok, in_scale_ptr, in_shift_ptr, chan, chan_ok,
-                   HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr, VEC: tl.constexpr):
-    """_load_input_tile from a ready tile of pointers (the forward's K loop adds one scalar to a
-    loop-invariant tile). The weight gradient keeps _load_input_tile: forming its pointers in the
-    caller instead makes ptxas spill it (fp32 128x64 on sm_80, compile-for-target check)."""
-    if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
-        ptrs = tl.multiple_of(ptrs, [1, 16])
-    a = tl.load(ptrs, mask=ok, other=0.0)
+def _prologue(a, ok, in_scale_ptr, in_shift_ptr, chan, chan_ok, HAS_IN_AFFINE: tl.constexpr,
+              IN_ACT: tl.constexpr):
+    """act(a * in_scale + in_shift) per channel of a loaded [pixels, channels] tile, zero where
+    not `ok` (the conv zero-pads the transformed input)."""
     if HAS_IN_AFFINE or IN_ACT != 0:
         u = a.to(tl.float32)
         if HAS_IN_AFFINE:
@@ -114,24 +113,13 @@ def _load_input_at(ptrs, ok, in_scale_ptr, in_shift_ptr, chan, chan_ok,
 
 
 @triton.jit
-def _load_input_tile(x_ptr, in_scale_ptr, in_shift_ptr, pix_off, pix_ok, chan, chan_ok,
-                     HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr, VEC: tl.constexpr):
-    """[pixels, channels] tile of the (transformed) NHWC input; zero where padded or out of
-    range. x_ptr, in_scale_ptr and in_shift_ptr point at the group's first channel."""
-    ok = pix_ok[:, None] & chan_ok[None, :]
-    ptrs = x_ptr + pix_off[:, None] + chan[None, :]
-    if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
-        ptrs = tl.multiple_of(ptrs, [1, 16])
-    a = tl.load(ptrs, mask=ok, other=0.0)
-    if HAS_IN_AFFINE or IN_ACT != 0:
-        u = a.to(tl.float32)
-        if HAS_IN_AFFINE:
-            scale = tl.load(in_scale_ptr + chan, mask=chan_ok, other=0.0).to(tl.float32)
-            shift = tl.load(in_shift_ptr + chan, mask=chan_ok, other=0.0).to(tl.float32)
-            u = u * scale[None, :] + shift[None, :]
-        u = _activate(u, IN_ACT)
-        a = tl.where(ok, u, 0.0).to(x_ptr.dtype.element_ty)
-    return a
+def _load_input_at(ptrs, ok, in_scale_ptr, in_shift_ptr, chan, chan_ok,
+                   HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr):
+    """[pixels, channels] tile of the (transformed) NHWC input from a tile of pointers; zero
+    where not `ok`. The caller states the pointers' alignment (tl.multiple_of on an argument
+    of a jit function is dropped)."""
+    return _prologue(tl.load(ptrs, mask=ok, other=0.0), ok, in_scale_ptr, in_shift_ptr, chan,
+                     chan_ok, HAS_IN_AFFINE, IN_ACT)
 
 
 @triton.jit
@@ -176,9 +164,11 @@ def _conv_forward_kernel(
         dw = kw * dil_w
         pix_ok = row_ok & (ih0 >= -dh) & (ih0 < H - dh) & (iw0 >= -dw) & (iw0 < W - dw)
         k_ok = _channel_mask(c0, BLOCK_K, CIN_G, VEC, EVEN_K)
-        a = _load_input_at(x_tile + (dh * sx_h + dw * sx_w + c0),
-                           pix_ok[:, None] & k_ok[None, :], in_scale_ptr + first_in, in_shift_ptr + first_in, c0 + kk, k_ok,
-                           HAS_IN_AFFINE, IN_ACT, VEC)
+        ptrs = x_tile + (dh * sx_h + dw * sx_w + c0)
+        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+            ptrs = tl.multiple_of(ptrs, [1, 16])
+        a = _load_input_at(ptrs, pix_ok[:, None] & k_ok[None, :], in_scale_ptr + first_in,
+                           in_shift_ptr + first_in, c0 + kk, k_ok, HAS_IN_AFFINE, IN_ACT)
         ptrs = w_tile + (kh * sw_h + kw * sw_w + c0 * sw_i)
         if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
             ptrs = tl.multiple_of(ptrs, [1, 16])
@@ -303,13 +293,16 @@ def _conv_input_grad_kernel(
 @triton.jit
 def _conv_weight_grad_kernel(
         g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, gw_ptr,
-        H, W, OH, OW, P, CIN_G, COUT_G, KW, TAPS, SPLIT_LEN,
+        H, W, OH, OW, N, CIN_G, COUT_G, KW, TAPS, SPLITS_N, IMAGES, PLACES, SPLIT_N, FIRST_RUN,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         sg_n, sg_h, sg_w, sx_n, sx_h, sx_w, sgw_s, sgw_o, sgw_i, sgw_h, sgw_w,
         HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, VEC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # g, x: NHWC (channel stride 1); gw: any strides (split, C_out, C_in/groups, KH, KW).
+    # A K step is IMAGES images x PLACES output positions (oh, ow) of one tap: the outer loop
+    # walks the positions, the inner one the images, so the inner loop's addresses are
+    # loop-invariant tiles plus one scalar (no per-element index arithmetic in the K loop).
     tiles_n = tl.cdiv(CIN_G, BLOCK_N)
     pid_m = tl.program_id(0) // tiles_n
     pid_n = tl.program_id(0) % tiles_n
@@ -317,38 +310,57 @@ def _conv_weight_grad_kernel(
     kh = tap // KW
     kw = tap % KW
     split = tl.program_id(1) // TAPS
+    split_s = split // SPLITS_N
+    split_n = split % SPLITS_N
     group = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channel within the group
     row_ok = _range_mask(pid_m * BLOCK_M, BLOCK_M, COUT_G, VEC)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
     col_ok = _range_mask(pid_n * BLOCK_N, BLOCK_N, CIN_G, VEC)
     first_in = group * CIN_G
-    x_group = x_ptr + first_in
-    g_group = g_ptr + group * COUT_G
+    first_out = group * COUT_G
+    if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned
+        first_in = tl.multiple_of(first_in, VEC)
+        first_out = tl.multiple_of(first_out, VEC)
+    g_group = g_ptr + first_out + rows[:, None]
+    x_group = x_ptr + first_in + cols[None, :]
+    # K element kk: image kk // PLACES, position kk % PLACES (elements past IMAGES x PLACES idle)
+    kk = tl.arange(0, BLOCK_K)
+    image = kk // PLACES
+    place = kk - image * PLACES
+    used = image < IMAGES
 
+    s = (FIRST_RUN + split_s) * PLACES + place
+    oh = s // OW
+    ow = s - oh * OW
+    ih = oh * stride_h - pad_h + kh * dil_h
+    iw = ow * stride_w - pad_w + kw * dil_w
+    g_ok = used & (s < OH * OW)
+    x_ok = g_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    n_begin = split_n * SPLIT_N
+    n_end = tl.minimum(n_begin + SPLIT_N, N)
+    image64 = image.to(tl.int64) + n_begin
+    g_at = image64 * sg_n + oh.to(tl.int64) * sg_h + ow.to(tl.int64) * sg_w
+    x_at = image64 * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+    images = tl.full([], IMAGES, tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    p_begin = split * SPLIT_LEN
-    p_end = tl.minimum(p_begin + SPLIT_LEN, P)
-    for p0 in range(p_begin, p_end, BLOCK_K):
-        ps = p0 + tl.arange(0, BLOCK_K)
-        p_ok = ps < p_end
-        n = ps // (OH * OW)
-        rem = ps - n * (OH * OW)
-        oh = rem // OW
-        ow = rem - oh * OW
-        g_off = n.to(tl.int64) * sg_n + oh.to(tl.int64) * sg_h + ow.to(tl.int64) * sg_w
-        ptrs = g_group + rows[:, None] + g_off[None, :]
-        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
-            ptrs = tl.multiple_of(ptrs, [16, 1])
-        a = tl.load(ptrs,
-                    mask=row_ok[:, None] & p_ok[None, :], other=0.0)
-        ih = oh * stride_h - pad_h + kh * dil_h
-        iw = ow * stride_w - pad_w + kw * dil_w
-        pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        pix_off = n.to(tl.int64) * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
-        b = _load_input_tile(x_group, in_scale_ptr + first_in, in_shift_ptr + first_in,
-                             pix_off, pix_ok, cols, col_ok, HAS_IN_AFFINE, IN_ACT, VEC)
+    for n0 in tl.range(n_begin, n_end, IMAGES):
+        n_ok = image < n_end - n0
+        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned
+            g_at = tl.multiple_of(g_at, VEC)
+            x_at = tl.multiple_of(x_at, VEC)
+        g_ptrs = g_group + g_at[None, :]
+        x_ptrs = x_group + x_at[:, None]
+        if VEC > 1:
+            g_ptrs = tl.multiple_of(g_ptrs, [16, 1])
+            x_ptrs = tl.multiple_of(x_ptrs, [1, 16])
+        a = tl.load(g_ptrs, mask=row_ok[:, None] & (g_ok & n_ok)[None, :], other=0.0)
+        b = _load_input_at(x_ptrs, (x_ok & n_ok)[:, None] & col_ok[None, :],
+                           in_scale_ptr + first_in, in_shift_ptr + first_in, cols, col_ok,
+                           HAS_IN_AFFINE, IN_ACT)
         acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST)
+        g_at += images * sg_n  # offsets carried, not a loop-invariant tile of pointers
+        x_at += images * sx_n
 
     co = group * COUT_G + rows
     out = (gw_ptr + split.to(tl.int64) * sgw_s + co.to(tl.int64)[:, None] * sgw_o
@@ -373,13 +385,6 @@ class Epilogue(NamedTuple):
     shift: Optional[torch.Tensor] = None
     residual: Optional[torch.Tensor] = None
     activation: Optional[str] = None
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    """TF32 for fp32 only where cuDNN would use it (torch.backends.cudnn.allow_tf32)."""
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def _upcast_dot(t: torch.Tensor) -> bool:
@@ -552,15 +557,49 @@ def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: Sequence
     return _launch_weight_grad(config, *args)
 
 
-def weight_grad_splits(config, weight_shape, groups: int, pixels: int, device: torch.device) -> int:
-    """How many programs share one tap's pixel range: enough programs to fill the GPU, while
-    each keeps a few K-steps to amortise its partial-sum store."""
+class WeightGradSplit(NamedTuple):
+    """How the weight gradient's K range (images x output positions) is shared: a program
+    takes one run of `places` positions and loops over a run of `split_n` images, `images`
+    of them per K step; its partial sum is one slab of the deterministic reduction."""
+    images: int
+    places: int
+    split_n: int
+    splits_n: int
+    splits_s: int
+
+    @property
+    def splits(self) -> int:
+        return self.splits_n * self.splits_s
+
+
+def weight_grad_split(config, weight_shape, groups: int, batch: int, positions: int,
+                      activation_bytes: int, device: torch.device) -> WeightGradSplit:
+    """Whole images per K step where a map fits in it (small maps), else one image and a run
+    of positions, so that a program's K loop only steps through images (its addresses advance
+    by one scalar per step). Then the images are split until the GPU is full, each program
+    keeping a few K steps to amortise its partial-sum store, and the fp32 slabs' round trip
+    (8 bytes per weight element per slab) under PARTIALS_SHARE of the activations' bytes
+    (modelled on H100 fp16: a share of 1/4 beats 1/2 and 1/8, and beats filling every SM
+    whatever the slabs cost)."""
     c_out, cin_g, kh, kw = weight_shape
+    places = min(positions, config.block_k)
+    images = config.block_k // places
+    splits_s = triton.cdiv(positions, places)
+    image_steps = triton.cdiv(batch, images)
     programs = (triton.cdiv(c_out // groups, config.block_m) * triton.cdiv(cin_g, config.block_n)
-                * kh * kw * groups)
+                * kh * kw * groups * splits_s)
     target = 2 * _backend.multiprocessors(device)
-    most = max(1, pixels // (4 * config.block_k))
-    return max(1, min(most, math.ceil(target / programs)))
+    slabs = int(PARTIALS_SHARE * activation_bytes) // (8 * c_out * cin_g * kh * kw)
+    wanted = max(1, min(image_steps // 4, math.ceil(target / programs), slabs // splits_s))
+    split_n = triton.cdiv(image_steps, wanted) * images
+    return WeightGradSplit(images, places, split_n, triton.cdiv(batch, split_n), splits_s)
+
+
+PARTIALS_SHARE = 0.25  # see weight_grad_split
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis y (taps x slabs in the weight gradient)
+SLAB_BYTES = 1 << 26  # fp32 slabs per launch beyond the activations' own size
 
 
 def _launch_weight_grad(config, grad, x, weight_shape, stride, padding, dilation, groups,
@@ -568,27 +607,37 @@ def _launch_weight_grad(config, grad, x, weight_shape, stride, padding, dilation
     c_out, cin_g, kh, kw = weight_shape
     n, c_in, h, w = x.shape
     oh, ow = grad.shape[2:]
-    p = n * oh * ow
-    splits = weight_grad_splits(config, weight_shape, groups, p, x.device)
-    split_len = triton.cdiv(triton.cdiv(p, splits), config.block_k) * config.block_k
-    splits = triton.cdiv(p, split_len)
-    if splits == 1:
-        out = _alloc.empty((1, *weight_shape), x)
-    else:  # fp32 partial sums, one slab per split, summed below (deterministic)
-        out = _alloc.empty((splits, *weight_shape), x, dtype=torch.float32)
+    activation_bytes = (x.numel() + grad.numel()) * x.element_size()
+    split = weight_grad_split(config, weight_shape, groups, n, oh * ow, activation_bytes, x.device)
     in_scale, in_shift = _affine(prologue.scale, prologue.shift, c_in, x)
-    grid = (triton.cdiv(c_out // groups, config.block_m) * triton.cdiv(cin_g, config.block_n),
-            kh * kw * splits, groups)
-    _conv_weight_grad_kernel[grid](
-        grad, x, out if in_scale is None else in_scale, out if in_shift is None else in_shift, out,
-        h, w, oh, ow, p, cin_g, c_out // groups, kw, kh * kw, split_len,
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        *_nhw_strides(grad), *_nhw_strides(x), *out.stride(),
-        HAS_IN_AFFINE=in_scale is not None, IN_ACT=ACTIVATION_CODES[prologue.activation],
-        INPUT_PRECISION=input_precision(x.dtype), UPCAST=_upcast_dot(x), VEC=vec,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages)
-    return out[0] if splits == 1 else out.sum(0).to(x.dtype)
+    # Large maps have many runs of positions, one slab each: launched a bounded number at a
+    # time (the grid's axis y, the slabs' memory), their sums added in order (deterministic).
+    slab_bytes = 4 * math.prod(weight_shape) * split.splits_n
+    runs = min(split.splits_s, max(1, MAX_GRID_Y // (kh * kw * split.splits_n)),
+               max(1, max(activation_bytes, SLAB_BYTES) // slab_bytes))
+    total = None
+    for first_run in range(0, split.splits_s, runs):
+        slabs = min(runs, split.splits_s - first_run) * split.splits_n
+        if split.splits == 1:  # one program column per tap: the result itself
+            out = _alloc.empty((1, *weight_shape), x)
+        else:  # fp32 partial sums, one slab per program column, summed below
+            out = _alloc.empty((slabs, *weight_shape), x, dtype=torch.float32)
+        grid = (triton.cdiv(c_out // groups, config.block_m) * triton.cdiv(cin_g, config.block_n),
+                kh * kw * slabs, groups)
+        _conv_weight_grad_kernel[grid](
+            grad, x, out if in_scale is None else in_scale, out if in_shift is None else in_shift,
+            out, h, w, oh, ow, n, cin_g, c_out // groups, kw, kh * kw, split.splits_n,
+            split.images, split.places, split.split_n, first_run,
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            *_nhw_strides(grad), *_nhw_strides(x), *out.stride(),
+            HAS_IN_AFFINE=in_scale is not None, IN_ACT=ACTIVATION_CODES[prologue.activation],
+            INPUT_PRECISION=input_precision(x.dtype), UPCAST=_upcast_dot(x), VEC=vec,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        if split.splits == 1:
+            return out[0]
+        total = out.sum(0) if total is None else total + out.sum(0)
+    return total.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,14 +652,17 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compile_cases():
-    """Every (kernel, tile config, vector width, dtype) the launchers or the autotuner can
-    pick, with the fusion hooks all off and all on (the two ends of every constexpr branch),
-    for the compile-for-target check. fp32 cases use TF32 (what cuDNN's default allows)."""
+    """Every (kernel, tile config, vector width, dtype, precision) the launchers or the
+    autotuner can pick, with the fusion hooks all off and all on (the two ends of every
+    constexpr branch), for the compile-for-target check. fp32 runs TF32 where cuDNN's switch
+    allows it and ieee (FMA, no tensor cores) where not: both are compiled."""
     from .compile_case import CompileCase, kernel_signature
 
     cases = []
-    for dtype_name, dtype in _DTYPES.items():
-        precision = "tf32" if dtype == torch.float32 else "ieee"
+    precisions = [(name, dtype, "tf32" if dtype == torch.float32 else "ieee")
+                  for name, dtype in _DTYPES.items()] + [("fp32", torch.float32, "ieee")]
+    for dtype_name, dtype, precision in precisions:
+        label = dtype_name + ("-ieee" if dtype == torch.float32 and precision == "ieee" else "")
         for kernel_name, kernel in _KERNELS.items():
             params = inspect.signature(kernel.fn).parameters
             signature = kernel_signature(
@@ -618,7 +670,7 @@ def compile_cases():
             flags = [f for f in _FUSION_FLAGS if f in params]
             for aligned in (True, False):
                 vec = 16 // dtype.itemsize if aligned else 1
-                for config in conv_tuning.candidates(kernel_name, dtype, aligned):
+                for config in conv_tuning.candidates(kernel_name, dtype, aligned, precision):
                     for fused in ((False, True) if flags or "EVEN_K" in params else (False,)):
                         constexprs = {f: (int(fused) if f.endswith("ACT") else fused) for f in flags}
                         masked_k = ""
@@ -628,10 +680,11 @@ def compile_cases():
                         constexprs.update(INPUT_PRECISION=precision, UPCAST=False, VEC=vec,
                                           BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                           BLOCK_K=config.block_k)
-                        name = (f"conv.{kernel_name}[{dtype_name},{config.block_m}x{config.block_n}"
+                        name = (f"conv.{kernel_name}[{label},{config.block_m}x{config.block_n}"
                                 f"x{config.block_k},w{config.num_warps},s{config.num_stages},"
                                 f"vec{vec}{',fused' if fused and flags else ''}{masked_k}]")
                         cases.append(CompileCase(name, kernel, signature, constexprs,
                                                  num_warps=config.num_warps,
-                                                 num_stages=config.num_stages, expects_mma=True))
+                                                 num_stages=config.num_stages,
+                                                 expects_mma=precision != "ieee" or dtype != torch.float32))
     return cases

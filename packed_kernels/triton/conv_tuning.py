@@ -16,7 +16,7 @@ Switches:
 
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 import triton
@@ -67,13 +67,26 @@ def _shared_memory(config: TileConfig, dtype: torch.dtype) -> int:
     return config.num_stages * (config.block_m + config.block_n) * config.block_k * dtype.itemsize
 
 
-def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True) -> List[TileConfig]:
-    """Every config the launchers may use for this kernel and dtype (kept short: each one is
-    compiled for four targets by the compile-for-target check). Unaligned channel runs load
-    element by element, one address register each: only small tiles fit the registers."""
+def input_precision(dtype: torch.dtype) -> str:
+    """TF32 for fp32 only where cuDNN would use it (torch.backends.cudnn.allow_tf32)."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True,
+               precision: Optional[str] = None) -> List[TileConfig]:
+    """Every config the launchers may use for this kernel, dtype and dot precision (default:
+    what input_precision gives now), kept short: each one is compiled for four targets by the
+    compile-for-target check. Unaligned channel runs load element by element, one address
+    register each: only small tiles fit the registers."""
+    precision = precision or input_precision(dtype)
+    fma = dtype == torch.float32 and precision == "ieee"  # tl.dot on FMAs, no tensor cores
     if kernel == "weight_grad":
         bk = 64 if dtype.itemsize == 2 else 32
         tiles = _WEIGHT_GRAD_TILES if aligned else _UNALIGNED_CONFIGS["weight_grad"]
+        if fma:  # operands and accumulator in registers: 64x64 and up spill (sm_80-sm_89)
+            tiles = [t for t in tiles if t[0] * t[1] <= 32 * 32]
         pool = [TileConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 2) for bm, bn in tiles]
     else:
         rows_pool = _INPUT_GRAD_CONFIGS if kernel == "input_grad" else _PIXEL_ROW_CONFIGS
@@ -84,6 +97,8 @@ def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True) -> List[Ti
             # the forward's 128x128 (its flat K loop with masked channel blocks and the fusion
             # hooks spills on sm_80/sm_89, even unpipelined).
             dropped = {(128, 64)} | ({(128, 128)} if kernel == "forward" else set())
+            if fma and kernel == "input_grad":  # spill on FMAs: 128x128 (all), 64x16 (sm_80)
+                dropped |= {(128, 128), (64, 16)} if aligned else set()
             pool = [c._replace(num_stages=1) if (c.block_m, c.block_n) == (64, 32) else c
                     for c in pool if (c.block_m, c.block_n) not in dropped]
     return [c for c in pool if _shared_memory(c, dtype) <= SHARED_MEMORY_BUDGET]
@@ -121,14 +136,15 @@ TUNING_CACHE = JsonCache("conv_tuning")  # beside the engine choices (PACKED_KER
 def shape_class(kernel: str, dtype: torch.dtype, layout: str, device: torch.device,
                 rows: int, cols: int, depth: int) -> str:
     """Cache key. Channel counts are exact (few distinct values in a network); pixel counts
-    are bucketed to powers of two so batch and map size share a tuning."""
+    are bucketed to powers of two so batch and map size share a tuning; fp32's dot precision
+    (TF32 or ieee) picks from its own candidates."""
     gpu = _backend.device_name(device)
     if kernel == "weight_grad":
         rows_key, depth_key = rows, triton.next_power_of_2(depth)
     else:
         rows_key, depth_key = triton.next_power_of_2(rows), depth
-    return (f"{kernel}|{gpu}|{str(dtype).replace('torch.', '')}|{layout}|rows={rows_key}|"
-            f"cols={cols}|depth={depth_key}|triton={triton.__version__}")
+    return (f"{kernel}|{gpu}|{str(dtype).replace('torch.', '')}|{input_precision(dtype)}|{layout}|"
+            f"rows={rows_key}|cols={cols}|depth={depth_key}|triton={triton.__version__}")
 
 
 def layout_of(t: torch.Tensor) -> str:
