@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -31,6 +32,12 @@ class LibraryOp:
         self.name, self.impl = name, impl
         self.op = torch.library.custom_op(name, mutates_args=())(impl)
         self._function = None
+        arguments = self.op._opoverload._schema.arguments
+        tensors = [i for i, arg in enumerate(arguments)
+                   if arg.type.isSubtypeOf(torch._C.OptionalType.ofTensor())]
+        # positional calls ask about the tensor arguments alone (asking about the ints, strings
+        # and lists as well costs as much again); a position twice keeps itemgetter's tuple
+        self._arity, self._tensor_args = len(arguments), itemgetter(*tensors, *tensors[:1])
         self.__doc__ = impl.__doc__
 
     def register_fake(self, fake: Callable) -> Callable:
@@ -52,7 +59,8 @@ class LibraryOp:
         if traced():
             return self.op(*args, **kwargs)
         if (self._function is not None and torch.is_grad_enabled()
-                and _any_requires_grad(*args, *kwargs.values())):
+                and _any_requires_grad(*(self._tensor_args(args) if len(args) == self._arity
+                                         else args), *kwargs.values())):
             if kwargs:
                 raise TypeError(f"{self.name}: differentiable calls take positional arguments")
             return self._function.apply(*args)

@@ -286,8 +286,7 @@ def grouped_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     stride, padding4, dilation = validated_grouped_call(input, weight, bias, stride, padding,
                                                          dilation, groups)
     chosen = choose_backend(op, backend, input, weight, stride, groups)
-    return _grouped_conv2d_op(input, weight, bias, list(stride), list(padding4), list(dilation),
-                              groups, chosen)
+    return _grouped_conv2d_op(input, weight, bias, stride, padding4, dilation, groups, chosen)
 
 
 def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
@@ -339,8 +338,8 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
         out_scale, out_shift, residual, activation, channel_stats)
     chosen = choose_backend("fused_conv2d", backend, input, weight, stride, groups)
     out, mean, var = _fused_conv2d_op(
-        input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, list(stride),
-        list(padding4), list(dilation), groups, in_activation, activation, channel_stats, chosen)
+        input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, stride, padding4,
+        dilation, groups, in_activation, activation, channel_stats, chosen)
     return (out, mean, var) if channel_stats else out
 
 

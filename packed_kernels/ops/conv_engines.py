@@ -138,7 +138,9 @@ def _torch_forward(input, weight, bias, stride, padding, dilation, groups, prolo
     mean, var = reference_channel_stats(y) if channel_stats else (None, None)
     if epilogue is not NO_EPILOGUE:
         y = reference_epilogue(y, *epilogue)
-    return y.contiguous(memory_format=fmt), mean, var
+    if not y.is_contiguous(memory_format=fmt):  # torch's conv follows the weight's format too
+        y = y.contiguous(memory_format=fmt)
+    return y, mean, var
 
 
 def _torch_input_grad(grad, input, weight, stride, padding, dilation, groups):

@@ -87,7 +87,8 @@ def reference_epilogue(y: Tensor, scale: Optional[Tensor], shift: Optional[Tenso
 
 def reference_channel_stats(y: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel (mean, biased variance) of y over (N, H, W), fp32 (fp64 for fp64)."""
-    var, mean = torch.var_mean(y.to(stats_dtype(y.dtype)), (0, 2, 3), correction=0)
+    compute = stats_dtype(y.dtype)
+    var, mean = torch.var_mean(y if y.dtype == compute else y.to(compute), (0, 2, 3), correction=0)
     return mean, var
 
 
