@@ -43,3 +43,34 @@ def test_nchw_grad_is_copied_to_channels_last_once_for_both_gradients(backend, m
     torch.testing.assert_close(x.grad, ref_x, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(w.grad, ref_w, rtol=1e-4, atol=1e-4)
     assert x.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["simt", "triton"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_nchw_input_is_copied_to_channels_last_once_per_training_step(backend, fused, monkeypatch):
+    """The forward's copy is the one the op saves: the weight gradient (and the fused op's
+    recomputed pre-epilogue output) read it instead of converting the input again."""
+    if _backend.unavailable_reason(backend, torch.device("cpu"), torch.float32) is not None:
+        pytest.skip(f"{backend} is not available here")
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)  # NCHW
+    w = torch.randn(12, 2, 3, 3, requires_grad=True)
+    scale = torch.rand(12) + 0.5
+    copies = CountingCopies(monkeypatch, x.shape)
+    if fused:
+        y = pk.fused_conv2d(x, w, None, 1, 1, 1, 4, out_scale=scale, activation="relu",
+                            backend=backend)
+    else:
+        y = pk.grouped_conv2d(x, w, None, 1, 1, 1, 4, backend=backend)
+    assert y.is_contiguous()  # the caller's format
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    monkeypatch.undo()
+    assert copies.count == 1
+    reference = torch.nn.functional.conv2d(x, w, None, 1, 1, 1, 4)
+    if fused:
+        reference = torch.relu(reference * scale.reshape(1, -1, 1, 1))
+    ref_x, ref_w = torch.autograd.grad(reference, (x, w), grad)
+    torch.testing.assert_close(y, reference.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, ref_x, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad, ref_w, rtol=1e-4, atol=1e-4)

@@ -248,6 +248,19 @@ def choose_backend(op: str, backend: Optional[str], input: Tensor, weight: Tenso
     return _backend.resolve(op, backend, input.device, input.dtype, IMPLEMENTED)
 
 
+def _channels_last_for_kernels(input: Tensor, chosen: str):
+    """(input, caller's format or None): an explicitly chosen kernel engine reads channels_last,
+    so an NCHW or strided input is converted here, once; the op then saves that copy for its
+    backward (whose passes would each convert the input again), and the output goes back to the
+    caller's format. backend "auto" measures each engine with its own copies instead."""
+    if chosen == "torch" or chosen == AUTO:
+        return input, None
+    fmt = format_of(input)
+    if fmt == torch.channels_last:
+        return input, None
+    return input.contiguous(memory_format=torch.channels_last), fmt
+
+
 def grouped_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
                    padding: Union[IntPair, str] = 0, dilation: IntPair = 1, groups: int = 1, *,
                    backend: Optional[str] = None) -> Tensor:
@@ -286,7 +299,9 @@ def grouped_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     stride, padding4, dilation = validated_grouped_call(input, weight, bias, stride, padding,
                                                          dilation, groups)
     chosen = choose_backend(op, backend, input, weight, stride, groups)
-    return _grouped_conv2d_op(input, weight, bias, stride, padding4, dilation, groups, chosen)
+    input, caller_format = _channels_last_for_kernels(input, chosen)
+    out = _grouped_conv2d_op(input, weight, bias, stride, padding4, dilation, groups, chosen)
+    return out if caller_format is None else out.contiguous(memory_format=caller_format)
 
 
 def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
@@ -337,9 +352,12 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
         input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, in_activation,
         out_scale, out_shift, residual, activation, channel_stats)
     chosen = choose_backend("fused_conv2d", backend, input, weight, stride, groups)
+    input, caller_format = _channels_last_for_kernels(input, chosen)
     out, mean, var = _fused_conv2d_op(
         input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, stride, padding4,
         dilation, groups, in_activation, activation, channel_stats, chosen)
+    if caller_format is not None:
+        out = out.contiguous(memory_format=caller_format)
     return (out, mean, var) if channel_stats else out
 
 
