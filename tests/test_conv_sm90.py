@@ -3,7 +3,7 @@
 memory, the weight by 2-D tensor copies completing on mbarriers, the activations by cp.async)
 through backend="simt" with PACKED_KERNELS_SIMT_ARCH=90, which selects it in the emulator as an
 sm_90 device does on a GPU. Shapes with channels per group a multiple of 8 (the path's
-condition): several row and column tiles, column tiles of 64 and 128 channels, K tails, more K
+condition): several row and column tiles, 128 x 64 and 64 x 128 tiles, K tails, more K
 slices than stages, padding taps, strides, dilation, groups; the epilogue and channel statistics
 run on it too (an input prologue falls back to the mma.sync kernel)."""
 
@@ -15,7 +15,7 @@ from test_conv_cuda import _check_conv, _ids
 
 # name: (batch, c_in, c_out, (h, w), kernel, stride, padding, dilation, groups)
 SM90_CASES = {
-    "grouped_3x3_k_tail": (2, 32, 48, (9, 7), 3, 1, 1, 1, 2),         # 24 channels: one 64 tile
+    "grouped_3x3_k_tail": (2, 32, 48, (9, 7), 3, 1, 1, 1, 2),         # 24 channels: a 128 x 64 tile
     "wide_1x1_s2_two_column_tiles": (1, 16, 256, (7, 6), 1, 2, 0, 1, 1),  # 128-channel tiles
     "deep_3x3_s2_dilated": (1, 64, 32, (11, 10), 3, 2, 2, 2, 2),     # 5 slices through 4 stages
     "rows_and_channel_tails": (2, 8, 136, (10, 9), 3, 1, 1, 1, 1),   # 3 row tiles, 136 = 128 + 8
@@ -37,6 +37,13 @@ def test_sm90_forward_matches_fp64(name, dtype):
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=_ids)
 def test_sm90_forward_fused_matches_fp64(options, dtype):
     check_fused_matches_fp64("simt", options, dtype, "channels_last", SM90_CASES["deep_3x3_s2_dilated"])
+
+
+@pytest.mark.parametrize("name", ["grouped_3x3_k_tail", "rows_and_channel_tails"])
+def test_sm90_forward_statistics_per_64_row_tile(name):
+    # 128 x 64 tiles write the statistics of two 64-row tiles (126 rows: 64 + 62), 64 x 128 tiles
+    # of one; both merge as the mma.sync kernel's do.
+    check_fused_matches_fp64("simt", "stats", torch.float16, "channels_last", SM90_CASES[name])
 
 
 def test_sm90_forward_nchw_input_matches_fp64():

@@ -12,6 +12,7 @@ and the sm_90 self-test kernels (csrc/tests/hopper_selftest_kernels.cuh) must co
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,7 +117,7 @@ CONV_THREADS = 128  # conv.cuh's kThreads (its __launch_bounds__)
 
 # Per problem: fp32 (16-byte, scalar loads) + per 16-bit type (cp.async pipeline, scalar loads),
 # twice for the problems with an input prologue (kernels with and without it); the sm_90 forward
-# per 16-bit type and column tile (64, 128).
+# per 16-bit type and tile (64 x 128, 128 x 64).
 CONV_KERNELS_PER_ARCH = {"forward": 2 * (2 + 2 * 2), "input_grad": 2 + 2 * 2, "weight_grad": 2 * (2 + 2 * 2),
                          "forward_sm90": 2 * 2}
 SM90_KERNEL = "forward_sm90_kernel"
@@ -178,7 +179,7 @@ def test_conv_pipelined_kernels_use_cp_async(compiled):
 
 
 def test_sm90_forward_uses_wgmma_and_tensor_copies(compiled):
-    """conv_sm90.cuh for sm_90a: wgmma m64nNk16 (N = 64, 128; half and bfloat16) from descriptors,
+    """conv_sm90.cuh for sm_90a: wgmma m64nNk16 (64 x 128 and 128 x 64 tiles; half and bfloat16) from descriptors,
     committed and drained one group behind; the weight by 2-D tensor copies completing on mbarriers
     (expect_tx, parity waits); the activations by cp.async made visible to wgmma by the proxy
     fence. In the SASS: 4 HGMMA per K slice and per kernel, and ptxas injected no warpgroup waits
@@ -186,7 +187,7 @@ def test_sm90_forward_uses_wgmma_and_tensor_copies(compiled):
     entries = {n: b for n, b in _ptx_entries(compiled["conv_sm90a.ptx"]).items() if SM90_KERNEL in n}
     assert len(entries) == CONV_KERNELS_PER_ARCH["forward_sm90"], sorted(entries)
     for name, body in entries.items():
-        n = "128" if "Li128E" in name else "64"
+        n = re.search(r"Li(\d+)ELi(\d+)E", name).group(2)  # forward_sm90_kernel<T, BM, BN>
         types = "bf16.bf16" if "13__nv_bfloat16" in name else "f16.f16"
         for instruction in (f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{types}", "wgmma.fence.sync.aligned",
                             "wgmma.commit_group.sync.aligned", "wgmma.wait_group.sync.aligned 1",
@@ -199,7 +200,8 @@ def test_sm90_forward_uses_wgmma_and_tensor_copies(compiled):
     kernels = [chunk for part in sm90a for chunk in part.split("Function : ")[1:] if SM90_KERNEL in chunk.split()[0]]
     assert len(kernels) == CONV_KERNELS_PER_ARCH["forward_sm90"]
     for code in kernels:
-        assert code.count("HGMMA.64x") == 4, code.split()[0]
+        rows = int(re.search(r"Li(\d+)ELi(\d+)E", code.split()[0]).group(1))
+        assert code.count("HGMMA.64x") == 4 * rows // 64, code.split()[0]  # per 16-deep step and m64 half
         assert "UTMALDG.2D" in code and "SYNCS.PHASECHK" in code, code.split()[0]
     assert "is injected" not in compiled["conv.cu"], "ptxas serialised wgmma (warpgroup waits injected)"
 

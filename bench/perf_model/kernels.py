@@ -305,20 +305,20 @@ def cuda_kernel_name(dtype_name: str, vec: int, stages: int, pass_name: str) -> 
 
 
 def sm90_forward_launch(layer, batch: int, dtype_name: str, cubin: Path) -> Launch:
-    """conv_sm90.cuh's forward: one warpgroup per 64 x BN tile (BN = 128 where a group has more
-    than 64 output channels, else 64), slices of kSm90BlockK, kSm90Stages stages of A and B tiles
-    in dynamic shared memory (the fp32 accumulator tile reuses them)."""
+    """conv_sm90.cuh's forward: one warpgroup per BM x BN tile (64 x 128 where a group has more
+    than 64 output channels, else 128 x 64), slices of kSm90BlockK, kSm90Stages stages of A and B
+    tiles in dynamic shared memory (the fp32 accumulator tile reuses them)."""
     c = _header_constants(SM90_HEADER, ("kSm90Threads", "kSm90BlockK", "kSm90Stages"))
-    bm, bk = cuda_constants()["kBlockM"], c["kSm90BlockK"]
+    bk = c["kSm90BlockK"]
     itemsize = DTYPES[dtype_name].itemsize
     cin_g, cout_g = layer.c_in // layer.groups, layer.c_out // layer.groups
-    bn = 128 if cout_g > 64 else 64
+    bm, bn = (64, 128) if cout_g > 64 else (128, 64)
     oh, ow = layer.out_hw()
     rows, depth = batch * oh * ow, layer.kernel[0] * layer.kernel[1] * cin_g
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     grid = (cdiv(rows, bm), cdiv(cout_g, bn), layer.groups)
     shared = 1024 + max(c["kSm90Stages"] * (bm + bn) * bk * itemsize, 4 * bm * (bn + 4))
-    prefix = f"_ZN2pk4conv6detail19forward_sm90_kernelI{_MANGLED_TYPE[dtype_name]}Li{bn}E"
+    prefix = f"_ZN2pk4conv6detail19forward_sm90_kernelI{_MANGLED_TYPE[dtype_name]}Li{bm}ELi{bn}E"
     config = f"{bm}x{bn}x{bk} wgmma s{c['kSm90Stages']} tma"
     return Launch("cuda", prefix, cubin, grid, c["kSm90Threads"] // 32, shared, [cdiv(depth, bk)],
                   math.prod(grid), config, (bm, bn, bk), itemsize)

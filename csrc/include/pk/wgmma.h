@@ -57,6 +57,10 @@ PK_DEVICE std::uint64_t descriptor(const void* smem, Swizzle swizzle, unsigned l
          (std::uint64_t((stride_bytes >> 4) & 0x3fff) << 32) | (std::uint64_t(static_cast<int>(swizzle)) << 62);
 }
 
+// The descriptor of the operand `bytes` further on (a multiple of 16; the start address field
+// does not carry: shared addresses stay below 256 KiB): one add per step instead of a rebuild.
+PK_HOST_DEVICE constexpr std::uint64_t advance(std::uint64_t desc, unsigned bytes) { return desc + (bytes >> 4); }
+
 #ifdef PK_SIMT_ENABLED
 
 PK_DEVICE void fence() { ::pk::simt::wgmma_fence(); }
