@@ -148,6 +148,21 @@ def test_weight_grad_pixel_tiles_span_images():
     _check_conv_and_grads(x, w, dict(stride=2, padding=1, groups=2), torch.float32, "2x3 maps")
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
+def test_unaligned_channel_runs_on_the_wide_tile(dtype):
+    """Channel runs that are not 16-byte vectors (the stem's 3 input channels; 18 per group)
+    with a group wider than 16 channels: in 16-bit types the forward (80 outputs) and the input
+    gradient (18 inputs per group) run the 64x64 unaligned tile (fp32 keeps 16x16: 64x64
+    spills there)."""
+    wide = dtype != torch.float32
+    assert conv_tuning.heuristic("forward", dtype, 10_000, 80, 3, aligned=False).block_n == (64 if wide else 16)
+    x = torch.randn(2, 3, 9, 7).to(memory_format=torch.channels_last)
+    _check_conv_and_grads(x, torch.randn(80, 3, 3, 3) / 5, dict(padding=1), dtype, "stem-like")
+    x = torch.randn(2, 36, 6, 5).to(memory_format=torch.channels_last)
+    _check_conv_and_grads(x, torch.randn(6, 18, 3, 3) / 12, dict(padding=1, groups=2), dtype,
+                          "18 per group")
+
+
 def test_weight_grad_runs_of_positions_launched_in_batches(monkeypatch):
     """A map with many runs of positions (one fp32 slab each) under a small grid limit: the
     runs go out in several launches whose sums add up to the whole gradient."""

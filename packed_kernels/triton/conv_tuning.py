@@ -54,9 +54,11 @@ _INPUT_GRAD_CONFIGS = (TileConfig(64, 16, 16, 4, 1),) + _PIXEL_ROW_CONFIGS[1:]
 _CHANNEL_TILES = (16, 32, 64, 128)
 _WEIGHT_GRAD_TILES = ((16, 16), (32, 32), (64, 64), (128, 64), (128, 128))
 # Without 16-byte alignment (e.g. 3 channels per group) every element is loaded on its own,
-# with its own address register: only these small tiles fit the register file.
+# with its own address register: only small tiles fit the registers. 64x64 for wider 16-bit
+# groups (the stem's 128 output channels read its input twice, not 8 times); 64x128 spills
+# (sm_90, the fused forward), and so does 64x64 in fp32.
 _UNALIGNED_CONFIGS = {
-    "pixel_rows": (TileConfig(16, 16, 16, 4, 2),),
+    "pixel_rows": (TileConfig(16, 16, 16, 4, 2), TileConfig(64, 64, 16, 4, 2)),
     "weight_grad": ((16, 16), (32, 32)),
 }
 
@@ -98,7 +100,9 @@ def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True,
             # hooks spills on sm_80/sm_89, even unpipelined).
             dropped = {(128, 64)} | ({(128, 128)} if kernel == "forward" else set())
             if fma and kernel == "input_grad":  # spill on FMAs: 128x128 (all), 64x16 (sm_80)
-                dropped |= {(128, 128), (64, 16)} if aligned else set()
+                dropped |= {(128, 128), (64, 16)}
+            if not aligned:  # the unaligned 64x64 spills in fp32 (sm_90: fused forward, FMAs)
+                dropped |= {(64, 64)}
             pool = [c._replace(num_stages=1) if (c.block_m, c.block_n) == (64, 32) else c
                     for c in pool if (c.block_m, c.block_n) not in dropped]
     return [c for c in pool if _shared_memory(c, dtype) <= SHARED_MEMORY_BUDGET]
