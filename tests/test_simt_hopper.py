@@ -90,6 +90,15 @@ def test_reading_a_tensor_copy_before_its_barrier_gives_a_wrong_answer(selftest)
     assert not float(results(selftest, "tma_no_wait")["error"]) < 1e-2
 
 
+def test_the_forward_launches_the_sm90_kernel_where_it_applies(selftest):
+    # conv.cuh's forward on the emulator's launch architecture (PACKED_KERNELS_SIMT_ARCH): the sm_90
+    # kernel for a plain 16-bit call with 8k input channels per group on 90 only; an input
+    # prologue or 4 channels per group stay on the mma.sync kernel (tests/test_conv_sm90.py checks
+    # its answers).
+    out = results(selftest, "conv_forward_path")
+    assert out == {"arch90": "1", "arch80": "0", "arch90_prologue": "0", "arch90_4_channels": "0"}, out
+
+
 def test_bulk_copy_pipeline_gives_the_reference_answer(selftest):
     out = results(selftest, "bulk_pipeline")
     assert int(out["mismatches"]) == 0

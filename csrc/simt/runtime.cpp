@@ -472,6 +472,12 @@ int lane_id() { return current_launch("lane_id").current->lane; }
 
 void set_seed(std::uint64_t seed) { t_seed = seed; }
 
+namespace {
+thread_local const void* t_last_kernel = nullptr;
+}  // namespace
+void note_kernel(const void* kernel) { t_last_kernel = kernel; }
+const void* last_kernel() { return t_last_kernel; }
+
 void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*body)(void*), void* arg,
             std::size_t shared_limit) {
   if (t_launch != nullptr) throw std::runtime_error("simt: kernels cannot launch kernels");

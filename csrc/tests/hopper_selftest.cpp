@@ -13,6 +13,9 @@
 #include <vector>
 
 #include "hopper_selftest_kernels.cuh"
+#ifdef PK_SIMT_ENABLED
+#include "conv.cuh"  // conv_forward_path: which kernel the emulator's launch architecture picks
+#endif
 
 namespace {
 
@@ -232,6 +235,32 @@ void broken_pipeline(int variant) {
   });
 }
 
+#ifdef PK_SIMT_ENABLED
+// Which kernel conv.cuh's forward launches, by PACKED_KERNELS_SIMT_ARCH and the call: 1 where it
+// is conv_sm90.cuh's (the 128 x 64 tile for these 16 output channels).
+void case_conv_forward_path() {
+  using pk::conv::Shape;
+  const void* const sm90 = reinterpret_cast<const void*>(pk::conv::detail::forward_sm90_kernel<pk::half, 128, 64>);
+  auto launched_sm90 = [&](const char* arch, int c_in, bool prologue) {
+    setenv("PACKED_KERNELS_SIMT_ARCH", arch, 1);
+    const Shape s{1, c_in, 6, 6, 16, 3, 3, 6, 6, 1, 1, 1, 1, 1, 1, 1};
+    Array<pk::half> x(std::size_t(c_in) * 36), w(std::size_t(16) * 9 * c_in), y(16 * 36);
+    for (std::size_t i = 0; i < x.size; ++i) x[i] = pk::from_float<pk::half>(1.0f);
+    for (std::size_t i = 0; i < w.size; ++i) w[i] = pk::from_float<pk::half>(1.0f);
+    Array<float> scale(c_in);
+    for (int c = 0; c < c_in; ++c) scale[c] = 1.0f;
+    const pk::conv::Prologue pro{prologue ? scale.data : nullptr, nullptr, pk::conv::Activation::kNone};
+    const pk::conv::Epilogue epi{nullptr, nullptr, nullptr, nullptr, pk::conv::Activation::kNone};
+    pk::conv::forward(pk::ScalarType::kFloat16, s, x.data, w.data, pro, epi, y.data, nullptr, nullptr);
+    return pk::simt::last_kernel() == sm90 ? 1 : 0;
+  };
+  std::printf("arch90=%d\n", launched_sm90("90", 16, false));
+  std::printf("arch80=%d\n", launched_sm90("80", 16, false));
+  std::printf("arch90_prologue=%d\n", launched_sm90("90", 16, true));
+  std::printf("arch90_4_channels=%d\n", launched_sm90("90", 4, false));
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -249,6 +278,9 @@ int main(int argc, char** argv) {
       {"bulk_wrong_parity", [] { broken_pipeline(hopper_selftest::kWrongParity); }},
       {"bulk_no_empty_wait", [] { broken_pipeline(hopper_selftest::kNoEmptyWait); }},
       {"bulk_no_expect_tx", [] { broken_pipeline(hopper_selftest::kNoExpectTx); }},
+#ifdef PK_SIMT_ENABLED
+      {"conv_forward_path", case_conv_forward_path},
+#endif
   };
   if (argc != 2 || !cases.count(argv[1])) {
     std::fprintf(stderr, "usage: %s <case>; cases:", argv[0]);

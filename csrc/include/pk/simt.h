@@ -184,6 +184,7 @@ void launch_kernel(std::size_t shared_limit, void (*kernel)(Params...), dim3 gri
     std::tuple<std::decay_t<Params>...> args;
   };
   Call call{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)};
+  note_kernel(reinterpret_cast<const void*>(kernel));
   // Every thread gets its own copy of the parameters, as on the GPU.
   launch(grid, block, dynamic_shared_bytes,
          [](void* p) {

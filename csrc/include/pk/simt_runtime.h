@@ -116,6 +116,11 @@ void wgmma_mma(float* acc, int n, WgmmaType type, std::uint64_t desc_a, std::uin
 void wgmma_commit();
 void wgmma_wait(int pending_groups);
 
+// The kernel the last pk::launch / pk::launch_opt_in of this thread ran (tests: which kernel a
+// launcher picked).
+void note_kernel(const void* kernel);
+const void* last_kernel();
+
 // Settings for tests: the seed of the shuffled resume orders.
 void set_seed(std::uint64_t seed);
 
