@@ -213,7 +213,7 @@ def _ours_passes(case: ConvCase, sets, backend: Optional[str]) -> Tuple[Dict[str
 
     def backward(i):
         x, w, g = sets[i % n]
-        return torch.ops.packed_kernels.grouped_conv2d_backward(g, x, w, False, *geometry, chosen)
+        return torch.ops.packed_kernels.grouped_conv2d_backward(g, x, w, False, *geometry, chosen, True, True)
 
     def one_grad(engines):
         def run(i):

@@ -60,8 +60,9 @@ def test_conv_decompositions(channels_last, padding):
                  _ops.grouped_conv2d(x, w, b, *geometry, "torch"))
     out = _ops.grouped_conv2d(x, w, b, *geometry, "torch")
     grad = torch.randn_like(out)
-    _assert_same(decompositions.grouped_conv2d_backward(grad, x, w, True, *geometry, "simt"),
-                 _ops.grouped_conv2d_backward(grad, x, w, True, *geometry, "torch"))
+    for need in ((True, True), (True, False), (False, True)):
+        _assert_same(decompositions.grouped_conv2d_backward(grad, x, w, True, *geometry, "simt", *need),
+                     _ops.grouped_conv2d_backward(grad, x, w, True, *geometry, "torch", *need))
 
     in_scale, in_shift, out_scale, out_shift = (torch.randn(c) for c in (4, 4, 6, 6))
     residual = torch.randn_like(out)

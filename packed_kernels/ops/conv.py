@@ -43,14 +43,17 @@ def _(input, weight, bias, stride, padding, dilation, groups, backend):
 @_backend.on_input_device
 def _grouped_conv2d_backward_op(grad: Tensor, input: Tensor, weight: Tensor, has_bias: bool,
                                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                                groups: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    engines = (backend, backend)
+                                groups: int, backend: str, need_input: bool,
+                                need_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad input, grad weight, grad bias), empty where not needed (need_input, need_weight,
+    has_bias): as torch, a gradient nobody asked for is not computed."""
+    engines = (backend if need_input else None, backend if need_weight else None)
     if backend == AUTO:
         engines = auto_grad_engines(grad, input, weight, stride, padding, dilation, groups,
-                                    NO_PROLOGUE, True, True)
-    if engines == ("torch", "torch"):  # one cuDNN call for both, with the bias gradient
+                                    NO_PROLOGUE, need_input, need_weight)
+    if all(e in ("torch", None) for e in engines):  # one cuDNN call, with the bias gradient
         grads = reference_conv2d_backward(grad, input, weight, has_bias, stride, padding, dilation,
-                                          groups)
+                                          groups, (need_input, need_weight))
     else:
         grad_input, grad_weight = conv_grads(engines, grad, input, weight, stride, padding,
                                              dilation, groups)
@@ -59,8 +62,10 @@ def _grouped_conv2d_backward_op(grad: Tensor, input: Tensor, weight: Tensor, has
 
 
 @_grouped_conv2d_backward_op.register_fake
-def _(grad, input, weight, has_bias, stride, padding, dilation, groups, backend):
-    return (torch.empty_like(input, memory_format=format_of(input)), torch.empty_like(weight),
+def _(grad, input, weight, has_bias, stride, padding, dilation, groups, backend, need_input,
+      need_weight):
+    return (torch.empty_like(input, memory_format=format_of(input)) if need_input else input.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0),
             weight.new_empty(weight.shape[0] if has_bias else 0))
 
 
@@ -73,9 +78,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     input, weight = ctx.saved_tensors
+    need_input, need_weight = ctx.needs_input_grad[:2]
     grad_input, grad_weight, grad_bias = _grouped_conv2d_backward_op(
-        grad, input, weight, ctx.has_bias, *ctx.args)
-    return grad_input, grad_weight, (grad_bias if ctx.has_bias else None), None, None, None, None, None
+        grad, input, weight, ctx.has_bias, *ctx.args, need_input, need_weight)
+    return (grad_input if need_input else None, grad_weight if need_weight else None,
+            grad_bias if ctx.has_bias else None, None, None, None, None, None)
 
 
 _grouped_conv2d_op.register_autograd(_backward, setup_context=_setup_context)

@@ -42,10 +42,10 @@ def grouped_conv2d(input, weight, bias, stride, padding, dilation, groups, backe
 
 
 def grouped_conv2d_backward(grad, input, weight, has_bias, stride, padding, dilation, groups,
-                            backend):
-    grad_input, grad_weight, grad_bias = reference_conv2d_backward(
-        grad, input, weight, has_bias, stride, padding, dilation, groups)
-    return grad_input, grad_weight, grad_bias if has_bias else weight.new_empty(0)
+                            backend, need_input, need_weight):
+    grads = reference_conv2d_backward(grad, input, weight, has_bias, stride, padding, dilation,
+                                      groups, (need_input, need_weight))
+    return tuple(like.new_empty(0) if g is None else g for g, like in zip(grads, (input, weight, weight)))
 
 
 def fused_conv2d(input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, stride,

@@ -52,9 +52,10 @@ def grouped_conv2d_flops(x_shape, w_shape, _bias, *_args, out_shape=None, **_kwa
     return conv_flop_count(x_shape, w_shape, out_shape)
 
 
-def grouped_conv2d_backward_flops(grad_shape, x_shape, w_shape, *_args, out_shape=None,
+def grouped_conv2d_backward_flops(grad_shape, x_shape, w_shape, *args, out_shape=None,
                                   **_kwargs) -> int:
-    return _conv_gradients_flops(grad_shape, x_shape, w_shape, True, True)
+    need_input, need_weight = args[-2:]
+    return _conv_gradients_flops(grad_shape, x_shape, w_shape, need_input, need_weight)
 
 
 def fused_conv2d_flops(x_shape, w_shape, *_args, out_shape=None, **_kwargs) -> int:
