@@ -12,7 +12,8 @@
 //                depth split over grid axis y into fp32 slabs (summed by the caller)
 // A block computes a 64x64 tile over K slices of 32: a 64x32 slice of A and a 32x64 slice of B
 // are staged in shared memory (padding taps, tails and out-of-range rows as zero; row/column
-// offsets decoded once, depth offsets once per slice by cursors stepped without division), then
+// offsets decoded once, depth offsets once per slice by cursors stepped without division, each
+// copying thread stepping its own in the pipeline), then
 //   half/bfloat16: 4 warps, each 32x32 of 16x8x16 mma.sync tiles fed by ldmatrix (pk/tile.h), fp32
 //                  accumulators;
 //   float:         FMA, each thread 8x4 outputs.
@@ -32,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -118,16 +120,22 @@ PK_DEVICE bool inside(const Coord& fixed, const Coord& step, Bounds bounds) {
 
 // The problem interface. Each problem decodes its indices once: a row's (RowInfo: A's row part
 // `a`, and where the row's results go) and a column's (ColInfo: B's column part `b`) per block,
-// a depth step's (DepthInfo: A's and B's depth parts) per K slice, kept in shared memory, so a
-// copy in the main loop adds two offsets and compares two coordinates, with no division. A depth
-// index is decoded once per block (depth_cursor, by division) and then stepped a slice at a
-// time (advance, by multiplications: pk/divmod.h); depth_info reads a cursor's parts.
+// in shared memory; a depth index's (DepthInfo: A's and B's depth parts) per K slice, in the
+// copying thread's registers (the cp.async pipeline) or in shared memory (register staging), so
+// a copy in the main loop adds two offsets and compares two coordinates, with no division. A
+// depth index is decoded once per block (depth_cursor, by division) and then stepped a slice at
+// a time (advance, by multiplications: pk/divmod.h); depth_info reads a cursor's parts.
 //   kAAlongDepth / kBAlongDepth   which of the operand's dimensions is contiguous in memory
 //   kABounded / kBBounded         which operand has padding taps (against a_bounds() / b_bounds())
 //   kPrologueOnA / kPrologueOnB   which operand an input prologue transforms (the channel of a
 //                                 run's first element: a_channel(row, depth) / b_channel(col, depth))
 //   kPrologue                     whether it does: false here, true in WithPrologue<Problem>, so
 //                                 the kernels without one carry no prologue code in their loop
+//   kStats                        whether the problem has channel statistics (`stats`, the
+//                                 forward's): the gradients' kernels carry no statistics code
+//   Out, store_run<V>             the result's element type; V consecutive columns of a row from
+//                                 float accumulators (V > 1: 16-byte accesses, the launcher
+//                                 checked the alignment)
 template <typename Problem>
 struct WithPrologue : Problem {
   static constexpr bool kPrologue = true;
@@ -138,6 +146,8 @@ struct ForwardProblem {
   static constexpr bool kAAlongDepth = true, kBAlongDepth = true;
   static constexpr bool kABounded = true, kBBounded = false;
   static constexpr bool kPrologueOnA = true, kPrologueOnB = false, kPrologue = false;
+  static constexpr bool kStats = true;
+  using Out = T;
   struct RowInfo {  // output pixel: x's part at its top-left tap, and the pixel itself
     Coord a;
     index_t pixel;
@@ -200,13 +210,25 @@ struct ForwardProblem {
     return bias != nullptr ? acc + bias[g * geo.cout_g + col] : acc;
   }
   PK_DEVICE int bind(unsigned z) { return static_cast<int>(z); }
-  PK_DEVICE void store(int g, int /*split*/, const RowInfo& r, index_t col, float acc) const {
-    const index_t m = r.pixel, co = g * geo.cout_g + col;
-    float v = pre_epilogue(g, col, acc);
-    if (out_scale != nullptr) v *= out_scale[co];
-    if (out_shift != nullptr) v += out_shift[co];
-    if (residual != nullptr) v += to_float(residual[m * geo.C_out + co]);
-    y[m * geo.C_out + co] = from_float<T>(activate(v, out_activation));
+  // Columns col .. col + V - 1 of row r (V > 1: one 16-byte access to y and to the residual).
+  template <int V>
+  PK_DEVICE void store_run(int g, int /*split*/, const RowInfo& r, index_t col, const float* acc) const {
+    const index_t at = r.pixel * geo.C_out + g * geo.cout_g + col;
+    float res[V], v[V];
+    if (residual != nullptr) load_chunk<V>(residual + at, 0, 1, res);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const index_t co = g * geo.cout_g + col + j;
+      float u = pre_epilogue(g, col + j, acc[j]);
+      if (out_scale != nullptr) u *= out_scale[co];
+      if (out_shift != nullptr) u += out_shift[co];
+      if (residual != nullptr) u += res[j];
+      v[j] = activate(u, out_activation);
+    }
+    store_chunk<V>(y + at, 0, 1, v);
+  }
+  PK_DEVICE void store(int g, int split, const RowInfo& r, index_t col, float acc) const {
+    store_run<1>(g, split, r, col, &acc);
   }
 };
 
@@ -256,6 +278,8 @@ struct InputGradProblem {
   static constexpr bool kAAlongDepth = true, kBAlongDepth = false;
   static constexpr bool kABounded = true, kBBounded = false;
   static constexpr bool kPrologueOnA = false, kPrologueOnB = false, kPrologue = false;
+  static constexpr bool kStats = false;
+  using Out = T;
   struct RowInfo {  // input pixel: grad's part at the output pixel it reads through the phase's
     Coord a;        // first tap, and the input pixel itself
     index_t pixel;
@@ -279,7 +303,6 @@ struct InputGradProblem {
   const T* grad;
   const T* w;
   T* grad_input;
-  float* stats;  // unused: no statistics here
 
   PK_DEVICE int bind(unsigned z) {
     const int phase = phase_first + static_cast<int>(z) / groups, phases_w = geo.stride_w < geo.W ? geo.stride_w : geo.W;
@@ -322,8 +345,12 @@ struct InputGradProblem {
   PK_DEVICE const T* a_base() const { return grad; }
   PK_DEVICE const T* b_base() const { return w; }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
-  PK_DEVICE void store(int g, int /*split*/, const RowInfo& r, index_t col, float acc) const {
-    grad_input[r.pixel * geo.C_in + g * geo.cin_g + col] = from_float<T>(acc);
+  template <int V>
+  PK_DEVICE void store_run(int g, int /*split*/, const RowInfo& r, index_t col, const float* acc) const {
+    float v[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = acc[j];
+    store_chunk<V>(grad_input + r.pixel * geo.C_in + g * geo.cin_g + col, 0, 1, v);
   }
 };
 
@@ -332,6 +359,8 @@ struct WeightGradProblem {
   static constexpr bool kAAlongDepth = false, kBAlongDepth = false;
   static constexpr bool kABounded = false, kBBounded = true;
   static constexpr bool kPrologueOnA = false, kPrologueOnB = true, kPrologue = false;
+  static constexpr bool kStats = false;
+  using Out = float;
   struct RowInfo {  // output channel: grad's part, and the channel
     Coord a;
     index_t co;
@@ -354,7 +383,6 @@ struct WeightGradProblem {
   const T* x;
   PrologueView<T> prologue;
   float* partials;
-  float* stats;  // unused
 
   PK_DEVICE RowInfo row_info(int g, index_t co) const { return RowInfo{{g * geo.cout_g + co, 0, 0}, co}; }
   PK_DEVICE DepthCursor depth_cursor(int, index_t p) const {
@@ -386,8 +414,12 @@ struct WeightGradProblem {
   PK_DEVICE index_t b_channel(const ColInfo& c, const DepthInfo&) const { return c.channel; }
   PK_DEVICE float pre_epilogue(int, index_t, float acc) const { return acc; }
   PK_DEVICE int bind(unsigned z) { return static_cast<int>(z); }
-  PK_DEVICE void store(int g, int split, const RowInfo& r, index_t col, float acc) const {
-    partials[((index_t(split) * geo.C_out) + g * geo.cout_g + r.co) * cols + col] = acc;
+  template <int V>
+  PK_DEVICE void store_run(int g, int split, const RowInfo& r, index_t col, const float* acc) const {
+    float v[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = acc[j];
+    store_chunk<V>(partials + ((index_t(split) * geo.C_out) + g * geo.cout_g + r.co) * cols + col, 0, 1, v);
   }
 };
 
@@ -430,6 +462,24 @@ PK_DEVICE void run_start(int e, int& i, int& k) {
   } else {
     k = e / (kExtent / VEC);
     i = e % (kExtent / VEC) * VEC;
+  }
+}
+
+// Run t of thread `tid` when every thread copies kRuns runs of the tile, all at one depth index
+// of the slice (so one depth cursor serves them). Along depth, a row's kBlockK / VEC runs go to
+// consecutive threads (16-byte runs, a row's 64 bytes together); across depth, the kThreads /
+// kBlockK threads of a depth row take its runs in turn.
+template <bool kAlongDepth, int kExtent, int VEC, int kRuns>
+PK_DEVICE void thread_run_start(int tid, int t, int& i, int& k) {
+  constexpr int kRowThreads = kAlongDepth ? kBlockK / VEC : kThreads / kBlockK;
+  static_assert(kThreads % kRowThreads == 0, "a depth row's runs divide the threads");
+  static_assert(kAlongDepth || kRowThreads * kRuns * VEC == kExtent, "a depth row's threads cover it");
+  if (kAlongDepth) {
+    i = tid / kRowThreads + t * (kThreads / kRowThreads);
+    k = tid % kRowThreads * VEC;
+  } else {
+    k = tid / kRowThreads;
+    i = (tid % kRowThreads + t * kRowThreads) * VEC;
   }
 }
 
@@ -500,28 +550,16 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
   }
 
-  // Decoded indices: rows and columns once, depth per K slice (the pipeline decodes a slice one
-  // step before it issues the slice's copies).
+  // Decoded indices: rows and columns once per block, in shared memory (the copies and the
+  // epilogue read them).
   PK_SHARED(RowInfo, row_info, kBlockM);
   PK_SHARED(ColInfo, col_info, kBlockN);
-  // Slot ring: a slice's decoded depth is read by its issue and, with a prologue, once more after
-  // its wait, STAGES - 1 steps later.
-  constexpr int kSlots = STAGES > 2 ? STAGES : 2;
-  PK_SHARED(DepthInfo, depth_info, kSlots * kBlockK);
-  for (int r = tid; r < kBlockM; r += kThreads) row_info[r] = p.row_info(g, m0 + r);
-  for (int c = tid; c < kBlockN; c += kThreads) col_info[c] = p.col_info(g, n0 + c);
+  // One thread per row and per column (no loop: nvcc unrolls one whose start it cannot bound).
+  static_assert(kBlockM <= kThreads && kBlockN <= kThreads, "a thread per row and per column");
+  if (tid < kBlockM) row_info[tid] = p.row_info(g, m0 + tid);
+  if (tid < kBlockN) col_info[tid] = p.col_info(g, n0 + tid);
   // Slices, in int: the launcher checks that a slab's slices fit.
   const int steps = k_end > k_begin ? static_cast<int>((k_end - k_begin + kBlockK - 1) / kBlockK) : 0;
-  // Thread kk < kBlockK decodes depth index kk of every slice, in order: its cursor starts at
-  // the first slice and steps a slice per decode.
-  static_assert(kBlockK <= kThreads, "one thread per depth index of a slice");
-  typename Problem::DepthCursor cursor{};
-  if (tid < kBlockK) cursor = p.depth_cursor(g, k_begin + tid);
-  auto decode = [&](int step, int slot_index) {
-    if (step >= steps || tid >= kBlockK) return;
-    depth_info[slot_index * kBlockK + tid] = p.depth_info(g, cursor);
-    p.advance(cursor, kBlockK);
-  };
   const T* const a_base = p.a_base();
   const T* const b_base = p.b_base();
 
@@ -563,10 +601,19 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   if constexpr (STAGES == 1) {
     T* const As = staging;
     T* const Bs = staging + TileA::kElements;
+    // Every thread copies runs at any depth index of a slice: thread kk < kBlockK decodes depth
+    // index kk of every slice into one of two shared slots, its cursor stepped a slice at a time.
+    static_assert(kBlockK <= kThreads, "one thread per depth index of a slice");
+    PK_SHARED(DepthInfo, depth_info, 2 * kBlockK);
+    typename Problem::DepthCursor cursor{};
+    if (tid < kBlockK) cursor = p.depth_cursor(g, k_begin + tid);
     for (int step = 0; step < steps; ++step) {
       const index_t k0 = k_begin + index_t(step) * kBlockK;
-      const DepthInfo* const slot = depth_info + (step % kSlots) * kBlockK;
-      decode(step, step % kSlots);
+      DepthInfo* const slot = depth_info + (step % 2) * kBlockK;
+      if (tid < kBlockK) {
+        slot[tid] = p.depth_info(g, cursor);
+        p.advance(cursor, kBlockK);
+      }
       __syncthreads();  // the decoded indices are written and the previous step's compute is done
       // A run lies wholly inside or outside the tile's valid range (the extents are multiples of VEC).
       for (int e = tid; e < kBlockM * kBlockK / VEC; e += kThreads) {
@@ -605,10 +652,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       // its decoded indices go to the other slot.
     }
   } else {
-    // Every thread copies the same runs of every slice: their tile positions and their rows' and
-    // columns' decoded parts stay in registers, and a copy adds a slice's depth part (from its
-    // slot), compares two coordinates and issues. Out-of-range runs and padding taps are
-    // zero-filled (their source is the operand's base, unread).
+    // Every thread copies the same runs of every slice, all of an operand's at one depth index
+    // (thread_run_start): their tile positions, their rows' and columns' decoded parts and a
+    // depth cursor per operand stay in registers. A copy adds the cursor's depth part, compares
+    // two coordinates and issues: no division, no shared memory and no barrier for the depth
+    // indices (each thread steps its own cursors a slice per issue). Out-of-range runs and
+    // padding taps are zero-filled (their source is the operand's base, unread).
     constexpr int kRunsA = kBlockM * kBlockK / VEC / kThreads, kRunsB = kBlockK * kBlockN / VEC / kThreads;
     static_assert(kRunsA * VEC * kThreads == kBlockM * kBlockK && kRunsB * VEC * kThreads == kBlockK * kBlockN,
                   "every thread copies the same number of runs");
@@ -618,16 +667,39 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
     __syncthreads();  // rows and columns decoded
 #pragma unroll
     for (int t = 0; t < kRunsA; ++t) {
-      run_start<Problem::kAAlongDepth, kBlockM, VEC>(tid + t * kThreads, a_row[t], a_k[t]);
+      thread_run_start<Problem::kAAlongDepth, kBlockM, VEC, kRunsA>(tid, t, a_row[t], a_k[t]);
       a_fixed[t] = row_info[a_row[t]].a;
       a_valid[t] = m0 + a_row[t] < p.rows;
     }
 #pragma unroll
     for (int t = 0; t < kRunsB; ++t) {
-      run_start<Problem::kBAlongDepth, kBlockN, VEC>(tid + t * kThreads, b_col[t], b_k[t]);
+      thread_run_start<Problem::kBAlongDepth, kBlockN, VEC, kRunsB>(tid, t, b_col[t], b_k[t]);
       b_fixed[t] = col_info[b_col[t]].b;
       b_valid[t] = n0 + b_col[t] < p.cols;
     }
+    // The depth cursors: A's, and B's unless B's runs sit at A's index (both operands stored
+    // along depth, or both across it: thread_run_start's index depends on nothing else).
+    constexpr bool kSharedDepth = Problem::kAAlongDepth == Problem::kBAlongDepth;
+    constexpr int kDepths = kSharedDepth ? 1 : 2;
+    constexpr int kADepth = 0, kBDepth = kDepths - 1;
+    using Cursor = typename Problem::DepthCursor;
+    Cursor cursor[kDepths];
+#pragma unroll
+    for (int i = 0; i < kDepths; ++i)
+      cursor[i] = p.depth_cursor(g, k_begin + (i == kADepth ? a_k[0] : b_k[0]));
+    // With a prologue, a second set trails by STAGES - 1 slices: the slice each wait completes.
+    Cursor landed[kDepths];
+    if constexpr (Problem::kPrologue) {
+#pragma unroll
+      for (int i = 0; i < kDepths; ++i) landed[i] = cursor[i];
+    }
+    auto slice_depths = [&](Cursor (&from)[kDepths], DepthInfo (&depths)[kDepths]) {
+#pragma unroll
+      for (int i = 0; i < kDepths; ++i) {
+        depths[i] = p.depth_info(g, from[i]);
+        p.advance(from[i], kBlockK);
+      }
+    };
     // depth_left: the slice's valid depth indices (kBlockK but in the last slice of a slab).
     auto a_read = [&](int t, int depth_left, const DepthInfo& d) {
       return run_is_read<Problem::kABounded>(a_valid[t] & (a_k[t] < depth_left), a_fixed[t], d.a, p.a_bounds());
@@ -639,46 +711,44 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       const index_t left = k_end - k_begin - index_t(step) * kBlockK;
       return left < kBlockK ? static_cast<int>(left) : kBlockK;
     };
-    // Copies of slice `step` into stage step % STAGES (`stage`), from its decoded slot (step %
-    // kSlots, `slot_index`): the ring positions are counted, not divided.
-    auto issue = [&](int step, int stage, int slot_index) {
+    // Copies of slice `step` (the cursors' slice: issues come in order) into stage step % STAGES
+    // (`stage`, counted by the caller rather than divided).
+    auto issue = [&](int step, int stage) {
       if (step < steps) {
         const int left = depth_left(step);
-        const DepthInfo* const slot = depth_info + slot_index * kBlockK;
+        DepthInfo depths[kDepths];
+        slice_depths(cursor, depths);
         T* const As = staging + stage * Config::kStageElements;
         T* const Bs = As + TileA::kElements;
 #pragma unroll
         for (int t = 0; t < kRunsA; ++t) {
-          const DepthInfo& d = slot[a_k[t]];
+          const DepthInfo& d = depths[kADepth];
           const bool read = a_read(t, left, d);
           async_copy_16(As + TileA::at(a_row[t], a_k[t]), a_base + (read ? a_fixed[t].offset + d.a.offset : 0), read);
         }
 #pragma unroll
         for (int t = 0; t < kRunsB; ++t) {
-          const DepthInfo& d = slot[b_k[t]];
+          const DepthInfo& d = depths[kBDepth];
           const bool read = b_read(t, left, d);
           async_copy_16(Bs + TileB::at(b_col[t], b_k[t]), b_base + (read ? b_fixed[t].offset + d.b.offset : 0), read);
         }
       }
       async_commit();  // one group per step, empty past the end: the wait below counts steps
     };
-    static_assert(kSlots == STAGES, "a slice's stage and decoded slot share one ring position");
-    // Prologue: slices 0 .. STAGES-2 in flight, slice STAGES-1 decoded.
-    for (int s = 0; s < STAGES - 1; ++s) {
-      decode(s, s);
-      __syncthreads();  // slice s decoded; slice s - 2 (same slot) issued by every thread
-      issue(s, s, s);
-    }
-    // The input prologue on the runs this thread copied for slice `step` (the same runs issue() took).
+    // Prologue: slices 0 .. STAGES-2 in flight.
+    for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
+    // The input prologue on the runs this thread copied for slice `step` (the same runs issue()
+    // took, at the trailing cursors: transforms come in order too).
     auto transform_own = [&](int step, int stage) {
       const int left = depth_left(step);
-      const DepthInfo* const slot = depth_info + stage * kBlockK;
+      DepthInfo depths[kDepths];
+      slice_depths(landed, depths);
       T* const As = staging + stage * Config::kStageElements;
       T* const Bs = As + TileA::kElements;
       if constexpr (Problem::kPrologueOnA) {
 #pragma unroll
         for (int t = 0; t < kRunsA; ++t) {
-          const DepthInfo& d = slot[a_k[t]];
+          const DepthInfo& d = depths[kADepth];
           if (!a_read(t, left, d)) continue;
           Vec<T, VEC>* const run = reinterpret_cast<Vec<T, VEC>*>(As + TileA::at(a_row[t], a_k[t]));
           Vec<T, VEC> v = *run;
@@ -689,7 +759,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       if constexpr (Problem::kPrologueOnB) {
 #pragma unroll
         for (int t = 0; t < kRunsB; ++t) {
-          const DepthInfo& d = slot[b_k[t]];
+          const DepthInfo& d = depths[kBDepth];
           if (!b_read(t, left, d)) continue;
           Vec<T, VEC>* const run = reinterpret_cast<Vec<T, VEC>*>(Bs + TileB::at(b_col[t], b_k[t]));
           Vec<T, VEC> v = *run;
@@ -698,17 +768,14 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
         }
       }
     };
-    decode(STAGES - 1, STAGES - 1);
     // stage: step % STAGES; newest: (step + STAGES - 1) % STAGES, the ring position issued next
     for (int step = 0, stage = 0, newest = STAGES - 1; step < steps; ++step) {
       async_wait<STAGES - 2>();  // this thread's copies of slice `step` have landed
       if constexpr (Problem::kPrologue) transform_own(step, stage);
-      // Every thread's copies of slice `step` landed (and are transformed), every thread is done
-      // computing step - 1 (whose stage the next issue overwrites), slice step + STAGES - 1 is decoded.
+      // Every thread's copies of slice `step` landed (and are transformed), and every thread is
+      // done computing step - 1, whose stage the next issue overwrites.
       __syncthreads();
-      issue(step + STAGES - 1, newest, newest);
-      // Its slot (step's, in a ring of STAGES) was last read by transform_own(step), above the barrier.
-      decode(step + STAGES, stage);
+      issue(step + STAGES - 1, newest);
       const T* const As = staging + stage * Config::kStageElements;
       compute(As, As + TileA::kElements);
       newest = stage;
@@ -734,20 +801,19 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   }
   __syncthreads();
 
-  if (p.stats != nullptr) {
-    // Forward only: per column of this row tile, the sum of y and its M2 about the tile's own
-    // mean (two passes over the tile in shared memory: no cancellation when |mean| >> std).
-    // One thread per column; the caller merges the tiles with Chan's formula.
-    const index_t valid_rows = p.rows - m0 < kBlockM ? p.rows - m0 : kBlockM;
-    for (int c = tid; c < kBlockN; c += kThreads) {
-      const index_t n = n0 + c;
-      if (n >= p.cols) continue;
+  if constexpr (Problem::kStats) {
+    // Per column of this row tile, the sum of y and its M2 about the tile's own mean (two passes
+    // over the tile in shared memory: no cancellation when |mean| >> std). One thread per
+    // column; the caller merges the tiles with Chan's formula.
+    const index_t n = n0 + tid;
+    if (p.stats != nullptr && tid < kBlockN && n < p.cols) {
+      const int valid_rows = p.rows - m0 < kBlockM ? static_cast<int>(p.rows - m0) : kBlockM;
       float sum = 0.0f;
-      for (int r = 0; r < valid_rows; ++r) sum += p.pre_epilogue(g, n, Cs[r * kLdC + c]);
+      for (int r = 0; r < valid_rows; ++r) sum += p.pre_epilogue(g, n, Cs[r * kLdC + tid]);
       const float mean = sum / static_cast<float>(valid_rows);
       float m2 = 0.0f;
       for (int r = 0; r < valid_rows; ++r) {
-        const float d = p.pre_epilogue(g, n, Cs[r * kLdC + c]) - mean;
+        const float d = p.pre_epilogue(g, n, Cs[r * kLdC + tid]) - mean;
         m2 = fmaf(d, d, m2);
       }
       float* const out = p.stats + index_t(blockIdx.x) * 2 * p.geo.C_out + g * p.geo.cout_g + n;
@@ -755,10 +821,28 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       out[p.geo.C_out] = m2;
     }
   }
-  for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
-    const int r = e / kBlockN, c = e % kBlockN;  // along the output's contiguous dimension
-    const index_t m = m0 + r, n = n0 + c;
-    if (m < p.rows && n < p.cols) p.store(g, split, row_info[r], n, Cs[r * kLdC + c]);
+  // Runs of kOut columns (16 bytes of the result where the launcher took 16-byte runs: the
+  // columns per group are then a multiple of it, so a run is wholly inside or outside), each
+  // thread's consecutive along the output's contiguous dimension.
+  constexpr int kOut = VEC > 1 ? kVec16<typename Problem::Out> : 1;
+  static_assert(kBlockN % kOut == 0 && kBlockM * kBlockN % (kOut * kThreads) == 0, "whole runs per thread");
+#pragma unroll 1
+  for (int i = 0; i < kBlockM * kBlockN / (kOut * kThreads); ++i) {
+    const int e = (tid + i * kThreads) * kOut, r = e / kBlockN, c = e % kBlockN;
+    if (m0 + r >= p.rows || n0 + c >= p.cols) continue;
+    float run[kOut];
+    if constexpr (kOut % 4 == 0) {  // 16-byte shared loads (kLdC and c are multiples of 4)
+#pragma unroll
+      for (int q = 0; q < kOut; q += 4) {
+        const Vec<float, 4> v = *reinterpret_cast<const Vec<float, 4>*>(Cs + r * kLdC + c + q);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) run[q + j] = v.v[j];
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kOut; ++j) run[j] = Cs[r * kLdC + c + j];
+    }
+    p.template store_run<kOut>(g, split, row_info[r], n0 + c, run);
   }
 }
 
@@ -801,11 +885,14 @@ inline void check_shape(const Shape& s) {
 inline bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
 // 16-byte runs where both group widths are multiples of the run (so a run never crosses a tap,
-// a group or a tile edge) and the operands the main loop reads are 16-byte aligned.
+// a group or a tile edge) and the tensors read and written in runs (the operands, the result,
+// a residual; nullptr: absent) are 16-byte aligned.
 template <typename T>
-bool vectorizable(const Geometry& geo, const void* first, const void* second) {
+bool vectorizable(const Geometry& geo, std::initializer_list<const void*> accessed) {
   constexpr int kVec = kVec16<T>;
-  return geo.cin_g % kVec == 0 && geo.cout_g % kVec == 0 && aligned16(first) && aligned16(second);
+  bool aligned = true;
+  for (const void* ptr : accessed) aligned = aligned && aligned16(ptr);
+  return geo.cin_g % kVec == 0 && geo.cout_g % kVec == 0 && aligned;
 }
 
 template <typename T, typename Problem>
@@ -863,7 +950,7 @@ void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, 
   p.y = static_cast<T*>(y);
   p.stats = stats;
   if (forward_sm90<T>(p, s.groups, stream)) return;
-  launch_gemm_with_prologue<T>(p, vectorizable<T>(p.geo, x, w), s.groups, 1, p.depth, stream);
+  launch_gemm_with_prologue<T>(p, vectorizable<T>(p.geo, {x, w, y, epi.residual}), s.groups, 1, p.depth, stream);
 }
 
 template <typename T>
@@ -881,8 +968,7 @@ void input_grad(const Shape& s, const void* grad, const void* w, void* grad_inpu
   p.grad = static_cast<const T*>(grad);
   p.w = static_cast<const T*>(w);
   p.grad_input = static_cast<T*>(grad_input);
-  p.stats = nullptr;
-  const bool vectorized = vectorizable<T>(p.geo, grad, w);
+  const bool vectorized = vectorizable<T>(p.geo, {grad, w, grad_input});
   const index_t phases_h = std::min<index_t>(s.stride_h, s.height), phases_w = std::min<index_t>(s.stride_w, s.width);
   if (phases_h * phases_w > 0x7fffffff) throw std::invalid_argument("pk::conv: too many stride phases");
   const int phases = static_cast<int>(phases_h * phases_w);
@@ -913,8 +999,7 @@ void weight_grad(const Shape& s, const void* grad, const void* x, const Prologue
   p.x = static_cast<const T*>(x);
   p.prologue = PrologueView<T>{pro.scale, pro.shift, static_cast<int>(pro.activation)};
   p.partials = partials;
-  p.stats = nullptr;
-  launch_gemm_with_prologue<T>(p, vectorizable<T>(p.geo, grad, x), s.groups, splits, split_length(p.depth, splits),
+  launch_gemm_with_prologue<T>(p, vectorizable<T>(p.geo, {grad, x, partials}), s.groups, splits, split_length(p.depth, splits),
                  stream);
 }
 
