@@ -94,11 +94,14 @@ def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True,
         rows_pool = _INPUT_GRAD_CONFIGS if kernel == "input_grad" else _PIXEL_ROW_CONFIGS
         pool = rows_pool if aligned else _UNALIGNED_CONFIGS["pixel_rows"]
         if dtype == torch.float32:
-            # ptxas caps these at 128 registers and spills in fp32 (measured by the compile-for-
-            # target check): drop 128x64 (sm_80), run 64x32 unpipelined (sm_86/sm_89), and drop
-            # the forward's 128x128 (its flat K loop with masked channel blocks and the fusion
-            # hooks spills on sm_80/sm_89, even unpipelined).
-            dropped = {(128, 64)} | ({(128, 128)} if kernel == "forward" else set())
+            # Spills in fp32 (measured by the compile-for-target check): the input gradient's
+            # 128x64 (sm_80), 64x32 pipelined (sm_86/sm_89), and on FMAs the forward's 128x64
+            # and 128x128. The TF32 forward keeps both, 8 warps, 2 stages (122-152 and 161-255
+            # registers, no spills on sm_80-sm_90, fused or not): its 64-128 channel groups
+            # then read each input tile once, not 2-4 times.
+            dropped = set() if kernel == "forward" and not fma else {(128, 64)}
+            if kernel == "forward" and fma:
+                dropped |= {(128, 128)}
             if fma and kernel == "input_grad":  # spill on FMAs: 128x128 (all), 64x16 (sm_80)
                 dropped |= {(128, 128), (64, 16)}
             if not aligned:  # the unaligned 64x64 spills in fp32 (sm_90: fused forward, FMAs)
