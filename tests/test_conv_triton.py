@@ -163,6 +163,31 @@ def test_unaligned_channel_runs_on_the_wide_tile(dtype):
                           "18 per group")
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
+def test_stem_weight_grad_with_vector_output_channels(dtype):
+    """The stem's weight gradient (3 input channels, not 16-byte runs; 128 output channels,
+    16-byte runs): the gradient loads as vectors, one 128-row tile over all output channels
+    (not on FMAs: fp32 without TF32 keeps its small tiles); through an input prologue too
+    (read as act(x * scale + shift), padding zero after it)."""
+    fma = conv_tuning.input_precision(dtype) == "ieee" and dtype == torch.float32
+    assert (conv_tuning.heuristic("weight_grad", dtype, 128, 3, 9 * 81, aligned=False,
+                                  vector_out=True)[:2] == (128, 16)) != fma
+    assert conv_tuning.heuristic("weight_grad", dtype, 128, 3, 9 * 81, aligned=False)[:2] != (128, 16)
+    x = torch.randn(3, 3, 9, 9).to(memory_format=torch.channels_last)
+    _check_conv_and_grads(x, torch.randn(128, 3, 3, 3) / 5, dict(padding=1), dtype, "stem")
+    device = require_backend("triton", dtype)
+    scale, shift = torch.rand(3) + 0.5, torch.randn(3)
+    grad = torch.randn(3, 128, 9, 9).to(memory_format=torch.channels_last)
+    ours = tc.conv_weight_grad(grad.to(device, dtype), x.to(device, dtype), (128, 3, 3, 3), (1, 1),
+                               (1, 1, 1, 1), (1, 1), 1,
+                               tc.Prologue(scale.to(device, dtype), shift.to(device, dtype), "relu"))
+
+    def reference(t):
+        x_hat = torch.relu(x.to(t) * scale.to(t)[:, None, None] + shift.to(t)[:, None, None])
+        return torch.nn.grad.conv2d_weight(x_hat, (128, 3, 3, 3), grad.to(t), padding=1)
+    assert_close(ours.cpu(), reference(torch.float64), reference(dtype), dtype, "stem with prologue")
+
+
 def test_weight_grad_runs_of_positions_launched_in_batches(monkeypatch):
     """A map with many runs of positions (one fp32 slab each) under a small grid limit: the
     runs go out in several launches whose sums add up to the whole gradient."""

@@ -297,9 +297,11 @@ def _conv_weight_grad_kernel(
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         sg_n, sg_h, sg_w, sx_n, sx_h, sx_w, sgw_s, sgw_o, sgw_i, sgw_h, sgw_w,
         HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, VEC: tl.constexpr,
+        UPCAST: tl.constexpr, VEC: tl.constexpr, VEC_OUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # g, x: NHWC (channel stride 1); gw: any strides (split, C_out, C_in/groups, KH, KW).
+    # VEC: x's channel runs' vector width, VEC_OUT: g's (the stem's 3 input channels load one
+    # by one, its 128 output channels' gradient in 16-byte vectors).
     # A K step is IMAGES images x PLACES output positions (oh, ow) of one tap: the outer loop
     # walks the positions, the inner one the images, so the inner loop's addresses are
     # loop-invariant tiles plus one scalar (no per-element index arithmetic in the K loop).
@@ -314,14 +316,15 @@ def _conv_weight_grad_kernel(
     split_n = split % SPLITS_N
     group = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channel within the group
-    row_ok = _range_mask(pid_m * BLOCK_M, BLOCK_M, COUT_G, VEC)
+    row_ok = _range_mask(pid_m * BLOCK_M, BLOCK_M, COUT_G, VEC_OUT)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
     col_ok = _range_mask(pid_n * BLOCK_N, BLOCK_N, CIN_G, VEC)
     first_in = group * CIN_G
     first_out = group * COUT_G
     if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned
         first_in = tl.multiple_of(first_in, VEC)
-        first_out = tl.multiple_of(first_out, VEC)
+    if VEC_OUT > 1:
+        first_out = tl.multiple_of(first_out, VEC_OUT)
     g_group = g_ptr + first_out + rows[:, None]
     x_group = x_ptr + first_in + cols[None, :]
     # K element kk: image kk // PLACES, position kk % PLACES (elements past IMAGES x PLACES idle)
@@ -346,13 +349,15 @@ def _conv_weight_grad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for n0 in tl.range(n_begin, n_end, IMAGES):
         n_ok = image < n_end - n0
-        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned
-            g_at = tl.multiple_of(g_at, VEC)
+        if VEC_OUT > 1:  # the launcher checked: every channel run starts 16-byte aligned
+            g_at = tl.multiple_of(g_at, VEC_OUT)
+        if VEC > 1:
             x_at = tl.multiple_of(x_at, VEC)
         g_ptrs = g_group + g_at[None, :]
         x_ptrs = x_group + x_at[:, None]
-        if VEC > 1:
+        if VEC_OUT > 1:
             g_ptrs = tl.multiple_of(g_ptrs, [16, 1])
+        if VEC > 1:
             x_ptrs = tl.multiple_of(x_ptrs, [1, 16])
         a = tl.load(g_ptrs, mask=row_ok[:, None] & (g_ok & n_ok)[None, :], other=0.0)
         b = _load_input_at(x_ptrs, (x_ok & n_ok)[:, None] & col_ok[None, :],
@@ -550,10 +555,13 @@ def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: Sequence
     c_out, cin_g, kh, kw = weight_shape
     cout_g = c_out // groups
     p = grad.shape[0] * grad.shape[2] * grad.shape[3]
-    vec = vector_width(x.dtype, (cin_g, cout_g), [(grad, 1), (x, 1)])
-    args = (grad, x, weight_shape, stride, padding, dilation, groups, prologue, vec)
+    # the gradient's output channels may be 16-byte runs where the input's are not (the stem);
+    # the input's vectors are used only with the gradient's (the compile-checked pairs)
+    vec_out = vector_width(x.dtype, (cout_g,), [(grad, 1)])
+    vec = vector_width(x.dtype, (cin_g,), [(x, 1)]) if vec_out > 1 else 1
+    args = (grad, x, weight_shape, stride, padding, dilation, groups, prologue, vec, vec_out)
     config = conv_tuning.pick("weight_grad", x, cout_g, cin_g, p, vec > 1,
-                              lambda cfg: _launch_weight_grad(cfg, *args))
+                              lambda cfg: _launch_weight_grad(cfg, *args), vector_out=vec_out > 1)
     return _launch_weight_grad(config, *args)
 
 
@@ -603,7 +611,7 @@ SLAB_BYTES = 1 << 26  # fp32 slabs per launch beyond the activations' own size
 
 
 def _launch_weight_grad(config, grad, x, weight_shape, stride, padding, dilation, groups,
-                        prologue: Prologue, vec: int):
+                        prologue: Prologue, vec: int, vec_out: int):
     c_out, cin_g, kh, kw = weight_shape
     n, c_in, h, w = x.shape
     oh, ow = grad.shape[2:]
@@ -632,8 +640,8 @@ def _launch_weight_grad(config, grad, x, weight_shape, stride, padding, dilation
             *_nhw_strides(grad), *_nhw_strides(x), *out.stride(),
             HAS_IN_AFFINE=in_scale is not None, IN_ACT=ACTIVATION_CODES[prologue.activation],
             INPUT_PRECISION=input_precision(x.dtype), UPCAST=_upcast_dot(x), VEC=vec,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+            VEC_OUT=vec_out, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
         if split.splits == 1:
             return out[0]
         total = out.sum(0) if total is None else total + out.sum(0)
@@ -670,7 +678,15 @@ def compile_cases():
             flags = [f for f in _FUSION_FLAGS if f in params]
             for aligned in (True, False):
                 vec = 16 // dtype.itemsize if aligned else 1
-                for config in conv_tuning.candidates(kernel_name, dtype, aligned, precision):
+                # the weight gradient's output-channel vectors: with the input's, or alone
+                # (unaligned input channels, aligned output channels: the stem)
+                vec_outs = ((vec,) if aligned else (1, 16 // dtype.itemsize)) \
+                    if "VEC_OUT" in params else (None,)
+                configs = [(config, vec_out) for vec_out in vec_outs
+                           for config in conv_tuning.candidates(
+                               kernel_name, dtype, aligned, precision,
+                               vector_out=bool(vec_out and vec_out > 1))]
+                for config, vec_out in configs:
                     for fused in ((False, True) if flags or "EVEN_K" in params else (False,)):
                         constexprs = {f: (int(fused) if f.endswith("ACT") else fused) for f in flags}
                         masked_k = ""
@@ -680,9 +696,13 @@ def compile_cases():
                         constexprs.update(INPUT_PRECISION=precision, UPCAST=False, VEC=vec,
                                           BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                           BLOCK_K=config.block_k)
+                        vectors = f"vec{vec}"
+                        if vec_out is not None:
+                            constexprs["VEC_OUT"] = vec_out
+                            vectors += f",vec_out{vec_out}" if vec_out != vec else ""
                         name = (f"conv.{kernel_name}[{label},{config.block_m}x{config.block_n}"
                                 f"x{config.block_k},w{config.num_warps},s{config.num_stages},"
-                                f"vec{vec}{',fused' if fused and flags else ''}{masked_k}]")
+                                f"{vectors}{',fused' if fused and flags else ''}{masked_k}]")
                         cases.append(CompileCase(name, kernel, signature, constexprs,
                                                  num_warps=config.num_warps,
                                                  num_stages=config.num_stages,

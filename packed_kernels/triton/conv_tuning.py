@@ -61,6 +61,11 @@ _UNALIGNED_CONFIGS = {
     "pixel_rows": (TileConfig(16, 16, 16, 4, 2), TileConfig(64, 64, 16, 4, 2)),
     "weight_grad": ((16, 16), (32, 32)),
 }
+# Weight grad with unaligned input channels but 16-byte runs of output channels (the stem:
+# 3 -> 128): the gradient's rows load as vectors, so a tile over 128 output channels fits (it
+# reads each input element once per tap, not once per 16 output channels); element by element
+# it spills.
+_VECTOR_OUT_WEIGHT_GRAD_TILES = ((128, 16),)
 
 KERNELS = ("forward", "input_grad", "weight_grad")
 
@@ -77,16 +82,18 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True,
-               precision: Optional[str] = None) -> List[TileConfig]:
+               precision: Optional[str] = None, vector_out: bool = False) -> List[TileConfig]:
     """Every config the launchers may use for this kernel, dtype and dot precision (default:
     what input_precision gives now), kept short: each one is compiled for four targets by the
     compile-for-target check. Unaligned channel runs load element by element, one address
-    register each: only small tiles fit the registers."""
+    register each: only small tiles fit the registers. vector_out: the weight gradient's
+    output channels are 16-byte runs where its input channels are not."""
     precision = precision or input_precision(dtype)
     fma = dtype == torch.float32 and precision == "ieee"  # tl.dot on FMAs, no tensor cores
     if kernel == "weight_grad":
         bk = 64 if dtype.itemsize == 2 else 32
-        tiles = _WEIGHT_GRAD_TILES if aligned else _UNALIGNED_CONFIGS["weight_grad"]
+        tiles = _WEIGHT_GRAD_TILES if aligned else (
+            _UNALIGNED_CONFIGS["weight_grad"] + (_VECTOR_OUT_WEIGHT_GRAD_TILES if vector_out else ()))
         if fma:  # operands and accumulator in registers: 64x64 and up spill (sm_80-sm_89)
             tiles = [t for t in tiles if t[0] * t[1] <= 32 * 32]
         pool = [TileConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 2) for bm, bn in tiles]
@@ -120,11 +127,11 @@ def _fit(size: int, tiles) -> int:
 
 
 def heuristic(kernel: str, dtype: torch.dtype, rows: int, cols: int, depth: int,
-              aligned: bool = True) -> TileConfig:
+              aligned: bool = True, vector_out: bool = False) -> TileConfig:
     """A sound default without timing. Forward/input-grad: the column tile covers the group's
     channels (no wasted MMA columns for narrow groups, up to 128) and the K tile the channels
     per tap. Weight-grad: the channel tile pair with the least padded MMA work."""
-    pool = candidates(kernel, dtype, aligned)
+    pool = candidates(kernel, dtype, aligned, vector_out=vector_out)
     if kernel == "weight_grad":  # rows/cols are channel counts, depth = pixels
         def padded_work(c):  # MMA work including the tile padding; ties go to larger tiles
             return (triton.cdiv(rows, c.block_m) * c.block_m * triton.cdiv(cols, c.block_n)
@@ -161,21 +168,21 @@ def layout_of(t: torch.Tensor) -> str:
 
 
 def pick(kernel: str, activation: torch.Tensor, rows: int, cols: int, depth: int, aligned: bool,
-         launch: Callable[[TileConfig], object]) -> TileConfig:
+         launch: Callable[[TileConfig], object], vector_out: bool = False) -> TileConfig:
     """The tile config for one launch: cached or freshly tuned on a GPU, else the heuristic.
     `launch(config)` runs the kernel once with that config (its outputs get overwritten)."""
-    default = heuristic(kernel, activation.dtype, rows, cols, depth, aligned)
+    default = heuristic(kernel, activation.dtype, rows, cols, depth, aligned, vector_out)
     if activation.device.type != "cuda" or not _config.autotune():
         return default
     key = shape_class(kernel, activation.dtype, layout_of(activation), activation.device,
-                      rows, cols, depth) + f"|aligned={aligned}"
+                      rows, cols, depth) + f"|aligned={aligned}" + ("|vector_out" if vector_out else "")
     cached = TUNING_CACHE.get(key)
     if cached is not None:
         return TileConfig(*cached)
     if torch.cuda.is_current_stream_capturing():
         return default  # benchmarking synchronises, which a CUDA-graph capture forbids
     best, best_ms = default, float("inf")
-    for config in candidates(kernel, activation.dtype, aligned):
+    for config in candidates(kernel, activation.dtype, aligned, vector_out=vector_out):
         try:
             ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
         except OutOfResources:  # a config this GPU cannot run (shared memory): skip it
