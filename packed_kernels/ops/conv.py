@@ -11,11 +11,12 @@ from torch import Tensor
 from .. import _backend
 from .._conventions import stats_dtype
 from .._layouts import format_of
-from ._autograd import library_op, unaliased
+from ._autograd import library_op, traced, unaliased
 from .conv_checks import IntPair, validated_fused_call, validated_grouped_call
-from .conv_engines import (AUTO, IMPLEMENTED, NO_PROLOGUE, auto_forward_engine,
+from .conv_engines import (AUTO, IMPLEMENTED, NO_EPILOGUE, NO_PROLOGUE, auto_forward_engine,
                            auto_fused_forward_engine, auto_grad_engines, conv_forward, conv_grads,
-                           epilogue_hooks, has_epilogue, prologue_hooks, use_triton_glue)
+                           epilogue_hooks, has_epilogue, prologue_hooks, torch_forward,
+                           use_triton_glue)
 from .conv_reference import epilogue_glue, output_hw, prologue_glue, reference_conv2d_backward
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +307,9 @@ def grouped_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     stride, padding4, dilation = validated_grouped_call(input, weight, bias, stride, padding,
                                                          dilation, groups)
     chosen = choose_backend(op, backend, input, weight, stride, groups)
+    if chosen == "torch" and not traced():  # torch's conv and its own autograd: nothing to add
+        return torch_forward(input, weight, bias, stride, padding4, dilation, groups,
+                             NO_PROLOGUE, NO_EPILOGUE, False)[0]
     input, caller_format = _channels_last_for_kernels(input, chosen)
     out = _grouped_conv2d_op(input, weight, bias, stride, padding4, dilation, groups, chosen)
     return out if caller_format is None else out.contiguous(memory_format=caller_format)

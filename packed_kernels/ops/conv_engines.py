@@ -129,7 +129,7 @@ class ConvEngine(NamedTuple):
     weight_grad: Callable
 
 
-def _torch_forward(input, weight, bias, stride, padding, dilation, groups, prologue, epilogue,
+def torch_forward(input, weight, bias, stride, padding, dilation, groups, prologue, epilogue,
                    channel_stats):
     fmt = format_of(input)
     if prologue is not NO_PROLOGUE:
@@ -190,7 +190,7 @@ def _csrc_engine(name: str) -> Callable[[], ConvEngine]:
 
 
 _LOADERS: Dict[str, Callable[[], ConvEngine]] = {
-    "torch": lambda: ConvEngine(_torch_forward, _torch_input_grad, _torch_weight_grad),
+    "torch": lambda: ConvEngine(torch_forward, _torch_input_grad, _torch_weight_grad),
     "triton": _triton_engine,
     "cuda": _csrc_engine("cuda"),
     "simt": _csrc_engine("simt"),
