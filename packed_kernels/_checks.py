@@ -68,21 +68,24 @@ class ValidatedCalls:
     """Signatures of calls that passed an op's validation, with what it returned: a repeated
     call (the same shapes, dtypes, devices and arguments) skips the Python checks."""
 
-    def __init__(self, validate, max_entries: int = 4096):
+    def __init__(self, validate, max_entries: int = 4096, signature=None):
+        """signature(*args): the call's key, as _signature_of's of the arguments would
+        distinguish calls (an op's own, written out, saves the per-argument calls on its hot
+        path); by default the tuple of _signature_of's."""
         self.validate, self.max_entries = validate, max_entries
+        self.signature = signature or (lambda *args: tuple(map(_signature_of, args)))
         self.entries: dict = {}
 
     def __call__(self, *args):
         try:
-            key = tuple(map(_signature_of, args))
-            return self.entries[key]
-        except (KeyError, TypeError):
+            return self.entries[self.signature(*args)]
+        except (KeyError, TypeError, AttributeError):  # new, unhashable or not tensors
             pass
         result = self.validate(*args)
         if len(self.entries) >= self.max_entries:
             self.entries.clear()
         try:
-            self.entries[tuple(map(_signature_of, args))] = result
-        except TypeError:
+            self.entries[self.signature(*args)] = result
+        except (TypeError, AttributeError):
             pass
         return result

@@ -15,6 +15,15 @@ def format_of(t: torch.Tensor):
     return torch.contiguous_format
 
 
+def with_format_of(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """y in format_of(t), copied only where it is not already (an NCHW `t`, the common case,
+    costs two flag reads)."""
+    if t.is_contiguous():
+        return y if y.is_contiguous() else y.contiguous()
+    fmt = format_of(t)
+    return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
+
+
 WEIGHT_LAYOUT = {
     "triton": (2, 3, 1, 0),  # (KH, KW, C_in/groups, C_out): C_out contiguous for both GEMMs' tiles
     "cuda": (0, 2, 3, 1),    # (C_out, KH, KW, C_in/groups): channels_last, as the csrc kernels read

@@ -310,6 +310,23 @@ def test_remembered_valid_calls_do_not_admit_equal_values_of_other_types(fn, str
         fn(x, w, groups=2, stride=stride)
 
 
+@pytest.mark.parametrize("fn", [pk.grouped_conv2d, pk.fused_conv2d], ids=["grouped", "fused"])
+def test_remembered_valid_calls_check_groups_type_and_tensor_arguments(fn):
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3)
+    fn(x, w, groups=1)
+    with pytest.raises(TypeError, match="groups"):
+        fn(x, w, groups=True)
+    with pytest.raises(TypeError, match="input"):
+        fn(x.numpy(), w, groups=1)  # shaped like a tensor, but not one
+
+
+def test_remembered_fused_calls_check_option_types():
+    x, w = _good()
+    pk.fused_conv2d(x, w, groups=2, channel_stats=True)
+    with pytest.raises(TypeError, match="channel_stats"):
+        pk.fused_conv2d(x, w, groups=2, channel_stats=1)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(in_scale=torch.randn(3)), ValueError, "in_scale"),
     (dict(out_shift=torch.randn(4)), ValueError, "out_shift"),

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-_any_requires_grad = getattr(torch._C, "_any_requires_grad", None) or (
+any_requires_grad = getattr(torch._C, "any_requires_grad", None) or (
     lambda *args: any(isinstance(a, Tensor) and a.requires_grad for a in args))
 
 
@@ -59,7 +59,7 @@ class LibraryOp:
         if traced():
             return self.op(*args, **kwargs)
         if (self._function is not None and torch.is_grad_enabled()
-                and _any_requires_grad(*(self._tensor_args(args) if len(args) == self._arity
+                and any_requires_grad(*(self._tensor_args(args) if len(args) == self._arity
                                          else args), *kwargs.values())):
             if kwargs:
                 raise TypeError(f"{self.name}: differentiable calls take positional arguments")

@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import _backend
 from .._conventions import stats_dtype
 from .._layouts import format_of
-from ._autograd import library_op, traced, unaliased
+from ._autograd import any_requires_grad, library_op, traced, unaliased
 from .conv_checks import IntPair, validated_fused_call, validated_grouped_call
 from .conv_engines import (AUTO, IMPLEMENTED, NO_EPILOGUE, NO_PROLOGUE, auto_forward_engine,
                            auto_fused_forward_engine, auto_grad_engines, conv_forward, conv_grads,
@@ -363,6 +363,14 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
         input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, in_activation,
         out_scale, out_shift, residual, activation, channel_stats)
     chosen = choose_backend("fused_conv2d", backend, input, weight, stride, groups)
+    if chosen == "torch" and not traced() and not (torch.is_grad_enabled() and any_requires_grad(
+            input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual)):
+        # nothing to differentiate: the reference's own ops (the op's backward saves less)
+        out, mean, var = torch_forward(input, weight, bias, stride, padding4, dilation, groups,
+                                       prologue_hooks(in_scale, in_shift, in_activation),
+                                       epilogue_hooks(out_scale, out_shift, residual, activation),
+                                       channel_stats)
+        return (out, mean, var) if channel_stats else out
     input, caller_format = _channels_last_for_kernels(input, chosen)
     out, mean, var = _fused_conv2d_op(
         input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual, stride, padding4,

@@ -11,7 +11,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._checks import ValidatedCalls, check_float_tensor, check_positive_int, check_same_device_dtype
+from .._checks import (ValidatedCalls, _signature_of, check_float_tensor, check_positive_int,
+                      check_same_device_dtype)
 from .._conventions import check_activation
 from .conv_reference import output_hw
 
@@ -112,5 +113,23 @@ def _check_fused_call(input, weight, bias, stride, padding, dilation, groups, in
     return stride, padding4, dilation
 
 
-validated_grouped_call = ValidatedCalls(partial(conv_geometry, "grouped_conv2d"))
-validated_fused_call = ValidatedCalls(_check_fused_call)
+def _grouped_signature(input, weight, bias, stride, padding, dilation, groups):
+    """_signature_of's key of a conv call, written out: an int stands for itself (no other
+    signature equals an int, so True, 2.0 or (1, 1) still key apart from it)."""
+    return (input.__class__, input.shape, input.dtype, input.device,
+            weight.__class__, weight.shape, weight.dtype, weight.device,
+            None if bias is None else _signature_of(bias),
+            stride if stride.__class__ is int else _signature_of(stride),
+            padding if padding.__class__ is int else _signature_of(padding),
+            dilation if dilation.__class__ is int else _signature_of(dilation),
+            groups if groups.__class__ is int else _signature_of(groups))
+
+
+def _fused_signature(input, weight, bias, stride, padding, dilation, groups, *options):
+    return (_grouped_signature(input, weight, bias, stride, padding, dilation, groups),
+            *[None if value is None else _signature_of(value) for value in options])
+
+
+validated_grouped_call = ValidatedCalls(partial(conv_geometry, "grouped_conv2d"),
+                                        signature=_grouped_signature)
+validated_fused_call = ValidatedCalls(_check_fused_call, signature=_fused_signature)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import _alloc, _backend, dispatch
 from .._conventions import ACTIVATION_CODES, fp32_vector
-from .._layouts import format_of, kernel_weight
+from .._layouts import format_of, kernel_weight, with_format_of
 from .._tile_stats import merge_tile_moments
 from .conv_reference import (output_hw, reference_channel_stats, reference_conv2d,
                              reference_conv2d_backward, reference_epilogue, reference_prologue)
@@ -131,16 +131,12 @@ class ConvEngine(NamedTuple):
 
 def torch_forward(input, weight, bias, stride, padding, dilation, groups, prologue, epilogue,
                    channel_stats):
-    fmt = format_of(input)
-    if prologue is not NO_PROLOGUE:
-        input = reference_prologue(input, *prologue)
-    y = reference_conv2d(input, weight, bias, stride, padding, dilation, groups)
+    x_hat = input if prologue is NO_PROLOGUE else reference_prologue(input, *prologue)
+    y = reference_conv2d(x_hat, weight, bias, stride, padding, dilation, groups)
     mean, var = reference_channel_stats(y) if channel_stats else (None, None)
     if epilogue is not NO_EPILOGUE:
         y = reference_epilogue(y, *epilogue)
-    if not y.is_contiguous(memory_format=fmt):  # torch's conv follows the weight's format too
-        y = y.contiguous(memory_format=fmt)
-    return y, mean, var
+    return with_format_of(y, input), mean, var  # torch's conv follows the weight's format too
 
 
 def _torch_input_grad(grad, input, weight, stride, padding, dilation, groups):
