@@ -125,9 +125,19 @@ def _grouped_signature(input, weight, bias, stride, padding, dilation, groups):
             groups if groups.__class__ is int else _signature_of(groups))
 
 
-def _fused_signature(input, weight, bias, stride, padding, dilation, groups, *options):
+def _fused_signature(input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift,
+                     in_activation, out_scale, out_shift, residual, activation, channel_stats):
+    """As _grouped_signature, a str or bool standing for itself."""
     return (_grouped_signature(input, weight, bias, stride, padding, dilation, groups),
-            *[None if value is None else _signature_of(value) for value in options])
+            None if in_scale is None else _signature_of(in_scale),
+            None if in_shift is None else _signature_of(in_shift),
+            None if out_scale is None else _signature_of(out_scale),
+            None if out_shift is None else _signature_of(out_shift),
+            None if residual is None else _signature_of(residual),
+            in_activation if in_activation is None or in_activation.__class__ is str
+            else _signature_of(in_activation),
+            activation if activation is None or activation.__class__ is str else _signature_of(activation),
+            channel_stats if channel_stats.__class__ is bool else _signature_of(channel_stats))
 
 
 validated_grouped_call = ValidatedCalls(partial(conv_geometry, "grouped_conv2d"),
