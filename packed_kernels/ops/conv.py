@@ -10,14 +10,15 @@ from torch import Tensor
 
 from .. import _backend
 from .._conventions import stats_dtype
-from .._layouts import format_of
+from .._layouts import format_of, with_format_of
 from ._autograd import any_requires_grad, library_op, traced, unaliased
 from .conv_checks import IntPair, validated_fused_call, validated_grouped_call
 from .conv_engines import (AUTO, IMPLEMENTED, NO_EPILOGUE, NO_PROLOGUE, auto_forward_engine,
                            auto_fused_forward_engine, auto_grad_engines, conv_forward, conv_grads,
                            epilogue_hooks, has_epilogue, prologue_hooks, torch_forward,
                            use_triton_glue)
-from .conv_reference import epilogue_glue, output_hw, prologue_glue, reference_conv2d_backward
+from .conv_reference import (epilogue_glue, output_hw, prologue_glue, reference_conv2d,
+                             reference_conv2d_backward)
 
 # ---------------------------------------------------------------------------------------------
 # grouped_conv2d: custom op + fake + autograd
@@ -306,8 +307,12 @@ def grouped_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     op = "grouped_conv2d"
     stride, padding4, dilation = validated_grouped_call(input, weight, bias, stride, padding,
                                                          dilation, groups)
+    if backend is None and not input.is_cuda and not traced():  # the CPU's default, "torch":
+        # torch's conv and its own autograd, nothing to add (choose_backend's answer, inlined)
+        return with_format_of(reference_conv2d(input, weight, bias, stride, padding4, dilation,
+                                               groups), input)
     chosen = choose_backend(op, backend, input, weight, stride, groups)
-    if chosen == "torch" and not traced():  # torch's conv and its own autograd: nothing to add
+    if chosen == "torch" and not traced():
         return torch_forward(input, weight, bias, stride, padding4, dilation, groups,
                              NO_PROLOGUE, NO_EPILOGUE, False)[0]
     input, caller_format = _channels_last_for_kernels(input, chosen)
