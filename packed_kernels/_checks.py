@@ -48,7 +48,7 @@ def check_positive_int(op: str, name: str, value) -> int:
     return value
 
 
-def _signature_of(value):
+def signature_of(value):
     """What validation reads of an argument: a tensor's type, shape, dtype and device; a
     scalar's exact type and value (2.0 and True must not pass for 2 and 1); sequences itemwise."""
     if value is None:
@@ -59,7 +59,7 @@ def _signature_of(value):
     if isinstance(value, torch.Tensor):
         return cls, value.shape, value.dtype, value.device
     if cls is tuple or cls is list:
-        return (cls, *map(_signature_of, value))
+        return (cls, *map(signature_of, value))
     hash(value)  # unhashable: not cached
     return cls, value
 
@@ -69,11 +69,11 @@ class ValidatedCalls:
     call (the same shapes, dtypes, devices and arguments) skips the Python checks."""
 
     def __init__(self, validate, max_entries: int = 4096, signature=None):
-        """signature(*args): the call's key, as _signature_of's of the arguments would
+        """signature(*args): the call's key, as signature_of's of the arguments would
         distinguish calls (an op's own, written out, saves the per-argument calls on its hot
-        path); by default the tuple of _signature_of's."""
+        path); by default the tuple of signature_of's."""
         self.validate, self.max_entries = validate, max_entries
-        self.signature = signature or (lambda *args: tuple(map(_signature_of, args)))
+        self.signature = signature or (lambda *args: tuple(map(signature_of, args)))
         self.entries: dict = {}
 
     def __call__(self, *args):

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-any_requires_grad = getattr(torch._C, "any_requires_grad", None) or (
+any_requires_grad = getattr(torch._C, "_any_requires_grad", None) or (
     lambda *args: any(isinstance(a, Tensor) and a.requires_grad for a in args))
 
 

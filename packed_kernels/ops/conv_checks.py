@@ -11,8 +11,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._checks import (ValidatedCalls, _signature_of, check_float_tensor, check_positive_int,
-                      check_same_device_dtype)
+from .._checks import (ValidatedCalls, check_float_tensor, check_positive_int,
+                      check_same_device_dtype, signature_of)
 from .._conventions import check_activation
 from .conv_reference import output_hw
 
@@ -114,30 +114,30 @@ def _check_fused_call(input, weight, bias, stride, padding, dilation, groups, in
 
 
 def _grouped_signature(input, weight, bias, stride, padding, dilation, groups):
-    """_signature_of's key of a conv call, written out: an int stands for itself (no other
+    """signature_of's key of a conv call, written out: an int stands for itself (no other
     signature equals an int, so True, 2.0 or (1, 1) still key apart from it)."""
     return (input.__class__, input.shape, input.dtype, input.device,
             weight.__class__, weight.shape, weight.dtype, weight.device,
-            None if bias is None else _signature_of(bias),
-            stride if stride.__class__ is int else _signature_of(stride),
-            padding if padding.__class__ is int else _signature_of(padding),
-            dilation if dilation.__class__ is int else _signature_of(dilation),
-            groups if groups.__class__ is int else _signature_of(groups))
+            None if bias is None else signature_of(bias),
+            stride if stride.__class__ is int else signature_of(stride),
+            padding if padding.__class__ is int else signature_of(padding),
+            dilation if dilation.__class__ is int else signature_of(dilation),
+            groups if groups.__class__ is int else signature_of(groups))
 
 
 def _fused_signature(input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift,
                      in_activation, out_scale, out_shift, residual, activation, channel_stats):
     """As _grouped_signature, a str or bool standing for itself."""
     return (_grouped_signature(input, weight, bias, stride, padding, dilation, groups),
-            None if in_scale is None else _signature_of(in_scale),
-            None if in_shift is None else _signature_of(in_shift),
-            None if out_scale is None else _signature_of(out_scale),
-            None if out_shift is None else _signature_of(out_shift),
-            None if residual is None else _signature_of(residual),
+            None if in_scale is None else signature_of(in_scale),
+            None if in_shift is None else signature_of(in_shift),
+            None if out_scale is None else signature_of(out_scale),
+            None if out_shift is None else signature_of(out_shift),
+            None if residual is None else signature_of(residual),
             in_activation if in_activation is None or in_activation.__class__ is str
-            else _signature_of(in_activation),
-            activation if activation is None or activation.__class__ is str else _signature_of(activation),
-            channel_stats if channel_stats.__class__ is bool else _signature_of(channel_stats))
+            else signature_of(in_activation),
+            activation if activation is None or activation.__class__ is str else signature_of(activation),
+            channel_stats if channel_stats.__class__ is bool else signature_of(channel_stats))
 
 
 validated_grouped_call = ValidatedCalls(partial(conv_geometry, "grouped_conv2d"),
