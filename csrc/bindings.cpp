@@ -5,6 +5,7 @@
 // the same kernels on the SIMT emulator). Outputs are allocated by the caller (Python, through
 // packed_kernels._alloc) and passed in.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -259,8 +260,12 @@ void conv_input_grad(const at::Tensor& grad, const at::Tensor& weight, std::vect
   check_conv_tensor(op, "weight", weight, grad, weight.sizes(), false);
   check_conv_tensor(op, "grad_input", grad_input, grad, grad_input.sizes(), true);
   DeviceScope scope(grad);
-  pk::conv::input_grad(scalar_type(op, grad), s, grad.const_data_ptr(), weight.const_data_ptr(),
-                       grad_input.mutable_data_ptr(), scope.stream());
+  const pk::ScalarType dtype = scalar_type(op, grad);
+  const std::int64_t workspace_bytes = pk::conv::input_grad_workspace_bytes(dtype, s);
+  at::Tensor workspace;  // from torch's allocator: 16-byte aligned, freed after the stream's use
+  if (workspace_bytes > 0) workspace = at::empty({workspace_bytes}, grad.options().dtype(at::kByte));
+  pk::conv::input_grad(dtype, s, grad.const_data_ptr(), weight.const_data_ptr(), grad_input.mutable_data_ptr(),
+                       scope.stream(), workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr);
 }
 
 // partials: (splits, C_out, KH, KW, C_in/groups) fp32, summed over splits by the caller.

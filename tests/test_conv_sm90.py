@@ -5,7 +5,8 @@ through backend="simt" with PACKED_KERNELS_SIMT_ARCH=90, which selects it in the
 sm_90 device does on a GPU. Shapes with channels per group a multiple of 8 (the path's
 condition): several row and column tiles, 128 x 64 and 64 x 128 tiles, K tails, more K
 slices than stages, padding taps, strides, dilation, groups; the epilogue and channel statistics
-run on it too (an input prologue falls back to the mma.sync kernel)."""
+run on it too (an input prologue falls back to the mma.sync kernel), and so does the stride-1
+input gradient."""
 
 import pytest
 import torch
@@ -44,6 +45,24 @@ def test_sm90_forward_statistics_per_64_row_tile(name):
     # 128 x 64 tiles write the statistics of two 64-row tiles (126 rows: 64 + 62), 64 x 128 tiles
     # of one; both merge as the mma.sync kernel's do.
     check_fused_matches_fp64("simt", "stats", torch.float16, "channels_last", SM90_CASES[name])
+
+
+# At stride 1 the input gradient runs as the forward of grad with the reversed, channel-swapped
+# weight (conv.cuh's input_grad_as_forward) where grad's channels per group are a multiple of 8;
+# else, and where the padding exceeds the taps' reach, on the mma.sync kernel.
+INPUT_GRAD_CASES = {
+    "1x1_expanding": (2, 16, 64, (5, 6), 1, 1, 0, 1, 2),
+    "3x3_dilated": (1, 16, 32, (9, 8), 3, 1, 1, 2, 2),               # padding 1 of a reach of 4
+    "even_kernel_same_padding": (1, 16, 16, (6, 7), (2, 4), 1, "same", 1, 2),  # uneven sides
+    "padding_past_the_taps": (1, 16, 16, (5, 5), 3, 1, 3, 1, 1),     # mma.sync kernel
+    "grad_groups_of_6_channels": (1, 16, 12, (6, 6), 3, 1, 1, 1, 2),  # mma.sync kernel
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=_ids)
+@pytest.mark.parametrize("name", list(INPUT_GRAD_CASES))
+def test_sm90_stride_1_input_grad_matches_fp64(name, dtype):
+    _check_conv("simt", name, dtype, "channels_last", INPUT_GRAD_CASES[name])
 
 
 def test_sm90_forward_nchw_input_matches_fp64():

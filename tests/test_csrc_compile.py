@@ -119,8 +119,9 @@ CONV_THREADS = 128  # conv.cuh's kThreads (its __launch_bounds__)
 # twice for the problems with an input prologue (kernels with and without it); the sm_90 forward
 # per 16-bit type and tile (64 x 128, 128 x 64).
 CONV_KERNELS_PER_ARCH = {"forward": 2 * (2 + 2 * 2), "input_grad": 2 + 2 * 2, "weight_grad": 2 * (2 + 2 * 2),
-                         "forward_sm90": 2 * 2}
+                         "forward_sm90": 2 * 2, "weight_rewrite": 2}  # rewrite: the 16-bit types
 SM90_KERNEL = "forward_sm90_kernel"
+WEIGHT_REWRITE_KERNEL = "reversed_swapped_weight_kernel"  # a copy: no tensor cores
 
 
 def test_conv_kernels_fit_their_launch_bounds(compiled):
@@ -157,7 +158,8 @@ def test_conv_half_paths_use_tensor_cores(compiled):
         # mangled element types: __half (6__half), __nv_bfloat16 (13__nv_bfloat16), float (If)
         sixteen_bit = "6__half" in name or "13__nv_bfloat16" in name
         uses_mma = "mma.sync" in body
-        if SM90_KERNEL in name:  # wgmma, only in sm_90a code (test_sm90_forward_uses_wgmma_and_tensor_copies)
+        if SM90_KERNEL in name or WEIGHT_REWRITE_KERNEL in name:  # wgmma, only in sm_90a code
+            # (test_sm90_forward_uses_wgmma_and_tensor_copies); the rewrite copies elements
             assert not uses_mma and "wgmma" not in body, name
             continue
         assert uses_mma == sixteen_bit, f"{name}: tensor cores {'missing' if sixteen_bit else 'used for fp32'}"

@@ -17,6 +17,7 @@ constants read from the headers themselves).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -356,6 +357,17 @@ def cuda_launches(layer, pass_name: str, batch: int, dtype_name: str, gpu) -> Li
         itemsize, extra)
     if pass_name == "forward" and gpu.arch == 90 and dtype_name != "fp32" and cin_g % vec16 == 0:
         return [sm90_forward_launch(layer, batch, dtype_name, cubin)]  # conv_sm90.cuh's conditions
+    reach = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel)]
+    if (pass_name == "input_grad" and gpu.arch == 90 and dtype_name != "fp32" and cout_g % 8 == 0
+            and layer.stride == (1, 1) and all(p <= r for p, r in zip(layer.padding, reach))):
+        # conv.cuh's input_grad_as_forward: the forward of grad with the reversed, channel-swapped
+        # weight (rewritten first: a pass over the weight, modelled by its bytes)
+        swapped = dataclasses.replace(layer, c_in=layer.c_out, c_out=layer.c_in, h=oh, w=ow,
+                                      padding=tuple(r - p for p, r in zip(layer.padding, reach)))
+        weight_bytes = layer.c_out * cin_g * kh * kw * itemsize
+        rewrite = Launch("cuda", "reversed_swapped_weight", None, (1, 1, 1), 1, 0, [1], 1,
+                         "weight rewrite", (0, 0, 0), itemsize, 2 * weight_bytes)
+        return [sm90_forward_launch(swapped, batch, dtype_name, cubin), rewrite]
     if pass_name == "forward":
         rows, depth = batch * oh * ow, kh * kw * cin_g
         grid = (cdiv(rows, bm), cdiv(cout_g, bn), layer.groups)

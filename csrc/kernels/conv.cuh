@@ -928,6 +928,8 @@ void launch_gemm_with_prologue(const Problem& p, bool vectorized, index_t grid_z
 // The sm_90 forward (conv_sm90.cuh): runs it and returns true where it applies.
 template <typename T>
 bool forward_sm90(const ForwardProblem<T>& p, int groups, Stream stream);
+// The architecture the kernels launch for (conv_sm90.cuh).
+inline int launch_arch();
 
 template <typename T>
 void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, const Epilogue& epi,
@@ -953,8 +955,58 @@ void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, 
   launch_gemm_with_prologue<T>(p, vectorizable<T>(p.geo, {x, w, y, epi.residual}), s.groups, 1, p.depth, stream);
 }
 
+// At stride 1, d loss / d x[ih] = sum over taps k of grad[ih + p - k d] w[k]: the forward
+// convolution of grad with the taps reversed (k' = K - 1 - k) and padding d (K - 1) - p, its
+// input and output channels swapped within each group. Where that forward is the sm_90 wgmma
+// kernel (16-bit, channels per group of grad a multiple of 8), it replaces the mma.sync kernel.
 template <typename T>
-void input_grad(const Shape& s, const void* grad, const void* w, void* grad_input, Stream stream) {
+bool input_grad_as_forward(const Shape& s) {
+  return !std::is_same<T, float>::value && s.stride_h == 1 && s.stride_w == 1 &&
+         s.pad_top <= s.dilation_h * (s.kernel_h - 1) && s.pad_left <= s.dilation_w * (s.kernel_w - 1) &&
+         (s.out_channels / s.groups) % 8 == 0 && launch_arch() == 90;
+}
+
+inline Shape input_grad_forward_shape(const Shape& s) {
+  Shape t = s;
+  t.in_channels = s.out_channels;
+  t.height = s.out_height;
+  t.width = s.out_width;
+  t.out_channels = s.in_channels;
+  t.out_height = s.height;
+  t.out_width = s.width;
+  t.pad_top = static_cast<int>(s.dilation_h * (s.kernel_h - 1) - s.pad_top);
+  t.pad_left = static_cast<int>(s.dilation_w * (s.kernel_w - 1) - s.pad_left);
+  return t;
+}
+
+// w_t (C_in, KH, KW, C_out/groups) = w (C_out, KH, KW, C_in/groups) with the taps reversed and
+// the channels swapped within each group: the forward weight of input_grad_forward_shape.
+template <typename T>
+__global__ void reversed_swapped_weight_kernel(const T* w, T* w_t, Geometry geo, index_t total) {
+  const index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const index_t co = i % geo.cout_g, tap_and_c = i / geo.cout_g;
+  const int kw = static_cast<int>(tap_and_c % geo.KW), kh = static_cast<int>(tap_and_c / geo.KW % geo.KH);
+  const index_t c = tap_and_c / geo.KW / geo.KH, g = c / geo.cin_g;
+  const index_t source_row = (g * geo.cout_g + co) * geo.KH + (geo.KH - 1 - kh);
+  w_t[i] = w[(source_row * geo.KW + (geo.KW - 1 - kw)) * geo.cin_g + (c - g * geo.cin_g)];
+}
+
+template <typename T>
+void input_grad(const Shape& s, const void* grad, const void* w, void* grad_input, void* workspace,
+                Stream stream) {
+  if constexpr (!std::is_same<T, float>::value) {
+    if (workspace != nullptr && input_grad_as_forward<T>(s) && aligned16(grad) && aligned16(workspace)) {
+      const Geometry geo = geometry(s);
+      const index_t total = s.in_channels * s.kernel_h * s.kernel_w * geo.cout_g;
+      constexpr int kRewriteThreads = 256;
+      launch(reversed_swapped_weight_kernel<T>, dim3(static_cast<unsigned>(ceil_div(total, kRewriteThreads))),
+             dim3(kRewriteThreads), 0, stream, static_cast<const T*>(w), static_cast<T*>(workspace), geo, total);
+      forward<T>(input_grad_forward_shape(s), grad, workspace, Prologue{nullptr, nullptr, Activation::kNone},
+                 Epilogue{nullptr, nullptr, nullptr, nullptr, Activation::kNone}, grad_input, nullptr, stream);
+      return;
+    }
+  }
   InputGradProblem<T> p;
   p.geo = geometry(s);
   p.batch = s.batch;
@@ -1039,10 +1091,18 @@ void forward(ScalarType dtype, const Shape& s, const void* x, const void* w, con
   PK_CONV_DISPATCH(dtype, T, detail::forward<T>(s, x, w, pro, epi, y, stats, stream));
 }
 
-void input_grad(ScalarType dtype, const Shape& s, const void* grad, const void* w, void* grad_input,
-                Stream stream) {
+std::int64_t input_grad_workspace_bytes(ScalarType dtype, const Shape& s) {
   detail::check_shape(s);
-  PK_CONV_DISPATCH(dtype, T, detail::input_grad<T>(s, grad, w, grad_input, stream));
+  std::int64_t bytes = 0;
+  PK_CONV_DISPATCH(dtype, T, if (detail::input_grad_as_forward<T>(s)) bytes = s.in_channels * s.kernel_h *
+                   s.kernel_w * (s.out_channels / s.groups) * static_cast<std::int64_t>(sizeof(T)));
+  return bytes;
+}
+
+void input_grad(ScalarType dtype, const Shape& s, const void* grad, const void* w, void* grad_input,
+                Stream stream, void* workspace) {
+  detail::check_shape(s);
+  PK_CONV_DISPATCH(dtype, T, detail::input_grad<T>(s, grad, w, grad_input, workspace, stream));
 }
 
 void weight_grad(ScalarType dtype, const Shape& s, const void* grad, const void* x, const Prologue& pro,

@@ -13,7 +13,8 @@
 // shared memory to the forward's epilogue (bias, channel statistics, scale/shift/residual/act),
 // as in conv.cuh. Used for 16-bit inputs without an input prologue, with channels per group a
 // multiple of 8 and 16-byte aligned x and w, on sm_90 devices (PACKED_KERNELS_SIMT_ARCH=90 in the
-// emulator); everything else runs conv.cuh's kernel.
+// emulator); everything else runs conv.cuh's kernel. conv.cuh's stride-1 input gradient runs
+// here too, as the forward of grad with the reversed, channel-swapped weight.
 #pragma once
 
 #include <cstdint>
