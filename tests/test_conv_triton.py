@@ -207,6 +207,41 @@ def test_weight_grad_runs_of_positions_launched_in_batches(monkeypatch):
     assert len(launches) == 3  # 132 positions in runs of 32: 5 runs, 2 per launch
 
 
+def test_weight_grad_splits_past_the_slab_cap_only_where_compute_bound(monkeypatch):
+    """A 3x3 on an 8x8 map with 128 channels per group (36 programs of 128x128, its slabs over
+    the partials' share) splits its images until the 132 SMs hold one program each; a 1x1 with
+    as few programs (memory-bound) keeps the slab cap. A split past the cap sums to the right
+    gradient."""
+    monkeypatch.setattr(_backend, "multiprocessors", lambda device: 132)
+    tile = conv_tuning.TileConfig(128, 128, 64, 8, 2)
+
+    def split(weight_shape, groups, c_in, c_out, positions):
+        activation_bytes = 2 * 128 * positions * (c_in + c_out)  # fp16, stride 1
+        return tc.weight_grad_split(tile, weight_shape, groups, 128, positions, activation_bytes,
+                                    torch.device("cpu"))
+
+    deep = split((512, 128, 3, 3), 4, 512, 512, 64)
+    assert (deep.splits_n, deep.split_n) == (3, 43)  # 108 programs: one wave of 132 SMs
+    assert split((4096, 256, 1, 1), 4, 1024, 4096, 16).splits_n == 1
+    # small enough for the interpreter: 9 programs on 40 SMs, 72 flops per activation byte
+    monkeypatch.setattr(_backend, "multiprocessors", lambda device: 40)
+    monkeypatch.setattr(tc, "COMPUTE_BOUND_INTENSITY", 64)
+    grids = []
+    kernel = tc._conv_weight_grad_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(tc, "_conv_weight_grad_kernel", Recording())
+    x = torch.randn(48, 32, 3, 3).to(memory_format=torch.channels_last)
+    w = torch.randn(32, 32, 3, 3) / 20
+    assert int(tc.PARTIALS_SHARE * 2 * x.numel() * 4) // (8 * w.numel()) == 0  # the cap: no split
+    _check_conv_and_grads(x, w, dict(padding=1), torch.float32, "split past the slab cap")
+    assert grids == [(1, 9 * 4, 1)]  # 4 slabs of the 9 taps: 36 programs on 40 SMs
+
+
 def test_input_grad_grid_limit_raises_before_launch():
     """Groups x stride phases share grid axis z: past CUDA's limit a clear error, no launch."""
     grad, weight = torch.empty(1, 20000, 2, 2), torch.empty(20000, 1, 1, 1)

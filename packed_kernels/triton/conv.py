@@ -588,7 +588,10 @@ def weight_grad_split(config, weight_shape, groups: int, batch: int, positions: 
     keeping a few K steps to amortise its partial-sum store, and the fp32 slabs' round trip
     (8 bytes per weight element per slab) under PARTIALS_SHARE of the activations' bytes
     (modelled on H100 fp16: a share of 1/4 beats 1/2 and 1/8, and beats filling every SM
-    whatever the slabs cost)."""
+    whatever the slabs cost). Where the programs would leave SMs idle and the layer is
+    compute-bound (over COMPUTE_BOUND_INTENSITY flops per activation byte: a 3x3 kernel on a
+    small map with wide groups), the slab cap gives way to as many splits as still fit one
+    program per SM: the tensor cores' time falls by that factor, more than the slabs add."""
     c_out, cin_g, kh, kw = weight_shape
     places = min(positions, config.block_k)
     images = config.block_k // places
@@ -596,14 +599,20 @@ def weight_grad_split(config, weight_shape, groups: int, batch: int, positions: 
     image_steps = triton.cdiv(batch, images)
     programs = (triton.cdiv(c_out // groups, config.block_m) * triton.cdiv(cin_g, config.block_n)
                 * kh * kw * groups * splits_s)
-    target = 2 * _backend.multiprocessors(device)
+    sms = _backend.multiprocessors(device)
     slabs = int(PARTIALS_SHARE * activation_bytes) // (8 * c_out * cin_g * kh * kw)
-    wanted = max(1, min(image_steps // 4, math.ceil(target / programs), slabs // splits_s))
+    flops = 2 * batch * positions * c_out * cin_g * kh * kw
+    one_wave = sms // programs if flops > COMPUTE_BOUND_INTENSITY * activation_bytes else 0
+    wanted = max(1, min(image_steps // 4, math.ceil(2 * sms / programs),
+                        max(slabs // splits_s, one_wave)))
     split_n = triton.cdiv(image_steps, wanted) * images
     return WeightGradSplit(images, places, split_n, triton.cdiv(batch, split_n), splits_s)
 
 
 PARTIALS_SHARE = 0.25  # see weight_grad_split
+# flops per activation byte above which idle SMs cost more than extra slabs (modelled on H100
+# fp16: 3x3 on 8x8 maps, 576, gains 2.2x; 1x1 layers, 85-205, lose 5-25% to the slabs)
+COMPUTE_BOUND_INTENSITY = 256
 
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis y (taps x slabs in the weight gradient)
