@@ -49,7 +49,8 @@ def test_sm90_forward_statistics_per_64_row_tile(name):
 
 # At stride 1 the input gradient runs as the forward of grad with the reversed, channel-swapped
 # weight (conv.cuh's input_grad_as_forward) where grad's channels per group are a multiple of 8;
-# else, and where the padding exceeds the taps' reach, on the mma.sync kernel.
+# else, where the padding exceeds the taps' reach, and in fp32, on the mma.sync kernel
+# (tests/test_simt_hopper.py checks which kernel runs).
 INPUT_GRAD_CASES = {
     "1x1_expanding": (2, 16, 64, (5, 6), 1, 1, 0, 1, 2),
     "3x3_dilated": (1, 16, 32, (9, 8), 3, 1, 1, 2, 2),               # padding 1 of a reach of 4
@@ -59,7 +60,7 @@ INPUT_GRAD_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=_ids)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=_ids)
 @pytest.mark.parametrize("name", list(INPUT_GRAD_CASES))
 def test_sm90_stride_1_input_grad_matches_fp64(name, dtype):
     _check_conv("simt", name, dtype, "channels_last", INPUT_GRAD_CASES[name])

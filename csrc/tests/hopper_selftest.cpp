@@ -14,7 +14,7 @@
 
 #include "hopper_selftest_kernels.cuh"
 #ifdef PK_SIMT_ENABLED
-#include "conv.cuh"  // conv_forward_path: which kernel the emulator's launch architecture picks
+#include "conv.cuh"  // conv_*_path: which kernel the emulator's launch architecture picks
 #endif
 
 namespace {
@@ -259,6 +259,32 @@ void case_conv_forward_path() {
   std::printf("arch90_prologue=%d\n", launched_sm90("90", 16, true));
   std::printf("arch90_4_channels=%d\n", launched_sm90("90", 4, false));
 }
+
+// Which kernel conv.cuh's input gradient ends with: 1 where it is conv_sm90.cuh's forward (the
+// stride-1 route through the reversed, channel-swapped weight), with the scratch it asks for.
+void case_conv_input_grad_path() {
+  using pk::conv::Shape;
+  const void* const sm90 = reinterpret_cast<const void*>(pk::conv::detail::forward_sm90_kernel<pk::half, 128, 64>);
+  auto launched_sm90 = [&](const char* arch, int c_out, int stride, int pad, bool scratch) {
+    setenv("PACKED_KERNELS_SIMT_ARCH", arch, 1);
+    const int out_size = (6 + 2 * pad - 3) / stride + 1;
+    const Shape s{1, 16, 6, 6, c_out, 3, 3, out_size, out_size, stride, stride, pad, pad, 1, 1, 2};
+    Array<pk::half> grad(std::size_t(c_out) * out_size * out_size), w(std::size_t(c_out) * 9 * 8), dx(16 * 36);
+    for (std::size_t i = 0; i < grad.size; ++i) grad[i] = pk::from_float<pk::half>(1.0f);
+    for (std::size_t i = 0; i < w.size; ++i) w[i] = pk::from_float<pk::half>(1.0f);
+    const std::int64_t bytes = pk::conv::input_grad_workspace_bytes(pk::ScalarType::kFloat16, s);
+    Array<pk::half> workspace(std::size_t(w.size));
+    pk::conv::input_grad(pk::ScalarType::kFloat16, s, grad.data, w.data, dx.data, nullptr,
+                         scratch ? workspace.data : nullptr);
+    return std::to_string(pk::simt::last_kernel() == sm90 ? 1 : 0) + "," + std::to_string(bytes);
+  };
+  std::printf("arch90=%s\n", launched_sm90("90", 16, 1, 1, true).c_str());
+  std::printf("arch80=%s\n", launched_sm90("80", 16, 1, 1, true).c_str());
+  std::printf("arch90_no_scratch=%s\n", launched_sm90("90", 16, 1, 1, false).c_str());
+  std::printf("arch90_stride_2=%s\n", launched_sm90("90", 16, 2, 1, true).c_str());
+  std::printf("arch90_padding_past_the_taps=%s\n", launched_sm90("90", 16, 1, 3, true).c_str());
+  std::printf("arch90_6_grad_channels=%s\n", launched_sm90("90", 12, 1, 1, true).c_str());
+}
 #endif
 
 }  // namespace
@@ -280,6 +306,7 @@ int main(int argc, char** argv) {
       {"bulk_no_expect_tx", [] { broken_pipeline(hopper_selftest::kNoExpectTx); }},
 #ifdef PK_SIMT_ENABLED
       {"conv_forward_path", case_conv_forward_path},
+      {"conv_input_grad_path", case_conv_input_grad_path},
 #endif
   };
   if (argc != 2 || !cases.count(argv[1])) {
