@@ -102,8 +102,8 @@ def test_the_forward_launches_the_sm90_kernel_where_it_applies(selftest):
 def test_the_stride_1_input_grad_ends_on_the_sm90_forward_where_it_applies(selftest):
     # conv.cuh's input gradient: at stride 1 on 90, with scratch for the rewritten weight (16 x 3 x 3
     # x 8 halves), the sm_90 forward; on 80, without scratch, at stride 2, with padding past the
-    # taps' reach or 6 channels of grad per group, the mma.sync kernel (and no scratch asked for
-    # but on 80, where the route never runs). tests/test_conv_sm90.py checks its answers.
+    # taps' reach or 6 channels of grad per group, the mma.sync kernel; scratch is asked for only
+    # where the route applies (90, stride 1). tests/test_conv_sm90.py checks its answers.
     out = results(selftest, "conv_input_grad_path")
     assert out == {"arch90": "1,2304", "arch80": "0,0", "arch90_no_scratch": "0,2304", "arch90_stride_2": "0,0",
                    "arch90_padding_past_the_taps": "0,0", "arch90_6_grad_channels": "0,0"}, out
