@@ -188,18 +188,23 @@ def test_stem_weight_grad_with_vector_output_channels(dtype):
     assert_close(ours.cpu(), reference(torch.float64), reference(dtype), dtype, "stem with prologue")
 
 
+def _record_weight_grad_grids(monkeypatch) -> list:
+    """The grids the weight-gradient kernel launches on from now on (it still runs)."""
+    grids, kernel = [], tc._conv_weight_grad_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(tc, "_conv_weight_grad_kernel", Recording())
+    return grids
+
+
 def test_weight_grad_runs_of_positions_launched_in_batches(monkeypatch):
     """A map with many runs of positions (one fp32 slab each) under a small grid limit: the
     runs go out in several launches whose sums add up to the whole gradient."""
-    launches = []
-    kernel = tc._conv_weight_grad_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(tc, "_conv_weight_grad_kernel", Counting())
+    launches = _record_weight_grad_grids(monkeypatch)
     monkeypatch.setattr(tc, "MAX_GRID_Y", 2 * 9)  # two runs of positions per launch of a 3x3
     x = torch.randn(2, 8, 12, 11).to(memory_format=torch.channels_last)
     w = torch.randn(8, 4, 3, 3) / 6
@@ -226,15 +231,7 @@ def test_weight_grad_splits_past_the_slab_cap_only_where_compute_bound(monkeypat
     # small enough for the interpreter: 9 programs on 40 SMs, 72 flops per activation byte
     monkeypatch.setattr(_backend, "multiprocessors", lambda device: 40)
     monkeypatch.setattr(tc, "COMPUTE_BOUND_INTENSITY", 64)
-    grids = []
-    kernel = tc._conv_weight_grad_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(tc, "_conv_weight_grad_kernel", Recording())
+    grids = _record_weight_grad_grids(monkeypatch)
     x = torch.randn(48, 32, 3, 3).to(memory_format=torch.channels_last)
     w = torch.randn(32, 32, 3, 3) / 20
     assert int(tc.PARTIALS_SHARE * 2 * x.numel() * 4) // (8 * w.numel()) == 0  # the cap: no split
