@@ -161,6 +161,70 @@ def test_simt_strided_input_grad_matches_fp64(name, dtype, per_group):
 
 
 # ---------------------------------------------------------------------------------------------
+# narrow groups: few channels per group on one side of the conv (a stem's 3 input channels)
+# ---------------------------------------------------------------------------------------------
+
+# 16-bit, stride 1, grad's channels per group a multiple of 8, the input's not: the input gradient
+# runs as the forward of grad with the rewritten weight (conv.cuh's input_grad_as_forward), both
+# read in 16-byte runs along its depth, on the narrow 128 x 16 tile where the input channels per
+# group fit it, the result written element by element (tests/test_simt_hopper.py checks which
+# kernel runs). At stride 2, with padding past the taps' reach and in fp32 the input-gradient
+# kernel runs; the forward and weight gradient of these shapes read element by element.
+NARROW_INPUT_CASES = {
+    "stem_3x3_row_tiles": (3, 3, 16, (10, 9), 3, 1, 1, 1, 1),        # 270 rows: 3 tiles; 5 slices
+    "stem_grouped": (2, 6, 32, (7, 9), 3, 1, 1, 1, 2),                # 3 channels per group
+    "12_channels_dilated_unpadded": (1, 12, 8, (9, 8), 3, 1, 0, 2, 1),
+    "even_kernel_same_padding": (1, 3, 24, (6, 7), (2, 4), 1, "same", 1, 1),  # uneven sides
+    "20_channels": (1, 20, 16, (5, 6), 3, 1, 1, 1, 1),                # wider than the narrow tile
+    "stride_2": (2, 3, 16, (9, 8), 3, 2, 1, 1, 1),                    # input-gradient kernel
+    "padding_past_the_taps": (1, 3, 16, (5, 5), 3, 1, 3, 1, 1),       # input-gradient kernel
+}
+# The forward with 16-byte runs of 8k input channels per group and at most 16 output channels:
+# the narrow tile (128-row blocks, two 64-row statistics tiles each).
+NARROW_OUTPUT_CASES = {
+    "3_outputs_row_tail": (2, 16, 3, (9, 10), 3, 1, 1, 1, 1),         # 180 rows: a 52-row last tile
+    "8_outputs_per_group_s2": (1, 32, 16, (11, 9), 3, 2, 1, 1, 2),
+    "16_outputs_dilated": (1, 8, 16, (12, 11), 3, 1, 2, 2, 1),
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=_ids)
+@pytest.mark.parametrize("name", list(NARROW_INPUT_CASES) + list(NARROW_OUTPUT_CASES))
+def test_simt_narrow_groups_match_fp64(name, dtype):
+    _check_conv("simt", name, dtype, "channels_last", {**NARROW_INPUT_CASES, **NARROW_OUTPUT_CASES}[name])
+
+
+@pytest.mark.parametrize("options", ["everything", "stats"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=_ids)
+def test_simt_narrow_forward_fused_matches_fp64(options, dtype):
+    check_fused_matches_fp64("simt", options, dtype, "channels_last", NARROW_OUTPUT_CASES["3_outputs_row_tail"])
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=_ids)
+def test_simt_narrow_input_grad_of_a_misaligned_grad_matches_fp64(dtype):
+    """grad two bytes past a 16-byte boundary: no 16-byte runs, the input-gradient kernel."""
+    require_backend("simt", dtype)
+    n, c_in, c_out, hw, k, stride, padding, dilation, groups = NARROW_INPUT_CASES["stem_grouped"]
+    x = torch.randn(n, c_in, *hw, dtype=torch.float64)
+    w = torch.randn(c_out, c_in // groups, k, k, dtype=torch.float64) / (c_in // groups * k * k) ** 0.5
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    grad = torch.randn(F.conv2d(x, w, **args).shape, dtype=torch.float64)
+    leaf = x.clone().requires_grad_()
+    ref = torch.autograd.grad(F.conv2d(leaf, w, **args), leaf, grad)[0]
+    low = x.to(dtype).requires_grad_()
+    lowp = torch.autograd.grad(F.conv2d(low, w.to(dtype), **args), low, grad.to(dtype))[0]
+    dense = grad.to(dtype).contiguous(memory_format=torch.channels_last)
+    buffer = torch.empty(dense.numel() + 1, dtype=dtype)
+    misaligned = buffer[1:].as_strided(dense.shape, dense.stride())
+    misaligned.copy_(dense)
+    assert misaligned.is_contiguous(memory_format=torch.channels_last) and misaligned.data_ptr() % 16 != 0
+    ours = conv_engines.csrc_conv_input_grad("simt", misaligned, w.to(dtype), x.shape, (stride, stride),
+                                             (padding,) * 4, (dilation, dilation), groups)
+    assert_all_finite(ours)
+    assert_close(ours, ref, lowp, dtype, "misaligned grad input grad")
+
+
+# ---------------------------------------------------------------------------------------------
 # fused_conv2d: every option set in fp32, everything at once in each 16-bit type
 # ---------------------------------------------------------------------------------------------
 

@@ -115,10 +115,11 @@ def test_ensemble_kernels_fit_their_launch_bounds(compiled):
 CONV_THREADS = 128  # conv.cuh's kThreads (its __launch_bounds__)
 
 
-# Per problem: fp32 (16-byte, scalar loads) + per 16-bit type (cp.async pipeline, scalar loads),
-# twice for the problems with an input prologue (kernels with and without it); the sm_90 forward
-# per 16-bit type and tile (64 x 128, 128 x 64).
-CONV_KERNELS_PER_ARCH = {"forward": 2 * (2 + 2 * 2), "input_grad": 2 + 2 * 2, "weight_grad": 2 * (2 + 2 * 2),
+# Per problem: fp32 (16-byte, scalar loads) + per 16-bit type (cp.async pipeline, scalar loads;
+# the forward's pipeline on the 64 x 64 and the narrow 128 x 16 tile), twice for the problems with
+# an input prologue (kernels with and without it); the sm_90 forward per 16-bit type and tile
+# (64 x 128, 128 x 64).
+CONV_KERNELS_PER_ARCH = {"forward": 2 * (2 + 2 * 3), "input_grad": 2 + 2 * 2, "weight_grad": 2 * (2 + 2 * 2),
                          "forward_sm90": 2 * 2, "weight_rewrite": 2}  # rewrite: the 16-bit types
 SM90_KERNEL = "forward_sm90_kernel"
 WEIGHT_REWRITE_KERNEL = "reversed_swapped_weight_kernel"  # a copy: no tensor cores
@@ -166,11 +167,13 @@ def test_conv_half_paths_use_tensor_cores(compiled):
 
 
 def test_conv_pipelined_kernels_use_cp_async(compiled):
-    """gemm_kernel<T, VEC, STAGES, Problem>: the STAGES = 3 instantiations (mangled "Li3E" after
-    the VEC argument) copy with cp.async (zero-filling form, groups, waits); the others don't."""
+    """gemm_kernel<T, VEC, STAGES, BLOCK_M, BLOCK_N, Problem>: the STAGES = 3 instantiations
+    (mangled "Li3E" after the VEC argument) copy with cp.async (zero-filling form, groups, waits);
+    the others don't."""
     entries = _ptx_entries(compiled["conv.ptx"])
     pipelined = {name for name in entries if "Li8ELi3E" in name}
-    assert len(pipelined) == 2 * 5, sorted(entries)  # (half, bfloat16) x 3 problems, 2 with a prologue
+    # (half, bfloat16) x (3 problems, 2 with a prologue; the forward's narrow tile with and without)
+    assert len(pipelined) == 2 * (5 + 2), sorted(entries)
     for name, body in entries.items():
         if name in pipelined:
             assert "cp.async.cg.shared.global" in body, f"{name}: no cp.async"

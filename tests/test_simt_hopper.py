@@ -109,6 +109,17 @@ def test_the_stride_1_input_grad_ends_on_the_sm90_forward_where_it_applies(selft
                    "arch90_padding_past_the_taps": "0,0", "arch90_6_grad_channels": "0,0"}, out
 
 
+def test_the_stride_1_input_grad_of_narrow_groups_ends_on_the_narrow_forward(selftest):
+    # 3 input channels per group, 16 of grad: at stride 1 on 80 and 86 the forward of grad with the
+    # rewritten weight (6 x 3 x 3 x 16 halves of scratch) on the mma.sync kernel's narrow tile; at
+    # stride 2 or with grad not 16-byte aligned the input-gradient kernel; 8 input channels per
+    # group take 16-byte runs there without scratch; on 90 the route ends on the sm_90 forward.
+    # tests/test_conv_cuda.py checks the answers.
+    out = results(selftest, "conv_narrow_input_grad_path")
+    assert out == {"arch80": "1,1728", "arch86": "1,1728", "arch80_stride_2": "0,0", "arch80_misaligned_grad": "0,1728",
+                   "arch80_8_channels": "0,0", "arch90": "0,1728"}, out
+
+
 def test_bulk_copy_pipeline_gives_the_reference_answer(selftest):
     out = results(selftest, "bulk_pipeline")
     assert int(out["mismatches"]) == 0

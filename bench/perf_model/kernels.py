@@ -261,8 +261,8 @@ def _header_constants(header: Path, names) -> Dict[str, int]:
 
 def cuda_constants() -> Dict[str, int]:
     """The tile and dispatch constants of conv.cuh, read from the header (not copied)."""
-    return _header_constants(CONV_HEADER, ("kThreads", "kBlockM", "kBlockN", "kBlockK", "kAsyncStages",
-                                           "kTargetBlocks", "kMaxSplits"))
+    return _header_constants(CONV_HEADER, ("kThreads", "kBlockM", "kBlockN", "kNarrowBlockM", "kNarrowBlockN", "kBlockK",
+                                           "kAsyncStages", "kTargetBlocks", "kMaxSplits"))
 
 
 def nvcc() -> str:
@@ -302,9 +302,10 @@ _PROBLEM = {"forward": "14ForwardProblem", "input_grad": "16InputGradProblem",
             "weight_grad": "17WeightGradProblem"}
 
 
-def cuda_kernel_name(dtype_name: str, vec: int, stages: int, pass_name: str) -> str:
+def cuda_kernel_name(dtype_name: str, vec: int, stages: int, block_m: int, block_n: int, pass_name: str) -> str:
     t = _MANGLED_TYPE[dtype_name]
-    return f"_ZN2pk4conv6detail11gemm_kernelI{t}Li{vec}ELi{stages}ENS1_{_PROBLEM[pass_name]}I"
+    return (f"_ZN2pk4conv6detail11gemm_kernelI{t}Li{vec}ELi{stages}ELi{block_m}ELi{block_n}"
+            f"ENS1_{_PROBLEM[pass_name]}I")
 
 
 def sm90_forward_launch(layer, batch: int, dtype_name: str, cubin: Path) -> Launch:
@@ -345,11 +346,19 @@ def cuda_launches(layer, pass_name: str, batch: int, dtype_name: str, gpu) -> Li
     cin_g, cout_g = layer.c_in // layer.groups, layer.c_out // layer.groups
     kh, kw = layer.kernel
     oh, ow = layer.out_hw()
-    vectorized = cin_g % vec16 == 0 and cout_g % vec16 == 0  # and 16-byte aligned tensors
+    # launch_gemm's narrow tile: the 16-bit forward (B along depth) with 16-byte runs of input
+    # channels and few output channels, its result element by element
+    narrow = (pass_name == "forward" and dtype_name != "fp32" and cin_g % vec16 == 0
+              and cout_g <= k["kNarrowBlockN"])
+    if narrow:
+        bm, bn = k["kNarrowBlockM"], k["kNarrowBlockN"]
+    # else 16-byte runs (and 16-bit: the cp.async pipeline) where both channel counts per group
+    # are multiples of them (and the tensors 16-byte aligned)
+    vectorized = narrow or (cin_g % vec16 == 0 and cout_g % vec16 == 0)
     vec = vec16 if vectorized else 1
     stages = k["kAsyncStages"] if vectorized and dtype_name != "fp32" else 1
     cubin = cuda_cubin(gpu.arch)
-    prefix = cuda_kernel_name(dtype_name, vec, stages, pass_name)
+    prefix = cuda_kernel_name(dtype_name, vec, stages, bm, bn, pass_name)
     config = f"{bm}x{bn}x{bk} w{k['kThreads'] // 32} s{stages} vec{vec}"
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     launch = lambda grid, trips, active, extra=0: Launch(  # noqa: E731
@@ -358,7 +367,8 @@ def cuda_launches(layer, pass_name: str, batch: int, dtype_name: str, gpu) -> Li
     if pass_name == "forward" and gpu.arch == 90 and dtype_name != "fp32" and cin_g % vec16 == 0:
         return [sm90_forward_launch(layer, batch, dtype_name, cubin)]  # conv_sm90.cuh's conditions
     reach = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel)]
-    if (pass_name == "input_grad" and gpu.arch == 90 and dtype_name != "fp32" and cout_g % 8 == 0
+    if (pass_name == "input_grad" and dtype_name != "fp32" and cout_g % 8 == 0
+            and (gpu.arch == 90 or cin_g % 8 != 0)
             and layer.stride == (1, 1) and all(p <= r for p, r in zip(layer.padding, reach))):
         # conv.cuh's input_grad_as_forward: the forward of grad with the reversed, channel-swapped
         # weight (rewritten first: a pass over the weight, modelled by its bytes)
@@ -367,7 +377,7 @@ def cuda_launches(layer, pass_name: str, batch: int, dtype_name: str, gpu) -> Li
         weight_bytes = layer.c_out * cin_g * kh * kw * itemsize
         rewrite = Launch("cuda", "reversed_swapped_weight", None, (1, 1, 1), 1, 0, [1], 1,
                          "weight rewrite", (0, 0, 0), itemsize, 2 * weight_bytes)
-        return [sm90_forward_launch(swapped, batch, dtype_name, cubin), rewrite]
+        return [*cuda_launches(swapped, "forward", batch, dtype_name, gpu), rewrite]
     if pass_name == "forward":
         rows, depth = batch * oh * ow, kh * kw * cin_g
         grid = (cdiv(rows, bm), cdiv(cout_g, bn), layer.groups)

@@ -10,14 +10,17 @@
 //                depth = (kh, kw, c_out) over that phase's contributing taps only
 //   weight grad  rows = output channels, cols = (kh, kw, c_in), depth = output pixels, the
 //                depth split over grid axis y into fp32 slabs (summed by the caller)
-// A block computes a 64x64 tile over K slices of 32: a 64x32 slice of A and a 32x64 slice of B
-// are staged in shared memory (padding taps, tails and out-of-range rows as zero; row/column
+// A block computes a 64x64 tile (128x16 where the forward has at most 16 columns: narrow groups
+// waste no tensor-core work or B reads on absent columns, and each slice's copies serve twice
+// the rows) over K slices of 32: a 64x32 (128x32) slice of A and a 32x64 (32x16) slice of B are
+// staged in shared memory (padding taps, tails and out-of-range rows as zero; row/column
 // offsets decoded once, depth offsets once per slice by cursors stepped without division, each
 // copying thread stepping its own in the pipeline), then
-//   half/bfloat16: 4 warps, each 32x32 of 16x8x16 mma.sync tiles fed by ldmatrix (pk/tile.h), fp32
-//                  accumulators;
+//   half/bfloat16: 4 warps, each 32x32 (32x16 in a narrow tile) of 16x8x16 mma.sync tiles fed by
+//                  ldmatrix (pk/tile.h), fp32 accumulators;
 //   float:         FMA, each thread 8x4 outputs.
-// Staging: 16-bit operands with channels per group a multiple of 8 go through a 3-stage cp.async
+// Staging: 16-bit operands whose runs along memory are a multiple of 8 (the forward: input
+// channels per group; the gradients: both channel counts) go through a 3-stage cp.async
 // pipeline (pk/async_copy.h; 16-byte copies into tiles stored the way memory is contiguous, each
 // thread's runs and their row/column offsets fixed in registers, one barrier per slice, a
 // prologue applied by each thread to its own copies after its wait, compiled only into the
@@ -25,7 +28,8 @@
 // or other channel counts stage each slice through registers (16-byte loads where the channels
 // per group allow, scalar otherwise).
 // The accumulators go through shared memory to the epilogue, which writes coalesced along the
-// contiguous dimension (channels, NHWC) and, in the forward, adds bias, reduces the channel
+// contiguous dimension (channels, NHWC; 16-byte runs where the launcher took them, element by
+// element in a narrow tile) and, in the forward, adds bias, reduces the channel
 // statistics of the tile (sum and M2 about the tile mean; deterministic: one partial per row
 // tile) and applies the epilogue.
 #pragma once
@@ -54,7 +58,8 @@ using index_t = long long;
 
 constexpr int kThreads = 128;
 constexpr int kBlockM = 64, kBlockN = 64, kBlockK = 32;
-constexpr int kLdC = kBlockN + 4;  // the fp32 accumulator tile's row stride
+// The narrow tile: a forward (B stored along depth) with at most kNarrowBlockN columns.
+constexpr int kNarrowBlockM = 128, kNarrowBlockN = 16;
 // Pipeline depth of the cp.async path: 3 stages of 16-bit A and B tiles take 30 KB, within the
 // 48 KB of static shared memory every launch gets (4 would need opt-in dynamic memory).
 constexpr int kAsyncStages = 3;
@@ -423,8 +428,8 @@ struct WeightGradProblem {
   }
 };
 
-// A staged operand tile in shared memory: A is kBlockM rows x kBlockK depth, B kBlockK depth x
-// kBlockN columns; `i` is A's row or B's column. 16-bit tiles are stored contiguous along the
+// A staged operand tile in shared memory: A is BLOCK_M rows x kBlockK depth, B kBlockK depth x
+// BLOCK_N columns; `i` is A's row or B's column. 16-bit tiles are stored contiguous along the
 // dimension that is contiguous in memory, so a run of 16 bytes is one copy (cp.async's unit) and
 // ldmatrix reads the tile in the matching layout (transposing where depth is not contiguous);
 // fp32 tiles are stored the way the FMA loop reads them without bank conflicts (A row-major, B
@@ -439,15 +444,16 @@ struct TileLayout {
   PK_HOST_DEVICE static constexpr int at(int i, int k) { return kDepthContiguous ? i * kLd + k : k * kLd + i; }
 };
 
-template <typename T, typename Problem, int STAGES>
+template <typename T, typename Problem, int STAGES, int BLOCK_M, int BLOCK_N>
 struct Tiles {
   static constexpr bool kTensorCores = !std::is_same<T, float>::value;
-  using A = TileLayout<kTensorCores ? Problem::kAAlongDepth : true, kBlockM>;
-  using B = TileLayout<kTensorCores ? Problem::kBAlongDepth : false, kBlockN>;
+  using A = TileLayout<kTensorCores ? Problem::kAAlongDepth : true, BLOCK_M>;
+  using B = TileLayout<kTensorCores ? Problem::kBAlongDepth : false, BLOCK_N>;
   static constexpr int kStageElements = A::kElements + B::kElements;
   static_assert(kStageElements * sizeof(T) % 32 == 0, "every stage's tiles start 32-byte aligned");
   static constexpr std::size_t kStagingBytes = sizeof(T) * STAGES * kStageElements;
-  static constexpr std::size_t kAccumulatorBytes = sizeof(float) * kBlockM * kLdC;
+  static constexpr int kLdC = BLOCK_N + 4;  // the fp32 accumulator tile's row stride
+  static constexpr std::size_t kAccumulatorBytes = sizeof(float) * BLOCK_M * kLdC;
   // The accumulator tile reuses the staging buffers after the main loop.
   static constexpr std::size_t kSharedBytes = kStagingBytes > kAccumulatorBytes ? kStagingBytes : kAccumulatorBytes;
 };
@@ -467,13 +473,15 @@ PK_DEVICE void run_start(int e, int& i, int& k) {
 
 // Run t of thread `tid` when every thread copies kRuns runs of the tile, all at one depth index
 // of the slice (so one depth cursor serves them). Along depth, a row's kBlockK / VEC runs go to
-// consecutive threads (16-byte runs, a row's 64 bytes together); across depth, the kThreads /
-// kBlockK threads of a depth row take its runs in turn.
+// consecutive threads (16-byte runs, a row's 64 bytes together), and a tile with fewer runs than
+// the threads' (a narrow one) leaves the last threads' runs past its extent (i >= kExtent: not
+// copied); across depth, the kThreads / kBlockK threads of a depth row take its runs in turn.
 template <bool kAlongDepth, int kExtent, int VEC, int kRuns>
 PK_DEVICE void thread_run_start(int tid, int t, int& i, int& k) {
   constexpr int kRowThreads = kAlongDepth ? kBlockK / VEC : kThreads / kBlockK;
   static_assert(kThreads % kRowThreads == 0, "a depth row's runs divide the threads");
-  static_assert(kAlongDepth || kRowThreads * kRuns * VEC == kExtent, "a depth row's threads cover it");
+  static_assert(kAlongDepth ? kThreads / kRowThreads * kRuns >= kExtent : kRowThreads * kRuns * VEC == kExtent,
+                "the threads' runs cover the tile");
   if (kAlongDepth) {
     i = tid / kRowThreads + t * (kThreads / kRowThreads);
     k = tid % kRowThreads * VEC;
@@ -501,15 +509,18 @@ PK_DEVICE void apply_prologue(const Problem& p, index_t channel, T (&run)[V]) {
 // At least 1 block per SM: with ptxas's own occupancy target the bf16 forward spilled on sm_90.
 // VEC: elements per load along each operand's contiguous dimension (16 bytes, or 1); the
 // launcher picks VEC > 1 only where every run of VEC stays inside one tap and is aligned.
+// BLOCK_M x BLOCK_N: the tile, kBlockM x kBlockN or the narrow kNarrowBlockM x kNarrowBlockN
+// (16-bit, B along depth), which writes its few columns element by element: the forward's
+// operands take 16-byte runs there whatever its output channels are.
 // STAGES: 1 stages each K slice through registers (loads, prologue, store to shared memory,
 // compute); > 1 (16-bit, 16-byte runs) is a cp.async pipeline that keeps STAGES - 1 slices in
 // flight while the tensor cores work on the oldest. cp.async cannot transform what it copies, so
 // there a prologue runs on the shared tile: each thread transforms the runs it copied itself
 // between its wait (which makes its own copies visible to it) and the barrier (which publishes
 // them), with no extra barrier; padding taps stay zero.
-template <typename T, int VEC, int STAGES, typename Problem>
+template <typename T, int VEC, int STAGES, int BLOCK_M, int BLOCK_N, typename Problem>
 __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t split_len) {
-  using Config = Tiles<T, Problem, STAGES>;
+  using Config = Tiles<T, Problem, STAGES, BLOCK_M, BLOCK_N>;
   using TileA = typename Config::A;
   using TileB = typename Config::B;
   using RowInfo = typename Problem::RowInfo;
@@ -517,8 +528,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   using DepthInfo = typename Problem::DepthInfo;
   constexpr bool kTensorCores = Config::kTensorCores;
   static_assert(STAGES == 1 || (kTensorCores && VEC * sizeof(T) == 16), "cp.async moves 16-byte runs");
+  static_assert((BLOCK_M == kBlockM && BLOCK_N == kBlockN) || (kTensorCores && Problem::kBAlongDepth),
+                "narrow tiles: tensor cores, B along depth");
+  static_assert(BLOCK_M % kBlockM == 0, "whole statistics row tiles");
+  constexpr int kLdC = Config::kLdC;
   const int g = p.bind(blockIdx.z);
-  const index_t m0 = index_t(blockIdx.x) * kBlockM;
+  const index_t m0 = index_t(blockIdx.x) * BLOCK_M;
   if (m0 >= p.rows) return;  // the whole block: a stride phase with fewer rows than the grid has
   // PK_SHARED declares the tiles 32-byte aligned in the shared space. No realignment through an
   // integer here: nvcc then loses the address space and the tiles load by generic LD/ST.
@@ -527,17 +542,20 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   float* const Cs = reinterpret_cast<float*>(shared);
 
   const int tid = threadIdx.x;
-  const index_t tiles_n = (p.cols + kBlockN - 1) / kBlockN;
+  const index_t tiles_n = (p.cols + BLOCK_N - 1) / BLOCK_N;
   const int split = static_cast<int>(blockIdx.y / tiles_n);
-  const index_t n0 = (blockIdx.y % tiles_n) * kBlockN;
+  const index_t n0 = (blockIdx.y % tiles_n) * BLOCK_N;
   const index_t k_begin = index_t(split) * split_len;
   const index_t k_end = k_begin + split_len < p.depth ? k_begin + split_len : p.depth;
 
   float acc[kTensorCores ? 1 : 8][kTensorCores ? 1 : 4];
-  // Each warp's 32x32: 2 x 4 tensor-core tiles of 16x8.
-  constexpr int kWarpTilesM = 32 / tile::kM, kWarpTilesN = 32 / tile::kN;
+  // 2x2 warps of 32x32 (2 x 4 tensor-core tiles of 16x8 each); in a narrow tile 4x1 warps of 32x16.
+  constexpr int kWarpsN = BLOCK_N >= 64 ? 2 : 1, kWarpsM = kThreads / 32 / kWarpsN;
+  constexpr int kWarpRows = BLOCK_M / kWarpsM, kWarpCols = BLOCK_N / kWarpsN;
+  constexpr int kWarpTilesM = kWarpRows / tile::kM, kWarpTilesN = kWarpCols / tile::kN;
+  static_assert(kWarpTilesM >= 1 && kWarpTilesN % 2 == 0, "whole tiles, B loaded 16 columns at a time");
   tile::Accumulator frag_acc[kTensorCores ? kWarpTilesM : 1][kTensorCores ? kWarpTilesN : 1];
-  const int warp = tid / 32, warp_m = warp / 2, warp_n = warp % 2;  // 2x2 warps of 32x32
+  const int warp = tid / 32, warp_m = warp / kWarpsN, warp_n = warp % kWarpsN;
   if constexpr (kTensorCores) {
 #pragma unroll
     for (int i = 0; i < kWarpTilesM; ++i)
@@ -552,12 +570,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
 
   // Decoded indices: rows and columns once per block, in shared memory (the copies and the
   // epilogue read them).
-  PK_SHARED(RowInfo, row_info, kBlockM);
-  PK_SHARED(ColInfo, col_info, kBlockN);
+  PK_SHARED(RowInfo, row_info, BLOCK_M);
+  PK_SHARED(ColInfo, col_info, BLOCK_N);
   // One thread per row and per column (no loop: nvcc unrolls one whose start it cannot bound).
-  static_assert(kBlockM <= kThreads && kBlockN <= kThreads, "a thread per row and per column");
-  if (tid < kBlockM) row_info[tid] = p.row_info(g, m0 + tid);
-  if (tid < kBlockN) col_info[tid] = p.col_info(g, n0 + tid);
+  static_assert(BLOCK_M <= kThreads && BLOCK_N <= kThreads, "a thread per row and per column");
+  if (tid < BLOCK_M) row_info[tid] = p.row_info(g, m0 + tid);
+  if (tid < BLOCK_N) col_info[tid] = p.col_info(g, n0 + tid);
   // Slices, in int: the launcher checks that a slab's slices fit.
   const int steps = k_end > k_begin ? static_cast<int>((k_end - k_begin + kBlockK - 1) / kBlockK) : 0;
   const T* const a_base = p.a_base();
@@ -572,10 +590,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
         tile::FragmentB<T> b[kWarpTilesN];
 #pragma unroll
         for (int i = 0; i < kWarpTilesM; ++i)
-          tile::load_a<TileA::kAlongDepth>(a[i], As + TileA::at(warp_m * 32 + i * tile::kM, kk), TileA::kLd);
+          tile::load_a<TileA::kAlongDepth>(a[i], As + TileA::at(warp_m * kWarpRows + i * tile::kM, kk), TileA::kLd);
 #pragma unroll
         for (int j = 0; j < kWarpTilesN; j += 2)  // a 16-column load fills two fragments
-          tile::load_b<TileB::kAlongDepth>(b[j], b[j + 1], Bs + TileB::at(warp_n * 32 + j * tile::kN, kk), TileB::kLd);
+          tile::load_b<TileB::kAlongDepth>(b[j], b[j + 1], Bs + TileB::at(warp_n * kWarpCols + j * tile::kN, kk),
+                                           TileB::kLd);
 #pragma unroll
         for (int i = 0; i < kWarpTilesM; ++i)
 #pragma unroll
@@ -616,10 +635,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
       }
       __syncthreads();  // the decoded indices are written and the previous step's compute is done
       // A run lies wholly inside or outside the tile's valid range (the extents are multiples of VEC).
-      for (int e = tid; e < kBlockM * kBlockK / VEC; e += kThreads) {
+      for (int e = tid; e < BLOCK_M * kBlockK / VEC; e += kThreads) {
         constexpr bool kAlong = Problem::kAAlongDepth;
         int r, kk;
-        run_start<kAlong, kBlockM, VEC>(e, r, kk);
+        run_start<kAlong, BLOCK_M, VEC>(e, r, kk);
         const RowInfo& row = row_info[r];
         const DepthInfo& d = slot[kk];
         const bool read = run_is_read<Problem::kABounded>(m0 + r < p.rows && k0 + kk < k_end, row.a, d.a,
@@ -631,10 +650,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
 #pragma unroll
         for (int j = 0; j < VEC; ++j) As[TileA::at(r + (kAlong ? 0 : j), kk + (kAlong ? j : 0))] = run[j];
       }
-      for (int e = tid; e < kBlockK * kBlockN / VEC; e += kThreads) {
+      for (int e = tid; e < kBlockK * BLOCK_N / VEC; e += kThreads) {
         constexpr bool kAlong = Problem::kBAlongDepth;
         int c, kk;
-        run_start<kAlong, kBlockN, VEC>(e, c, kk);
+        run_start<kAlong, BLOCK_N, VEC>(e, c, kk);
         const ColInfo& col = col_info[c];
         const DepthInfo& d = slot[kk];
         const bool read = run_is_read<Problem::kBBounded>(n0 + c < p.cols && k0 + kk < k_end, col.b, d.b,
@@ -657,24 +676,27 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
     // depth cursor per operand stay in registers. A copy adds the cursor's depth part, compares
     // two coordinates and issues: no division, no shared memory and no barrier for the depth
     // indices (each thread steps its own cursors a slice per issue). Out-of-range runs and
-    // padding taps are zero-filled (their source is the operand's base, unread).
-    constexpr int kRunsA = kBlockM * kBlockK / VEC / kThreads, kRunsB = kBlockK * kBlockN / VEC / kThreads;
-    static_assert(kRunsA * VEC * kThreads == kBlockM * kBlockK && kRunsB * VEC * kThreads == kBlockK * kBlockN,
-                  "every thread copies the same number of runs");
+    // padding taps are zero-filled (their source is the operand's base, unread). A narrow B tile
+    // has fewer runs than threads: the threads past it copy none (b_in_tile).
+    constexpr int kRunsA = BLOCK_M * kBlockK / VEC / kThreads;
+    constexpr int kRunsB = (kBlockK * BLOCK_N / VEC + kThreads - 1) / kThreads;
+    constexpr bool kBPartial = kRunsB * VEC * kThreads != kBlockK * BLOCK_N;
+    static_assert(kRunsA * VEC * kThreads == BLOCK_M * kBlockK, "every thread copies the same number of A's runs");
     int a_row[kRunsA], a_k[kRunsA], b_col[kRunsB], b_k[kRunsB];
     Coord a_fixed[kRunsA], b_fixed[kRunsB];
-    bool a_valid[kRunsA], b_valid[kRunsB];
+    bool a_valid[kRunsA], b_valid[kRunsB], b_in_tile[kRunsB];
     __syncthreads();  // rows and columns decoded
 #pragma unroll
     for (int t = 0; t < kRunsA; ++t) {
-      thread_run_start<Problem::kAAlongDepth, kBlockM, VEC, kRunsA>(tid, t, a_row[t], a_k[t]);
+      thread_run_start<Problem::kAAlongDepth, BLOCK_M, VEC, kRunsA>(tid, t, a_row[t], a_k[t]);
       a_fixed[t] = row_info[a_row[t]].a;
       a_valid[t] = m0 + a_row[t] < p.rows;
     }
 #pragma unroll
     for (int t = 0; t < kRunsB; ++t) {
-      thread_run_start<Problem::kBAlongDepth, kBlockN, VEC, kRunsB>(tid, t, b_col[t], b_k[t]);
-      b_fixed[t] = col_info[b_col[t]].b;
+      thread_run_start<Problem::kBAlongDepth, BLOCK_N, VEC, kRunsB>(tid, t, b_col[t], b_k[t]);
+      b_in_tile[t] = !kBPartial || b_col[t] < BLOCK_N;
+      b_fixed[t] = col_info[b_in_tile[t] ? b_col[t] : 0].b;
       b_valid[t] = n0 + b_col[t] < p.cols;
     }
     // The depth cursors: A's, and B's unless B's runs sit at A's index (both operands stored
@@ -728,6 +750,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
         }
 #pragma unroll
         for (int t = 0; t < kRunsB; ++t) {
+          if (!b_in_tile[t]) continue;
           const DepthInfo& d = depths[kBDepth];
           const bool read = b_read(t, left, d);
           async_copy_16(Bs + TileB::at(b_col[t], b_k[t]), b_base + (read ? b_fixed[t].offset + d.b.offset : 0), read);
@@ -760,7 +783,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
 #pragma unroll
         for (int t = 0; t < kRunsB; ++t) {
           const DepthInfo& d = depths[kBDepth];
-          if (!b_read(t, left, d)) continue;
+          if (!b_in_tile[t] || !b_read(t, left, d)) continue;
           Vec<T, VEC>* const run = reinterpret_cast<Vec<T, VEC>*>(Bs + TileB::at(b_col[t], b_k[t]));
           Vec<T, VEC> v = *run;
           apply_prologue(p, p.b_channel(col_info[b_col[t]], d), v.v);
@@ -791,7 +814,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
     for (int i = 0; i < kWarpTilesM; ++i)
 #pragma unroll
       for (int j = 0; j < kWarpTilesN; ++j)
-        tile::store(Cs + (warp_m * 32 + i * tile::kM) * kLdC + warp_n * 32 + j * tile::kN, frag_acc[i][j], kLdC);
+        tile::store(Cs + (warp_m * kWarpRows + i * tile::kM) * kLdC + warp_n * kWarpCols + j * tile::kN,
+                    frag_acc[i][j], kLdC);
   } else {
     const int ty = tid / 16, tx = tid % 16;
 #pragma unroll
@@ -802,33 +826,39 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   __syncthreads();
 
   if constexpr (Problem::kStats) {
-    // Per column of this row tile, the sum of y and its M2 about the tile's own mean (two passes
-    // over the tile in shared memory: no cancellation when |mean| >> std). One thread per
-    // column; the caller merges the tiles with Chan's formula.
-    const index_t n = n0 + tid;
-    if (p.stats != nullptr && tid < kBlockN && n < p.cols) {
-      const int valid_rows = p.rows - m0 < kBlockM ? static_cast<int>(p.rows - m0) : kBlockM;
+    // Per column of each kBlockM-row tile of this block, the sum of y and its M2 about the
+    // tile's own mean (two passes over the tile in shared memory: no cancellation when |mean| >>
+    // std). One thread per column and row tile; the caller merges the tiles with Chan's formula.
+    constexpr int kStatTiles = BLOCK_M / kBlockM;
+    static_assert(kStatTiles * BLOCK_N <= kThreads, "a thread per column and row tile");
+    const int c = kStatTiles == 1 ? tid : tid % BLOCK_N, h = kStatTiles == 1 ? 0 : tid / BLOCK_N;
+    const index_t n = n0 + c, tile_m0 = m0 + h * kBlockM;  // a block's first tile holds rows
+    if (p.stats != nullptr && h < kStatTiles && c < BLOCK_N && n < p.cols && (h == 0 || tile_m0 < p.rows)) {
+      const int valid_rows = p.rows - tile_m0 < kBlockM ? static_cast<int>(p.rows - tile_m0) : kBlockM;
+      const float* const column = Cs + h * kBlockM * kLdC + c;
       float sum = 0.0f;
-      for (int r = 0; r < valid_rows; ++r) sum += p.pre_epilogue(g, n, Cs[r * kLdC + tid]);
+      for (int r = 0; r < valid_rows; ++r) sum += p.pre_epilogue(g, n, column[r * kLdC]);
       const float mean = sum / static_cast<float>(valid_rows);
       float m2 = 0.0f;
       for (int r = 0; r < valid_rows; ++r) {
-        const float d = p.pre_epilogue(g, n, Cs[r * kLdC + tid]) - mean;
+        const float d = p.pre_epilogue(g, n, column[r * kLdC]) - mean;
         m2 = fmaf(d, d, m2);
       }
-      float* const out = p.stats + index_t(blockIdx.x) * 2 * p.geo.C_out + g * p.geo.cout_g + n;
+      const index_t tile = index_t(blockIdx.x) * kStatTiles + h;
+      float* const out = p.stats + tile * 2 * p.geo.C_out + g * p.geo.cout_g + n;
       out[0] = sum;
       out[p.geo.C_out] = m2;
     }
   }
   // Runs of kOut columns (16 bytes of the result where the launcher took 16-byte runs: the
-  // columns per group are then a multiple of it, so a run is wholly inside or outside), each
-  // thread's consecutive along the output's contiguous dimension.
-  constexpr int kOut = VEC > 1 ? kVec16<typename Problem::Out> : 1;
-  static_assert(kBlockN % kOut == 0 && kBlockM * kBlockN % (kOut * kThreads) == 0, "whole runs per thread");
+  // columns per group are then a multiple of it, so a run is wholly inside or outside; a narrow
+  // tile's result goes element by element), each thread's consecutive along the output's
+  // contiguous dimension.
+  constexpr int kOut = VEC > 1 && BLOCK_N == kBlockN ? kVec16<typename Problem::Out> : 1;
+  static_assert(BLOCK_N % kOut == 0 && BLOCK_M * BLOCK_N % (kOut * kThreads) == 0, "whole runs per thread");
 #pragma unroll 1
-  for (int i = 0; i < kBlockM * kBlockN / (kOut * kThreads); ++i) {
-    const int e = (tid + i * kThreads) * kOut, r = e / kBlockN, c = e % kBlockN;
+  for (int i = 0; i < BLOCK_M * BLOCK_N / (kOut * kThreads); ++i) {
+    const int e = (tid + i * kThreads) * kOut, r = e / BLOCK_N, c = e % BLOCK_N;
     if (m0 + r >= p.rows || n0 + c >= p.cols) continue;
     float run[kOut];
     if constexpr (kOut % 4 == 0) {  // 16-byte shared loads (kLdC and c are multiples of 4)
@@ -884,44 +914,77 @@ inline void check_shape(const Shape& s) {
 
 inline bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
-// 16-byte runs where both group widths are multiples of the run (so a run never crosses a tap,
-// a group or a tile edge) and the tensors read and written in runs (the operands, the result,
-// a residual; nullptr: absent) are 16-byte aligned.
-template <typename T>
-bool vectorizable(const Geometry& geo, std::initializer_list<const void*> accessed) {
-  constexpr int kVec = kVec16<T>;
+inline bool all_aligned16(std::initializer_list<const void*> ptrs) {
   bool aligned = true;
-  for (const void* ptr : accessed) aligned = aligned && aligned16(ptr);
-  return geo.cin_g % kVec == 0 && geo.cout_g % kVec == 0 && aligned;
+  for (const void* ptr : ptrs) aligned = aligned && aligned16(ptr);  // nullptr (absent) is aligned
+  return aligned;
+}
+
+// Which accesses take 16-byte runs: the operands' (the kernel's VEC) and the result's.
+struct Runs {
+  bool operands, result;
+};
+
+// The gradients read an operand across depth in runs of the other channel count, so both take
+// 16-byte runs, or neither: where both group widths are multiples of the run (a run never
+// crosses a tap, a group or a tile edge) and the tensors read and written in runs are 16-byte
+// aligned.
+template <typename T>
+Runs vectorizable(const Geometry& geo, std::initializer_list<const void*> accessed) {
+  const bool runs = geo.cin_g % kVec16<T> == 0 && geo.cout_g % kVec16<T> == 0 && all_aligned16(accessed);
+  return Runs{runs, runs};
+}
+
+// The forward reads both operands along its depth, in runs of input channels: they take 16-byte
+// runs wherever the input channels per group allow, the result (and the residual, read with it)
+// only where the output channels per group do too.
+template <typename T>
+Runs forward_runs(const Geometry& geo, const void* x, const void* w, const void* y, const void* residual) {
+  const bool operands = geo.cin_g % kVec16<T> == 0 && all_aligned16({x, w});
+  return Runs{operands, operands && geo.cout_g % kVec16<T> == 0 && all_aligned16({y, residual})};
 }
 
 template <typename T, typename Problem>
-void launch_gemm(const Problem& p, bool vectorized, index_t grid_z, index_t splits, index_t split_len,
-                 Stream stream) {
-  const index_t tiles_m = ceil_div(p.rows, kBlockM), tiles_n = ceil_div(p.cols, kBlockN);
+void launch_gemm(const Problem& p, Runs runs, index_t grid_z, index_t splits, index_t split_len, Stream stream) {
+  constexpr bool kFma = std::is_same<T, float>::value;
+  // The narrow tile where the columns fit it, on the cp.async pipeline, with B's runs along depth
+  // (the forward's weight rows: a column's runs on consecutive threads); it writes the result
+  // element by element. Else 16-byte runs only where the result takes them too.
+  const bool narrow = !kFma && Problem::kBAlongDepth && runs.operands && p.cols <= kNarrowBlockN;
+  const bool vectorized = narrow || (runs.operands && runs.result);
+  const index_t block_m = narrow ? kNarrowBlockM : kBlockM, block_n = narrow ? kNarrowBlockN : kBlockN;
+  const index_t tiles_m = ceil_div(p.rows, block_m), tiles_n = ceil_div(p.cols, block_n);
   if (tiles_m > 0x7fffffff || tiles_n * splits > 65535 || grid_z > 65535 || ceil_div(split_len, kBlockK) > 0x7fffffff)
     throw std::invalid_argument("pk::conv: the problem exceeds the launch grid");
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n * splits),
                   static_cast<unsigned>(grid_z));
   constexpr int kVec = kVec16<T>;
   if (!vectorized) {
-    launch(gemm_kernel<T, 1, 1, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
-  } else if constexpr (std::is_same<T, float>::value) {  // FMA: register-staged
-    launch(gemm_kernel<T, kVec, 1, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
+    launch(gemm_kernel<T, 1, 1, kBlockM, kBlockN, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
+  } else if constexpr (kFma) {  // register-staged
+    launch(gemm_kernel<T, kVec, 1, kBlockM, kBlockN, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
   } else {
-    launch(gemm_kernel<T, kVec, kAsyncStages, Problem>, grid, dim3(kThreads), 0, stream, p, split_len);
+    if constexpr (Problem::kBAlongDepth) {
+      if (narrow) {
+        launch(gemm_kernel<T, kVec, kAsyncStages, kNarrowBlockM, kNarrowBlockN, Problem>, grid, dim3(kThreads), 0,
+               stream, p, split_len);
+        return;
+      }
+    }
+    launch(gemm_kernel<T, kVec, kAsyncStages, kBlockM, kBlockN, Problem>, grid, dim3(kThreads), 0, stream, p,
+           split_len);
   }
 }
 
 // A problem with an input prologue runs the kernels that apply it; without one, the kernels
 // that carry no prologue code.
 template <typename T, typename Problem>
-void launch_gemm_with_prologue(const Problem& p, bool vectorized, index_t grid_z, index_t splits,
-                               index_t split_len, Stream stream) {
+void launch_gemm_with_prologue(const Problem& p, Runs runs, index_t grid_z, index_t splits, index_t split_len,
+                               Stream stream) {
   if (p.prologue.identity()) {
-    launch_gemm<T>(p, vectorized, grid_z, splits, split_len, stream);
+    launch_gemm<T>(p, runs, grid_z, splits, split_len, stream);
   } else {
-    launch_gemm<T>(WithPrologue<Problem>{p}, vectorized, grid_z, splits, split_len, stream);
+    launch_gemm<T>(WithPrologue<Problem>{p}, runs, grid_z, splits, split_len, stream);
   }
 }
 
@@ -952,18 +1015,22 @@ void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, 
   p.y = static_cast<T*>(y);
   p.stats = stats;
   if (forward_sm90<T>(p, s.groups, stream)) return;
-  launch_gemm_with_prologue<T>(p, vectorizable<T>(p.geo, {x, w, y, epi.residual}), s.groups, 1, p.depth, stream);
+  launch_gemm_with_prologue<T>(p, forward_runs<T>(p.geo, x, w, y, epi.residual), s.groups, 1, p.depth, stream);
 }
 
 // At stride 1, d loss / d x[ih] = sum over taps k of grad[ih + p - k d] w[k]: the forward
 // convolution of grad with the taps reversed (k' = K - 1 - k) and padding d (K - 1) - p, its
-// input and output channels swapped within each group. Where that forward is the sm_90 wgmma
-// kernel (16-bit, channels per group of grad a multiple of 8), it replaces the mma.sync kernel.
+// input and output channels swapped within each group. With 16-bit types and channels per group
+// of grad a multiple of 8, it replaces the mma.sync input gradient where that forward is the
+// sm_90 wgmma kernel, and elsewhere where the input channels per group are not a multiple of 8:
+// the input gradient would then read both operands element by element, the forward reads grad
+// and the rewritten weight along its depth in 16-byte runs (a narrow column tile for a few
+// input channels, as the stem's 3) and writes only its result element by element.
 template <typename T>
 bool input_grad_as_forward(const Shape& s) {
   return !std::is_same<T, float>::value && s.stride_h == 1 && s.stride_w == 1 &&
          s.pad_top <= s.dilation_h * (s.kernel_h - 1) && s.pad_left <= s.dilation_w * (s.kernel_w - 1) &&
-         (s.out_channels / s.groups) % 8 == 0 && launch_arch() == 90;
+         (s.out_channels / s.groups) % 8 == 0 && (launch_arch() == 90 || (s.in_channels / s.groups) % 8 != 0);
 }
 
 inline Shape input_grad_forward_shape(const Shape& s) {
@@ -1020,7 +1087,7 @@ void input_grad(const Shape& s, const void* grad, const void* w, void* grad_inpu
   p.grad = static_cast<const T*>(grad);
   p.w = static_cast<const T*>(w);
   p.grad_input = static_cast<T*>(grad_input);
-  const bool vectorized = vectorizable<T>(p.geo, {grad, w, grad_input});
+  const Runs vectorized = vectorizable<T>(p.geo, {grad, w, grad_input});
   const index_t phases_h = std::min<index_t>(s.stride_h, s.height), phases_w = std::min<index_t>(s.stride_w, s.width);
   if (phases_h * phases_w > 0x7fffffff) throw std::invalid_argument("pk::conv: too many stride phases");
   const int phases = static_cast<int>(phases_h * phases_w);

@@ -57,13 +57,16 @@ std::int64_t forward_rows_per_tile();
 void forward(ScalarType dtype, const Shape& s, const void* x, const void* w, const Prologue& pro,
              const Epilogue& epi, void* y, float* stats, Stream stream);
 
-// Bytes of device scratch input_grad uses for this shape (0: none). At stride 1 on sm_90 with
-// 16-bit types the input gradient runs as the forward convolution of grad (the wgmma kernel)
-// with the weight's taps reversed and its channels swapped within each group, stored there.
+// Bytes of device scratch input_grad uses for this shape (0: none). At stride 1 with 16-bit types
+// and channels per group of grad a multiple of 8, on sm_90 (the wgmma kernel) or where the input
+// channels per group are not a multiple of 8 (a stem's 3), the input gradient runs as the forward
+// convolution of grad with the weight's taps reversed and its channels swapped within each group,
+// stored there.
 std::int64_t input_grad_workspace_bytes(ScalarType dtype, const Shape& s);
 
 // grad_input = d loss / d x_hat (the conv's own input) from grad = d loss / d y. workspace:
-// input_grad_workspace_bytes of 16-byte aligned scratch, or nullptr (then the mma.sync kernel).
+// input_grad_workspace_bytes of 16-byte aligned scratch, or nullptr (then the mma.sync input
+// gradient kernel).
 void input_grad(ScalarType dtype, const Shape& s, const void* grad, const void* w, void* grad_input,
                 Stream stream, void* workspace = nullptr);
 

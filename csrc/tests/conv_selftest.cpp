@@ -179,7 +179,7 @@ int run(bool aligned) {
     for (long i = 0; i < w_size; ++i) our_plain_gw[i] += plain_partials[k * w_size + i];
 
   std::printf("vectorized=%d\n", int(pk::conv::detail::vectorizable<T>(pk::conv::detail::geometry(s),
-                                                                      {x.data(), w.data(), y.data()})));
+                                                                      {x.data(), w.data(), y.data()}).operands));
   std::printf("forward=%.3e\n", relative_error(as_double(y), ref_out));
   std::printf("mean=%.3e\n", relative_error(our_mean, ref_mean));
   std::printf("var=%.3e\n", relative_error(our_var, ref_var));

@@ -285,6 +285,37 @@ void case_conv_input_grad_path() {
   std::printf("arch90_padding_past_the_taps=%s\n", launched_sm90("90", 16, 1, 3, true).c_str());
   std::printf("arch90_6_grad_channels=%s\n", launched_sm90("90", 12, 1, 1, true).c_str());
 }
+
+// Which kernel conv.cuh's input gradient ends with where the input channels per group are not a
+// multiple of 8 (3 per group, a stem's): 1 where it is the mma.sync forward's narrow 128 x 16 tile
+// (the stride-1 route through the rewritten weight, 16-byte runs of grad's 16 channels per
+// group), with the scratch it asks for.
+void case_conv_narrow_input_grad_path() {
+  using pk::conv::Shape;
+  const void* const narrow = reinterpret_cast<const void*>(
+      pk::conv::detail::gemm_kernel<pk::half, 8, 3, 128, 16, pk::conv::detail::ForwardProblem<pk::half>>);
+  auto launched_narrow = [&](const char* arch, int c_in, int stride, bool aligned_grad) {
+    setenv("PACKED_KERNELS_SIMT_ARCH", arch, 1);
+    const int out_size = (6 + 2 - 3) / stride + 1;
+    const Shape s{1, c_in, 6, 6, 32, 3, 3, out_size, out_size, stride, stride, 1, 1, 1, 1, 2};
+    // one element more: a grad starting 2 bytes in is not 16-byte aligned
+    Array<pk::half> grad(std::size_t(32) * out_size * out_size + 1), w(std::size_t(32) * 9 * (c_in / 2)),
+        dx(std::size_t(c_in) * 36);
+    for (std::size_t i = 0; i < grad.size; ++i) grad[i] = pk::from_float<pk::half>(1.0f);
+    for (std::size_t i = 0; i < w.size; ++i) w[i] = pk::from_float<pk::half>(1.0f);
+    const std::int64_t bytes = pk::conv::input_grad_workspace_bytes(pk::ScalarType::kFloat16, s);
+    Array<pk::half> workspace(std::size_t(w.size));
+    pk::conv::input_grad(pk::ScalarType::kFloat16, s, grad.data + (aligned_grad ? 0 : 1), w.data, dx.data, nullptr,
+                         workspace.data);
+    return std::to_string(pk::simt::last_kernel() == narrow ? 1 : 0) + "," + std::to_string(bytes);
+  };
+  std::printf("arch80=%s\n", launched_narrow("80", 6, 1, true).c_str());
+  std::printf("arch86=%s\n", launched_narrow("86", 6, 1, true).c_str());
+  std::printf("arch80_stride_2=%s\n", launched_narrow("80", 6, 2, true).c_str());
+  std::printf("arch80_misaligned_grad=%s\n", launched_narrow("80", 6, 1, false).c_str());
+  std::printf("arch80_8_channels=%s\n", launched_narrow("80", 16, 1, true).c_str());
+  std::printf("arch90=%s\n", launched_narrow("90", 6, 1, true).c_str());
+}
 #endif
 
 }  // namespace
@@ -307,6 +338,7 @@ int main(int argc, char** argv) {
 #ifdef PK_SIMT_ENABLED
       {"conv_forward_path", case_conv_forward_path},
       {"conv_input_grad_path", case_conv_input_grad_path},
+      {"conv_narrow_input_grad_path", case_conv_narrow_input_grad_path},
 #endif
   };
   if (argc != 2 || !cases.count(argv[1])) {
