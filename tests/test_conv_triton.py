@@ -188,6 +188,51 @@ def test_stem_weight_grad_with_vector_output_channels(dtype):
     assert_close(ours.cpu(), reference(torch.float64), reference(dtype), dtype, "stem with prologue")
 
 
+def _record_input_grad_vectors(monkeypatch) -> list:
+    """(VEC, VEC_OUT, BLOCK_M, BLOCK_N) of every input-gradient launch from now on (it still runs)."""
+    launches, kernel = [], tc._conv_input_grad_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(tuple(kwargs[k] for k in ("VEC", "VEC_OUT", "BLOCK_M", "BLOCK_N")))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tc, "_conv_input_grad_kernel", Recording())
+    return launches
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
+def test_stem_input_grad_with_vector_output_channels(dtype, monkeypatch):
+    """The stem's input gradient (3 input channels per group: stored one by one; 16-byte runs of
+    output channels: the gradient and the weight load as vectors along K) on its tall tile:
+    ImageNet's 7x7 stride-2 stem (stride phases), and groups of 24 output channels (a masked K
+    block). A gradient whose channel runs are not 16-byte aligned loads element by element."""
+    vec = 16 // dtype.itemsize
+    assert conv_tuning.heuristic("input_grad", dtype, 10_000, 3, 128, aligned=False,
+                                 vector_out=True)[:2] == (128, 16)
+    launches = _record_input_grad_vectors(monkeypatch)
+    x = torch.randn(2, 3, 13, 11).to(memory_format=torch.channels_last)
+    _check_conv_and_grads(x, torch.randn(64, 3, 7, 7) / 10, dict(stride=2, padding=3), dtype,
+                          "7x7 stem")
+    x = torch.randn(2, 6, 9, 7).to(memory_format=torch.channels_last)
+    _check_conv_and_grads(x, torch.randn(48, 3, 3, 3) / 5, dict(padding=1, groups=2), dtype,
+                          "24 outputs per group")
+    assert launches == [(1, vec, 128, 16)] * 2
+    device = require_backend("triton", dtype)
+    wide = torch.randn(2, 129, 9, 7).to(device, dtype, memory_format=torch.channels_last)
+    grad = wide[:, 1:]  # channel stride 1, every run one element past a 16-byte boundary
+    w = torch.randn(128, 3, 3, 3) / 5
+    ours = tc.conv_input_grad(grad, w.to(device, dtype), (2, 3, 9, 7), (1, 1), (1, 1, 1, 1),
+                              (1, 1), 1)
+    assert launches[-1][:2] == (1, 1)
+
+    def reference(t):
+        return torch.nn.grad.conv2d_input((2, 3, 9, 7), w.to(t), grad.cpu().to(t), padding=1)
+    assert_close(ours.cpu(), reference(torch.float64), reference(dtype), dtype, "unaligned grad")
+
+
 def _record_weight_grad_grids(monkeypatch) -> list:
     """The grids the weight-gradient kernel launches on from now on (it still runs)."""
     grids, kernel = [], tc._conv_weight_grad_kernel

@@ -204,7 +204,7 @@ def _compile_triton(jit, grid, args, kwargs, gpu, pass_name, layer) -> Launch:
     arg_names = list(jit.arg_names)
     c = constexprs
     config = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{options['num_warps']} s{options['num_stages']} vec{c['VEC']}"
-    if c.get("VEC_OUT", c["VEC"]) != c["VEC"]:  # the weight gradient's output-channel vectors
+    if c.get("VEC_OUT", c["VEC"]) != c["VEC"]:  # the gradients' output-channel vectors
         config += f"/{c['VEC_OUT']}"
     cin_g, cout_g = layer.c_in // layer.groups, layer.c_out // layer.groups
     if pass_name == "weight_grad":

@@ -231,7 +231,11 @@ def _conv_input_grad_kernel(
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         sg_n, sg_h, sg_w, sw_i, sw_h, sw_w, sx_n, sx_h, sx_w,
         INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, VEC: tl.constexpr,
-        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        VEC_OUT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    # VEC: gx's input-channel runs' vector width; VEC_OUT: g's and w's output-channel runs, the K
+    # axis (the stem's 3 input channels store one by one while its 128 output channels load as
+    # 16-byte vectors).
     # Grid axis 2 is (group, stride phase): a program's input pixels are (phase_h + stride_h * i,
     # phase_w + stride_w * j), and its K loop visits only the taps that reach them (as the CUDA
     # C++ input gradient): for stride 2, a quarter of a 3x3 kernel's taps on average.
@@ -268,13 +272,13 @@ def _conv_input_grad_kernel(
         dh = th * oh_step
         dw = tw * ow_step
         pix_ok = row_ok & (oh0 >= dh) & (oh0 < OH + dh) & (ow0 >= dw) & (ow0 < OW + dw)
-        k_ok = _channel_mask(c0, BLOCK_K, COUT_G, VEC, EVEN_K)
+        k_ok = _channel_mask(c0, BLOCK_K, COUT_G, VEC_OUT, EVEN_K)
         ptrs = g_tile + (c0 - dh * sg_h - dw * sg_w)
-        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+        if VEC_OUT > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
             ptrs = tl.multiple_of(ptrs, [1, 16])
         a = tl.load(ptrs, mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
         ptrs = w_tile + ((kh0 + th * kh_step) * sw_h + (kw0 + tw * kw_step) * sw_w + c0)
-        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+        if VEC_OUT > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
             ptrs = tl.multiple_of(ptrs, [16, 1])
         b = tl.load(ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST)
@@ -514,10 +518,13 @@ def conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: Seque
     c_out, cin_g, kh, kw = weight.shape
     cout_g = c_out // groups
     grad_input = _alloc.empty((n, c_in, h, w), grad, memory_format=torch.channels_last)
-    vec = vector_width(grad.dtype, (cin_g, cout_g), [(grad, 1), (w_k, 3), (grad_input, 1)])
-    args = (grad, w_k, grad_input, stride, padding, dilation, groups, vec)
+    # the output channels (the K axis) may be 16-byte runs where the input channels are not
+    # (the stem); the input channels' vectors are used only with them (the compile-checked pairs)
+    vec_out = vector_width(grad.dtype, (cout_g,), [(grad, 1), (w_k, 3)])
+    vec = vector_width(grad.dtype, (cin_g,), [(grad_input, 1)]) if vec_out > 1 else 1
+    args = (grad, w_k, grad_input, stride, padding, dilation, groups, vec, vec_out)
     config = conv_tuning.pick("input_grad", grad, n * h * w, cin_g, cout_g, vec > 1,
-                              lambda cfg: _launch_input_grad(cfg, *args))
+                              lambda cfg: _launch_input_grad(cfg, *args), vector_out=vec_out > 1)
     _launch_input_grad(config, *args)
     return _to_format(grad_input, memory_format)
 
@@ -525,7 +532,8 @@ def conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: Seque
 MAX_GRID_Z = 65535  # CUDA's limit on grid axis z (groups x stride phases in the input gradient)
 
 
-def _launch_input_grad(config, grad, w_k, grad_input, stride, padding, dilation, groups, vec):
+def _launch_input_grad(config, grad, w_k, grad_input, stride, padding, dilation, groups, vec,
+                       vec_out):
     n, c_in, h, w = grad_input.shape
     kh, kw, cin_g, c_out = w_k.shape
     cout_g = c_out // groups
@@ -542,7 +550,7 @@ def _launch_input_grad(config, grad, w_k, grad_input, stride, padding, dilation,
         phases_h * phases_w, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
         *_nhw_strides(grad), w_k.stride(2), w_k.stride(0), w_k.stride(1), *_nhw_strides(grad_input),
         INPUT_PRECISION=input_precision(grad.dtype), UPCAST=_upcast_dot(grad), VEC=vec,
-        EVEN_K=cout_g % config.block_k == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        VEC_OUT=vec_out, EVEN_K=cout_g % config.block_k == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -687,7 +695,7 @@ def compile_cases():
             flags = [f for f in _FUSION_FLAGS if f in params]
             for aligned in (True, False):
                 vec = 16 // dtype.itemsize if aligned else 1
-                # the weight gradient's output-channel vectors: with the input's, or alone
+                # the gradients' output-channel vectors: with the input's, or alone
                 # (unaligned input channels, aligned output channels: the stem)
                 vec_outs = ((vec,) if aligned else (1, 16 // dtype.itemsize)) \
                     if "VEC_OUT" in params else (None,)

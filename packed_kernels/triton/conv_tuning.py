@@ -66,6 +66,12 @@ _UNALIGNED_CONFIGS = {
 # reads each input element once per tap, not once per 16 output channels); element by element
 # it spills.
 _VECTOR_OUT_WEIGHT_GRAD_TILES = ((128, 16),)
+# Input grad with unaligned input channels but 16-byte runs of output channels (the stem's
+# 128 -> 3): its K axis loads as vectors, so a tall tile fits; N covers the few columns. On FMAs
+# (fp32 without TF32) it runs unpipelined: pipelined it spills on sm_80 (and its 64-row and
+# K-16 variants on sm_86-sm_90).
+_VECTOR_OUT_INPUT_GRAD_CONFIGS = {"mma": (TileConfig(128, 16, 32, 4, 2),),
+                                  "fma": (TileConfig(128, 16, 32, 4, 1),)}
 
 KERNELS = ("forward", "input_grad", "weight_grad")
 
@@ -86,8 +92,8 @@ def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True,
     """Every config the launchers may use for this kernel, dtype and dot precision (default:
     what input_precision gives now), kept short: each one is compiled for four targets by the
     compile-for-target check. Unaligned channel runs load element by element, one address
-    register each: only small tiles fit the registers. vector_out: the weight gradient's
-    output channels are 16-byte runs where its input channels are not."""
+    register each: only small tiles fit the registers. vector_out: the output channels (the
+    gradient's runs) are 16-byte runs where the input channels are not."""
     precision = precision or input_precision(dtype)
     fma = dtype == torch.float32 and precision == "ieee"  # tl.dot on FMAs, no tensor cores
     if kernel == "weight_grad":
@@ -100,7 +106,9 @@ def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True,
     else:
         rows_pool = _INPUT_GRAD_CONFIGS if kernel == "input_grad" else _PIXEL_ROW_CONFIGS
         pool = rows_pool if aligned else _UNALIGNED_CONFIGS["pixel_rows"]
-        if dtype == torch.float32:
+        if not aligned and vector_out and kernel == "input_grad":
+            pool = _VECTOR_OUT_INPUT_GRAD_CONFIGS["fma" if fma else "mma"]
+        elif dtype == torch.float32:
             # Spills in fp32 (measured by the compile-for-target check): the input gradient's
             # 128x64 (sm_80), 64x32 pipelined (sm_86/sm_89), and on FMAs the forward's 128x64
             # and 128x128. The TF32 forward keeps both, 8 warps, 2 stages (122-152 and 161-255
