@@ -150,14 +150,14 @@ def test_weight_grad_pixel_tiles_span_images():
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
 def test_unaligned_channel_runs_on_the_wide_tile(dtype):
-    """Channel runs that are not 16-byte vectors (the stem's 3 input channels; 18 per group)
-    with a group wider than 16 channels: in 16-bit types the forward (80 outputs) and the input
-    gradient (18 inputs per group) run the 64x64 unaligned tile (fp32 keeps 16x16: 64x64
-    spills there)."""
+    """Channel runs that are not 16-byte vectors on either side (3 input channels and 78
+    outputs; 18 per group) with a group wider than 16 channels: in 16-bit types the forward (78
+    outputs) and the input gradient (18 inputs per group) run the 64x64 unaligned tile (fp32
+    keeps 16x16: 64x64 spills there)."""
     wide = dtype != torch.float32
-    assert conv_tuning.heuristic("forward", dtype, 10_000, 80, 3, aligned=False).block_n == (64 if wide else 16)
+    assert conv_tuning.heuristic("forward", dtype, 10_000, 78, 3, aligned=False).block_n == (64 if wide else 16)
     x = torch.randn(2, 3, 9, 7).to(memory_format=torch.channels_last)
-    _check_conv_and_grads(x, torch.randn(80, 3, 3, 3) / 5, dict(padding=1), dtype, "stem-like")
+    _check_conv_and_grads(x, torch.randn(78, 3, 3, 3) / 5, dict(padding=1), dtype, "stem-like")
     x = torch.randn(2, 36, 6, 5).to(memory_format=torch.channels_last)
     _check_conv_and_grads(x, torch.randn(6, 18, 3, 3) / 12, dict(padding=1, groups=2), dtype,
                           "18 per group")
@@ -188,9 +188,10 @@ def test_stem_weight_grad_with_vector_output_channels(dtype):
     assert_close(ours.cpu(), reference(torch.float64), reference(dtype), dtype, "stem with prologue")
 
 
-def _record_input_grad_vectors(monkeypatch) -> list:
-    """(VEC, VEC_OUT, BLOCK_M, BLOCK_N) of every input-gradient launch from now on (it still runs)."""
-    launches, kernel = [], tc._conv_input_grad_kernel
+def _record_vectors(monkeypatch, kernel_name: str) -> list:
+    """(VEC, VEC_OUT, BLOCK_M, BLOCK_N) of every launch of tc.<kernel_name> from now on (it
+    still runs)."""
+    launches, kernel = [], getattr(tc, kernel_name)
 
     class Recording:
         def __getitem__(self, grid):
@@ -199,34 +200,44 @@ def _record_input_grad_vectors(monkeypatch) -> list:
                 return kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(tc, "_conv_input_grad_kernel", Recording())
+    monkeypatch.setattr(tc, kernel_name, Recording())
     return launches
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
-def test_stem_input_grad_with_vector_output_channels(dtype, monkeypatch):
-    """The stem's input gradient (3 input channels per group: stored one by one; 16-byte runs of
-    output channels: the gradient and the weight load as vectors along K) on its tall tile:
-    ImageNet's 7x7 stride-2 stem (stride phases), and groups of 24 output channels (a masked K
-    block). A gradient whose channel runs are not 16-byte aligned loads element by element."""
+def test_stem_with_vector_output_channels(dtype, monkeypatch):
+    """The stem's forward and input gradient (3 input channels per group, element by element;
+    16-byte runs of output channels: the forward's weight rows and output, the input
+    gradient's K axis, load and store as vectors) on their own tiles: ImageNet's 7x7 stride-2
+    stem (stride phases), groups of 24 output channels (a masked K block in the input
+    gradient), every fusion hook. A gradient whose channel runs are not 16-byte aligned loads
+    element by element."""
     vec = 16 // dtype.itemsize
+    fma = conv_tuning.input_precision(dtype) == "ieee" and dtype == torch.float32
     assert conv_tuning.heuristic("input_grad", dtype, 10_000, 3, 128, aligned=False,
                                  vector_out=True)[:2] == (128, 16)
-    launches = _record_input_grad_vectors(monkeypatch)
+    assert conv_tuning.heuristic("forward", dtype, 10_000, 128, 3, aligned=False,
+                                 vector_out=True)[:2] == ((64, 64) if fma else (128, 128))
+    forwards = _record_vectors(monkeypatch, "_conv_forward_kernel")
+    input_grads = _record_vectors(monkeypatch, "_conv_input_grad_kernel")
     x = torch.randn(2, 3, 13, 11).to(memory_format=torch.channels_last)
     _check_conv_and_grads(x, torch.randn(64, 3, 7, 7) / 10, dict(stride=2, padding=3), dtype,
                           "7x7 stem")
     x = torch.randn(2, 6, 9, 7).to(memory_format=torch.channels_last)
     _check_conv_and_grads(x, torch.randn(48, 3, 3, 3) / 5, dict(padding=1, groups=2), dtype,
                           "24 outputs per group")
-    assert launches == [(1, vec, 128, 16)] * 2
+    assert [v[:2] for v in forwards + input_grads] == [(1, vec)] * 4
+    assert {v[2:] for v in input_grads} == {(128, 16)}
+    check_fused_matches_fp64("triton", "everything", dtype, "channels_last",
+                             (2, 3, 16, (7, 6), 3, 1, 1, 1, 1))
+    assert forwards[-1][:2] == (1, vec)
     device = require_backend("triton", dtype)
     wide = torch.randn(2, 129, 9, 7).to(device, dtype, memory_format=torch.channels_last)
     grad = wide[:, 1:]  # channel stride 1, every run one element past a 16-byte boundary
     w = torch.randn(128, 3, 3, 3) / 5
     ours = tc.conv_input_grad(grad, w.to(device, dtype), (2, 3, 9, 7), (1, 1), (1, 1, 1, 1),
                               (1, 1), 1)
-    assert launches[-1][:2] == (1, 1)
+    assert input_grads[-1][:2] == (1, 1)
 
     def reference(t):
         return torch.nn.grad.conv2d_input((2, 3, 9, 7), w.to(t), grad.cpu().to(t), padding=1)

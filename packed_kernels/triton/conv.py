@@ -132,9 +132,12 @@ def _conv_forward_kernel(
         HAS_BIAS: tl.constexpr, HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
         HAS_OUT_AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_ACT: tl.constexpr,
         STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        VEC: tl.constexpr, EVEN_K: tl.constexpr,
+        VEC: tl.constexpr, VEC_OUT: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # x: NHWC (channel stride 1); w: (KH, KW, C_in/groups, C_out), C_out contiguous.
+    # VEC: x's input-channel runs' vector width (the K axis); VEC_OUT: the output channels' runs
+    # in w, the residual and y (the stem's 3 input channels load one by one, its weight rows and
+    # 128 output channels as 16-byte vectors).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.program_id(2)
@@ -145,7 +148,7 @@ def _conv_forward_kernel(
     oh = rem // OW
     ow = rem - oh * OW
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = _range_mask(pid_n * BLOCK_N, BLOCK_N, COUT_G, VEC)
+    col_ok = _range_mask(pid_n * BLOCK_N, BLOCK_N, COUT_G, VEC_OUT)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
     first_in = group * CIN_G
@@ -170,7 +173,7 @@ def _conv_forward_kernel(
         a = _load_input_at(ptrs, pix_ok[:, None] & k_ok[None, :], in_scale_ptr + first_in,
                            in_shift_ptr + first_in, c0 + kk, k_ok, HAS_IN_AFFINE, IN_ACT)
         ptrs = w_tile + (kh * sw_h + kw * sw_w + c0 * sw_i)
-        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+        if VEC_OUT > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
             ptrs = tl.multiple_of(ptrs, [1, 16])
         b = tl.load(ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST)
@@ -194,13 +197,13 @@ def _conv_forward_kernel(
     if HAS_RESIDUAL:
         r_off = n.to(tl.int64) * sr_n + oh.to(tl.int64) * sr_h + ow.to(tl.int64) * sr_w
         ptrs = res_ptr + r_off[:, None] + co[None, :]
-        if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+        if VEC_OUT > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
             ptrs = tl.multiple_of(ptrs, [1, 16])
         y += tl.load(ptrs, mask=out_ok, other=0.0).to(tl.float32)
     y = _activate(y, OUT_ACT)
     y_off = n.to(tl.int64) * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w
     ptrs = y_ptr + y_off[:, None] + co[None, :]
-    if VEC > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
+    if VEC_OUT > 1:  # the launcher checked: every channel run starts 16-byte aligned (bytes)
         ptrs = tl.multiple_of(ptrs, [1, 16])
     tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=out_ok)
 
@@ -464,11 +467,14 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     y = _alloc.empty((n, c_out, oh, ow), x, memory_format=torch.channels_last)
     if epilogue.residual is not None:
         epilogue = epilogue._replace(residual=_channel_stride_one(epilogue.residual))
-    tensors = [(x, 1), (w_k, 3), (y, 1)] + ([(epilogue.residual, 1)] if epilogue.residual is not None else [])
-    vec = vector_width(x.dtype, (cin_g, cout_g), tensors)
-    args = (x, w_k, bias, y, stride, padding, dilation, groups, prologue, epilogue, vec)
+    # the output channels may be 16-byte runs where the input channels are not (the stem); the
+    # input channels' vectors are used only with them (the compile-checked pairs)
+    outputs = [(w_k, 3), (y, 1)] + ([(epilogue.residual, 1)] if epilogue.residual is not None else [])
+    vec_out = vector_width(x.dtype, (cout_g,), outputs)
+    vec = vector_width(x.dtype, (cin_g,), [(x, 1)]) if vec_out > 1 else 1
+    args = (x, w_k, bias, y, stride, padding, dilation, groups, prologue, epilogue, vec, vec_out)
     config = conv_tuning.pick("forward", x, m, cout_g, cin_g, vec > 1,
-                              lambda cfg: _launch_forward(cfg, None, *args))
+                              lambda cfg: _launch_forward(cfg, None, *args), vector_out=vec_out > 1)
     partial = None
     if channel_stats:
         partial = _alloc.empty((triton.cdiv(m, config.block_m), 2, c_out), x, dtype=torch.float32)
@@ -480,7 +486,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 
 def _launch_forward(config, partial, x, w_k, bias, y, stride, padding, dilation, groups,
-                    prologue: Prologue, epilogue: Epilogue, vec: int):
+                    prologue: Prologue, epilogue: Epilogue, vec: int, vec_out: int):
     n, c_in, h, w = x.shape
     kh, kw, cin_g, c_out = w_k.shape
     cout_g = c_out // groups
@@ -504,8 +510,9 @@ def _launch_forward(config, partial, x, w_k, bias, y, stride, padding, dilation,
         IN_ACT=ACTIVATION_CODES[prologue.activation], HAS_OUT_AFFINE=out_scale is not None,
         HAS_RESIDUAL=residual is not None, OUT_ACT=ACTIVATION_CODES[epilogue.activation],
         STATS=partial is not None, INPUT_PRECISION=input_precision(x.dtype), UPCAST=_upcast_dot(x),
-        VEC=vec, EVEN_K=cin_g % config.block_k == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        VEC=vec, VEC_OUT=vec_out, EVEN_K=cin_g % config.block_k == 0, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        num_stages=config.num_stages)
 
 
 def conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: Sequence[int],

@@ -66,12 +66,20 @@ _UNALIGNED_CONFIGS = {
 # reads each input element once per tap, not once per 16 output channels); element by element
 # it spills.
 _VECTOR_OUT_WEIGHT_GRAD_TILES = ((128, 16),)
-# Input grad with unaligned input channels but 16-byte runs of output channels (the stem's
-# 128 -> 3): its K axis loads as vectors, so a tall tile fits; N covers the few columns. On FMAs
-# (fp32 without TF32) it runs unpipelined: pipelined it spills on sm_80 (and its 64-row and
-# K-16 variants on sm_86-sm_90).
-_VECTOR_OUT_INPUT_GRAD_CONFIGS = {"mma": (TileConfig(128, 16, 32, 4, 2),),
-                                  "fma": (TileConfig(128, 16, 32, 4, 1),)}
+# Unaligned input channels but 16-byte runs of output channels (the stem, 3 <-> 128): what runs
+# along the output channels loads and stores as vectors (the forward's weight rows, residual
+# and output; the input gradient's K axis, grad and weight), which frees the registers for
+# larger tiles (element by element the forward spills beyond 64x64). The forward: one tile over
+# all 128 output channels (the input read once per tap, not twice); the input gradient: a tall
+# one, N covering the few input channels. On FMAs (fp32 without TF32) they run smaller and unpipelined: the
+# forward's 64x64 pipelined reaches 255 registers on sm_80, the input gradient's 128x16
+# pipelined spills there (and its 64-row and K-16 variants on sm_86-sm_90).
+_VECTOR_OUT_CONFIGS = {
+    ("forward", "mma"): (TileConfig(128, 128, 16, 8, 2),),
+    ("forward", "fma"): (TileConfig(64, 64, 16, 4, 1),),
+    ("input_grad", "mma"): (TileConfig(128, 16, 32, 4, 2),),
+    ("input_grad", "fma"): (TileConfig(128, 16, 32, 4, 1),),
+}
 
 KERNELS = ("forward", "input_grad", "weight_grad")
 
@@ -106,8 +114,8 @@ def candidates(kernel: str, dtype: torch.dtype, aligned: bool = True,
     else:
         rows_pool = _INPUT_GRAD_CONFIGS if kernel == "input_grad" else _PIXEL_ROW_CONFIGS
         pool = rows_pool if aligned else _UNALIGNED_CONFIGS["pixel_rows"]
-        if not aligned and vector_out and kernel == "input_grad":
-            pool = _VECTOR_OUT_INPUT_GRAD_CONFIGS["fma" if fma else "mma"]
+        if not aligned and vector_out:
+            pool = _VECTOR_OUT_CONFIGS[kernel, "fma" if fma else "mma"]
         elif dtype == torch.float32:
             # Spills in fp32 (measured by the compile-for-target check): the input gradient's
             # 128x64 (sm_80), 64x32 pipelined (sm_86/sm_89), and on FMAs the forward's 128x64
