@@ -5,9 +5,11 @@ weight-gradient as implicit GEMMs, with the group on grid axis 2.
 The kernels read activations as NHWC (channel stride 1; the n/h/w strides are free): the
 launchers pass channels_last tensors as they are and copy other layouts once (an NCHW caller
 gets its output copied back). The weight is re-laid out as (KH, KW, C_in/groups, C_out). Where
-every group's channel run starts 16-byte aligned (VEC > 1), the kernels say so and Triton
-emits 16-byte vector loads (cp.async); otherwise elements load one by one, and only small tiles
-fit the registers (see conv_tuning). The GEMM views, per group g:
+every group's channel run starts 16-byte aligned, the kernels say so and Triton emits 16-byte
+vector loads (cp.async) and stores; otherwise elements load one by one, and only small tiles fit
+the registers (see conv_tuning). Input and output channels are judged apart (VEC, VEC_OUT): the
+stem's 3 input channels go one by one while its 128 output channels move as vectors. The GEMM
+views, per group g:
   forward      rows = output pixels (n, oh, ow), cols = output channels, K = (kh, kw, c_in)
   input grad   rows = input pixels (n, ih, iw) of one stride phase, cols = input channels,
                K = (the taps that reach that phase, c_out)
