@@ -5,8 +5,10 @@ Without a GPU, Triton kernels run under Triton's interpreter (TRITON_INTERPRET m
 before triton is imported, hence here). PACKED_KERNELS_REQUIRE="simt,cuda" turns a missing
 backend from a skip into a failure (CI uses it so a broken build cannot hide as skips)."""
 
+import json
 import os
 
+import filelock  # torch's own dependency
 import torch
 
 HAS_GPU = torch.cuda.is_available()
@@ -82,3 +84,25 @@ def _exact_float32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def once_per_run(tmp_path_factory, name: str, produce):
+    """`produce(folder)` run once per test run, by whichever pytest-xdist worker asks first; the
+    others wait for it and get the same result (produce's JSON-able return value). A module-scoped
+    fixture runs in every worker that runs one of the module's tests, and for the compile fixtures
+    that doubled minutes of CPU-bound work on CI's two cores. A produce() that raises (a failed
+    assert, a skip) stores nothing: the next worker to ask runs it again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder: it holds every worker's base temp
+    shared = root / "once"
+    shared.mkdir(exist_ok=True)
+    result = shared / f"{name}.json"
+    with filelock.FileLock(str(shared / f"{name}.lock")):
+        if result.exists():
+            return json.loads(result.read_text())
+        folder = shared / name
+        folder.mkdir(exist_ok=True)
+        value = produce(folder)
+        result.write_text(json.dumps(value))
+        return value

@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 import triton
 
-from conftest import REQUIRED
+from conftest import REQUIRED, once_per_run
 from helpers import TARGET_ARCHS, parse_ptxas_verbose
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
 import build_config  # noqa: E402
+from bench.perf_model.kernels import cuda_cubin  # noqa: E402
 CSRC = ROOT / "csrc"
 KERNEL_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
 SELFTEST_SOURCE = CSRC / "tests" / "selftest_kernels.cu"
@@ -53,34 +55,43 @@ def _nvcc():
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """ptxas reports for every source, all architectures in one nvcc run per source (in parallel),
-    plus the PTX of the self-test kernels."""
+    plus the PTX of the self-test kernels and of conv.cu for sm_80 and sm_90a, as those runs
+    generated it (-keep). Once per test run, however many workers run these tests."""
+    return once_per_run(tmp_path_factory, "csrc_compile", _compile)
+
+
+def _compile(out: Path) -> dict:
     nvcc = _nvcc()
-    out = tmp_path_factory.mktemp("nvcc")
     gencode = build_config.cuda_arch_flags(TARGET_ARCHS)
     jobs = {}
     for source in [*KERNEL_SOURCES, SELFTEST_SOURCE]:
+        keep = out / source.stem
+        keep.mkdir()
         command = [nvcc, *NVCC_FLAGS, *gencode, "-Xptxas", "-v", "-c", str(source),
-                   "-o", str(out / f"{source.stem}.o")]
+                   "-o", str(out / f"{source.stem}.o"), "-keep", f"-keep-dir={keep}"]
         jobs[source.name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     jobs[HOPPER_SELFTEST_SOURCE.name] = subprocess.Popen(
         [nvcc, *NVCC_FLAGS, "-x", "cu", "-arch=sm_90a", "-Xptxas", "-v", "-c", str(HOPPER_SELFTEST_SOURCE),
          "-o", str(out / "hopper_selftest.o")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ptx_files = {"ptx": (SELFTEST_SOURCE, out / "selftest.ptx", "sm_80"),
-                 "conv.ptx": (CSRC / "cuda" / "conv.cu", out / "conv.ptx", "sm_80"),
-                 "conv_sm90a.ptx": (CSRC / "cuda" / "conv.cu", out / "conv_sm90a.ptx", "sm_90a")}
-    for name, (source, ptx, arch) in ptx_files.items():
-        jobs[name] = subprocess.Popen([nvcc, *NVCC_FLAGS, f"-arch={arch}", "-ptx", str(source), "-o", str(ptx)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     reports = {}
     for name, job in jobs.items():
         text, _ = job.communicate(timeout=1200)
         assert job.returncode == 0, f"nvcc failed on {name}:\n{text[-4000:]}"
         reports[name] = text
-    for name, (_, ptx, _) in ptx_files.items():
-        reports[name] = ptx.read_text()
+    # each virtual architecture's PTX as the -c runs above generated it for their SASS
+    for name, (source, arch) in {"ptx": (SELFTEST_SOURCE, "80"), "conv.ptx": (CSRC / "cuda" / "conv.cu", "80"),
+                                 "conv_sm90a.ptx": (CSRC / "cuda" / "conv.cu", "90a")}.items():
+        reports[name] = (out / source.stem / f"{source.stem}.compute_{arch}.ptx").read_text()
     sass = subprocess.run([str(CUOBJDUMP), "-sass", str(out / "conv.o")], capture_output=True, text=True)
     assert sass.returncode == 0, sass.stderr[-4000:]
     reports["conv.sass"] = sass.stdout
+    # the same SASS as the performance model's own -cubin runs: its cache gets these instead
+    # (tests/test_perf_model.py; a copy, where its compile would take a core for a minute)
+    for source in KERNEL_SOURCES:
+        for arch in TARGET_ARCHS:
+            cuda_cubin(arch, source, built=out / source.stem / f"{source.stem}.compute_{build_config.sass_target(arch)}.cubin")
+    for source in [*KERNEL_SOURCES, SELFTEST_SOURCE]:
+        shutil.rmtree(out / source.stem)  # nvcc's intermediate files: 300 MB
     return reports
 
 

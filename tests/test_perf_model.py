@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REQUIRED
+from conftest import REQUIRED, once_per_run
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,8 +43,13 @@ def _nvcc_or_skip():
 
 @pytest.fixture(scope="module")
 def modelled(tmp_path_factory):
+    """One model run per test run, however many workers run these tests."""
+    return once_per_run(tmp_path_factory, "perf_model", _model)
+
+
+def _model(folder: Path) -> dict:
     _nvcc_or_skip()
-    out = tmp_path_factory.mktemp("model") / "h100-fp16.json"
+    out = folder / "h100-fp16.json"
     done = subprocess.run([sys.executable, "-m", "bench", "model", "--gpu", "h100", "--dtype", "fp16",
                            "--quiet", "--json", str(out)], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=1200)

@@ -14,13 +14,20 @@ from pathlib import Path
 
 import pytest
 
+from conftest import once_per_run
 from helpers import TARGET_ARCHS, parse_ptxas_verbose
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def compilers():
+def compiled(tmp_path_factory):
+    """Architecture -> (return code, stdout, stderr) of its compiler process; once per test run,
+    however many workers run these tests."""
+    return once_per_run(tmp_path_factory, "triton_compile", lambda folder: _compile())
+
+
+def _compile():
     """One compiler process per architecture, all started at once (they are CPU-bound)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -28,15 +35,21 @@ def compilers():
         [sys.executable, str(ROOT / "tools" / "compile_triton_targets.py"), str(arch)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         for arch in TARGET_ARCHS}
-    yield processes
-    for process in processes.values():
-        process.kill()
+    try:
+        results = {}
+        for arch, process in processes.items():
+            stdout, stderr = process.communicate()
+            results[str(arch)] = [process.returncode, stdout, stderr]
+        return results
+    finally:
+        for process in processes.values():
+            process.kill()
 
 
 @pytest.mark.parametrize("arch", TARGET_ARCHS)
-def test_triton_kernels_compile_without_spills(arch, compilers):
-    stdout, stderr = compilers[arch].communicate()
-    assert compilers[arch].returncode == 0, stderr[-4000:]
+def test_triton_kernels_compile_without_spills(arch, compiled):
+    returncode, stdout, stderr = compiled[str(arch)]
+    assert returncode == 0, stderr[-4000:]
     records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert any(r["name"].startswith("ensemble.") for r in records)
     assert any("fp32-ieee" in r["name"] for r in records)  # fp32 without TF32: FMA dot tiles

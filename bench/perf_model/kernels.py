@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import filelock  # torch's own dependency
 import torch
 
 from . import sass
@@ -275,8 +276,10 @@ def nvcc() -> str:
 
 
 def cuda_cubin(arch: int, source: Path = ROOT / "csrc" / "cuda" / "conv.cu",
-               header_root: Path = ROOT / "csrc") -> Path:
-    """conv.cu compiled for sm_<arch> with the build's flags (cached by the sources' hash)."""
+               header_root: Path = ROOT / "csrc", built: Optional[Path] = None) -> Path:
+    """conv.cu compiled for sm_<arch> with the build's flags (cached by the sources' hash).
+    `built`: that cubin as another nvcc run with these flags already made it (a multi-architecture
+    build's -keep output), stored in the cache instead of compiling it again."""
     sys.path.insert(0, str(ROOT / "tools"))
     import build_config
     compiler = nvcc()
@@ -287,13 +290,20 @@ def cuda_cubin(arch: int, source: Path = ROOT / "csrc" / "cuda" / "conv.cu",
                *header_root.glob("kernels/*.cuh")]
     key = _digest(arch, flags, version, _files_digest(sources))
     cubin = CACHE_DIR / "cuda" / f"{source.stem}-sm{arch}-{key}.cubin"
-    if not cubin.exists():
-        cubin.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cubin.with_suffix(f".{os.getpid()}.tmp")
-        target = build_config.sass_target(arch)  # sm_90a: the sm_90 forward's wgmma
-        subprocess.run([compiler, *flags, f"-arch=sm_{target}", "-cubin", str(source), "-o", str(tmp)],
-                       check=True, capture_output=True, text=True)
-        os.replace(tmp, cubin)
+    if cubin.exists():
+        return cubin
+    cubin.parent.mkdir(parents=True, exist_ok=True)
+    # processes asking for one cubin at once (test workers, the model's prebuild) compile it once
+    with filelock.FileLock(str(cubin.with_suffix(".lock"))):
+        if not cubin.exists():
+            tmp = cubin.with_suffix(f".{os.getpid()}.tmp")
+            if built is not None:
+                shutil.copyfile(built, tmp)
+            else:
+                target = build_config.sass_target(arch)  # sm_90a: the sm_90 forward's wgmma
+                subprocess.run([compiler, *flags, f"-arch=sm_{target}", "-cubin", str(source), "-o", str(tmp)],
+                               check=True, capture_output=True, text=True)
+            os.replace(tmp, cubin)
     return cubin
 
 
