@@ -218,7 +218,7 @@ void conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::opti
                   const std::optional<at::Tensor>& out_shift, const std::optional<at::Tensor>& residual,
                   int64_t activation, std::vector<int64_t> stride, std::vector<int64_t> padding,
                   std::vector<int64_t> dilation, int64_t groups, at::Tensor& y,
-                  const std::optional<at::Tensor>& stats) {
+                  const std::optional<at::Tensor>& stats, bool tf32) {
   const char* op = "conv_forward";
   scalar_type(op, x);
   TORCH_CHECK(y.dim() == 4, op, ": y must be 4-D");
@@ -245,12 +245,12 @@ void conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::opti
   }
   DeviceScope scope(x);
   pk::conv::forward(scalar_type(op, x), s, x.const_data_ptr(), weight.const_data_ptr(), pro, epi,
-                    y.mutable_data_ptr(), stats_ptr, scope.stream());
+                    y.mutable_data_ptr(), stats_ptr, scope.stream(), tf32);
 }
 
 void conv_input_grad(const at::Tensor& grad, const at::Tensor& weight, std::vector<int64_t> stride,
                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
-                     at::Tensor& grad_input) {
+                     at::Tensor& grad_input, bool tf32) {
   const char* op = "conv_input_grad";
   scalar_type(op, grad);
   TORCH_CHECK(grad.dim() == 4, op, ": grad must be 4-D");
@@ -265,14 +265,14 @@ void conv_input_grad(const at::Tensor& grad, const at::Tensor& weight, std::vect
   at::Tensor workspace;  // from torch's allocator: 16-byte aligned, freed after the stream's use
   if (workspace_bytes > 0) workspace = at::empty({workspace_bytes}, grad.options().dtype(at::kByte));
   pk::conv::input_grad(dtype, s, grad.const_data_ptr(), weight.const_data_ptr(), grad_input.mutable_data_ptr(),
-                       scope.stream(), workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr);
+                       scope.stream(), workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, tf32);
 }
 
 // partials: (splits, C_out, KH, KW, C_in/groups) fp32, summed over splits by the caller.
 void conv_weight_grad(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& in_scale,
                       const std::optional<at::Tensor>& in_shift, int64_t in_activation,
                       std::vector<int64_t> stride, std::vector<int64_t> padding,
-                      std::vector<int64_t> dilation, int64_t groups, at::Tensor& partials) {
+                      std::vector<int64_t> dilation, int64_t groups, at::Tensor& partials, bool tf32) {
   const char* op = "conv_weight_grad";
   scalar_type(op, x);
   TORCH_CHECK(grad.dim() == 4 && partials.dim() == 5, op, ": grad must be 4-D and partials 5-D");
@@ -287,7 +287,8 @@ void conv_weight_grad(const at::Tensor& grad, const at::Tensor& x, const std::op
                          conv_activation(op, in_activation)};
   DeviceScope scope(x);
   pk::conv::weight_grad(scalar_type(op, x), s, grad.const_data_ptr(), x.const_data_ptr(), pro,
-                        partials.mutable_data_ptr<float>(), static_cast<int>(partials.size(0)), scope.stream());
+                        partials.mutable_data_ptr<float>(), static_cast<int>(partials.size(0)), scope.stream(),
+                        tf32);
 }
 
 int64_t conv_forward_row_tiles(int64_t batch, int64_t out_h, int64_t out_w) {
@@ -445,12 +446,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("in_scale"), py::arg("in_shift"),
         py::arg("in_activation"), py::arg("out_scale"), py::arg("out_shift"), py::arg("residual"),
         py::arg("activation"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-        py::arg("groups"), py::arg("y"), py::arg("stats"));
+        py::arg("groups"), py::arg("y"), py::arg("stats"), py::arg("tf32") = false);
   m.def("conv_input_grad", &conv_input_grad, py::arg("grad"), py::arg("weight"), py::arg("stride"),
-        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("grad_input"));
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("grad_input"),
+        py::arg("tf32") = false);
   m.def("conv_weight_grad", &conv_weight_grad, py::arg("grad"), py::arg("x"), py::arg("in_scale"),
         py::arg("in_shift"), py::arg("in_activation"), py::arg("stride"), py::arg("padding"),
-        py::arg("dilation"), py::arg("groups"), py::arg("partials"));
+        py::arg("dilation"), py::arg("groups"), py::arg("partials"), py::arg("tf32") = false);
   m.def("conv_forward_row_tiles", &conv_forward_row_tiles, py::arg("batch"), py::arg("out_h"),
         py::arg("out_w"));
   m.def("conv_forward_rows_per_tile", &pk::conv::forward_rows_per_tile);

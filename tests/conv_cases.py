@@ -59,8 +59,41 @@ OPTION_SETS = {
 }
 
 
-def fused_reference(x, w, b, in_scale, in_shift, out_scale, out_shift, residual, args, options):
-    """The fused op spelled out in plain torch ops (autograd gives the reference gradients)."""
+def round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to TF32's 10 mantissa bits, to nearest with ties away from zero
+    (cvt.rna.tf32.f32); NaN and infinities kept."""
+    rounded = ((t.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+    return torch.where(torch.isfinite(t), rounded, t)
+
+
+class _Tf32Conv2d(torch.autograd.Function):
+    """F.conv2d with every product on TF32-rounded operands (x and w forward; grad with w, and
+    grad with x, backward) and float32 sums: torch's cuDNN conv under allow_tf32, on a CPU."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, args):
+        ctx.save_for_backward(x, w)
+        ctx.args, ctx.has_bias = args, b is not None
+        return F.conv2d(round_tf32(x), round_tf32(w), b, **args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        with torch.enable_grad():
+            xr, wr = (round_tf32(t).detach().requires_grad_() for t in (x, w))
+            grad_x, grad_w = torch.autograd.grad(F.conv2d(xr, wr, None, **ctx.args), (xr, wr), round_tf32(grad))
+        return grad_x, grad_w, grad.sum((0, 2, 3)) if ctx.has_bias else None, None
+
+
+def tf32_conv2d(x, w, b=None, **args):
+    """The judge of a float32 conv on TF32 tensor cores (torch's own error at that precision)."""
+    return _Tf32Conv2d.apply(x, w, b, args)
+
+
+def fused_reference(x, w, b, in_scale, in_shift, out_scale, out_shift, residual, args, options,
+                    conv=F.conv2d):
+    """The fused op spelled out in plain torch ops (autograd gives the reference gradients);
+    `conv`: F.conv2d, or tf32_conv2d for torch at TF32."""
     def channel(v):
         return v.reshape(1, -1, 1, 1)
     u = x
@@ -70,7 +103,7 @@ def fused_reference(x, w, b, in_scale, in_shift, out_scale, out_shift, residual,
         u = u + channel(in_shift)
     if options.get("in_activation") == "relu":
         u = torch.relu(u)
-    y = F.conv2d(u, w, b, **args)  # zero-pads the transformed activation
+    y = conv(u, w, b, **args)  # zero-pads the transformed activation
     z = y
     if out_scale is not None:
         z = z * channel(out_scale)
@@ -141,8 +174,9 @@ FUSED_CASES = [(name, torch.float32) for name in OPTION_SETS] + \
     [("everything", torch.float16), ("everything", torch.bfloat16)]
 
 
-def check_fused_matches_fp64(backend, options, dtype, layout, case="pe_3x3_3ch_per_group"):
-    """fused_conv2d on `backend`, outputs and every gradient, against float64 and torch's own error."""
+def check_fused_matches_fp64(backend, options, dtype, layout, case="pe_3x3_3ch_per_group", tf32=False):
+    """fused_conv2d on `backend`, outputs and every gradient, against float64 and torch's own error
+    (tf32: float32 with torch.backends.cudnn.allow_tf32 set, judged against torch at TF32)."""
     device = require_backend(backend, dtype)
     opts = OPTION_SETS[options]
     x, w, b, tensors, args = fused_inputs(dtype, device, layout, opts, case)
@@ -152,11 +186,11 @@ def check_fused_matches_fp64(backend, options, dtype, layout, case="pe_3x3_3ch_p
         out = pk.fused_conv2d(x, w, b, **args, **dict(zip(names, rest)), **flags, backend=backend)
         return out if isinstance(out, tuple) else (out,)
 
-    def reference(x, w, b, *rest, names):
+    def reference(x, w, b, *rest, names, conv=F.conv2d):
         kw = {k: None for k in tensors}
         kw.update(zip(names, rest))
         return fused_reference(x, w, b, kw["in_scale"], kw["in_shift"], kw["out_scale"],
-                                kw["out_shift"], kw["residual"], args, opts)
+                                kw["out_shift"], kw["residual"], args, opts, conv)
 
     outputs = 3 if opts.get("channel_stats") else 1
     out_shape = F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape
@@ -167,7 +201,8 @@ def check_fused_matches_fp64(backend, options, dtype, layout, case="pe_3x3_3ch_p
     ref_out, ref_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu().double(),
                                     w.cpu().double(), b.cpu().double(),
                                     {k: None if v is None else v.double() for k, v in cpu.items()}, seeds)
-    low_out, low_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1]), x.cpu(), w.cpu(),
+    low_conv = tf32_conv2d if tf32 else F.conv2d
+    low_out, low_grads = fused_run(lambda *t: reference(*t[:-1], names=t[-1], conv=low_conv), x.cpu(), w.cpu(),
                                     b.cpu(), cpu, seeds)
     assert len(ours_out) == outputs
     assert_all_finite(*ours_out, *ours_grads)

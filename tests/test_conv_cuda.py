@@ -19,9 +19,10 @@ from packed_kernels.ops import conv as conv_ops
 from packed_kernels.ops import conv_engines
 
 from conftest import HAS_GPU, REQUIRED, require_backend
-from helpers import CSRC, assert_all_finite, assert_close, build_sanitized_selftest, run_sanitized
+from helpers import (CSRC, assert_all_finite, assert_close, build_sanitized_selftest, relative_error,
+                     run_sanitized)
 from conv_cases import (CASES, FUSED_CASES, OPTION_SETS, check_fused_matches_fp64,
-                        fused_inputs, make_case, run_with_grads)
+                        fused_inputs, make_case, run_with_grads, tf32_conv2d)
 
 # Every case in fp32 with both layouts and in each 16-bit type (the kernels see channels_last
 # only: NCHW goes through the layout transform in ops/conv.py).
@@ -222,6 +223,57 @@ def test_simt_narrow_input_grad_of_a_misaligned_grad_matches_fp64(dtype):
                                              (padding,) * 4, (dilation, dilation), groups)
     assert_all_finite(ours)
     assert_close(ours, ref, lowp, dtype, "misaligned grad input grad")
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 on TF32 tensor cores: where torch.backends.cudnn.allow_tf32 is set (torch's default; the
+# conftest clears it for every other test), as cuDNN and the Triton conv do
+# ---------------------------------------------------------------------------------------------
+
+def _check_conv_tf32(backend, name):
+    device = require_backend(backend)
+    x, w, b, args = make_case(CASES[name], torch.float32, device, "channels_last")
+    grad_seed = torch.randn(F.conv2d(x.cpu().double(), w.cpu().double(), None, **args).shape)
+    ref, ref_grads = run_with_grads(lambda *t: F.conv2d(*t, **args),
+                                    (x.cpu().double(), w.cpu().double(), b.cpu().double()), grad_seed)
+    judge, judge_grads = run_with_grads(lambda *t: tf32_conv2d(*t, **args), (x.cpu(), w.cpu(), b.cpu()), grad_seed)
+    errors = {}
+    for tf32 in (False, True):
+        torch.backends.cudnn.allow_tf32 = tf32  # conftest restores it
+        ours, ours_grads = run_with_grads(lambda *t: pk.grouped_conv2d(*t, **args, backend=backend), (x, w, b),
+                                          grad_seed)
+        assert_all_finite(ours, *ours_grads)
+        errors[tf32] = [relative_error(t, r) for t, r in zip((ours, *ours_grads[:2]), (ref, *ref_grads[:2]))]
+    assert_close(ours, ref, judge, torch.float32, f"{name} TF32 forward")
+    for what, g, r, t in zip(("input", "weight", "bias"), ours_grads, ref_grads, judge_grads):
+        assert_close(g, r, t, torch.float32, f"{name} TF32 grad {what}")
+    # FMAs are exact to float32 rounding; TF32 (10 mantissa bits) is off by ~1e-4: it really ran
+    assert max(errors[False]) < 1e-5, errors
+    assert min(errors[True]) > 1e-5, errors
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_simt_float32_on_tf32_matches_torch_at_tf32(name):
+    _check_conv_tf32("simt", name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_float32_on_tf32_matches_torch_at_tf32(name):
+    _check_conv_tf32("cuda", name)
+
+
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+def test_simt_fused_float32_on_tf32_matches_torch_at_tf32(options):
+    torch.backends.cudnn.allow_tf32 = True  # conftest restores it
+    check_fused_matches_fp64("simt", options, torch.float32, "channels_last", tf32=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+def test_cuda_fused_float32_on_tf32_matches_torch_at_tf32(options):
+    torch.backends.cudnn.allow_tf32 = True  # conftest restores it
+    check_fused_matches_fp64("cuda", options, torch.float32, "channels_last", tf32=True)
 
 
 # ---------------------------------------------------------------------------------------------

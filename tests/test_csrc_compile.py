@@ -126,13 +126,14 @@ def test_ensemble_kernels_fit_their_launch_bounds(compiled):
 CONV_THREADS = 128  # conv.cuh's kThreads (its __launch_bounds__)
 
 
-# Per problem: fp32 (16-byte, scalar loads) + per 16-bit type (cp.async pipeline, scalar loads;
-# the forward's pipeline on the 64 x 64 and the narrow 128 x 16 tile), twice for the problems with
-# an input prologue (kernels with and without it); the sm_90 forward per 16-bit type and tile
-# (64 x 128, 128 x 64).
-CONV_KERNELS_PER_ARCH = {"forward": 2 * (2 + 2 * 3), "input_grad": 2 + 2 * 2, "weight_grad": 2 * (2 + 2 * 2),
+# Per problem: fp32 (FMA and TF32, each 16-byte and scalar loads) + per 16-bit type (cp.async
+# pipeline, scalar loads; the forward's pipeline on the 64 x 64 and the narrow 128 x 16 tile),
+# twice for the problems with an input prologue (kernels with and without it); the sm_90 forward
+# per 16-bit type and tile (64 x 128, 128 x 64).
+CONV_KERNELS_PER_ARCH = {"forward": 2 * (2 * 2 + 2 * 3), "input_grad": 2 * 2 + 2 * 2, "weight_grad": 2 * (2 * 2 + 2 * 2),
                          "forward_sm90": 2 * 2, "weight_rewrite": 2}  # rewrite: the 16-bit types
 SM90_KERNEL = "forward_sm90_kernel"
+TF32_PROBLEM = "OnTf32"  # conv.cuh's OnTf32<Problem>: fp32 on TF32 tensor cores
 WEIGHT_REWRITE_KERNEL = "reversed_swapped_weight_kernel"  # a copy: no tensor cores
 
 
@@ -174,7 +175,26 @@ def test_conv_half_paths_use_tensor_cores(compiled):
             # (test_sm90_forward_uses_wgmma_and_tensor_copies); the rewrite copies elements
             assert not uses_mma and "wgmma" not in body, name
             continue
-        assert uses_mma == sixteen_bit, f"{name}: tensor cores {'missing' if sixteen_bit else 'used for fp32'}"
+        tf32 = TF32_PROBLEM in name
+        assert uses_mma == (sixteen_bit or tf32), f"{name}: tensor cores {'missing' if sixteen_bit or tf32 else 'used for fp32'}"
+        if tf32:  # operands rounded to TF32 as they are staged, then m16n8k8 TF32 tiles
+            assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in body, name
+            assert "cvt.rna.tf32.f32" in body and "ldmatrix" not in body, name
+
+
+def test_conv_fp32_tf32_kernels_run_hmma_in_sass(compiled):
+    """Every fp32 TF32 conv kernel runs TF32 HMMA on every target (sm_80/86/89/90a); the FMA
+    ones none."""
+    sass = compiled["conv.sass"]
+    functions = [chunk for chunk in sass.split("Function : ")[1:]]
+    tf32 = [code for code in functions if TF32_PROBLEM in code.split()[0]]
+    # (16-byte, scalar loads) x (forward and weight gradient with and without a prologue, input gradient)
+    assert len(tf32) == 2 * (2 + 2 + 1) * len(TARGET_ARCHS)
+    for code in tf32:
+        assert "HMMA.1688.F32.TF32" in code, code.split()[0]  # m16n8k8: one instruction
+    for code in functions:
+        if "gemm_kernelIfLi" in code.split()[0] and TF32_PROBLEM not in code.split()[0]:
+            assert "HMMA" not in code, code.split()[0]
 
 
 def test_conv_pipelined_kernels_use_cp_async(compiled):

@@ -82,6 +82,18 @@ def check_tile_mma(out):
         assert float(out[key]) <= bound, (key, out[key])
 
 
+def check_tile_tf32(out):
+    # m16n8k8 TF32 tiles: the tensor core multiplies the operands' upper 19 bits (exact products in
+    # float) and to_tf32 rounds to nearest, ties away; float accumulation of K = 64 terms errs by at
+    # most K * 2^-24 relative to sum |a b|. Judged against the other rounding, the error is TF32's
+    # (~2^-11): the check tells truncating from rounding, and a wrong fragment layout fails both.
+    bound = 64 * 2.0 ** -24
+    assert float(out["truncated"]) <= bound, out
+    assert float(out["rounded"]) <= bound, out
+    assert float(out["truncated_as_rounded"]) > 1e-5, out
+    assert float(out["rounded_as_truncated"]) > 1e-5, out
+
+
 def check_transpose(out):
     assert int(out["mismatches"]) == 0  # 2-D shared tile, 2-D blocks and grid, partial edge tiles
 
@@ -106,7 +118,7 @@ def check_ensemble(out):
 CHECKS = {"block_sum": check_block_sum, "warp_ops": check_warp_ops, "warp_exchange": check_warp_exchange,
           "block_allreduce": check_block_allreduce, "barrier_votes": check_barrier_votes,
           "histogram": check_histogram,
-          "tile_mma": check_tile_mma, "transpose": check_transpose,
+          "tile_mma": check_tile_mma, "tile_tf32": check_tile_tf32, "transpose": check_transpose,
           "half_conversions": check_half_conversions, "async_pipeline": check_async_pipeline,
           "divmod": check_divmod, "ensemble": check_ensemble}
 

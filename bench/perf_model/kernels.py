@@ -312,10 +312,12 @@ _PROBLEM = {"forward": "14ForwardProblem", "input_grad": "16InputGradProblem",
             "weight_grad": "17WeightGradProblem"}
 
 
-def cuda_kernel_name(dtype_name: str, vec: int, stages: int, block_m: int, block_n: int, pass_name: str) -> str:
+def cuda_kernel_name(dtype_name: str, vec: int, stages: int, block_m: int, block_n: int, pass_name: str,
+                     tf32: bool = False) -> str:
     t = _MANGLED_TYPE[dtype_name]
+    problem = f"6OnTf32INS1_{_PROBLEM[pass_name]}" if tf32 else _PROBLEM[pass_name]  # OnTf32<Problem>
     return (f"_ZN2pk4conv6detail11gemm_kernelI{t}Li{vec}ELi{stages}ELi{block_m}ELi{block_n}"
-            f"ENS1_{_PROBLEM[pass_name]}I")
+            f"ENS1_{problem}I")
 
 
 def sm90_forward_launch(layer, batch: int, dtype_name: str, cubin: Path) -> Launch:
@@ -367,12 +369,16 @@ def cuda_launches(layer, pass_name: str, batch: int, dtype_name: str, gpu) -> Li
     vectorized = narrow or (cin_g % vec16 == 0 and cout_g % vec16 == 0)
     vec = vec16 if vectorized else 1
     stages = k["kAsyncStages"] if vectorized and dtype_name != "fp32" else 1
+    # conv.cuh's use_tf32: fp32 on TF32 tensor cores where torch allows it (ops/conv_engines.py)
+    tf32 = dtype_name == "fp32" and torch.backends.cudnn.allow_tf32 and gpu.arch >= 80
     cubin = cuda_cubin(gpu.arch)
-    prefix = cuda_kernel_name(dtype_name, vec, stages, bm, bn, pass_name)
-    config = f"{bm}x{bn}x{bk} w{k['kThreads'] // 32} s{stages} vec{vec}"
+    prefix = cuda_kernel_name(dtype_name, vec, stages, bm, bn, pass_name, tf32)
+    config = f"{bm}x{bn}x{bk} w{k['kThreads'] // 32} s{stages} vec{vec}" + (" tf32" if tf32 else "")
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    # the FMA loop (fp32 without TF32) runs inside each K slice, unrolled 4 deep: kBlockK / 4 trips
+    fma_trips = [bk // 4] if dtype_name == "fp32" and "tf32" not in config else []
     launch = lambda grid, trips, active, extra=0: Launch(  # noqa: E731
-        "cuda", prefix, cubin, grid, k["kThreads"] // 32, 0, trips, active, config, (bm, bn, bk),
+        "cuda", prefix, cubin, grid, k["kThreads"] // 32, 0, [*fma_trips, *trips], active, config, (bm, bn, bk),
         itemsize, extra)
     if pass_name == "forward" and gpu.arch == 90 and dtype_name != "fp32" and cin_g % vec16 == 0:
         return [sm90_forward_launch(layer, batch, dtype_name, cubin)]  # conv_sm90.cuh's conditions

@@ -129,8 +129,8 @@ def model_launch(launch: Launch, gpu: GPU, compulsory_bytes: int) -> Modelled:
     for m, r in zip([outside, *levels], [1, *runs]):
         for opcode, count in m.opcodes.items():
             kind = sass.category(opcode)
-            if kind == "tensor":
-                tensor_flops += tensor_flops_per_warp(opcode) * count * r
+            if kind == "tensor":  # TF32 runs at half the 16-bit rate: its flops count twice
+                tensor_flops += tensor_flops_per_warp(opcode) * count * r * (2 if ".TF32" in opcode else 1)
             elif opcode.startswith("FFMA"):
                 fma_flops += 64 * count * r
     warps = launch.num_warps

@@ -18,6 +18,8 @@
 // copying thread stepping its own in the pipeline), then
 //   half/bfloat16: 4 warps, each 32x32 (32x16 in a narrow tile) of 16x8x16 mma.sync tiles fed by
 //                  ldmatrix (pk/tile.h), fp32 accumulators;
+//   float on TF32: 4 warps, each 32x32 of 16x8x8 TF32 mma.sync tiles fed by 32-bit shared loads
+//                  (pk/tile.h), fp32 accumulators; operands rounded to TF32 as they are staged;
 //   float:         FMA, each thread 8x4 outputs.
 // Staging: 16-bit operands whose runs along memory are a multiple of 8 (the forward: input
 // channels per group; the gradients: both channel counts) go through a 3-stage cp.async
@@ -138,6 +140,8 @@ PK_DEVICE bool inside(const Coord& fixed, const Coord& step, Bounds bounds) {
 //                                 the kernels without one carry no prologue code in their loop
 //   kStats                        whether the problem has channel statistics (`stats`, the
 //                                 forward's): the gradients' kernels carry no statistics code
+//   kTf32                         float only: multiply on TF32 tensor cores (true in
+//                                 OnTf32<Problem>) rather than FMAs
 //   Out, store_run<V>             the result's element type; V consecutive columns of a row from
 //                                 float accumulators (V > 1: 16-byte accesses, the launcher
 //                                 checked the alignment)
@@ -145,12 +149,17 @@ template <typename Problem>
 struct WithPrologue : Problem {
   static constexpr bool kPrologue = true;
 };
+template <typename Problem>
+struct OnTf32 : Problem {
+  static constexpr bool kTf32 = true;
+};
 
 template <typename T>
 struct ForwardProblem {
   static constexpr bool kAAlongDepth = true, kBAlongDepth = true;
   static constexpr bool kABounded = true, kBBounded = false;
   static constexpr bool kPrologueOnA = true, kPrologueOnB = false, kPrologue = false;
+  static constexpr bool kTf32 = false;
   static constexpr bool kStats = true;
   using Out = T;
   struct RowInfo {  // output pixel: x's part at its top-left tap, and the pixel itself
@@ -283,6 +292,7 @@ struct InputGradProblem {
   static constexpr bool kAAlongDepth = true, kBAlongDepth = false;
   static constexpr bool kABounded = true, kBBounded = false;
   static constexpr bool kPrologueOnA = false, kPrologueOnB = false, kPrologue = false;
+  static constexpr bool kTf32 = false;
   static constexpr bool kStats = false;
   using Out = T;
   struct RowInfo {  // input pixel: grad's part at the output pixel it reads through the phase's
@@ -364,6 +374,7 @@ struct WeightGradProblem {
   static constexpr bool kAAlongDepth = false, kBAlongDepth = false;
   static constexpr bool kABounded = false, kBBounded = true;
   static constexpr bool kPrologueOnA = false, kPrologueOnB = true, kPrologue = false;
+  static constexpr bool kTf32 = false;
   static constexpr bool kStats = false;
   using Out = float;
   struct RowInfo {  // output channel: grad's part, and the channel
@@ -436,19 +447,24 @@ struct WeightGradProblem {
 // depth-major). Rows are padded by 8 elements: 16-bit rows stay a multiple of 16 bytes (every
 // 8-element segment ldmatrix reads is 16-byte aligned) and 8 consecutive rows start on
 // different banks.
-template <bool kDepthContiguous, int kExtent>
+template <bool kDepthContiguous, int kExtent, int kPad = 8>
 struct TileLayout {
   static constexpr bool kAlongDepth = kDepthContiguous;
-  static constexpr int kLd = kDepthContiguous ? kBlockK + 8 : kExtent + 8;
+  static constexpr int kLd = kDepthContiguous ? kBlockK + kPad : kExtent + kPad;
   static constexpr int kElements = (kDepthContiguous ? kExtent : kBlockK) * kLd;
   PK_HOST_DEVICE static constexpr int at(int i, int k) { return kDepthContiguous ? i * kLd + k : k * kLd + i; }
 };
 
 template <typename T, typename Problem, int STAGES, int BLOCK_M, int BLOCK_N>
 struct Tiles {
-  static constexpr bool kTensorCores = !std::is_same<T, float>::value;
-  using A = TileLayout<kTensorCores ? Problem::kAAlongDepth : true, BLOCK_M>;
-  using B = TileLayout<kTensorCores ? Problem::kBAlongDepth : false, BLOCK_N>;
+  static constexpr bool kSixteenBit = !std::is_same<T, float>::value;
+  static_assert(kSixteenBit ? !Problem::kTf32 : STAGES == 1, "TF32: float, register-staged");
+  // float keeps the FMA loop's layouts on TF32 too: A row-major and B depth-major are what the
+  // TF32 fragments' 32-bit shared loads read, conflict-free with A's rows padded by 4 (a warp's
+  // A loads (g, t) hit bank 4g + t) and B's by 8 (8t + g).
+  static constexpr bool kTensorCores = kSixteenBit || Problem::kTf32;
+  using A = TileLayout<kSixteenBit ? Problem::kAAlongDepth : true, BLOCK_M, kSixteenBit ? 8 : 4>;
+  using B = TileLayout<kSixteenBit ? Problem::kBAlongDepth : false, BLOCK_N>;
   static constexpr int kStageElements = A::kElements + B::kElements;
   static_assert(kStageElements * sizeof(T) % 32 == 0, "every stage's tiles start 32-byte aligned");
   static constexpr std::size_t kStagingBytes = sizeof(T) * STAGES * kStageElements;
@@ -506,6 +522,15 @@ PK_DEVICE void apply_prologue(const Problem& p, index_t channel, T (&run)[V]) {
   for (int j = 0; j < V; ++j) run[j] = p.prologue.apply(run[j], channel + j);
 }
 
+// An element as the register-staged loop stores it: on TF32 rounded to nearest once here
+// (cvt.rna), so an operand is off by half a TF32 unit at most, where the tensor core's own
+// truncation of the low 13 bits would cost a whole one.
+template <bool kTf32, typename T>
+PK_DEVICE T staged(T v) {
+  if constexpr (kTf32) return tile::to_tf32(v);
+  return v;
+}
+
 // At least 1 block per SM: with ptxas's own occupancy target the bf16 forward spilled on sm_90.
 // VEC: elements per load along each operand's contiguous dimension (16 bytes, or 1); the
 // launcher picks VEC > 1 only where every run of VEC stays inside one tap and is aligned.
@@ -526,7 +551,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
   using RowInfo = typename Problem::RowInfo;
   using ColInfo = typename Problem::ColInfo;
   using DepthInfo = typename Problem::DepthInfo;
-  constexpr bool kTensorCores = Config::kTensorCores;
+  constexpr bool kTensorCores = Config::kTensorCores, kTf32 = Problem::kTf32;
   static_assert(STAGES == 1 || (kTensorCores && VEC * sizeof(T) == 16), "cp.async moves 16-byte runs");
   static_assert((BLOCK_M == kBlockM && BLOCK_N == kBlockN) || (kTensorCores && Problem::kBAlongDepth),
                 "narrow tiles: tensor cores, B along depth");
@@ -583,7 +608,23 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
 
   // The tensor-core or FMA work on one staged slice.
   auto compute = [&](const T* As, const T* Bs) {
-    if constexpr (kTensorCores) {
+    if constexpr (kTf32) {
+#pragma unroll
+      for (int kk = 0; kk < kBlockK; kk += tile::kKTf32) {
+        tile::FragmentTf32A a[kWarpTilesM];
+        tile::FragmentTf32B b[kWarpTilesN];
+#pragma unroll
+        for (int i = 0; i < kWarpTilesM; ++i)
+          tile::load_a_tf32(a[i], As + TileA::at(warp_m * kWarpRows + i * tile::kM, kk), TileA::kLd);
+#pragma unroll
+        for (int j = 0; j < kWarpTilesN; ++j)
+          tile::load_b_tf32(b[j], Bs + TileB::at(warp_n * kWarpCols + j * tile::kN, kk), TileB::kLd);
+#pragma unroll
+        for (int i = 0; i < kWarpTilesM; ++i)
+#pragma unroll
+          for (int j = 0; j < kWarpTilesN; ++j) tile::mma(frag_acc[i][j], a[i], b[j]);
+      }
+    } else if constexpr (kTensorCores) {
 #pragma unroll
       for (int kk = 0; kk < kBlockK; kk += tile::kK) {
         tile::FragmentA<T> a[kWarpTilesM];
@@ -648,7 +689,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
         if constexpr (Problem::kPrologue && Problem::kPrologueOnA)
           if (read) apply_prologue(p, p.a_channel(row, d), run);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) As[TileA::at(r + (kAlong ? 0 : j), kk + (kAlong ? j : 0))] = run[j];
+        for (int j = 0; j < VEC; ++j) As[TileA::at(r + (kAlong ? 0 : j), kk + (kAlong ? j : 0))] = staged<kTf32>(run[j]);
       }
       for (int e = tid; e < kBlockK * BLOCK_N / VEC; e += kThreads) {
         constexpr bool kAlong = Problem::kBAlongDepth;
@@ -663,7 +704,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(Problem p, index_t sp
         if constexpr (Problem::kPrologue && Problem::kPrologueOnB)
           if (read) apply_prologue(p, p.b_channel(col, d), run);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) Bs[TileB::at(c + (kAlong ? 0 : j), kk + (kAlong ? j : 0))] = run[j];
+        for (int j = 0; j < VEC; ++j) Bs[TileB::at(c + (kAlong ? 0 : j), kk + (kAlong ? j : 0))] = staged<kTf32>(run[j]);
       }
       __syncthreads();
       compute(As, Bs);
@@ -976,15 +1017,32 @@ void launch_gemm(const Problem& p, Runs runs, index_t grid_z, index_t splits, in
   }
 }
 
+// Whether a float launch multiplies on TF32 tensor cores: where the caller allows it (torch's
+// cudnn.allow_tf32) and the GPU has them (sm_80+).
+inline bool use_tf32(bool allow_tf32);
+
+// float with TF32 runs OnTf32<Problem>; everything else Problem itself.
+template <typename T, typename Problem>
+void launch_gemm_on(const Problem& p, bool tf32, Runs runs, index_t grid_z, index_t splits, index_t split_len,
+                    Stream stream) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (use_tf32(tf32)) {
+      launch_gemm<T>(OnTf32<Problem>{p}, runs, grid_z, splits, split_len, stream);
+      return;
+    }
+  }
+  launch_gemm<T>(p, runs, grid_z, splits, split_len, stream);
+}
+
 // A problem with an input prologue runs the kernels that apply it; without one, the kernels
 // that carry no prologue code.
 template <typename T, typename Problem>
-void launch_gemm_with_prologue(const Problem& p, Runs runs, index_t grid_z, index_t splits, index_t split_len,
-                               Stream stream) {
+void launch_gemm_with_prologue(const Problem& p, bool tf32, Runs runs, index_t grid_z, index_t splits,
+                               index_t split_len, Stream stream) {
   if (p.prologue.identity()) {
-    launch_gemm<T>(p, runs, grid_z, splits, split_len, stream);
+    launch_gemm_on<T>(p, tf32, runs, grid_z, splits, split_len, stream);
   } else {
-    launch_gemm<T>(WithPrologue<Problem>{p}, runs, grid_z, splits, split_len, stream);
+    launch_gemm_on<T>(WithPrologue<Problem>{p}, tf32, runs, grid_z, splits, split_len, stream);
   }
 }
 
@@ -994,9 +1052,11 @@ bool forward_sm90(const ForwardProblem<T>& p, int groups, Stream stream);
 // The architecture the kernels launch for (conv_sm90.cuh).
 inline int launch_arch();
 
+inline bool use_tf32(bool allow_tf32) { return allow_tf32 && launch_arch() >= 80; }
+
 template <typename T>
 void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, const Epilogue& epi,
-             void* y, float* stats, Stream stream) {
+             void* y, float* stats, Stream stream, bool tf32) {
   ForwardProblem<T> p;
   p.geo = geometry(s);
   p.rows = s.batch * s.out_height * s.out_width;
@@ -1015,7 +1075,8 @@ void forward(const Shape& s, const void* x, const void* w, const Prologue& pro, 
   p.y = static_cast<T*>(y);
   p.stats = stats;
   if (forward_sm90<T>(p, s.groups, stream)) return;
-  launch_gemm_with_prologue<T>(p, forward_runs<T>(p.geo, x, w, y, epi.residual), s.groups, 1, p.depth, stream);
+  launch_gemm_with_prologue<T>(p, tf32, forward_runs<T>(p.geo, x, w, y, epi.residual), s.groups, 1, p.depth,
+                               stream);
 }
 
 // At stride 1, d loss / d x[ih] = sum over taps k of grad[ih + p - k d] w[k]: the forward
@@ -1061,7 +1122,7 @@ __global__ void reversed_swapped_weight_kernel(const T* w, T* w_t, Geometry geo,
 
 template <typename T>
 void input_grad(const Shape& s, const void* grad, const void* w, void* grad_input, void* workspace,
-                Stream stream) {
+                Stream stream, bool tf32) {
   if constexpr (!std::is_same<T, float>::value) {
     if (workspace != nullptr && input_grad_as_forward<T>(s) && aligned16(grad) && aligned16(workspace)) {
       const Geometry geo = geometry(s);
@@ -1070,7 +1131,8 @@ void input_grad(const Shape& s, const void* grad, const void* w, void* grad_inpu
       launch(reversed_swapped_weight_kernel<T>, dim3(static_cast<unsigned>(ceil_div(total, kRewriteThreads))),
              dim3(kRewriteThreads), 0, stream, static_cast<const T*>(w), static_cast<T*>(workspace), geo, total);
       forward<T>(input_grad_forward_shape(s), grad, workspace, Prologue{nullptr, nullptr, Activation::kNone},
-                 Epilogue{nullptr, nullptr, nullptr, nullptr, Activation::kNone}, grad_input, nullptr, stream);
+                 Epilogue{nullptr, nullptr, nullptr, nullptr, Activation::kNone}, grad_input, nullptr, stream,
+                 false);
       return;
     }
   }
@@ -1094,7 +1156,7 @@ void input_grad(const Shape& s, const void* grad, const void* w, void* grad_inpu
   const int phases_per_launch = std::max(1, std::min(phases, 65535 / s.groups));
   for (p.phase_first = 0; p.phase_first < phases; p.phase_first += phases_per_launch) {
     const int count = std::min(phases_per_launch, phases - p.phase_first);
-    launch_gemm<T>(p, vectorized, index_t(count) * s.groups, 1, p.depth, stream);
+    launch_gemm_on<T>(p, tf32, vectorized, index_t(count) * s.groups, 1, p.depth, stream);
   }
 }
 
@@ -1105,7 +1167,7 @@ inline index_t split_length(index_t depth, index_t splits) {
 
 template <typename T>
 void weight_grad(const Shape& s, const void* grad, const void* x, const Prologue& pro, float* partials,
-                 int splits, Stream stream) {
+                 int splits, Stream stream, bool tf32) {
   if (splits < 1) throw std::invalid_argument("pk::conv: weight_grad needs splits >= 1");
   WeightGradProblem<T> p;
   p.geo = geometry(s);
@@ -1118,8 +1180,8 @@ void weight_grad(const Shape& s, const void* grad, const void* x, const Prologue
   p.x = static_cast<const T*>(x);
   p.prologue = PrologueView<T>{pro.scale, pro.shift, static_cast<int>(pro.activation)};
   p.partials = partials;
-  launch_gemm_with_prologue<T>(p, vectorizable<T>(p.geo, {grad, x, partials}), s.groups, splits, split_length(p.depth, splits),
-                 stream);
+  launch_gemm_with_prologue<T>(p, tf32, vectorizable<T>(p.geo, {grad, x, partials}), s.groups, splits,
+                               split_length(p.depth, splits), stream);
 }
 
 }  // namespace detail
@@ -1153,9 +1215,9 @@ int weight_grad_splits(const Shape& s) {
   }
 
 void forward(ScalarType dtype, const Shape& s, const void* x, const void* w, const Prologue& pro,
-             const Epilogue& epi, void* y, float* stats, Stream stream) {
+             const Epilogue& epi, void* y, float* stats, Stream stream, bool tf32) {
   detail::check_shape(s);
-  PK_CONV_DISPATCH(dtype, T, detail::forward<T>(s, x, w, pro, epi, y, stats, stream));
+  PK_CONV_DISPATCH(dtype, T, detail::forward<T>(s, x, w, pro, epi, y, stats, stream, tf32));
 }
 
 std::int64_t input_grad_workspace_bytes(ScalarType dtype, const Shape& s) {
@@ -1167,15 +1229,15 @@ std::int64_t input_grad_workspace_bytes(ScalarType dtype, const Shape& s) {
 }
 
 void input_grad(ScalarType dtype, const Shape& s, const void* grad, const void* w, void* grad_input,
-                Stream stream, void* workspace) {
+                Stream stream, void* workspace, bool tf32) {
   detail::check_shape(s);
-  PK_CONV_DISPATCH(dtype, T, detail::input_grad<T>(s, grad, w, grad_input, workspace, stream));
+  PK_CONV_DISPATCH(dtype, T, detail::input_grad<T>(s, grad, w, grad_input, workspace, stream, tf32));
 }
 
 void weight_grad(ScalarType dtype, const Shape& s, const void* grad, const void* x, const Prologue& pro,
-                 float* partials, int splits, Stream stream) {
+                 float* partials, int splits, Stream stream, bool tf32) {
   detail::check_shape(s);
-  PK_CONV_DISPATCH(dtype, T, detail::weight_grad<T>(s, grad, x, pro, partials, splits, stream));
+  PK_CONV_DISPATCH(dtype, T, detail::weight_grad<T>(s, grad, x, pro, partials, splits, stream, tf32));
 }
 
 #undef PK_CONV_DISPATCH

@@ -9,7 +9,9 @@
 //   per-channel  bias, in_scale, in_shift, out_scale, out_shift: (C,) contiguous float32 whatever
 //                `dtype` is (folded BatchNorm parameters keep their precision), nullptr = absent
 // Activations and the weight have the element type `dtype`; statistics and weight-grad partials
-// are float32.
+// are float32. `tf32`: float32 multiplies on TF32 tensor cores (operands rounded to 10 mantissa
+// bits, float32 accumulation) on sm_80+, as cuDNN does under torch.backends.cudnn.allow_tf32;
+// false, or an older GPU: float32 FMAs. Other dtypes ignore it.
 #pragma once
 
 #include <cstdint>
@@ -55,7 +57,7 @@ std::int64_t forward_rows_per_tile();
 // mean sum/c_t (y before the epilogue's scale/shift/residual/activation, after the bias). The
 // caller merges tiles with Chan's formula: mean = sum/n, M2 = sum M2_t + sum c_t (mean_t - mean)^2.
 void forward(ScalarType dtype, const Shape& s, const void* x, const void* w, const Prologue& pro,
-             const Epilogue& epi, void* y, float* stats, Stream stream);
+             const Epilogue& epi, void* y, float* stats, Stream stream, bool tf32 = false);
 
 // Bytes of device scratch input_grad uses for this shape (0: none). At stride 1 with 16-bit types
 // and channels per group of grad a multiple of 8, on sm_90 (the wgmma kernel) or where the input
@@ -68,7 +70,7 @@ std::int64_t input_grad_workspace_bytes(ScalarType dtype, const Shape& s);
 // input_grad_workspace_bytes of 16-byte aligned scratch, or nullptr (then the mma.sync input
 // gradient kernel).
 void input_grad(ScalarType dtype, const Shape& s, const void* grad, const void* w, void* grad_input,
-                Stream stream, void* workspace = nullptr);
+                Stream stream, void* workspace = nullptr, bool tf32 = false);
 
 // How many slabs the weight gradient's pixel range is split into (partials summed by the caller).
 int weight_grad_splits(const Shape& s);
@@ -76,7 +78,7 @@ int weight_grad_splits(const Shape& s);
 // partials (splits, C_out, KH, KW, C_in/groups) fp32: slab i holds split i's share of
 // d loss / d w, reading x through the prologue (x_hat is never stored).
 void weight_grad(ScalarType dtype, const Shape& s, const void* grad, const void* x,
-                 const Prologue& pro, float* partials, int splits, Stream stream);
+                 const Prologue& pro, float* partials, int splits, Stream stream, bool tf32 = false);
 
 }  // namespace conv
 }  // namespace pk

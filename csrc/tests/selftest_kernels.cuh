@@ -144,6 +144,38 @@ __global__ void tile_matmul_kernel(const T* a, const T* b, float* c, int M, int 
   store(c + tile_m * 16 * N + tile_n * 16 + 8, acc[1], N);
 }
 
+// C (16 x 8, float) = A (16 x K, row-major) * B (K x 8, row-major) on TF32 tiles, one warp:
+// each 8-deep slice staged in shared memory as stored (kRound: rounded by pk::tile::to_tf32 on
+// the way, else left for the tensor core to truncate), read by load_a_tf32 / load_b_tf32.
+template <bool kRound>
+__global__ void tile_tf32_kernel(const float* a, const float* b, float* c, int K) {
+  using namespace pk::tile;
+  constexpr int kLdA = kKTf32 + 4, kLdB = kN + 8;  // the conflict-free paddings conv.cuh uses
+  PK_SHARED(float, a_tile, kM * kLdA);
+  PK_SHARED(float, b_tile, kKTf32 * kLdB);
+  const int lane = threadIdx.x;
+  Accumulator acc;
+  fill(acc, 0.0f);
+  for (int k0 = 0; k0 < K; k0 += kKTf32) {
+    for (int e = lane; e < kM * kKTf32; e += 32) {
+      const int m = e / kKTf32, k = e % kKTf32;
+      a_tile[m * kLdA + k] = kRound ? to_tf32(a[m * K + k0 + k]) : a[m * K + k0 + k];
+    }
+    for (int e = lane; e < kKTf32 * kN; e += 32) {
+      const int k = e / kN, n = e % kN;
+      b_tile[k * kLdB + n] = kRound ? to_tf32(b[(k0 + k) * kN + n]) : b[(k0 + k) * kN + n];
+    }
+    __syncwarp();  // the slice is staged
+    FragmentTf32A fa;
+    FragmentTf32B fb;
+    load_a_tf32(fa, a_tile, kLdA);
+    load_b_tf32(fb, b_tile, kLdB);
+    mma(acc, fa, fb);
+    __syncwarp();  // every lane has loaded before the next slice overwrites the tiles
+  }
+  store(c, acc, kN);
+}
+
 // Transpose through a padded 2-D shared tile, with a 2-D thread block (16 x 16) on a 2-D grid.
 constexpr int kTile = 16;
 __global__ void transpose_kernel(const float* in, float* out, int rows, int cols) {

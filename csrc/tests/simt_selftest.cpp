@@ -281,6 +281,56 @@ void case_tile_mma() {
   std::printf("bfloat16_col_b=%.3e\n", tile_error<pk::bfloat16, ColMajor>());
 }
 
+// TF32 operands as the hardware sees them: the upper 19 bits (truncated), or rounded to nearest
+// with ties away from zero first (cvt.rna.tf32.f32, what to_tf32 does).
+float tf32_truncated(float v) {
+  std::uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u &= 0xffffe000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+float tf32_rounded(float v) {
+  std::uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+// Worst error of the TF32 tile against `operand`'s view of the inputs, relative to sum |a b|;
+// kRound: the kernel rounds its operands.
+template <bool kRound>
+double tile_tf32_error(float (*operand)(float)) {
+  const int M = 16, N = 8, K = 64;
+  // random floats with all 23 mantissa bits set at random: truncating and rounding differ
+  Array<float> a(random_floats(M * K)), b(random_floats(K * N)), c(M * N, NAN);
+  pk::launch(selftest::tile_tf32_kernel<kRound>, dim3(1), dim3(32), 0, nullptr, static_cast<const float*>(a.data),
+             static_cast<const float*>(b.data), c.data, K);
+  finish();
+  double worst = 0.0;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      double ref = 0.0, scale = 0.0;
+      for (int k = 0; k < K; ++k) {
+        const double p = double(operand(a[i * K + k])) * double(operand(b[k * N + j]));
+        ref += p;
+        scale += std::fabs(p);
+      }
+      const double err = std::fabs(c[i * N + j] - ref) / scale;
+      worst = std::isnan(err) ? INFINITY : std::max(worst, err);
+    }
+  return worst;
+}
+
+void case_tile_tf32() {
+  std::printf("truncated=%.3e\n", tile_tf32_error<false>(tf32_truncated));
+  std::printf("rounded=%.3e\n", tile_tf32_error<true>(tf32_rounded));
+  // the other rounding's reference must be off, or the check above could not tell them apart
+  std::printf("truncated_as_rounded=%.3e\n", tile_tf32_error<false>(tf32_rounded));
+  std::printf("rounded_as_truncated=%.3e\n", tile_tf32_error<true>(tf32_truncated));
+}
+
 void case_transpose() {
   const int rows = 37, cols = 21;  // partial tiles on both edges
   Array<float> in(random_floats(rows * cols)), out(rows * cols, NAN);
@@ -497,6 +547,7 @@ int main(int argc, char** argv) {
       {"histogram", case_histogram},
       {"tile_mma", case_tile_mma},
       {"tile_misaligned", case_tile_misaligned},
+      {"tile_tf32", case_tile_tf32},
       {"transpose", case_transpose},
       {"oob_shared", case_oob_shared},
       {"oob_global", case_oob_global},

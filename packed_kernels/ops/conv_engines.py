@@ -32,6 +32,12 @@ from .conv_reference import (output_hw, reference_channel_stats, reference_conv2
 _CSRC_EXTENSIONS = {"cuda": "_C", "simt": "_simt"}
 
 
+def _allow_tf32(dtype: torch.dtype) -> bool:
+    """fp32 may multiply on TF32 tensor cores where torch lets cuDNN (the kernels also need
+    sm_80+): the rule the Triton conv follows too."""
+    return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+
 def _dense_nhwc(t: Optional[Tensor]) -> Optional[Tensor]:
     """The csrc kernels read dense channels_last tensors only."""
     return None if t is None else t.contiguous(memory_format=torch.channels_last)
@@ -54,7 +60,7 @@ def csrc_conv_forward(backend, input, weight, bias, stride, padding, dilation, g
     ext.conv_forward(x, kernel_weight(weight, backend), fp32_vector(bias), fp32_vector(in_scale),
                      fp32_vector(in_shift), ACTIVATION_CODES[in_activation], fp32_vector(out_scale),
                      fp32_vector(out_shift), _dense_nhwc(residual), ACTIVATION_CODES[activation], list(stride),
-                     [padding[0], padding[2]], list(dilation), groups, y, stats)
+                     [padding[0], padding[2]], list(dilation), groups, y, stats, _allow_tf32(x.dtype))
     out = y.contiguous(memory_format=format_of(input))
     if stats is None:
         return out, None, None
@@ -68,7 +74,7 @@ def csrc_conv_input_grad(backend, grad, weight, input_shape, stride, padding, di
     ext = _backend.extension(_CSRC_EXTENSIONS[backend])
     grad_input = _alloc.empty(tuple(input_shape), grad, memory_format=torch.channels_last)
     ext.conv_input_grad(_dense_nhwc(grad), kernel_weight(weight, backend), list(stride),
-                        [padding[0], padding[2]], list(dilation), groups, grad_input)
+                        [padding[0], padding[2]], list(dilation), groups, grad_input, _allow_tf32(grad.dtype))
     return grad_input.contiguous(memory_format=memory_format)
 
 
@@ -86,7 +92,7 @@ def csrc_conv_weight_grad(backend, grad, input, weight_shape, stride, padding, d
     partials = _alloc.empty((splits, c_out, kh, kw, cin_g), input, dtype=torch.float32)
     ext.conv_weight_grad(_dense_nhwc(grad), _dense_nhwc(input), fp32_vector(in_scale), fp32_vector(in_shift),
                          ACTIVATION_CODES[in_activation], list(stride), [padding[0], padding[2]],
-                         list(dilation), groups, partials)
+                         list(dilation), groups, partials, _allow_tf32(input.dtype))
     return partials.sum(0).permute(0, 3, 1, 2).to(input.dtype).contiguous()
 
 

@@ -24,6 +24,21 @@
 //   A  x[i]: elements (g + 8 (i & 1), 2t + 8 (i >> 1) + {0, 1}), the lower column in the low half
 //   B  x[i]: elements (2t + 8 i + {0, 1}, g)
 //   C  x[i]: element (g + 8 (i >> 1), 2t + (i & 1))
+//
+// float through TF32 (sm_80+): mma.sync m16n8k8 .tf32 with float accumulators (the same C
+// fragment). ldmatrix moves only 16-bit elements, so each lane loads its own 32-bit elements from
+// shared memory (plain LDS, as CUTLASS does for 32-bit operands without the ldmatrix pair trick):
+// a row-major A (M x K, K contiguous) and a K-major B (K x N, N contiguous) with leading
+// dimensions that are 4 (A) and 8 (B) mod 32 read without bank conflicts.
+//   pk::tile::FragmentTf32A a;  pk::tile::FragmentTf32B b;           // 16 x 8, 8 x 8
+//   pk::tile::load_a_tf32(a, a_tile, lda);            // A(m, k) = a_tile[m * lda + k]
+//   pk::tile::load_b_tf32(b, b_tile, ldb);            // B(k, n) = b_tile[k * ldb + n]
+//   pk::tile::mma(c, a, b);                           // c += a * b
+// The tensor core reads a .tf32 operand's upper 19 bits (sign, exponent, 10 mantissa bits) and
+// ignores the rest; to_tf32 (cvt.rna.tf32.f32: to nearest, ties away from zero) is how a kernel
+// rounds instead of truncating. Lane l holds:
+//   A  x[i]: element (g + 8 (i & 1), t + 4 (i >> 1))
+//   B  x[i]: element (t + 4 i, g)
 #pragma once
 
 #include <cstring>
@@ -40,6 +55,7 @@ namespace pk {
 namespace tile {
 
 constexpr int kM = 16, kN = 8, kK = 16;
+constexpr int kKTf32 = 8;  // the depth of one TF32 mma
 
 template <typename T>
 struct FragmentA {
@@ -49,6 +65,12 @@ struct FragmentA {
 template <typename T>
 struct FragmentB {
   unsigned x[2];  // 4 elements
+};
+struct FragmentTf32A {
+  unsigned x[4];  // 4 float elements, bit patterns
+};
+struct FragmentTf32B {
+  unsigned x[2];
 };
 struct Accumulator {
   static constexpr int num_elements = 4;
@@ -156,7 +178,54 @@ inline void mma_m16n8k16(Accumulator& acc, const FragmentA<T>& a, const Fragment
   __syncwarp();  // every lane has read before any publishes its next fragments
 }
 
+// The operand value the tensor core multiplies: the upper 19 bits of the register.
+inline float tf32_operand(unsigned bits) { return ::pk::detail::bits_float(bits & 0xffffe000u); }
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32. A(row, k) is in lane (row % 8) * 4 + k % 4,
+// register row / 8 + 2 (k / 4); B(k, col) in lane col * 4 + k % 4, register k / 4. Products of
+// two 11-bit significands are exact in float.
+inline void mma_m16n8k8_tf32(Accumulator& acc, const FragmentTf32A& a, const FragmentTf32B& b) {
+  WarpScratch& s = warp_scratch();
+  const int lane = ::pk::simt::lane_id();
+  std::memcpy(s.a[lane], a.x, sizeof a.x);
+  std::memcpy(s.b[lane], b.x, sizeof b.x);
+  __syncwarp();  // every lane's fragments are published
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    float sum = acc.x[i];
+    for (int k = 0; k < kKTf32; ++k) {
+      const float av = tf32_operand(s.a[(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)]);
+      const float bv = tf32_operand(s.b[col * 4 + k % 4][k / 4]);
+      sum += av * bv;
+    }
+    acc.x[i] = sum;
+  }
+  __syncwarp();  // every lane has read before any publishes its next fragments
+}
+
+// A 32-bit element of a shared tile (an LDS): the emulator checks it is in shared memory.
+inline unsigned load_shared_b32(const float* p, const char* what) {
+  if (!::pk::simt::in_shared_memory(p, 4)) {
+    char message[160];
+    std::snprintf(message, sizeof message, "%s: address not in shared memory", what);
+    ::pk::simt::report_fault(message);
+    return 0;
+  }
+  return ::pk::detail::float_bits(*p);
+}
+
 #else
+
+PK_DEVICE unsigned load_shared_b32(const float* p, const char*) { return __float_as_uint(*p); }
+
+PK_DEVICE void mma_m16n8k8_tf32(Accumulator& acc, const FragmentTf32A& a, const FragmentTf32B& b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(acc.x[0]), "+f"(acc.x[1]), "+f"(acc.x[2]), "+f"(acc.x[3])
+      : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+}
 
 PK_DEVICE int lane_id() {
   unsigned lane;
@@ -231,6 +300,39 @@ PK_DEVICE void load_b(FragmentB<T>& columns_0_7, FragmentB<T>& columns_8_15, con
 template <typename T>
 PK_DEVICE void mma(Accumulator& acc, const FragmentA<T>& a, const FragmentB<T>& b) {
   detail::mma_m16n8k16(acc, a, b);
+}
+
+// x rounded to TF32 (10 mantissa bits; to nearest, ties away from zero; NaN and infinities
+// kept): cvt.rna.tf32.f32, whose result has its low 13 bits zero.
+PK_DEVICE float to_tf32(float x) {
+#ifdef PK_SIMT_ENABLED
+  const std::uint32_t bits = ::pk::detail::float_bits(x);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return ::pk::detail::bits_float(0x7fffffffu);  // canonical NaN
+  return ::pk::detail::bits_float((bits + 0x1000u) & 0xffffe000u);  // a carry may reach infinity, as rna
+#else
+  unsigned bits;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(x));
+  return __uint_as_float(bits);
+#endif
+}
+
+// A's 16 x 8 tile at p, row-major (element (m, k) at p[m * ld + k]), in shared memory.
+PK_DEVICE void load_a_tf32(FragmentTf32A& a, const float* p, int ld) {
+  const int lane = detail::lane(), g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    a.x[i] = detail::load_shared_b32(p + (g + 8 * (i & 1)) * ld + t + 4 * (i >> 1), "pk::tile::load_a_tf32");
+}
+
+// B's 8 x 8 tile at p, K-major (element (k, n) at p[k * ld + n]), in shared memory.
+PK_DEVICE void load_b_tf32(FragmentTf32B& b, const float* p, int ld) {
+  const int lane = detail::lane(), g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) b.x[i] = detail::load_shared_b32(p + (t + 4 * i) * ld + g, "pk::tile::load_b_tf32");
+}
+
+PK_DEVICE void mma(Accumulator& acc, const FragmentTf32A& a, const FragmentTf32B& b) {
+  detail::mma_m16n8k8_tf32(acc, a, b);
 }
 
 // C(m, n) -> p[m * ld + n] as float pairs (p 8-byte aligned, ld even). Other lanes' elements are
