@@ -172,6 +172,17 @@ def test_auto_decides_each_pass_when_the_op_runs(auto_on_the_cpu):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_fp32_decisions_are_kept_apart_by_the_tf32_switch(auto_on_the_cpu):
+    """Every engine follows cuDNN's TF32 switch in fp32, so a decision measured with it on is
+    not reused with it off (and back on, the first one is)."""
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(6, 2, 3, 3)
+    for allow in (True, False, True):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow):
+            conv_ops._grouped_conv2d_op(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 2, "auto")
+    precisions = sorted(row["key"].split("|")[2] for row in auto_on_the_cpu.report())
+    assert precisions == ["float32/ieee", "float32/tf32"]
+
+
 def test_auto_under_torch_compile_decides_at_run_time(auto_on_the_cpu):
     torch._dynamo.reset()
 

@@ -267,6 +267,14 @@ def _versions() -> str:
     return ",".join(parts + [f"packed_kernels={__version__}"])
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """The dtype, and for fp32 whether convs may round through TF32 (cuDNN's switch, which every
+    engine follows): a decision measured under one setting does not hold for the other."""
+    if dtype == torch.float32:
+        return "float32/tf32" if torch.backends.cudnn.allow_tf32 else "float32/ieee"
+    return str(dtype)[6:]
+
+
 def _measured_engine(conv_pass: str, trial, input: Tensor, weight: Tensor, stride, padding, dilation,
                      groups: int, options: tuple = ()) -> str:
     """The engine measured fastest (among those agreeing with cuDNN) for this pass on this kind of
@@ -274,7 +282,7 @@ def _measured_engine(conv_pass: str, trial, input: Tensor, weight: Tensor, strid
     count to the next power of two (batch and map size share a decision), fusion `options`."""
     out_h, out_w = output_hw(input.shape[2:], weight, stride, padding, dilation)
     pixels = 1 << max(input.shape[0] * out_h * out_w - 1, 0).bit_length()
-    key = (conv_pass, _backend.device_name(input.device), str(input.dtype)[6:],
+    key = (conv_pass, _backend.device_name(input.device), _precision(input.dtype),
            "channels_last" if format_of(input) == torch.channels_last else "nchw",
            tuple(weight.shape), groups, tuple(stride), tuple(padding), tuple(dilation),
            pixels, *options)
