@@ -559,8 +559,9 @@ def _launch_input_grad(config, grad, w_k, grad_input, stride, padding, dilation,
         phases_h * phases_w, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
         *_nhw_strides(grad), w_k.stride(2), w_k.stride(0), w_k.stride(1), *_nhw_strides(grad_input),
         INPUT_PRECISION=input_precision(grad.dtype), UPCAST=_upcast_dot(grad), VEC=vec,
-        VEC_OUT=vec_out, EVEN_K=cout_g % config.block_k == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
+        VEC_OUT=vec_out, EVEN_K=cout_g % config.block_k == 0, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        num_stages=config.num_stages)
 
 
 def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[int],
@@ -704,7 +705,7 @@ def compile_cases():
             flags = [f for f in _FUSION_FLAGS if f in params]
             for aligned in (True, False):
                 vec = 16 // dtype.itemsize if aligned else 1
-                # the gradients' output-channel vectors: with the input's, or alone
+                # the output channels' vectors: with the input channels', or alone
                 # (unaligned input channels, aligned output channels: the stem)
                 vec_outs = ((vec,) if aligned else (1, 16 // dtype.itemsize)) \
                     if "VEC_OUT" in params else (None,)
