@@ -92,6 +92,9 @@ def test_sdist_installs_and_runs_on_simt(sdist, tmp_path):
         import torch.nn.functional as F
         import packed_kernels as pk
         assert pk.__file__.startswith(sys.argv[1]), pk.__file__
+        # the emulated kernels follow cuDNN's TF32 switch (on by default), as on a GPU; torch's
+        # CPU conv is exact fp32
+        torch.backends.cudnn.allow_tf32 = False
         x, w, b = torch.randn(2, 8, 9, 9), torch.randn(12, 2, 3, 3), torch.randn(12)
         out = pk.grouped_conv2d(x, w, b, padding=1, groups=4, backend="simt")
         torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1, groups=4))
@@ -119,6 +122,7 @@ def test_sdist_builds_the_cuda_extension(sdist, tmp_path):
         from packed_kernels import _C  # noqa: F401  (imports without a GPU too)
         assert pk.__file__.startswith(sys.argv[1]), pk.__file__
         if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+            torch.backends.cudnn.allow_tf32 = False  # both convs exact fp32: TF32 rounds apart
             x, w = torch.randn(2, 8, 9, 9, device="cuda"), torch.randn(12, 2, 3, 3, device="cuda")
             out = pk.grouped_conv2d(x, w, padding=1, groups=4, backend="cuda")
             torch.testing.assert_close(out, F.conv2d(x, w, padding=1, groups=4))
