@@ -155,8 +155,10 @@ inline void ldmatrix_x4(unsigned (&out)[4], const void* row, const char* what) {
   __syncwarp();  // every lane has read before any overwrites its row address
 }
 
-template <typename T>
-inline void mma_m16n8k16(Accumulator& acc, const FragmentA<T>& a, const FragmentB<T>& b) {
+// D = A B + C for a warp's m16n8 accumulators: each lane publishes its fragments, then reads
+// A(row, k) and B(k, col) of every lane through a_at / b_at (the fragment distribution).
+template <int kDepth, typename FragA, typename FragB, typename AAt, typename BAt>
+inline void emulate_mma(Accumulator& acc, const FragA& a, const FragB& b, AAt a_at, BAt b_at) {
   WarpScratch& s = warp_scratch();
   const int lane = ::pk::simt::lane_id();
   std::memcpy(s.a[lane], a.x, sizeof a.x);
@@ -166,16 +168,24 @@ inline void mma_m16n8k16(Accumulator& acc, const FragmentA<T>& a, const Fragment
   for (int i = 0; i < 4; ++i) {
     const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
     float sum = acc.x[i];
-    for (int k = 0; k < kK; ++k) {
-      // A(row, k) is in lane (row % 8) * 4 + (k % 8) / 2, register (row / 8) + 2 (k / 8);
-      // B(k, col) in lane col * 4 + (k % 8) / 2, register k / 8; element k % 2 of the pair.
-      const float av = element<T>(s.a[(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
-      const float bv = element<T>(s.b[col * 4 + (k % 8) / 2][k / 8], k % 2);
-      sum += av * bv;
-    }
+    for (int k = 0; k < kDepth; ++k) sum += a_at(s, row, k) * b_at(s, k, col);
     acc.x[i] = sum;
   }
   __syncwarp();  // every lane has read before any publishes its next fragments
+}
+
+template <typename T>
+inline void mma_m16n8k16(Accumulator& acc, const FragmentA<T>& a, const FragmentB<T>& b) {
+  // A(row, k) is in lane (row % 8) * 4 + (k % 8) / 2, register (row / 8) + 2 (k / 8);
+  // B(k, col) in lane col * 4 + (k % 8) / 2, register k / 8; element k % 2 of the pair.
+  emulate_mma<kK>(
+      acc, a, b,
+      [](const WarpScratch& s, int row, int k) {
+        return element<T>(s.a[(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
+      },
+      [](const WarpScratch& s, int k, int col) {
+        return element<T>(s.b[col * 4 + (k % 8) / 2][k / 8], k % 2);
+      });
 }
 
 // The operand value the tensor core multiplies: the upper 19 bits of the register.
@@ -185,23 +195,12 @@ inline float tf32_operand(unsigned bits) { return ::pk::detail::bits_float(bits 
 // register row / 8 + 2 (k / 4); B(k, col) in lane col * 4 + k % 4, register k / 4. Products of
 // two 11-bit significands are exact in float.
 inline void mma_m16n8k8_tf32(Accumulator& acc, const FragmentTf32A& a, const FragmentTf32B& b) {
-  WarpScratch& s = warp_scratch();
-  const int lane = ::pk::simt::lane_id();
-  std::memcpy(s.a[lane], a.x, sizeof a.x);
-  std::memcpy(s.b[lane], b.x, sizeof b.x);
-  __syncwarp();  // every lane's fragments are published
-  const int g = lane / 4, t = lane % 4;
-  for (int i = 0; i < 4; ++i) {
-    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
-    float sum = acc.x[i];
-    for (int k = 0; k < kKTf32; ++k) {
-      const float av = tf32_operand(s.a[(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)]);
-      const float bv = tf32_operand(s.b[col * 4 + k % 4][k / 4]);
-      sum += av * bv;
-    }
-    acc.x[i] = sum;
-  }
-  __syncwarp();  // every lane has read before any publishes its next fragments
+  emulate_mma<kKTf32>(
+      acc, a, b,
+      [](const WarpScratch& s, int row, int k) {
+        return tf32_operand(s.a[(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)]);
+      },
+      [](const WarpScratch& s, int k, int col) { return tf32_operand(s.b[col * 4 + k % 4][k / 4]); });
 }
 
 // A 32-bit element of a shared tile (an LDS): the emulator checks it is in shared memory.
