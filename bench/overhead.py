@@ -5,7 +5,9 @@ for, on shapes it has seen before (the steady state of a training loop).
 Each case times ours and its torch baseline on the same tiny tensors, interleaved, as the best
 of several rounds of many calls (the minimum is the overhead without the machine's noise); the
 extra microseconds are the layer's cost: argument checks, backend choice, dispatch, autograd
-plumbing. On a GPU the calls queue asynchronously, so the figure is host time per call.
+plumbing. On a GPU the calls queue asynchronously, so the figure is host time per call. torch
+runs one intra-op thread while timing: the layer is single-threaded Python, a GPU host loop has
+no CPU conv threads, and on the CPU the conv's worker wake-ups add noise to both sides.
   grouped_conv2d               vs F.conv2d (target: <= 10 us extra)
   fused_conv2d, channel stats  vs F.conv2d + torch.var_mean (target: <= 20 us extra)
   grouped_conv2d, with grad    vs F.conv2d, both forward + backward (no target: reported)
@@ -33,6 +35,7 @@ class OverheadConfig:
     channels: int = 8
     groups: int = 4
     size: int = 4
+    intra_op_threads: int = 1
 
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -72,6 +75,15 @@ def _cases(cfg: OverheadConfig, device: torch.device):
 
 
 def run(cfg: OverheadConfig, device: torch.device, names: Optional[List[str]] = None) -> List[Dict[str, object]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.intra_op_threads)
+    try:
+        return _run(cfg, device, names)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: OverheadConfig, device: torch.device, names: Optional[List[str]]) -> List[Dict[str, object]]:
     rows = []
     for name, ours, baseline in _cases(cfg, device):
         if names and name not in names:

@@ -15,10 +15,13 @@ any_requires_grad = getattr(torch._C, "_any_requires_grad", None) or (
     lambda *args: any(isinstance(a, Tensor) and a.requires_grad for a in args))
 
 
+_is_compiling = torch.compiler.is_compiling  # bound once: traced() is on every eager call
+
+
 def traced() -> bool:
     """Inside torch.compile / torch.export, or under a dispatch-mode tracer (make_fx, fake
     tensors, functionalization): calls must go through the registered op."""
-    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+    return _is_compiling() or is_in_torch_dispatch_mode()
 
 
 class LibraryOp:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
@@ -17,8 +18,7 @@ from .conv_engines import (AUTO, IMPLEMENTED, NO_EPILOGUE, NO_PROLOGUE, auto_for
                            auto_fused_forward_engine, auto_grad_engines, conv_forward, conv_grads,
                            epilogue_hooks, has_epilogue, prologue_hooks, torch_forward,
                            use_triton_glue)
-from .conv_reference import (epilogue_glue, output_hw, prologue_glue, reference_conv2d,
-                             reference_conv2d_backward)
+from .conv_reference import epilogue_glue, output_hw, prologue_glue, reference_conv2d_backward
 
 # ---------------------------------------------------------------------------------------------
 # grouped_conv2d: custom op + fake + autograd
@@ -305,12 +305,13 @@ def grouped_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         TypeError, ValueError naming the argument (shapes, dtypes, devices, geometry),
         BackendUnavailableError; all before any launch."""
     op = "grouped_conv2d"
-    stride, padding4, dilation = validated_grouped_call(input, weight, bias, stride, padding,
-                                                         dilation, groups)
-    if backend is None and not input.is_cuda and not traced():  # the CPU's default, "torch":
-        # torch's conv and its own autograd, nothing to add (choose_backend's answer, inlined)
-        return with_format_of(reference_conv2d(input, weight, bias, stride, padding4, dilation,
-                                               groups), input)
+    stride, padding4, dilation, torch_padding = validated_grouped_call(
+        input, weight, bias, stride, padding, dilation, groups)
+    if backend is None and torch_padding is not None and not traced():  # the CPU's default,
+        # "torch": torch's conv and its own autograd, nothing to add (choose_backend's answer
+        # and reference_conv2d, inlined)
+        return with_format_of(F.conv2d(input, weight, bias, stride, torch_padding, dilation,
+                                       groups), input)
     chosen = choose_backend(op, backend, input, weight, stride, groups)
     if chosen == "torch" and not traced():
         return torch_forward(input, weight, bias, stride, padding4, dilation, groups,

@@ -5,7 +5,6 @@ named in a Python error before any launch. Results are cached per call signature
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -140,6 +139,44 @@ def _fused_signature(input, weight, bias, stride, padding, dilation, groups, in_
             channel_stats if channel_stats.__class__ is bool else signature_of(channel_stats))
 
 
-validated_grouped_call = ValidatedCalls(partial(conv_geometry, "grouped_conv2d"),
-                                        signature=_grouped_signature)
-validated_fused_call = ValidatedCalls(_check_fused_call, signature=_fused_signature)
+def _grouped_call(input, weight, bias, stride, padding, dilation, groups):
+    """conv_geometry's (stride, padding4, dilation), and F.conv2d's (pH, pW) padding where the
+    default engine is torch's own conv (a tensor off CUDA, padding the same on both sides), None
+    elsewhere: the cached answer that lets the default CPU call go straight to F.conv2d."""
+    stride, padding4, dilation = conv_geometry("grouped_conv2d", input, weight, bias, stride,
+                                               padding, dilation, groups)
+    top, bottom, left, right = padding4
+    symmetric = top == bottom and left == right
+    torch_padding = (top, left) if symmetric and not input.is_cuda else None
+    return stride, padding4, dilation, torch_padding
+
+
+_grouped_calls = ValidatedCalls(_grouped_call, signature=_grouped_signature)
+_fused_calls = ValidatedCalls(_check_fused_call, signature=_fused_signature)
+
+# The ops' entry points look a seen call up themselves, its arguments passed by name:
+# ValidatedCalls' generic *args forwarding costs the hot path about 1.5 us per call
+# (python -m bench overhead).
+
+
+def validated_grouped_call(input, weight, bias, stride, padding, dilation, groups):
+    """_grouped_call's answer, checked once per call signature."""
+    try:
+        return _grouped_calls.entries[_grouped_signature(input, weight, bias, stride, padding,
+                                                         dilation, groups)]
+    except (KeyError, TypeError, AttributeError):  # new, unhashable or not tensors
+        return _grouped_calls(input, weight, bias, stride, padding, dilation, groups)
+
+
+def validated_fused_call(input, weight, bias, stride, padding, dilation, groups, in_scale,
+                         in_shift, in_activation, out_scale, out_shift, residual, activation,
+                         channel_stats):
+    """_check_fused_call's answer, checked once per call signature."""
+    try:
+        return _fused_calls.entries[_fused_signature(
+            input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift,
+            in_activation, out_scale, out_shift, residual, activation, channel_stats)]
+    except (KeyError, TypeError, AttributeError):
+        return _fused_calls(input, weight, bias, stride, padding, dilation, groups, in_scale,
+                            in_shift, in_activation, out_scale, out_shift, residual, activation,
+                            channel_stats)
