@@ -170,7 +170,7 @@ def cmd_overhead(args) -> int:
     cfg = overhead.OverheadConfig()
     _override(cfg, args, ("calls", "rounds"))
     rows = overhead.run(cfg, device, args.cases.split(",") if args.cases else None)
-    print(overhead.format_rows(rows, device_label(device)))
+    print(overhead.format_rows(rows, device_label(device), cfg))
     _save(args, records.make_record("overhead", device, cfg.as_dict(), rows))
     return 0
 

@@ -103,8 +103,10 @@ def _run(cfg: OverheadConfig, device: torch.device, names: Optional[List[str]]) 
     return rows
 
 
-def format_rows(rows: List[Dict[str, object]], label: str) -> str:
-    lines = [f"host overhead per call on {label} (best of rounds, measured)",
+def format_rows(rows: List[Dict[str, object]], label: str, cfg: OverheadConfig) -> str:
+    threads = cfg.intra_op_threads
+    threads = "one intra-op thread" if threads == 1 else f"{threads} intra-op threads"
+    lines = [f"host overhead per call on {label}, torch on {threads} (best of rounds, measured)",
              f"{'case':24} {'ours us':>9} {'torch us':>9} {'extra us':>9}  target"]
     for r in rows:
         target = "" if r["target_us"] is None else (
