@@ -235,6 +235,25 @@ void case_histogram() {
   std::printf("mismatches=%d\n", mismatches);
 }
 
+// Worst |c - sum_k product(i, j, k)| / sum_k |product(i, j, k)| over the M x N row-major c
+// (infinite where c is NaN): a tile's error against its exact product, relative to its terms.
+template <typename Product>
+double worst_product_error(const float* c, int M, int N, int K, Product product) {
+  double worst = 0.0;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      double ref = 0.0, scale = 0.0;
+      for (int k = 0; k < K; ++k) {
+        const double p = product(i, j, k);
+        ref += p;
+        scale += std::fabs(p);
+      }
+      const double err = std::fabs(c[i * N + j] - ref) / scale;
+      worst = std::isnan(err) ? INFINITY : std::max(worst, err);
+    }
+  return worst;
+}
+
 template <typename T, typename LayoutB>
 double tile_error() {
   const int M = 32, N = 48, K = 64;
@@ -258,18 +277,9 @@ double tile_error() {
   pk::launch(selftest::tile_matmul_kernel<T, LayoutB>, dim3(M / 16, N / 16), dim3(32), 0, nullptr,
              static_cast<const T*>(a), static_cast<const T*>(b), c, M, N, K, 0);
   finish();
-  double worst = 0.0;
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
-      double ref = 0.0, scale = 0.0;
-      for (int k = 0; k < K; ++k) {
-        ref += 0.5 * a64[i * K + k] * b64[k * N + j];  // the kernel halves its accumulator
-        scale += 0.5 * std::fabs(a64[i * K + k] * b64[k * N + j]);
-      }
-      const double err = std::fabs(c[i * N + j] - ref) / scale;
-      worst = std::isnan(err) ? INFINITY : std::max(worst, err);
-    }
-  return worst;
+  // the kernel halves its accumulator
+  return worst_product_error(c, M, N, K,
+                             [&](int i, int j, int k) { return 0.5 * a64[i * K + k] * b64[k * N + j]; });
 }
 
 void case_tile_mma() {
@@ -308,19 +318,9 @@ double tile_tf32_error(float (*operand)(float)) {
   pk::launch(selftest::tile_tf32_kernel<kRound>, dim3(1), dim3(32), 0, nullptr, static_cast<const float*>(a.data),
              static_cast<const float*>(b.data), c.data, K);
   finish();
-  double worst = 0.0;
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
-      double ref = 0.0, scale = 0.0;
-      for (int k = 0; k < K; ++k) {
-        const double p = double(operand(a[i * K + k])) * double(operand(b[k * N + j]));
-        ref += p;
-        scale += std::fabs(p);
-      }
-      const double err = std::fabs(c[i * N + j] - ref) / scale;
-      worst = std::isnan(err) ? INFINITY : std::max(worst, err);
-    }
-  return worst;
+  return worst_product_error(c.data, M, N, K, [&](int i, int j, int k) {
+    return double(operand(a[i * K + k])) * double(operand(b[k * N + j]));
+  });
 }
 
 void case_tile_tf32() {
