@@ -101,15 +101,18 @@ def test_simt_strided_input():
         assert_close(g, r, g, torch.float32, "strided grads")
 
 
+@pytest.mark.parametrize("memory_format", (torch.contiguous_format, torch.channels_last))
 @pytest.mark.parametrize("splits", (1, 3, 40))
-def test_simt_weight_grad_any_split_count(splits):
-    """Every fp32 slab is written, including empty ones (40 slabs of a 25-pixel range)."""
+def test_simt_weight_grad_any_split_count(splits, memory_format):
+    """Every fp32 slab is written, including empty ones (40 slabs of a 25-pixel range); the
+    result comes in the asked memory format (the weight's)."""
     device = require_backend("simt")
     x, w, _, args = make_case(CASES["pe_3x3_3ch_per_group"], torch.float32, device, "nchw")
     x = x[:1, :, :5, :5].contiguous()
     grad = torch.randn(1, w.shape[0], 5, 5)
     ours = conv_engines.csrc_conv_weight_grad("simt", grad, x, w.shape, (1, 1), (1, 1, 1, 1), (1, 1),
-                                          args["groups"], splits=splits)
+                                          args["groups"], splits=splits, memory_format=memory_format)
+    assert ours.is_contiguous(memory_format=memory_format)
     _, ref, _ = torch.ops.aten.convolution_backward(
         grad.double(), x.double(), w.double(), None, [1, 1], [1, 1], [1, 1], False, [0, 0],
         args["groups"], [False, True, False])

@@ -74,3 +74,31 @@ def test_nchw_input_is_copied_to_channels_last_once_per_training_step(backend, f
     torch.testing.assert_close(y, reference.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(x.grad, ref_x, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(w.grad, ref_w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["simt", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("weight_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw_weight", "channels_last_weight"])
+@pytest.mark.parametrize("shape", [(2, 8, 6, 6), (1, 8, 4, 4)], ids=["slabs", "one_slab"])
+def test_autograd_keeps_the_weight_gradient_without_a_copy(backend, dtype, weight_format, shape):
+    """The weight gradient comes in the weight's own memory format (a channels_last model's
+    weights are channels_last), so autograd makes it the parameter's .grad as it is: the tensor
+    the hook sees is the one stored. Summed from several fp32 slabs or written as one."""
+    if _backend.unavailable_reason(backend, torch.device("cpu"), dtype) is not None:
+        pytest.skip(f"{backend} is not available here")
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(12, 2, 3, 3, dtype=dtype).to(memory_format=weight_format).requires_grad_()
+    incoming = []  # no reference to the gradient is kept: autograd may steal it
+    w.register_hook(lambda g: incoming.append((g.data_ptr(), g.stride())))
+    y = pk.grouped_conv2d(x, w, None, 1, 1, 1, 4, backend=backend)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert w.grad.stride() == w.stride()
+    assert incoming == [(w.grad.data_ptr(), w.stride())]  # stored as it came: no copy
+    x64, w64 = x.detach().double(), w.detach().double().requires_grad_()
+    reference, = torch.autograd.grad(torch.nn.functional.conv2d(x64, w64, None, 1, 1, 1, 4), w64,
+                                     grad.double())
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3  # fp16 operands: 2**-11 rounding each
+    torch.testing.assert_close(w.grad.double(), reference, rtol=tolerance, atol=tolerance)

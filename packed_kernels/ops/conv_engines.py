@@ -79,9 +79,12 @@ def csrc_conv_input_grad(backend, grad, weight, input_shape, stride, padding, di
 
 
 def csrc_conv_weight_grad(backend, grad, input, weight_shape, stride, padding, dilation, groups,
-                          prologue=(None, None, None), splits: Optional[int] = None):
-    """d loss / d weight on the csrc kernels, reading the input through the prologue; the pixel
-    range is split into `splits` fp32 slabs (the kernels' heuristic when None), summed here."""
+                          prologue=(None, None, None), splits: Optional[int] = None,
+                          memory_format=torch.contiguous_format):
+    """d loss / d weight on the csrc kernels, reading the input through the prologue, in
+    `memory_format` (the weight's: autograd then keeps it as the parameter's gradient without
+    a copy); the pixel range is split into `splits` fp32 slabs (the kernels' heuristic when
+    None), summed here."""
     ext = _backend.extension(_CSRC_EXTENSIONS[backend])
     in_scale, in_shift, in_activation = prologue
     c_out, cin_g, kh, kw = weight_shape
@@ -93,7 +96,9 @@ def csrc_conv_weight_grad(backend, grad, input, weight_shape, stride, padding, d
     ext.conv_weight_grad(_dense_nhwc(grad), _dense_nhwc(input), fp32_vector(in_scale), fp32_vector(in_shift),
                          ACTIVATION_CODES[in_activation], list(stride), [padding[0], padding[2]],
                          list(dilation), groups, partials, _allow_tf32(input.dtype))
-    return partials.sum(0).permute(0, 3, 1, 2).to(input.dtype).contiguous()
+    total = partials[0] if splits == 1 else partials.sum(0)  # (C_out, KH, KW, C_in/groups)
+    # the cast and the layout in one pass; none for an fp32 channels_last weight
+    return total.permute(0, 3, 1, 2).to(input.dtype, memory_format=memory_format)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +176,7 @@ def _triton_engine() -> ConvEngine:
 
     def weight_grad(grad, input, weight, stride, padding, dilation, groups, prologue):
         return tc.conv_weight_grad(grad, input, weight.shape, stride, padding, dilation, groups,
-                                   tc.Prologue(*prologue))
+                                   tc.Prologue(*prologue), format_of(weight))
     return ConvEngine(forward, input_grad, weight_grad)
 
 
@@ -186,7 +191,7 @@ def _csrc_engine(name: str) -> Callable[[], ConvEngine]:
 
         def weight_grad(grad, input, weight, stride, padding, dilation, groups, prologue):
             return csrc_conv_weight_grad(name, grad, input, weight.shape, stride, padding, dilation,
-                                         groups, prologue)
+                                         groups, prologue, memory_format=format_of(weight))
         return ConvEngine(forward, input_grad, weight_grad)
     return load
 

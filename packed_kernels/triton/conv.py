@@ -566,8 +566,10 @@ def _launch_input_grad(config, grad, w_k, grad_input, stride, padding, dilation,
 
 def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[int],
                      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                     groups: int, prologue: Prologue = Prologue()) -> torch.Tensor:
-    """d loss / d weight, reading the input through the prologue (x_hat is never stored)."""
+                     groups: int, prologue: Prologue = Prologue(),
+                     memory_format=torch.contiguous_format) -> torch.Tensor:
+    """d loss / d weight, reading the input through the prologue (x_hat is never stored), in
+    `memory_format` (the weight's: autograd keeps it as the parameter's gradient as it is)."""
     grad = _channel_stride_one(grad)
     x = _channel_stride_one(x)
     c_out, cin_g, kh, kw = weight_shape
@@ -577,7 +579,8 @@ def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: Sequence
     # the input's vectors are used only with the gradient's (the compile-checked pairs)
     vec_out = vector_width(x.dtype, (cout_g,), [(grad, 1)])
     vec = vector_width(x.dtype, (cin_g,), [(x, 1)]) if vec_out > 1 else 1
-    args = (grad, x, weight_shape, stride, padding, dilation, groups, prologue, vec, vec_out)
+    args = (grad, x, weight_shape, stride, padding, dilation, groups, prologue, vec, vec_out,
+            memory_format)
     config = conv_tuning.pick("weight_grad", x, cout_g, cin_g, p, vec > 1,
                               lambda cfg: _launch_weight_grad(cfg, *args), vector_out=vec_out > 1)
     return _launch_weight_grad(config, *args)
@@ -638,7 +641,7 @@ SLAB_BYTES = 1 << 26  # fp32 slabs per launch beyond the activations' own size
 
 
 def _launch_weight_grad(config, grad, x, weight_shape, stride, padding, dilation, groups,
-                        prologue: Prologue, vec: int, vec_out: int):
+                        prologue: Prologue, vec: int, vec_out: int, memory_format):
     c_out, cin_g, kh, kw = weight_shape
     n, c_in, h, w = x.shape
     oh, ow = grad.shape[2:]
@@ -654,9 +657,9 @@ def _launch_weight_grad(config, grad, x, weight_shape, stride, padding, dilation
     for first_run in range(0, split.splits_s, runs):
         slabs = min(runs, split.splits_s - first_run) * split.splits_n
         if split.splits == 1:  # one program column per tap: the result itself
-            out = _alloc.empty((1, *weight_shape), x)
+            out = _weight_slabs(1, weight_shape, x, x.dtype, memory_format)
         else:  # fp32 partial sums, one slab per program column, summed below
-            out = _alloc.empty((slabs, *weight_shape), x, dtype=torch.float32)
+            out = _weight_slabs(slabs, weight_shape, x, torch.float32, memory_format)
         grid = (triton.cdiv(c_out // groups, config.block_m) * triton.cdiv(cin_g, config.block_n),
                 kh * kw * slabs, groups)
         _conv_weight_grad_kernel[grid](
@@ -672,7 +675,16 @@ def _launch_weight_grad(config, grad, x, weight_shape, stride, padding, dilation
         if split.splits == 1:
             return out[0]
         total = out.sum(0) if total is None else total + out.sum(0)
-    return total.to(x.dtype)
+    return total.to(x.dtype, memory_format=memory_format)
+
+
+def _weight_slabs(slabs: int, weight_shape, x: torch.Tensor, dtype, memory_format) -> torch.Tensor:
+    """(slabs, C_out, C_in/groups, KH, KW) with each slab in `memory_format` (the kernel stores
+    through any strides)."""
+    if memory_format == torch.channels_last:
+        c_out, cin_g, kh, kw = weight_shape
+        return _alloc.empty((slabs, c_out, kh, kw, cin_g), x, dtype=dtype).permute(0, 1, 4, 2, 3)
+    return _alloc.empty((slabs, *weight_shape), x, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
