@@ -68,3 +68,27 @@ def test_nan_passes_batch_norm_relu_and_its_gradient(backend, training):
         # backward passes the upstream gradient there, so the input gradient stays finite
         assert torch.equal(torch.isnan(g.cpu()), torch.isnan(r)), f"grad {name}: NaN positions differ"
         torch.testing.assert_close(g.cpu(), r, rtol=1e-4, atol=1e-4, equal_nan=True, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_an_inf_makes_batch_norm_mean_inf_and_variance_nan(backend, memory_format, where):
+    """As torch's batch norm: a channel holding +inf among finite values has mean +inf and
+    variance NaN (its running mean inf, running variance NaN), wherever the inf sits in the
+    reduction (a running mean + (x - mean) / n would turn it NaN at the next finite value)."""
+    device = require_backend(backend)
+    x = torch.randn(16, 3, 16, 16)
+    position = {"first": (0, 0, 0), "middle": (7, 5, 9), "last": (15, 15, 15)}[where]
+    x[position[0], 1, position[1], position[2]] = float("inf")
+    x = x.contiguous(memory_format=memory_format)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    ref = F.batch_norm(x, rm, rv, training=True)
+    ours_rm, ours_rv = rm.new_zeros(3).to(device), rm.new_ones(3).to(device)
+    ours = pk.batch_norm(x.to(device), ours_rm, ours_rv, None, None, training=True, backend=backend)
+    assert rm[1] == float("inf") and torch.isnan(rv[1])  # torch's answer, which ours must give
+    assert torch.equal(ours_rm.cpu().isinf(), rm.isinf()) and torch.equal(ours_rv.cpu().isnan(), rv.isnan())
+    torch.testing.assert_close(ours_rm.cpu(), rm, rtol=1e-4, atol=1e-4, equal_nan=True)
+    torch.testing.assert_close(ours_rv.cpu(), rv, rtol=1e-4, atol=1e-4, equal_nan=True)
+    _same_nans_and_values(ours, ref, "batch norm of a channel holding inf")

@@ -222,7 +222,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int i = 0; i < VEC; ++i) {
             const float y = to_float(v[k].v[i]) - shift[i];
             const float d = y - mean[i];
-            mean[i] += d * inv;
+            // the count-weighted form: an inf keeps the mean inf (mean + d / n turns it NaN at
+            // the next finite value, where torch's mean is inf)
+            mean[i] = (mean[i] * (count - 1.0f) + y) * inv;
             m2[i] += d * (y - mean[i]);
           }
         }
@@ -282,9 +284,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         const float n = acc.count + VEC;
         const float d = chunk_mean - acc.mean;
-        const float weight = VEC / n;
-        acc.m2 += chunk_m2 + d * d * acc.count * weight;
-        acc.mean += d * weight;
+        acc.m2 += chunk_m2 + d * d * acc.count * (VEC / n);
+        acc.mean = (acc.count * acc.mean + VEC * chunk_mean) / n;  // as MergeWelford: inf stays inf
         acc.count = n;
       }
     }

@@ -95,8 +95,10 @@ def _stats_kernel(x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr,
         # Chan et al.: merge (count, mean, m2) with the tile's (n_b, mean_b, m2_b)
         total = count + n_b
         delta = mean_b - mean
-        mean = mean + delta * (n_b / total)
         m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+        # count-weighted: an inf tile mean stays inf (mean + delta * n_b / total turns it NaN
+        # at the next finite tile, where torch's mean is inf)
+        mean = (count * mean + n_b * mean_b) / total
         count = total
     base = split * C + offs_c
     tl.store(part_count_ptr + base, tl.zeros([BLOCK_C], tl.float32) + count, mask=valid)
