@@ -100,5 +100,5 @@ def test_autograd_keeps_the_weight_gradient_without_a_copy(backend, dtype, weigh
     x64, w64 = x.detach().double(), w.detach().double().requires_grad_()
     reference, = torch.autograd.grad(torch.nn.functional.conv2d(x64, w64, None, 1, 1, 1, 4), w64,
                                      grad.double())
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-3  # fp16 operands: 2**-11 rounding each
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: the gradient rounded to 2**-11
     torch.testing.assert_close(w.grad.double(), reference, rtol=tolerance, atol=tolerance)
