@@ -197,14 +197,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kChunks = kUnroll<T, VEC, kChannelsLast>;
   const index_t split = blockIdx.y;
   if constexpr (kChannelsLast) {
-    // Per thread: Welford over its rows for each of its VEC channels (one shared count).
-    float shift[VEC], count = 0.0f, mean[VEC], m2[VEC];
+    // Per thread, over its rows, for each of its VEC channels (one shared count): the sum and
+    // M2 += d^2 (n - 1) / n, d = y - the previous mean (Welford's M2). As few instructions per
+    // value as Welford's mean + d / n, and a sum keeps an inf's mean inf (mean + d / n turns it
+    // NaN at the next finite value; torch's mean is inf).
+    float shift[VEC], count = 0.0f, sum[VEC], m2[VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) mean[i] = m2[i] = shift[i] = 0.0f;
+    for (int i = 0; i < VEC; ++i) sum[i] = m2[i] = shift[i] = 0.0f;
     if (w.active) {
       load<VEC>(x + w.base, shift);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) shift[i] = finite_shift(shift[i]);
+      float inv_before = 0.0f;  // 1 / (count - 1): the previous mean is sum * inv_before
       for (index_t u = w.first; u < w.end; u += kChunks * W::step) {
         Vec<T, VEC> v[kChunks];
         bool ok[kChunks];
@@ -217,19 +221,21 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int k = 0; k < kChunks; ++k) {
           if (!ok[k]) continue;
           count += 1.0f;
-          const float inv = 1.0f / count;
+          const float inv = 1.0f / count, weight = 1.0f - inv;
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
             const float y = to_float(v[k].v[i]) - shift[i];
-            const float d = y - mean[i];
-            // the count-weighted form: an inf keeps the mean inf (mean + d / n turns it NaN at
-            // the next finite value, where torch's mean is inf)
-            mean[i] = (mean[i] * (count - 1.0f) + y) * inv;
-            m2[i] += d * (y - mean[i]);
+            const float d = y - sum[i] * inv_before;
+            sum[i] += y;
+            m2[i] += d * d * weight;
           }
+          inv_before = inv;
         }
       }
     }
+    float mean[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) mean[i] = count > 0.0f ? sum[i] / count : 0.0f;
     // Merge the kRows threads of each channel in a fixed order.
     PK_SHARED(float, s_mean, kThreads * VEC);
     PK_SHARED(float, s_m2, kThreads * VEC);
@@ -327,8 +333,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (lane == 0 && c < channels) {
     for (int l = 1; l < kFinalizeLanes; ++l) acc = MergeWelford()(acc, scratch[l * kFinalizeChannels + j]);
     mean[c] = finite_shift(to_float(x[c * stride_c])) + acc.mean;
-    var[c] = acc.m2 / (acc.count - 1.0f);
-    invstd[c] = rsqrtf(acc.m2 / acc.count + eps);
+    // an infinite mean's M2 may come out inf rather than NaN; the variance is NaN, as torch's
+    const bool infinite = fabsf(acc.mean) == INFINITY;
+    var[c] = infinite ? NAN : acc.m2 / (acc.count - 1.0f);
+    invstd[c] = infinite ? NAN : rsqrtf(acc.m2 / acc.count + eps);
   }
 }
 
