@@ -104,8 +104,8 @@ def _run(cfg: OverheadConfig, device: torch.device, names: Optional[List[str]]) 
 
 
 def format_rows(rows: List[Dict[str, object]], label: str, cfg: OverheadConfig) -> str:
-    threads = cfg.intra_op_threads
-    threads = "one intra-op thread" if threads == 1 else f"{threads} intra-op threads"
+    n = cfg.intra_op_threads
+    threads = "one intra-op thread" if n == 1 else f"{n} intra-op threads"
     lines = [f"host overhead per call on {label}, torch on {threads} (best of rounds, measured)",
              f"{'case':24} {'ours us':>9} {'torch us':>9} {'extra us':>9}  target"]
     for r in rows:

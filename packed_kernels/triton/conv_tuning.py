@@ -71,9 +71,9 @@ _VECTOR_OUT_WEIGHT_GRAD_TILES = ((128, 16),)
 # and output; the input gradient's K axis, grad and weight), which frees the registers for
 # larger tiles (element by element the forward spills beyond 64x64). The forward: one tile over
 # all 128 output channels (the input read once per tap, not twice); the input gradient: a tall
-# one, N covering the few input channels. On FMAs (fp32 without TF32) they run smaller and unpipelined: the
-# forward's 64x64 pipelined reaches 255 registers on sm_80, the input gradient's 128x16
-# pipelined spills there (and its 64-row and K-16 variants on sm_86-sm_90).
+# one, N covering the few input channels. On FMAs (fp32 without TF32) they run smaller and
+# unpipelined: the forward's 64x64 pipelined reaches 255 registers on sm_80, the input
+# gradient's 128x16 pipelined spills there (and its 64-row and K-16 variants on sm_86-sm_90).
 _VECTOR_OUT_CONFIGS = {
     ("forward", "mma"): (TileConfig(128, 128, 16, 8, 2),),
     ("forward", "fma"): (TileConfig(64, 64, 16, 4, 1),),
