@@ -6,10 +6,13 @@
   packed_kernels._simt  csrc/simt/*.cpp + the same csrc/bindings.cpp through the host C++ compiler
                         with -DPK_SIMT=1: the same kernels on the SIMT emulator (the "simt"
                         backend, for machines without a GPU)
+  packed_kernels._host  csrc/host/*.cpp through the host C++ compiler: the ops' call signatures
+                        (packed_kernels/_checks.py works without it, slower per call)
 
 Switches (environment variables):
   PACKED_KERNELS_NO_CUDA=1      skip packed_kernels._C
   PACKED_KERNELS_NO_SIMT=1      skip packed_kernels._simt
+  PACKED_KERNELS_NO_HOST=1      skip packed_kernels._host
   PACKED_KERNELS_CUDA_ARCHS     e.g. "80;86;89;90" (default); PTX is embedded for the newest
   MAX_JOBS                      parallel compile jobs (ninja)
 
@@ -80,6 +83,13 @@ def extensions():
         modules.append(cpp_extension.CppExtension(
             "packed_kernels._simt", simt_sources + bindings, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DPK_SIMT=1"]}))
+
+    if _flag("PACKED_KERNELS_NO_HOST"):
+        print("packed_kernels: PACKED_KERNELS_NO_HOST=1, building without the compiled call signatures")
+    else:
+        modules.append(cpp_extension.CppExtension(
+            "packed_kernels._host", _sources("host", ["*.cpp"]),
+            extra_compile_args={"cxx": cxx_flags}))
 
     if not modules:
         return [], {}

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -64,28 +66,47 @@ def signature_of(value):
     return cls, value
 
 
+def _compiled_call_signature():
+    """packed_kernels._host.call_signature (csrc/host/call_signature.cpp): signature_of's
+    distinctions in one C call, bytes or None where only signature_of can key the call; None
+    where the extension is not built."""
+    try:
+        from . import _host
+    except ImportError as exc:
+        if "undefined symbol" in str(exc):  # compiled against another torch's C++ ABI
+            warnings.warn(f"packed_kernels._host does not match this torch ({exc}); the ops key "
+                          "their calls in Python (reinstall packed_kernels against this torch)",
+                          RuntimeWarning, stacklevel=2)
+        return None
+    return _host.call_signature
+
+
+compiled_call_signature = _compiled_call_signature()
+
+
 class ValidatedCalls:
     """Signatures of calls that passed an op's validation, with what it returned: a repeated
-    call (the same shapes, dtypes, devices and arguments) skips the Python checks."""
+    call (the same shapes, dtypes, devices and arguments) skips the Python checks. An op looks
+    a call up in `entries` itself, under compiled_call_signature's key of its arguments (eager
+    calls; dynamo cannot trace a C function) or else `signature`'s, and calls `check` on a miss."""
 
-    def __init__(self, validate, max_entries: int = 4096, signature=None):
+    def __init__(self, validate, signature, max_entries: int = 4096):
         """signature(*args): the call's key, as signature_of's of the arguments would
-        distinguish calls (an op's own, written out, saves the per-argument calls on its hot
-        path); by default the tuple of signature_of's."""
-        self.validate, self.max_entries = validate, max_entries
-        self.signature = signature or (lambda *args: tuple(map(signature_of, args)))
+        distinguish calls (written out per op: the per-argument calls cost its hot path)."""
+        self.validate, self.signature, self.max_entries = validate, signature, max_entries
         self.entries: dict = {}
 
-    def __call__(self, *args):
-        try:
-            return self.entries[self.signature(*args)]
-        except (KeyError, TypeError, AttributeError):  # new, unhashable or not tensors
-            pass
+    def check(self, key, *args):
+        """validate(*args), raising for a bad call, remembered under `key` (None: under
+        signature(*args), unless the arguments are unhashable or not tensors)."""
         result = self.validate(*args)
+        if key is None:
+            try:
+                key = self.signature(*args)
+                hash(key)
+            except (TypeError, AttributeError):
+                return result
         if len(self.entries) >= self.max_entries:
             self.entries.clear()
-        try:
-            self.entries[self.signature(*args)] = result
-        except (TypeError, AttributeError):
-            pass
+        self.entries[key] = result
         return result

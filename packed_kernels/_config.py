@@ -6,8 +6,8 @@ is used (never at import, so setting one in a running process takes effect).
   PACKED_KERNELS_CACHE_DIR  folder of the measured choices (default ~/.cache/packed_kernels)
   PACKED_KERNELS_AUTOTUNE   0: Triton tile configs from the heuristic, never benchmarked
 
-The build reads PACKED_KERNELS_NO_CUDA, _NO_SIMT and _CUDA_ARCHS (setup.py), the test harness
-PACKED_KERNELS_REQUIRE (tests/conftest.py)."""
+The build reads PACKED_KERNELS_NO_CUDA, _NO_SIMT, _NO_HOST and _CUDA_ARCHS (setup.py), the test
+harness PACKED_KERNELS_REQUIRE (tests/conftest.py)."""
 
 from __future__ import annotations
 

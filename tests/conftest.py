@@ -53,6 +53,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def require_compiled_call_signature() -> None:
+    from packed_kernels import _checks
+    if _checks.compiled_call_signature is None:
+        if REQUIRED & {"simt", "cuda"}:  # the build that compiles those compiles _host too
+            pytest.fail("packed_kernels._host is required here but not built")
+        pytest.skip("packed_kernels._host is not built")
+
+
+@pytest.fixture(params=["compiled", "python"])
+def call_keys(request, monkeypatch):
+    """The conv ops remembering valid calls under the compiled signature's keys, then under
+    the Python signature's alone (as without packed_kernels._host, or under a tracer)."""
+    from packed_kernels.ops import conv_checks
+    if request.param == "compiled":
+        require_compiled_call_signature()
+    else:
+        monkeypatch.setattr(conv_checks, "compiled_call_signature", None)
+    for calls in (conv_checks._grouped_calls, conv_checks._fused_calls):
+        monkeypatch.setattr(calls, "entries", {})
+    return request.param
+
+
 @pytest.fixture
 def device():
     return DEVICE

@@ -389,7 +389,7 @@ def test_bad_input_raises_before_launch(fn, bad, error, match):
 
 @pytest.mark.parametrize("fn", [pk.grouped_conv2d, pk.fused_conv2d], ids=["grouped", "fused"])
 @pytest.mark.parametrize("stride", [1.0, True, (1, True), [1, 1.0]])
-def test_remembered_valid_calls_do_not_admit_equal_values_of_other_types(fn, stride):
+def test_remembered_valid_calls_do_not_admit_equal_values_of_other_types(fn, stride, call_keys):
     """Repeated valid calls skip the checks; 1.0 or True, equal to 1 and hashed alike, still fail."""
     x, w = _good()
     fn(x, w, groups=2, stride=1)
@@ -399,7 +399,7 @@ def test_remembered_valid_calls_do_not_admit_equal_values_of_other_types(fn, str
 
 
 @pytest.mark.parametrize("fn", [pk.grouped_conv2d, pk.fused_conv2d], ids=["grouped", "fused"])
-def test_remembered_valid_calls_check_groups_type_and_tensor_arguments(fn):
+def test_remembered_valid_calls_check_groups_type_and_tensor_arguments(fn, call_keys):
     x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3)
     fn(x, w, groups=1)
     with pytest.raises(TypeError, match="groups"):
@@ -408,7 +408,7 @@ def test_remembered_valid_calls_check_groups_type_and_tensor_arguments(fn):
         fn(x.numpy(), w, groups=1)  # shaped like a tensor, but not one
 
 
-def test_remembered_fused_calls_check_option_types():
+def test_remembered_fused_calls_check_option_types(call_keys):
     x, w = _good()
     pk.fused_conv2d(x, w, groups=2, channel_stats=True)
     with pytest.raises(TypeError, match="channel_stats"):

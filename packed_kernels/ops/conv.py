@@ -305,15 +305,17 @@ def grouped_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         TypeError, ValueError naming the argument (shapes, dtypes, devices, geometry),
         BackendUnavailableError; all before any launch."""
     op = "grouped_conv2d"
-    stride, padding4, dilation, torch_padding = validated_grouped_call(
-        input, weight, bias, stride, padding, dilation, groups)
-    if backend is None and torch_padding is not None and not traced():  # the CPU's default,
-        # "torch": torch's conv and its own autograd, nothing to add (choose_backend's answer
-        # and reference_conv2d, inlined)
-        return with_format_of(F.conv2d(input, weight, bias, stride, torch_padding, dilation,
-                                       groups), input)
+    eager = not traced()
+    stride, padding4, dilation, torch_conv = validated_grouped_call(
+        eager, input, weight, bias, stride, padding, dilation, groups)
+    if backend is None and torch_conv is not None and eager:  # the CPU's default, "torch":
+        # torch's conv and its own autograd, nothing to add (choose_backend's answer and
+        # reference_conv2d, inlined)
+        torch_stride, torch_padding, torch_dilation = torch_conv
+        return with_format_of(F.conv2d(input, weight, bias, torch_stride, torch_padding,
+                                       torch_dilation, groups), input)
     chosen = choose_backend(op, backend, input, weight, stride, groups)
-    if chosen == "torch" and not traced():
+    if chosen == "torch" and eager:
         return torch_forward(input, weight, bias, stride, padding4, dilation, groups,
                              NO_PROLOGUE, NO_EPILOGUE, False)[0]
     input, caller_format = _channels_last_for_kernels(input, chosen)
@@ -365,11 +367,12 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     Raises:
         TypeError, ValueError naming the argument, BackendUnavailableError; before any
         launch."""
+    eager = not traced()
     stride, padding4, dilation = validated_fused_call(
-        input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, in_activation,
-        out_scale, out_shift, residual, activation, channel_stats)
+        eager, input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift,
+        in_activation, out_scale, out_shift, residual, activation, channel_stats)
     chosen = choose_backend("fused_conv2d", backend, input, weight, stride, groups)
-    if chosen == "torch" and not traced() and not (torch.is_grad_enabled() and any_requires_grad(
+    if chosen == "torch" and eager and not (torch.is_grad_enabled() and any_requires_grad(
             input, weight, bias, in_scale, in_shift, out_scale, out_shift, residual)):
         # nothing to differentiate: the reference's own ops (the op's backward saves less)
         out, mean, var = torch_forward(input, weight, bias, stride, padding4, dilation, groups,

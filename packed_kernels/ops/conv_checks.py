@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._checks import (ValidatedCalls, check_float_tensor, check_positive_int,
-                      check_same_device_dtype, signature_of)
+                      check_same_device_dtype, compiled_call_signature, signature_of)
 from .._conventions import check_activation
 from .conv_reference import output_hw
 
@@ -139,44 +139,58 @@ def _fused_signature(input, weight, bias, stride, padding, dilation, groups, in_
             channel_stats if channel_stats.__class__ is bool else signature_of(channel_stats))
 
 
+def _torch_int_arg(pair: Tuple[int, int]) -> IntPair:
+    """An (h, w) pair as F.conv2d takes it most cheaply: an int where h == w (parsing a tuple
+    costs the default path ~1 us per call, python -m bench overhead)."""
+    return pair[0] if pair[0] == pair[1] else pair
+
+
 def _grouped_call(input, weight, bias, stride, padding, dilation, groups):
-    """conv_geometry's (stride, padding4, dilation), and F.conv2d's (pH, pW) padding where the
-    default engine is torch's own conv (a tensor off CUDA, padding the same on both sides), None
-    elsewhere: the cached answer that lets the default CPU call go straight to F.conv2d."""
+    """conv_geometry's (stride, padding4, dilation), and F.conv2d's (stride, padding, dilation)
+    where the default engine is torch's own conv (a tensor off CUDA, padding the same on both
+    sides), None elsewhere: the cached answer that lets the default CPU call go straight to
+    F.conv2d."""
     stride, padding4, dilation = conv_geometry("grouped_conv2d", input, weight, bias, stride,
                                                padding, dilation, groups)
     top, bottom, left, right = padding4
-    symmetric = top == bottom and left == right
-    torch_padding = (top, left) if symmetric and not input.is_cuda else None
-    return stride, padding4, dilation, torch_padding
+    torch_conv = None
+    if top == bottom and left == right and not input.is_cuda:
+        torch_conv = tuple(map(_torch_int_arg, (stride, (top, left), dilation)))
+    return stride, padding4, dilation, torch_conv
 
 
-_grouped_calls = ValidatedCalls(_grouped_call, signature=_grouped_signature)
-_fused_calls = ValidatedCalls(_check_fused_call, signature=_fused_signature)
+_grouped_calls = ValidatedCalls(_grouped_call, _grouped_signature)
+_fused_calls = ValidatedCalls(_check_fused_call, _fused_signature)
 
-# The ops' entry points look a seen call up themselves, its arguments passed by name:
-# ValidatedCalls' generic *args forwarding costs the hot path about 1.5 us per call
-# (python -m bench overhead).
+# The ops' entry points look a seen call up themselves, its arguments passed by name (generic
+# *args forwarding costs the hot path about 1.5 us per call, python -m bench overhead); `eager`:
+# not under a tracer, where the compiled signature may key the call.
 
 
-def validated_grouped_call(input, weight, bias, stride, padding, dilation, groups):
+def validated_grouped_call(eager, input, weight, bias, stride, padding, dilation, groups):
     """_grouped_call's answer, checked once per call signature."""
+    key = eager and compiled_call_signature is not None and compiled_call_signature(
+        input, weight, bias, stride, padding, dilation, groups)
     try:
-        return _grouped_calls.entries[_grouped_signature(input, weight, bias, stride, padding,
-                                                         dilation, groups)]
+        return _grouped_calls.entries[key or _grouped_signature(
+            input, weight, bias, stride, padding, dilation, groups)]
     except (KeyError, TypeError, AttributeError):  # new, unhashable or not tensors
-        return _grouped_calls(input, weight, bias, stride, padding, dilation, groups)
+        return _grouped_calls.check(key or None, input, weight, bias, stride, padding, dilation,
+                                    groups)
 
 
-def validated_fused_call(input, weight, bias, stride, padding, dilation, groups, in_scale,
+def validated_fused_call(eager, input, weight, bias, stride, padding, dilation, groups, in_scale,
                          in_shift, in_activation, out_scale, out_shift, residual, activation,
                          channel_stats):
     """_check_fused_call's answer, checked once per call signature."""
+    key = eager and compiled_call_signature is not None and compiled_call_signature(
+        input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift,
+        in_activation, out_scale, out_shift, residual, activation, channel_stats)
     try:
-        return _fused_calls.entries[_fused_signature(
+        return _fused_calls.entries[key or _fused_signature(
             input, weight, bias, stride, padding, dilation, groups, in_scale, in_shift,
             in_activation, out_scale, out_shift, residual, activation, channel_stats)]
     except (KeyError, TypeError, AttributeError):
-        return _fused_calls(input, weight, bias, stride, padding, dilation, groups, in_scale,
-                            in_shift, in_activation, out_scale, out_shift, residual, activation,
-                            channel_stats)
+        return _fused_calls.check(key or None, input, weight, bias, stride, padding, dilation,
+                                  groups, in_scale, in_shift, in_activation, out_scale, out_shift,
+                                  residual, activation, channel_stats)
